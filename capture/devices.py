@@ -1,0 +1,189 @@
+"""Device roles: one abstract base per role, with template methods.
+
+Public methods validate arguments, check state, log and enforce finite timeouts; drivers
+fill in the small private ``_do_*`` methods. Every driver of a role passes the same
+conformance tests (``tests/test_device_conformance.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from capture.errors import DeviceError, DeviceTimeout, InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Frame", "Camera", "FocusActuator"]
+
+
+@dataclass
+class Frame:
+    """One frame, copied out of the device's buffer.
+
+    Attributes:
+        image: ``[H, W]`` or ``[H, W, 3]`` uint8/uint16, owned by this object.
+        frame_id: the device's frame counter.
+        timestamp_s: start of exposure, seconds, on ``timestamp_source``'s clock.
+        timestamp_source: ``"camera"`` or ``"host"`` (host monotonic clock).
+        exposure_s: exposure time used.
+        gain_db: gain used.
+        significant_bits: meaningful bits per sample (LSB-aligned in uint16 data).
+    """
+
+    image: np.ndarray
+    frame_id: int
+    timestamp_s: float
+    timestamp_source: str
+    exposure_s: float
+    gain_db: float
+    significant_bits: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class _Device(ABC):
+    """Open/close life cycle shared by every role: context manager, idempotent ``close()``."""
+
+    def __init__(self, *, name: str) -> None:
+        self.name = name
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self) -> None:
+        if self._open:
+            return
+        logger.debug("opening %s", self.name)
+        self._do_open()
+        self._open = True
+
+    def close(self) -> None:
+        """Release the device; safe to call more than once, and after a failed open."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self._do_close()
+        finally:
+            logger.debug("closed %s", self.name)
+
+    def __enter__(self) -> _Device:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self, what: str) -> None:
+        if not self._open:
+            raise DeviceError(f"{self.name}: {what} called while the device is closed")
+
+    @abstractmethod
+    def _do_open(self) -> None: ...
+
+    @abstractmethod
+    def _do_close(self) -> None: ...
+
+
+class Camera(_Device):
+    """Role: a camera. ``grab`` returns the first frame whose exposure starts at or after a
+    given host-monotonic time, copied out of the device buffer."""
+
+    #: clock of ``Frame.timestamp_s``: "camera" or "host"
+    timestamp_source: str = "host"
+
+    @property
+    @abstractmethod
+    def image_hw(self) -> tuple[int, int]: ...
+
+    @property
+    @abstractmethod
+    def exposure_s(self) -> float: ...
+
+    def grab(self, *, start_after_host_s: float | None = None, timeout_s: float = 2.0) -> Frame:
+        """The first frame whose exposure starts at or after ``start_after_host_s``
+        (``time.monotonic()`` seconds; None = the next frame).
+
+        Raises:
+            DeviceTimeout: no such frame within ``timeout_s``.
+        """
+        self._require_open("grab")
+        if not timeout_s > 0:
+            raise InputError(f"{self.name}: grab timeout_s must be > 0, got {timeout_s}")
+        after = time.monotonic() if start_after_host_s is None else float(start_after_host_s)
+        frame = self._do_grab(start_after_host_s=after, deadline_host_s=time.monotonic() + timeout_s)
+        if not frame.image.flags.owndata:
+            frame.image = frame.image.copy()
+        return frame
+
+    @abstractmethod
+    def _do_grab(self, *, start_after_host_s: float, deadline_host_s: float) -> Frame: ...
+
+
+class FocusActuator(_Device):
+    """Role: something that sets focus in a device unit (mA for a liquid lens, mm for a stage).
+
+    ``move_to`` validates against the limits and returns at once; ``wait_settled`` blocks
+    (finite timeout) until the device reports it has settled.
+    """
+
+    unit: str = ""
+
+    @property
+    @abstractmethod
+    def limits(self) -> tuple[float, float]:
+        """Lowest and highest value the device accepts, in ``unit``."""
+
+    def move_to(self, value: float) -> None:
+        self._require_open("move_to")
+        lo, hi = self.limits
+        if not (lo <= value <= hi) or not np.isfinite(value):
+            raise InputError(f"{self.name}: target {value:.4g} {self.unit} outside the device limits [{lo:g}, {hi:g}] {self.unit}")
+        logger.debug("%s: move to %.4f %s", self.name, value, self.unit)
+        self._do_move(float(value))
+
+    def wait_settled(self, *, timeout_s: float, poll_s: float = 0.002) -> float:
+        """Block until settled; returns the host-monotonic time at which it was seen settled.
+
+        Raises:
+            DeviceTimeout: not settled within ``timeout_s``.
+        """
+        self._require_open("wait_settled")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.monotonic()
+            if self._do_is_settled():
+                return now
+            if now >= deadline:
+                raise DeviceTimeout(f"{self.name}: not settled within {timeout_s:g} s (target {self.target:.4g} {self.unit})")
+            time.sleep(min(poll_s, max(0.0, deadline - now)))
+
+    @property
+    @abstractmethod
+    def target(self) -> float:
+        """The last commanded value, in ``unit``."""
+
+    def position(self) -> float:
+        """The value the device reports now, in ``unit``."""
+        self._require_open("position")
+        return self._do_position()
+
+    def temperature_c(self) -> float | None:
+        """Device temperature where it has a sensor, else None."""
+        return None
+
+    @abstractmethod
+    def _do_move(self, value: float) -> None: ...
+
+    @abstractmethod
+    def _do_is_settled(self) -> bool: ...
+
+    @abstractmethod
+    def _do_position(self) -> float: ...

@@ -1,0 +1,215 @@
+"""Turn a set of image files (a phone's or microscope's focus bracket) into a focal-stack folder.
+
+Usage::
+
+    python -m capture.import_images IMG_1.jpg IMG_2.jpg ... --out stacks/desk
+    python -m capture.import_images photos/bracket/ --out stacks/desk --order near-to-far
+    python -m capture.import_images a.png b.png c.png --out s --focus-distances-m 2.0 1.0 0.5
+
+Images (PNG, TIFF or JPEG, 8- or 16-bit, grey or colour) must share size, channels and bit
+depth. A single folder argument means its images, sorted by file name (digit runs compared
+as numbers, so ``IMG_9`` comes before ``IMG_10``). Without ``--focus-distances-m`` (metres, one
+per image, in the order given) slices get a ``focus_index``: ``--order far-to-near`` (the
+default) means the first image is focused farthest (index 0), ``near-to-far`` the opposite.
+The stack is written atomically as PNG (JPEG becomes 8-bit PNG), ``slice_XX.png`` in the given
+order. Exit status 0 on success (the stack path is printed), 2 with one ``error:`` line on
+bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError
+from capture.imageio import IMAGE_SUFFIXES, read_image
+from capture.stack import FocalStack
+
+__all__ = ["build_stack", "collect_inputs", "main"]
+
+logger = logging.getLogger(__name__)
+
+ORDERS = ("far-to-near", "near-to-far")
+
+
+class _UsageError(Exception):
+    """A command-line usage error (reported as one ``error:`` line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become one line instead of usage + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (see --help)")
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part.casefold() for part in re.split(r"(\d+)", name)]
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """The image files to import: the arguments as given, or one folder's images sorted by name.
+
+    Raises :class:`InputError` naming the path for a missing file, a folder mixed with files,
+    an unsupported suffix, or fewer than two images.
+    """
+    paths = [Path(p) for p in inputs]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        try:
+            entries = list(folder.iterdir())
+        except OSError as err:
+            raise InputError(f"{folder}: cannot list folder ({err.strerror or err})") from err
+        paths = sorted(
+            (p for p in entries
+             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+            key=lambda p: _natural_key(p.name),
+        )
+        if len(paths) < 2:
+            raise InputError(f"{folder}: need at least 2 images (.png, .tif, .jpg) in the folder, found {len(paths)}")
+        return paths
+    for p in paths:
+        if p.is_dir():
+            raise InputError(f"{p}: is a folder; give one folder or a list of image files, not both")
+        if not p.exists():
+            raise InputError(f"{p}: no such file")
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"{p}: unsupported image type {p.suffix or '(none)'!r} (use PNG, TIFF or JPEG)")
+    if len(paths) < 2:
+        raise InputError(f"need at least 2 images for a focal stack, got {len(paths)}")
+    return paths
+
+
+def _describe(image: np.ndarray) -> str:
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    return f"{image.shape[0]}x{image.shape[1]} (HxW), {channels} channel(s), {image.dtype.itemsize * 8}-bit"
+
+
+def build_stack(
+    paths: Sequence[Path],
+    *,
+    order: str = "far-to-near",
+    focus_distances_m: Sequence[float] | None = None,
+) -> FocalStack:
+    """Read ``paths`` (N >= 2 images) into a :class:`FocalStack` in the given order.
+
+    ``order`` ('far-to-near' or 'near-to-far') is the order of ``paths`` by focus and sets
+    ``focus_index`` when ``focus_distances_m`` (metres, N values > 0, ``inf`` allowed) is not
+    given. Raises :class:`InputError` naming the odd file or argument.
+    """
+    if order not in ORDERS:
+        raise InputError(f"--order: must be one of {', '.join(ORDERS)}, got {order!r}")
+    n = len(paths)
+    if focus_distances_m is not None:
+        if len(focus_distances_m) != n:
+            raise InputError(f"--focus-distances-m: got {len(focus_distances_m)} values for {n} images")
+        for i, d in enumerate(focus_distances_m):
+            if not d > 0:  # also NaN
+                raise InputError(f"--focus-distances-m: value {i + 1} must be > 0 (metres), got {d}")
+    images: list[np.ndarray] = []
+    for path in paths:
+        image = read_image(path)
+        if images and (image.shape != images[0].shape or image.dtype != images[0].dtype):
+            raise InputError(f"{path}: {_describe(image)} differs from {paths[0]}: {_describe(images[0])}")
+        images.append(image)
+    meta = {
+        "capture": {
+            "imported_from": [p.name for p in paths],
+            "imported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+    }
+    if focus_distances_m is not None:
+        return FocalStack(images, focus_distance_m=list(focus_distances_m), meta=meta)
+    index = list(range(n)) if order == "far-to-near" else list(range(n - 1, -1, -1))
+    return FocalStack(images, focus_index=index, meta=meta)
+
+
+def _check_order_against_distances(order: str | None, distances: Sequence[float]) -> None:
+    """Warn when an explicit --order contradicts the given distances (distances win)."""
+    if order is None:
+        return
+    d = np.asarray(distances, dtype=np.float64)
+    far_to_near = bool(np.all(np.diff(d) <= 0))
+    near_to_far = bool(np.all(np.diff(d) >= 0))
+    if (order == "far-to-near" and near_to_far and not far_to_near) or (
+        order == "near-to-far" and far_to_near and not near_to_far
+    ):
+        logger.warning("--order %s contradicts --focus-distances-m; the distances are used", order)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="python -m capture.import_images",
+        description="Import a focus bracket of images (PNG/TIFF/JPEG) as a focal-stack folder.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files in focus order, or one folder (its images sorted by name)")
+    parser.add_argument("--out", required=True, metavar="STACK_DIR", help="stack folder to write")
+    parser.add_argument("--order", choices=ORDERS, default=None,
+                        help="focus order of the given images (default: far-to-near: first is farthest)")
+    parser.add_argument("--focus-distances-m", type=float, nargs="+", metavar="D", default=None,
+                        help="focus distance of each image in metres (> 0, 'inf' allowed), in the order given")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing stack folder")
+    parser.add_argument("--debug", action="store_true", help="verbose log and tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input)."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s: %(name)s: %(message)s")
+    if not debug:
+        _quiet_opencv()
+    try:
+        args = _parser().parse_args(argv)
+        out = Path(args.out)
+        if os.path.lexists(out) and not args.overwrite:
+            raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+        paths = collect_inputs(args.images)
+        if args.focus_distances_m is not None:
+            _check_order_against_distances(args.order, args.focus_distances_m)
+        stack = build_stack(paths, order=args.order or "far-to-near",
+                            focus_distances_m=args.focus_distances_m)
+        written = stack.write(out, overwrite=args.overwrite)
+    except _UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RigError as err:
+        if debug:
+            logger.exception("import failed")
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a bug or an exhausted machine: one line, traceback with --debug
+        if debug:
+            raise
+        print(f"error: internal error: {type(err).__name__}: {' '.join(str(err).split())} "
+              f"(run with --debug for a traceback)", file=sys.stderr)
+        return 1
+    print(written)
+    return EXIT_OK
+
+
+def _quiet_opencv() -> None:
+    """Keep OpenCV's own decoder messages off stderr (we report each failure once, naming the file)."""
+    try:
+        import cv2.utils.logging as cv_logging
+
+        cv_logging.setLogLevel(cv_logging.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenCV build
+        pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""Simulated devices: a liquid lens with true (drifting) optics and first-order settling,
+and a camera that renders the virtual scene through it at exposure time, in real time.
+
+The lens is commanded in mA like a real one; the simulator's *true* lens model (with a
+temperature drift) turns current into optical power, while the rig only knows a *nominal*
+model, slightly off, as on real hardware. The camera free-runs at its frame rate; a frame
+shows the scene at the focus the lens actually had during that exposure, so a sweep that
+does not wait for settling gets the wrong image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from capture.devices import Camera, FocusActuator, Frame
+from capture.errors import DeviceTimeout, InputError
+from capture.optics import LayeredScene, SensorModel, ThinLens, apply_breathing, breathing_scale
+from capture.scenes import Scene
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrueLensModel", "SimulatedLiquidLens", "SimulatedCamera", "PIXEL_FORMATS"]
+
+#: pixel format -> (channels, output bits)
+PIXEL_FORMATS = {"Mono8": (1, 8), "Mono16": (1, 16), "RGB8": (3, 8)}
+
+
+@dataclass(frozen=True)
+class TrueLensModel:
+    """The simulator's ground truth: power = offset + gain * I + drift * (T - 25 C)."""
+
+    offset_dpt: float = -0.5
+    dpt_per_ma: float = 0.0165
+    drift_dpt_per_c: float = -0.003
+    temperature_c: float = 27.0
+
+    def power_dpt(self, current_ma: float) -> float:
+        return self.offset_dpt + self.dpt_per_ma * current_ma + self.drift_dpt_per_c * (self.temperature_c - 25.0)
+
+
+class SimulatedLiquidLens(FocusActuator):
+    """A liquid lens on its driver: current in mA, first-order response to each command.
+
+    Args:
+        true_model: the optics the simulator really has.
+        base_focus_m: focus of the camera lens with the liquid lens at 0 dpt.
+        time_constant_s: first-order settling time constant.
+        settle_tolerance_ma: reported settled once within this of the target.
+        current_limits_ma: the driver's limits.
+    """
+
+    unit = "mA"
+
+    def __init__(
+        self,
+        *,
+        true_model: TrueLensModel = TrueLensModel(),
+        base_focus_m: float = math.inf,
+        time_constant_s: float = 0.015,
+        settle_tolerance_ma: float = 0.05,
+        current_limits_ma: tuple[float, float] = (-290.0, 290.0),
+        name: str = "simulated liquid lens",
+    ) -> None:
+        super().__init__(name=name)
+        if not time_constant_s >= 0:
+            raise InputError(f"focus.time_constant_s: must be >= 0, got {time_constant_s}")
+        self.true_model = true_model
+        self.base_dpt = 0.0 if math.isinf(base_focus_m) else 1.0 / base_focus_m
+        self.time_constant_s = time_constant_s
+        self.settle_tolerance_ma = settle_tolerance_ma
+        self._limits = (float(current_limits_ma[0]), float(current_limits_ma[1]))
+        self._lock = threading.Lock()
+        self._from_ma = 0.0
+        self._target_ma = 0.0
+        self._t_cmd = time.monotonic()
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        return self._limits
+
+    @property
+    def target(self) -> float:
+        return self._target_ma
+
+    def current_at(self, t_host_s: float) -> float:
+        """The lens current (mA) at a host-monotonic time, from the first-order response."""
+        with self._lock:
+            from_ma, target_ma, t_cmd = self._from_ma, self._target_ma, self._t_cmd
+        dt = max(0.0, t_host_s - t_cmd)
+        if self.time_constant_s == 0:
+            return target_ma
+        return target_ma + (from_ma - target_ma) * math.exp(-dt / self.time_constant_s)
+
+    def true_focus_dpt_at(self, t_host_s: float) -> float:
+        """Where the lens really focuses (diopters) at a host-monotonic time."""
+        return self.base_dpt + self.true_model.power_dpt(self.current_at(t_host_s))
+
+    def temperature_c(self) -> float | None:
+        return self.true_model.temperature_c
+
+    def _do_open(self) -> None:
+        with self._lock:
+            self._from_ma = self._target_ma = 0.0
+            self._t_cmd = time.monotonic()
+
+    def _do_close(self) -> None:
+        # park at 0 mA, as the real driver does on close
+        with self._lock:
+            self._from_ma, self._target_ma, self._t_cmd = 0.0, 0.0, time.monotonic()
+
+    def _do_move(self, value: float) -> None:
+        now = time.monotonic()
+        current = self.current_at(now)
+        with self._lock:
+            self._from_ma, self._target_ma, self._t_cmd = current, value, now
+
+    def _do_is_settled(self) -> bool:
+        return abs(self.current_at(time.monotonic()) - self._target_ma) <= self.settle_tolerance_ma
+
+    def _do_position(self) -> float:
+        return self.current_at(time.monotonic())
+
+
+class SimulatedCamera(Camera):
+    """A free-running camera that renders a virtual scene through a focusable thin lens.
+
+    Frame ``k`` starts its exposure at ``t_open + k / fps`` (host-monotonic time); its image
+    shows the scene at the focus the lens had, averaged over the exposure, with focus
+    breathing and sensor noise. Renders are cached per focus setting (rounded to 1e-3 dpt,
+    far below a pixel of blur), so repeated sweeps cost little more than the noise.
+
+    Args:
+        scene: what the camera looks at.
+        lens: thin-lens optics (focal length, f-number, pixel pitch).
+        focus_dpt_at: a callable giving the true focus (dpt) at a host-monotonic time,
+            usually :meth:`SimulatedLiquidLens.true_focus_dpt_at`.
+        pixel_format: ``Mono8``, ``Mono16`` or ``RGB8``.
+    """
+
+    timestamp_source = "camera"
+
+    def __init__(
+        self,
+        *,
+        scene: Scene,
+        lens: ThinLens,
+        focus_dpt_at,
+        fps: float = 30.0,
+        exposure_s: float = 0.01,
+        gain_db: float = 0.0,
+        pixel_format: str = "RGB8",
+        sensor: SensorModel = SensorModel(),
+        breathing_per_dpt: float = 0.004,
+        breathing_reference_dpt: float = 1.5,
+        seed: int | None = 0,
+        cache_size: int = 64,
+        name: str = "simulated camera",
+    ) -> None:
+        super().__init__(name=name)
+        if pixel_format not in PIXEL_FORMATS:
+            raise InputError(f"camera.pixel_format: {pixel_format!r} not supported; valid: {', '.join(PIXEL_FORMATS)}")
+        if not fps > 0:
+            raise InputError(f"camera.fps: must be > 0, got {fps}")
+        if not 0 < exposure_s <= 1.0 / fps:
+            raise InputError(f"camera.exposure_s: must be > 0 and at most 1/fps = {1.0 / fps:.4g} s, got {exposure_s}")
+        self.scene = scene
+        self.lens = lens
+        self._focus_dpt_at = focus_dpt_at
+        self.fps = float(fps)
+        self._exposure_s = float(exposure_s)
+        self.gain_db = float(gain_db)
+        self.pixel_format = pixel_format
+        self.sensor = sensor
+        self.breathing_per_dpt = breathing_per_dpt
+        self.breathing_reference_dpt = breathing_reference_dpt
+        self._seed = seed
+        self._cache_size = cache_size
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._layered: LayeredScene | None = None
+        self._t_open = 0.0
+        self._rng = np.random.default_rng(seed)
+        self.render_seconds = 0.0  # time spent rendering (cache misses), for benchmarks
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.scene.image_hw
+
+    @property
+    def exposure_s(self) -> float:
+        return self._exposure_s
+
+    @property
+    def significant_bits(self) -> int:
+        return 8 if PIXEL_FORMATS[self.pixel_format][1] == 8 else self.sensor.adc_bits
+
+    def _do_open(self) -> None:
+        if self._layered is None:
+            self._layered = LayeredScene(self.scene.radiance, self.scene.depth_m)
+        self._t_open = time.monotonic()
+        self._rng = np.random.default_rng(self._seed)
+
+    def _do_close(self) -> None:
+        pass
+
+    def render_clean(self, focus_dpt: float) -> np.ndarray:
+        """The noise-free image (linear radiance, float32 ``[H, W, 3]``) at a focus, with
+        breathing; cached per 1e-3 dpt."""
+        key = int(round(focus_dpt * 1000))
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return cached
+        t0 = time.perf_counter()
+        if self._layered is None:
+            self._layered = LayeredScene(self.scene.radiance, self.scene.depth_m)
+        focus_q = key / 1000.0
+        img = self._layered.render(focus_q, blur_px_per_dpt=self.lens.blur_px_per_dpt)
+        scale = breathing_scale(focus_q, breathing_per_dpt=self.breathing_per_dpt, reference_dpt=self.breathing_reference_dpt)
+        img = apply_breathing(img, scale)
+        self._cache[key] = img
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        self.render_seconds += time.perf_counter() - t0
+        self.cache_misses += 1
+        return img
+
+    def _do_grab(self, *, start_after_host_s: float, deadline_host_s: float) -> Frame:
+        period = 1.0 / self.fps
+        k = max(0, math.ceil((start_after_host_s - self._t_open) / period - 1e-9))
+        t_start = self._t_open + k * period
+        t_end = t_start + self._exposure_s
+        if t_end > deadline_host_s:
+            raise DeviceTimeout(f"{self.name}: no frame starting after the requested time within the timeout")
+        # the frame exists only once its exposure has ended: wait like a real camera
+        wait = t_end - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        # focus during the exposure (mean of samples across it)
+        samples = [self._focus_dpt_at(t_start + f * self._exposure_s) for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        focus_dpt = float(np.mean(samples))
+        radiance = self.render_clean(focus_dpt)
+        channels, bits = PIXEL_FORMATS[self.pixel_format]
+        if channels == 1:
+            radiance = radiance @ np.array([0.299, 0.587, 0.114], np.float32)
+        image = self.sensor.expose(radiance, exposure_s=self._exposure_s, gain_db=self.gain_db, out_bits=bits, rng=self._rng)
+        return Frame(
+            image=image,
+            frame_id=k,
+            timestamp_s=t_start - self._t_open,
+            timestamp_source=self.timestamp_source,
+            exposure_s=self._exposure_s,
+            gain_db=self.gain_db,
+            significant_bits=self.significant_bits,
+            meta={"true_focus_dpt": focus_dpt},
+        )

@@ -1,0 +1,140 @@
+"""The focus sweep: plan focus distances, then move, wait settled, take the first frame
+that starts after settling, copy it out, and assemble a :class:`FocalStack`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from capture.devices import Camera, FocusActuator, Frame
+from capture.errors import InputError, RigError
+from capture.stack import FocalStack
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "sweep"]
+
+
+class FocusMap(Protocol):
+    """What a sweep needs from calibration: metres -> actuator value."""
+
+    unit: str
+
+    def actuator_value(self, focus_distance_m: float) -> float: ...
+
+
+def plan_focus_distances(
+    *, range_m: Sequence[float] | None = None, slices: int | None = None, distances_m: Sequence[float] | None = None
+) -> np.ndarray:
+    """Focus distances (metres), sorted far to near (ascending diopter).
+
+    Either an explicit list, or ``slices`` distances evenly spaced in diopters between the
+    ends of ``range_m`` (defocus is linear in diopters, so this spaces blur evenly).
+
+    >>> [round(d, 3) for d in plan_focus_distances(range_m=(0.5, 2.0), slices=3)]
+    [2.0, 0.8, 0.5]
+    """
+    if distances_m is not None:
+        d = np.asarray(list(distances_m), np.float64)
+        if d.size < 2:
+            raise InputError(f"sweep.distances_m: need at least 2 distances, got {d.size}")
+        if np.any(~(d > 0)):
+            raise InputError(f"sweep.distances_m: every distance must be > 0 m, got {d.tolist()}")
+    else:
+        if range_m is None or slices is None:
+            raise InputError("sweep: give distances_m, or range_m and slices")
+        near, far = sorted(float(x) for x in range_m)
+        if not near > 0:
+            raise InputError(f"sweep.range_m: distances must be > 0 m, got {list(range_m)}")
+        if slices < 2:
+            raise InputError(f"sweep.slices: need at least 2, got {slices}")
+        far_dpt = 0.0 if math.isinf(far) else 1.0 / far
+        dpt = np.linspace(far_dpt, 1.0 / near, int(slices))
+        with np.errstate(divide="ignore"):
+            d = np.where(dpt > 0, 1.0 / np.where(dpt > 0, dpt, 1.0), np.inf)
+    order = np.argsort(-d, kind="stable")  # far to near
+    return d[order]
+
+
+class SweepInterrupted(RigError):
+    """A sweep stopped early; ``frames`` and ``slice_meta`` hold what was captured."""
+
+    def __init__(self, message: str, *, cause: BaseException, frames: list[Frame], distances_m: list[float], slice_meta: list[dict]) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.frames = frames
+        self.distances_m = distances_m
+        self.slice_meta = slice_meta
+        self.exit_code = getattr(cause, "exit_code", 130 if isinstance(cause, KeyboardInterrupt) else 3)
+
+
+def sweep(
+    camera: Camera,
+    actuator: FocusActuator,
+    focus_map: FocusMap,
+    distances_m: Sequence[float],
+    *,
+    wait_settled: bool = True,
+    settle_timeout_s: float = 1.0,
+    grab_timeout_s: float = 2.0,
+    progress: Callable[[int, int], None] | None = None,
+    meta: dict | None = None,
+) -> FocalStack:
+    """Capture one focal stack.
+
+    For each distance: convert to an actuator value, move, wait until the actuator reports
+    settled (finite timeout), then take the first frame whose exposure starts after that
+    moment. With ``wait_settled=False`` the frame is the first that starts after the move
+    command, as a careless rig would take it.
+
+    Raises:
+        SweepInterrupted: on any device error or Ctrl-C, carrying the frames captured so far.
+    """
+    frames: list[Frame] = []
+    done_m: list[float] = []
+    slice_meta: list[dict] = []
+    n = len(distances_m)
+    try:
+        for i, distance_m in enumerate(distances_m):
+            value = float(focus_map.actuator_value(float(distance_m)))
+            actuator.move_to(value)
+            t_cmd = time.monotonic()
+            t_ready = actuator.wait_settled(timeout_s=settle_timeout_s) if wait_settled else t_cmd
+            frame = camera.grab(start_after_host_s=t_ready, timeout_s=grab_timeout_s)
+            frames.append(frame)
+            done_m.append(float(distance_m))
+            entry = {
+                "actuator_value": round(value, 4),
+                "actuator_unit": actuator.unit,
+                "timestamp_s": round(frame.timestamp_s, 6),
+                "timestamp_source": frame.timestamp_source,
+                "exposure_s": frame.exposure_s,
+                "gain_db": frame.gain_db,
+                "frame_id": frame.frame_id,
+            }
+            temperature = actuator.temperature_c()
+            if temperature is not None:
+                entry["lens_temperature_c"] = round(float(temperature), 3)
+            slice_meta.append(entry)
+            if progress is not None:
+                progress(i + 1, n)
+    except (RigError, KeyboardInterrupt) as exc:
+        what = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise SweepInterrupted(
+            f"sweep stopped after {len(frames)} of {n} slices: {what}",
+            cause=exc, frames=frames, distances_m=done_m, slice_meta=slice_meta,
+        ) from exc
+    stack_meta = dict(meta or {})
+    if frames[0].image.dtype == np.uint16:
+        stack_meta.setdefault("significant_bits", frames[0].significant_bits)
+    return FocalStack(
+        np.stack([f.image for f in frames]),
+        focus_distance_m=done_m,
+        slice_meta=slice_meta,
+        meta=stack_meta,
+    )

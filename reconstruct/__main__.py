@@ -1,0 +1,70 @@
+"""``python -m reconstruct STACK_DIR --out OUT_DIR [--method M] ...``: one stack to depth."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from capture.errors import EXIT_INTERRUPTED, OutputError, RigError
+from capture.stack import FocalStack
+from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
+from reconstruct.classical import FOCUS_MEASURES
+from reconstruct.result import write_result
+
+logger = logging.getLogger("reconstruct")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
+    p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
+    p.add_argument("--method", default="classical", choices=sorted(METHODS), help="depth method (default: classical)")
+    p.add_argument("--model", default=None, help="DualFocus model name (dualfocus only)")
+    p.add_argument("--weights", type=Path, default=None, help="safetensors weights (dualfocus only)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
+    p.add_argument("--focus-measure", default="modified_laplacian", choices=FOCUS_MEASURES, help="classical focus measure")
+    p.add_argument("--no-preview", action="store_true", help="skip depth_preview.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--debug", action="store_true", help="tracebacks on error")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 or args.debug else logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
+        t0 = time.perf_counter()
+        stack = FocalStack.read(args.stack_dir)
+        t_read = time.perf_counter() - t0
+        result = reconstruct_stack(stack, method=args.method, focus_measure=args.focus_measure, align=args.align)
+        result.seconds = {"read": t_read, **result.seconds}
+        t0 = time.perf_counter()
+        result.seconds["write"] = 0.0
+        out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
+        result.seconds["write"] = time.perf_counter() - t0
+    except RigError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    rng = result.depth_range()
+    unit = "m" if result.depth_unit == "metre" else "focus index"
+    span = f"{rng[0]:.3f}-{rng[1]:.3f} {unit}" if rng else "none"
+    print(f"{out}  depth {span}, {100 * result.valid_fraction:.1f}% of pixels, {result.seconds['infer']:.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

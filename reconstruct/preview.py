@@ -1,0 +1,48 @@
+"""A colour-mapped depth picture for people, with a colour bar and its range written on it."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+__all__ = ["depth_preview"]
+
+
+def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Turbo-coloured depth (near = red, far = blue), NaN in grey, with a labelled colour bar.
+
+    Args:
+        depth: float ``[H, W]``, NaN where unknown.
+        lo, hi: colour range (default: the 1st and 99th percentiles of the finite depth).
+
+    Returns:
+        uint8 ``[H + bar, W, 3]`` RGB.
+    """
+    h, w = depth.shape
+    finite = np.isfinite(depth)
+    if finite.any():
+        p_lo, p_hi = np.percentile(depth[finite], [1, 99])
+        lo = float(p_lo) if lo is None else lo
+        hi = float(p_hi) if hi is None else hi
+    else:
+        lo, hi = 0.0, 1.0
+    hi = hi if hi > lo else lo + 1e-6
+    norm = np.clip((np.where(finite, depth, lo) - lo) / (hi - lo), 0, 1)
+    idx = (255 * (1.0 - norm)).astype(np.uint8)  # near = red end of turbo
+    bgr = cv2.applyColorMap(idx, cv2.COLORMAP_TURBO)
+    bgr[~finite] = (128, 128, 128)
+    bar_h = max(28, h // 12)
+    bar = np.zeros((bar_h, w, 3), np.uint8)
+    ramp = cv2.applyColorMap((255 * (1.0 - np.linspace(0, 1, w))).astype(np.uint8)[None, :], cv2.COLORMAP_TURBO)
+    bar[: bar_h // 2] = ramp
+    scale = max(0.35, min(1.0, w / 900))
+    text_y = bar_h - 4
+    cv2.putText(bar, f"{lo:.3g} {unit}", (3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    label = f"{hi:.3g} {unit}"
+    (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    cv2.putText(bar, label, (w - tw - 3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if (~finite).any():
+        note = f"grey: no depth ({100 * (~finite).mean():.1f}%)"
+        (nw, _), _ = cv2.getTextSize(note, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        cv2.putText(bar, note, ((w - nw) // 2, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (200, 200, 200), 1, cv2.LINE_AA)
+    return np.ascontiguousarray(np.vstack([bgr, bar])[..., ::-1])

@@ -1,0 +1,150 @@
+"""The reconstruction result and its folder (FOCAL_STACK_FORMAT.md, "Reconstruction output").
+
+Written atomically: into a temporary sibling folder, then renamed into place, so a crash
+or a full disk never leaves half a result under the final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+
+from capture.errors import OutputError
+from reconstruct.preview import depth_preview
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DepthResult", "write_result", "RESULT_FORMAT", "PNG16_SCALE_M"]
+
+RESULT_FORMAT = "depth-result/1"
+PNG16_SCALE_M = 0.001
+
+
+@dataclass
+class DepthResult:
+    """Depth, confidence and the all-in-focus image of one stack.
+
+    Attributes:
+        depth: float32 ``[H, W]`` in metres (or focus-index units), NaN where no depth is given.
+        confidence: float32 ``[H, W]`` in [0, 1].
+        all_in_focus: ``[H, W]`` or ``[H, W, C]`` with the input's dtype and channels.
+        depth_unit: ``"metre"`` or ``"focus_index"``.
+        seconds: stage timings, e.g. ``{"read": .., "align": .., "infer": .., "write": ..}``.
+    """
+
+    depth: np.ndarray
+    confidence: np.ndarray
+    all_in_focus: np.ndarray
+    depth_unit: str
+    method: str
+    backend: str
+    device: str
+    slices: int
+    aligned: bool
+    model: str | None = None
+    model_sha256: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def valid_fraction(self) -> float:
+        return float(np.isfinite(self.depth).mean())
+
+    def depth_range(self) -> tuple[float, float] | None:
+        finite = self.depth[np.isfinite(self.depth)]
+        return (float(finite.min()), float(finite.max())) if finite.size else None
+
+    def to_yaml_dict(self, *, png16: bool) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format": RESULT_FORMAT,
+            "depth_unit": self.depth_unit,
+            "depth_kind": "z",
+            "method": self.method,
+        }
+        if self.model is not None:
+            doc["model"] = self.model
+        if self.model_sha256 is not None:
+            doc["model_sha256"] = self.model_sha256
+        doc.update(
+            {
+                "backend": self.backend,
+                "device": self.device,
+                "image_hw": [int(self.depth.shape[0]), int(self.depth.shape[1])],
+                "slices": int(self.slices),
+                "aligned": bool(self.aligned),
+                "valid_fraction": round(self.valid_fraction, 6),
+                "seconds": {k: round(float(v), 4) for k, v in self.seconds.items()},
+            }
+        )
+        rng = self.depth_range()
+        if rng is not None:
+            doc["depth_range"] = [round(rng[0], 6), round(rng[1], 6)]
+        if png16:
+            doc["png16_scale_m"] = PNG16_SCALE_M
+        doc.update(self.extra)
+        return doc
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OutputError(f"{path}: PNG encoding failed")
+    buf.tofile(str(path))
+
+
+def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16: bool = True, preview: bool = True, overwrite: bool = False) -> Path:
+    """Write ``depth.npy``, ``confidence.npy``, ``all_in_focus.png``, ``depth_preview.png``,
+    ``result.yaml`` (and ``depth.png``, 16-bit millimetres, when ``png16`` and the depth is
+    metric) into ``out_dir``, atomically.
+
+    Raises:
+        OutputError: the folder exists (and not ``overwrite``) or cannot be written.
+    """
+    final = Path(out_dir)
+    if final.exists() and not overwrite:
+        raise OutputError(f"{final}: already exists (choose another --out, or remove it)")
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror})") from exc
+    tmp = parent / f".{final.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot write there ({exc.strerror})") from exc
+    metric = result.depth_unit == "metre"
+    write_png16 = png16 and metric
+    try:
+        np.save(tmp / "depth.npy", result.depth.astype(np.float32))
+        np.save(tmp / "confidence.npy", result.confidence.astype(np.float32))
+        aif = result.all_in_focus
+        _write_png(tmp / "all_in_focus.png", cv2.cvtColor(aif, cv2.COLOR_RGB2BGR) if aif.ndim == 3 and aif.shape[2] == 3 else aif)
+        if preview:
+            _write_png(tmp / "depth_preview.png", depth_preview(result.depth, unit="m" if metric else "focus index")[..., ::-1])
+        if write_png16:
+            mm = np.where(np.isfinite(result.depth), np.rint(result.depth / PNG16_SCALE_M), 0)
+            _write_png(tmp / "depth.png", np.clip(mm, 0, 65535).astype(np.uint16))
+        result.seconds.setdefault("write", 0.0)
+        doc = result.to_yaml_dict(png16=write_png16)
+        (tmp / "result.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{final}: cannot write the result ({exc.strerror or exc})") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s", final)
+    return final

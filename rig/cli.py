@@ -1,0 +1,98 @@
+"""``python run_rig.py``: the command line of the rig (INTERFACES.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, RigError
+
+logger = logging.getLogger("rig")
+
+DEFAULT_CONFIG = Path("configs/sim.yaml")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own code too)
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="run_rig.py", description="Sweep focus on a (simulated or real) rig, capture a focal stack, reconstruct depth.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="rig.yaml (default: configs/sim.yaml)")
+    p.add_argument("--mode", choices=["single", "continuous", "calibrate"], help="override the config's mode")
+    p.add_argument("--out", type=Path, help="override output.dir")
+    p.add_argument("--method", choices=["dualfocus", "classical"], help="override reconstruct.method")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], help="override reconstruct.backend")
+    p.add_argument("--count", type=int, help="continuous mode: stop after N stacks")
+    p.add_argument("--duration", type=float, help="continuous mode: stop after S seconds")
+    p.add_argument("--non-interactive", action="store_true", help="calibrate mode: no prompts")
+    p.add_argument("--list-devices", action="store_true", help="list GenTL producers, cameras and serial ports")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="tracebacks on error")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="less logging and no progress bars")
+    return p
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    if args.quiet:
+        level = logging.ERROR
+    elif args.debug or args.verbose > 1:
+        level = logging.DEBUG
+    elif args.verbose:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
+    s = run.summary
+    print(f"run folder: {run.run_dir}")
+    t = s["seconds"]
+    print("  timings:  " + ", ".join(f"{k} {v:.3f} s" for k, v in t.items()))
+    rng = s.get("depth_range_m")
+    print(f"  depth:    {rng[0]:.3f}-{rng[1]:.3f} m, {100 * s['valid_fraction']:.1f}% of pixels have a depth" if rng else "  depth:    none")
+    acc = s.get("accuracy")
+    if acc:
+        print(f"  accuracy: AbsRel {acc['abs_rel']:.4f}, RMSE {acc['rmse_m']:.4f} m, delta<1.25 {100 * acc['delta_1_25']:.1f}% "
+              f"(vs the simulator's truth; {100 * acc['valid_fraction']:.1f}% of pixels scored with a depth, the rest as errors)")
+    print(f"  outputs:  {run.run_dir / 'depth' / '000000' / 'depth.npy'}, {run.run_dir / 'depth' / '000000' / 'depth_preview.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    try:
+        if args.list_devices:
+            raise ConfigError("--list-devices: device discovery arrives with the hardware drivers; this version has only the simulated rig")
+        from rig.config import load_config
+        from rig.single import run_single
+
+        config = load_config(args.config)
+        if args.mode:
+            config.mode = args.mode
+        if args.out:
+            config.output.dir = args.out
+        if args.method:
+            config.reconstruct.method = args.method
+        if args.backend:
+            config.reconstruct.backend = args.backend
+        if config.mode != "single":
+            raise ConfigError(f"mode: {config.mode!r} is not available in this version; valid now: single")
+        if config.reconstruct.method == "dualfocus":
+            raise ConfigError(f"{args.config}: reconstruct.method: 'dualfocus' is not available in this version (the network has not shipped); use classical")
+        run = run_single(config, show_progress=not (args.quiet or args.no_progress) and sys.stderr.isatty())
+    except RigError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted by the user", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _print_summary(run)
+    return 0

@@ -1,0 +1,316 @@
+"""``rig.yaml``: its sections (INTERFACES.md), validated on load with pydantic v2.
+
+Unknown keys are rejected; each ``driver:`` has its own model, looked up in a registry so
+an unknown driver lists the valid ones. Every error becomes one :class:`ConfigError` line
+naming the file, the field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from capture.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RigConfig", "load_config", "parse_config", "CAMERA_DRIVERS", "FOCUS_DRIVERS"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------- camera
+class OpticsConfig(_Strict):
+    focal_length_mm: float = Field(12.0, gt=0)
+    f_number: float = Field(2.0, gt=0)
+    pixel_pitch_um: float = Field(7.0, gt=0)
+    base_focus_m: float = Field(math.inf, gt=0, description="focus of the camera lens with the liquid lens at 0 dpt")
+    breathing_per_dpt: float = Field(0.004, ge=-0.1, le=0.1, description="relative magnification change per diopter")
+    breathing_reference_dpt: float = 1.5
+
+
+class NoiseConfig(_Strict):
+    enabled: bool = True
+    full_well_e: float = Field(10_000.0, gt=0)
+    read_noise_e: float = Field(3.0, ge=0)
+    electrons_per_s: float = Field(800_000.0, gt=0, description="photo-electrons per second at radiance 1")
+    adc_bits: int = Field(12, ge=8, le=16)
+
+
+class ProceduralSceneConfig(_Strict):
+    kind: Literal["procedural"] = "procedural"
+    seed: int = 0
+    near_m: float = Field(0.4, gt=0)
+    far_m: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> ProceduralSceneConfig:
+        if not self.near_m < self.far_m:
+            raise ValueError(f"near_m ({self.near_m}) must be less than far_m ({self.far_m})")
+        return self
+
+
+class RgbdSceneConfig(_Strict):
+    kind: Literal["rgbd"]
+    image: Path
+    depth: Path | None = None
+    depth_unit_m: float = Field(1.0, gt=0, description="metres per stored depth unit (0.001 for millimetres)")
+    disparity: Path | None = None
+    disparity_divisor: float = Field(1.0, gt=0)
+    range_m: tuple[float, float] | None = Field(None, description="map the scene's inverse depth onto [near, far] metres")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RgbdSceneConfig:
+        if (self.depth is None) == (self.disparity is None):
+            raise ValueError("give exactly one of depth or disparity")
+        if self.disparity is not None and self.range_m is None:
+            raise ValueError("a disparity map needs range_m: [near, far] to become metric")
+        return self
+
+
+class SimulatedCameraConfig(_Strict):
+    driver: Literal["simulated"] = "simulated"
+    width: int = Field(512, ge=16, le=8192)
+    height: int = Field(384, ge=16, le=8192)
+    fps: float = Field(30.0, gt=0, le=1000)
+    exposure_s: float = Field(0.01, gt=0)
+    gain_db: float = Field(0.0, ge=0, le=48)
+    pixel_format: Literal["Mono8", "Mono16", "RGB8"] = "RGB8"
+    seed: int | None = 0
+    scene: ProceduralSceneConfig | RgbdSceneConfig = Field(default_factory=ProceduralSceneConfig, discriminator="kind")
+    optics: OpticsConfig = Field(default_factory=OpticsConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+
+    @model_validator(mode="after")
+    def _exposure_fits(self) -> SimulatedCameraConfig:
+        if self.exposure_s > 1.0 / self.fps:
+            raise ValueError(f"exposure_s ({self.exposure_s} s) must not exceed the frame period 1/fps ({1.0 / self.fps:.4g} s)")
+        return self
+
+
+# ----------------------------------------------------------------------------- focus
+class LensModelConfig(_Strict):
+    offset_dpt: float
+    dpt_per_ma: float
+
+    @field_validator("dpt_per_ma")
+    @classmethod
+    def _nonzero(cls, v: float) -> float:
+        if v == 0 or not math.isfinite(v):
+            raise ValueError("must be finite and non-zero")
+        return v
+
+
+class TrueLensConfig(LensModelConfig):
+    drift_dpt_per_c: float = -0.003
+    temperature_c: float = 27.0
+
+
+class SimulatedFocusConfig(_Strict):
+    driver: Literal["simulated"] = "simulated"
+    nominal: LensModelConfig = Field(default_factory=lambda: LensModelConfig(offset_dpt=-0.49, dpt_per_ma=0.0166))
+    actual: TrueLensConfig = Field(default_factory=lambda: TrueLensConfig(offset_dpt=-0.5, dpt_per_ma=0.0165), description="the simulator's true lens ('true' is a YAML boolean, hence the name)")
+    time_constant_s: float = Field(0.015, ge=0, le=10)
+    settle_tolerance_ma: float = Field(0.05, gt=0)
+    current_limits_ma: tuple[float, float] = (-290.0, 290.0)
+    park_current_ma: float = 0.0
+
+
+#: driver name -> config model; the hardware drivers register here when they land
+CAMERA_DRIVERS: dict[str, type[_Strict]] = {"simulated": SimulatedCameraConfig}
+FOCUS_DRIVERS: dict[str, type[_Strict]] = {"simulated": SimulatedFocusConfig}
+
+
+# ----------------------------------------------------------------------------- the rest
+class SweepConfig(_Strict):
+    style: Literal["stepped", "continuous"] = "stepped"
+    distances_m: list[float] | None = None
+    range_m: tuple[float, float] = (0.4, 2.0)
+    slices: int = Field(10, ge=2, le=256)
+    wait_settled: bool = True
+    settle_timeout_s: float = Field(1.0, gt=0, le=60)
+
+    @field_validator("distances_m")
+    @classmethod
+    def _distances(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError(f"need at least 2 distances, got {len(v)}")
+        bad = [d for d in v if not d > 0]
+        if bad:
+            raise ValueError(f"every distance must be > 0 m, got {bad[0]}")
+        if len(set(v)) != len(v):
+            raise ValueError("distances must be distinct")
+        return v
+
+    @field_validator("range_m")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (v[0] > 0 and v[1] > 0) or v[0] == v[1]:
+            raise ValueError(f"need two different distances > 0 m, got {list(v)}")
+        return v
+
+
+class CalibrationConfig(_Strict):
+    file: Path | None = None
+
+
+class ReconstructConfig(_Strict):
+    # INTERFACES.md's default is dualfocus; until the network ships the default is classical
+    method: Literal["dualfocus", "classical"] = "classical"
+    model: str = "dualfocus-s"
+    weights: Path | None = None
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "numpy"] = "auto"
+    focus_measure: Literal["modified_laplacian", "variance_of_laplacian", "tenengrad"] = "modified_laplacian"
+    align: Literal["apply", "estimate", "none"] = "apply"
+
+
+class OutputConfig(_Strict):
+    dir: Path = Path("runs")
+    record_stacks: bool = True
+    every_nth: int = Field(1, ge=1)
+    depth_png16: bool = True
+    point_cloud: bool = False
+    ome_tiff: bool = False
+    preview: bool = True
+    min_free_gb: float = Field(1.0, ge=0)
+
+
+class ContinuousConfig(_Strict):
+    queue_size: int = Field(2, ge=1)
+    when_behind: Literal["drop_oldest", "block"] = "drop_oldest"
+    reconnect_attempts: int = Field(3, ge=0)
+
+
+class LiveConfig(_Strict):
+    rerun: bool = False
+
+
+class RigConfig(_Strict):
+    """The whole ``rig.yaml``. ``camera`` and ``focus`` hold the model of their driver."""
+
+    mode: Literal["single", "continuous", "calibrate"] = "single"
+    name: str = Field("sim", pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="rig name, used in run-folder names")
+    camera: Any = None
+    focus: Any = None
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    continuous: ContinuousConfig = Field(default_factory=ContinuousConfig)
+    live: LiveConfig = Field(default_factory=LiveConfig)
+
+
+def _describe(err: dict[str, Any], prefix: tuple[str | int, ...]) -> str:
+    loc = [str(p) for p in (*prefix, *err.get("loc", ())) if p not in ("procedural", "rgbd")]
+    # pydantic names union members / function validators in the location; drop those
+    loc = [p for p in loc if not p.startswith("function-") and p not in ("tagged-union[ProceduralSceneConfig,RgbdSceneConfig]",)]
+    where = ".".join(loc) if loc else "(top level)"
+    msg = err.get("msg", "invalid")
+    msg = msg.removeprefix("Value error, ")
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "missing (required)"
+    got = err.get("input")
+    shown = "" if kind in ("missing", "extra_forbidden") or isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def _validate(model: type[BaseModel], data: Any, *, source: str, prefix: tuple[str, ...]) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        tail = f" (and {more} more)" if more else ""
+        raise ConfigError(f"{source}: {_describe(first, prefix)}{tail}") from exc
+
+
+def _driver_section(raw: dict[str, Any], section: str, registry: dict[str, type[_Strict]], source: str) -> BaseModel:
+    data = raw.get(section)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {section}: expected a mapping with a 'driver' key, got {type(data).__name__}")
+    driver = data.get("driver", "simulated")
+    if driver not in registry:
+        raise ConfigError(f"{source}: {section}.driver: unknown driver {driver!r}; valid: {', '.join(sorted(registry))}")
+    return _validate(registry[driver], data, source=source, prefix=(section,))
+
+
+def parse_config(raw: Any, *, source: str = "<config>") -> RigConfig:
+    """Validate an already-loaded mapping (``source`` names it in errors)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    camera = _driver_section(raw, "camera", CAMERA_DRIVERS, source)
+    focus = _driver_section(raw, "focus", FOCUS_DRIVERS, source)
+    rest = {k: v for k, v in raw.items() if k not in ("camera", "focus")}
+    config = _validate(RigConfig, rest, source=source, prefix=())
+    config.camera, config.focus = camera, focus
+    return config  # type: ignore[return-value]
+
+
+def load_config(path: str | Path) -> RigConfig:
+    """Read and validate a ``rig.yaml`` (safe YAML loading only).
+
+    Raises:
+        ConfigError: one line naming the file and the field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path}: is a folder, expected a YAML file") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
+    config = parse_config(raw, source=str(path))
+    # relative file paths in a config are relative to the config file's folder
+    base = path.parent
+    if config.calibration.file is not None and not config.calibration.file.is_absolute():
+        config.calibration.file = (base / config.calibration.file).resolve()
+    scene = getattr(config.camera, "scene", None)
+    if isinstance(scene, RgbdSceneConfig):
+        for key in ("image", "depth", "disparity"):
+            value = getattr(scene, key)
+            if value is not None and not value.is_absolute():
+                setattr(scene, key, (base / value).resolve())
+    return config
+
+
+def config_to_dict(config: RigConfig) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data (for the run folder's ``config.yaml``)."""
+    doc = config.model_dump()
+    doc["camera"] = config.camera.model_dump()
+    doc["focus"] = config.focus.model_dump()
+    return _plain(doc)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,66 @@
+"""The run folder (INTERFACES.md): one per ``run_rig.py`` invocation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capture.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_run_folder", "write_yaml_atomic", "check_free_space"]
+
+
+def check_free_space(path: Path, *, min_free_gb: float) -> float:
+    """Free space (GB) where ``path`` lives; OutputError below ``min_free_gb``."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free_gb = shutil.disk_usage(probe).free / 1e9
+    if free_gb < min_free_gb:
+        raise OutputError(f"{path}: only {free_gb:.2f} GB free, output.min_free_gb asks for {min_free_gb:g} GB")
+    return free_gb
+
+
+def create_run_folder(base: Path, rig_name: str, *, min_free_gb: float, now: dt.datetime | None = None) -> Path:
+    """Create ``base/<UTC time>_<rig name>/`` (with a suffix if it exists) and return it.
+
+    Raises:
+        OutputError: the folder cannot be created or written, or the disk is too full.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
+    stamp = now.strftime("%Y-%m-%dT%H-%M-%SZ")
+    if base.exists() and not base.is_dir():
+        raise OutputError(f"output.dir: {base} exists and is not a folder")
+    check_free_space(base, min_free_gb=min_free_gb)
+    for attempt in range(1, 100):
+        name = f"{stamp}_{rig_name}" if attempt == 1 else f"{stamp}_{rig_name}_{attempt}"
+        run = base / name
+        try:
+            run.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"output.dir: cannot create {run} ({exc.strerror})") from exc
+        if not os.access(run, os.W_OK):
+            raise OutputError(f"output.dir: {run} is not writable")
+        return run
+    raise OutputError(f"output.dir: too many runs named {stamp}_{rig_name} in {base}")
+
+
+def write_yaml_atomic(path: Path, doc: Any) -> None:
+    """Write YAML to a temporary sibling, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from exc

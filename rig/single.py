@@ -1,0 +1,111 @@
+"""Single-stack mode: open the rig, sweep once, write the stack and its depth, summarise."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from capture.errors import EXIT_OK
+from capture.imageio import write_image
+from capture.scenes import texture_poor_mask
+from capture.stack import FocalStack
+from capture.sweep import SweepInterrupted
+from reconstruct.api import reconstruct_stack
+from reconstruct.metrics import depth_metrics
+from reconstruct.result import DepthResult, write_result
+from rig.build import open_rig
+from rig.config import RigConfig, config_to_dict
+from rig.runfolder import create_run_folder, write_yaml_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SingleRun", "run_single", "save_incomplete"]
+
+
+@dataclass
+class SingleRun:
+    run_dir: Path
+    stack: FocalStack
+    result: DepthResult
+    seconds: dict[str, float]
+    accuracy: dict[str, float] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def save_incomplete(err: SweepInterrupted, folder: Path) -> Path:
+    """Keep the slices of a cut-short sweep in ``<folder>.incomplete/`` with ``reason.txt``.
+
+    With two or more slices the folder is a readable stack (stack.yaml); with one, the image
+    alone. Keeping partial data is best effort: a failure here is logged, not raised, so the
+    original error is what the user sees.
+    """
+    target = folder.with_name(folder.name + ".incomplete")
+    try:
+        if len(err.frames) >= 2:
+            images = np.stack([f.image for f in err.frames])
+            FocalStack(images, focus_distance_m=err.distances_m, slice_meta=err.slice_meta).write(target)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            for i, frame in enumerate(err.frames):
+                write_image(target / f"slice_{i:02d}.png", frame.image)
+        (target / "reason.txt").write_text(str(err) + "\n", encoding="utf-8")
+    except Exception:
+        logger.exception("could not keep the partial stack in %s", target)
+    return target
+
+
+def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
+    """Capture one stack on the configured rig, reconstruct it, and write the run folder."""
+    seconds: dict[str, float] = {}
+    run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
+    write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
+    t0 = time.perf_counter()
+    with open_rig(config) as rig:
+        seconds["open"] = time.perf_counter() - t0
+        n = len(rig.planned_distances_m())
+        bar = tqdm(total=n, desc="sweep", unit="slice", disable=not show_progress, leave=False)
+        t0 = time.perf_counter()
+        try:
+            stack = rig.capture_stack(progress=lambda i, _n: bar.update(1))
+        except SweepInterrupted as err:
+            kept = save_incomplete(err, run_dir / "stacks" / "000000")
+            write_yaml_atomic(run_dir / "summary.yaml", {"stacks": 0, "incomplete": [str(kept)], "error": str(err)})
+            raise
+        finally:
+            bar.close()
+        seconds["capture"] = time.perf_counter() - t0
+        truth = rig.truth()
+    if config.output.record_stacks:
+        t0 = time.perf_counter()
+        stack.write(run_dir / "stacks" / "000000")
+        seconds["write_stack"] = time.perf_counter() - t0
+    rc = config.reconstruct
+    result = reconstruct_stack(stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align)
+    seconds["reconstruct"] = result.seconds.get("align", 0.0) + result.seconds.get("infer", 0.0)
+    t0 = time.perf_counter()
+    write_result(result, run_dir / "depth" / "000000", png16=config.output.depth_png16, preview=config.output.preview)
+    seconds["write_depth"] = time.perf_counter() - t0
+    accuracy = None
+    summary: dict[str, Any] = {
+        "stacks": 1,
+        "slices": stack.n_slices,
+        "image_hw": list(stack.image_hw),
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "depth_range_m": [round(v, 4) for v in result.depth_range()] if result.depth_range() else None,
+        "valid_fraction": round(result.valid_fraction, 6),
+        "method": result.method,
+    }
+    if truth is not None and result.depth_unit == "metre":
+        accuracy = depth_metrics(result.depth, truth.depth_m, truth_valid=truth.truth_valid)
+        summary["accuracy"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in accuracy.items()}
+        summary["accuracy"]["texture_poor_fraction"] = round(float(texture_poor_mask(truth.radiance).mean()), 4)
+        summary["accuracy"]["note"] = "against the simulator's true depth; a pixel without depth counts as relative error 1"
+    write_yaml_atomic(run_dir / "summary.yaml", summary)
+    logger.debug("exit %d", EXIT_OK)
+    return SingleRun(run_dir=run_dir, stack=stack, result=result, seconds=seconds, accuracy=accuracy, summary=summary)

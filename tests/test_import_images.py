@@ -1,0 +1,255 @@
+"""Tests of ``python -m capture.import_images`` (and the capture.imageio helpers it uses)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from capture.errors import InputError, OutputError
+from capture.imageio import IMAGE_SUFFIXES, read_image, write_image
+from capture.import_images import main
+from capture.stack import FocalStack
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = (30, 110, 190)  # mean grey level of each test image: identifies it after JPEG
+
+
+def _jpegs(folder: Path, levels=LEVELS, hw=(24, 32), names=None) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, level in enumerate(levels):
+        img = np.full((*hw, 3), level, np.uint8)
+        img[..., 2] = 255 - level  # BGR in cv2: red = 255 - level, to check the channel order
+        path = folder / (names[i] if names else f"shot_{i}.jpg")
+        assert cv2.imwrite(str(path), img)
+        paths.append(path)
+    return paths
+
+
+def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "capture.import_images", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def _levels(stack: FocalStack) -> list[int]:
+    """Per slice, the level of the image it came from (its blue channel; red is 255 - level)."""
+    return [int(round(float(stack.images[i, ..., 2].mean()))) for i in range(stack.n_slices)]
+
+
+# ---- success paths ---------------------------------------------------------------------------
+
+
+def test_jpeg_far_to_near_default_subprocess(tmp_path: Path) -> None:
+    paths = _jpegs(tmp_path / "in")
+    out = tmp_path / "stack"
+    proc = _run(*paths, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    assert proc.stderr == ""
+    st = FocalStack.read(out)
+    assert sorted(p.name for p in out.iterdir()) == ["slice_00.png", "slice_01.png", "slice_02.png", "stack.yaml"]
+    assert st.images.dtype == np.uint8 and st.channels == 3 and st.image_hw == (24, 32)
+    assert not st.has_distances
+    assert st.focus_index.tolist() == [0, 1, 2]  # first given = farthest
+    for got, want in zip(_levels(st), LEVELS):
+        assert abs(got - want) <= 3  # JPEG is lossy; order and RGB channel order are what matter
+    assert abs(int(st.images[0, ..., 0].mean()) - (255 - LEVELS[0])) <= 3  # RGB in memory
+    cap = st.meta["capture"]
+    assert cap["imported_from"] == ["shot_0.jpg", "shot_1.jpg", "shot_2.jpg"]
+    assert cap["imported_utc"].endswith("Z") and "T" in cap["imported_utc"]
+
+
+def test_near_to_far_reverses_focus_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = _jpegs(tmp_path / "in")
+    out = tmp_path / "stack"
+    assert main([*map(str, paths), "--out", str(out), "--order", "near-to-far"]) == 0
+    st = FocalStack.read(out)
+    assert st.focus_index.tolist() == [2, 1, 0]  # first given = nearest = highest index
+    # far to near after sorting: the last image given comes first
+    levels = _levels(st.sorted_by_focus())
+    assert [abs(a - b) <= 3 for a, b in zip(levels, LEVELS[::-1])] == [True] * 3
+    assert capsys.readouterr().out.strip() == str(out)
+
+
+def test_focus_distances(tmp_path: Path) -> None:
+    paths = _jpegs(tmp_path / "in")
+    out = tmp_path / "stack"
+    assert main([*map(str, paths), "--out", str(out), "--focus-distances-m", "inf", "1.5", "0.3"]) == 0
+    st = FocalStack.read(out)
+    assert st.has_distances and st.focus_index is None
+    assert st.focus_distance_m.tolist() == [math.inf, 1.5, 0.3]
+    assert st.is_sorted
+
+
+def test_folder_argument_sorted_by_name(tmp_path: Path) -> None:
+    names = ["IMG_10.jpg", "IMG_9.jpg", "IMG_2.JPG"]  # natural order: 2, 9, 10
+    _jpegs(tmp_path / "in", levels=(190, 110, 30), names=names)
+    (tmp_path / "in" / "notes.txt").write_text("ignored")
+    out = tmp_path / "stack"
+    assert main([str(tmp_path / "in"), "--out", str(out)]) == 0
+    st = FocalStack.read(out)
+    assert st.meta["capture"]["imported_from"] == ["IMG_2.JPG", "IMG_9.jpg", "IMG_10.jpg"]
+    assert [abs(a - b) <= 3 for a, b in zip(_levels(st), LEVELS)] == [True] * 3
+
+
+def test_sixteen_bit_png_and_overwrite(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    imgs = [np.full((10, 12), v, np.uint16) for v in (1000, 40000)]
+    for i, img in enumerate(imgs):
+        write_image(folder / f"{i}.png", img)
+    out = tmp_path / "stack"
+    _jpegs(tmp_path / "other")
+    assert main([str(tmp_path / "other"), "--out", str(out)]) == 0
+    assert main([str(folder), "--out", str(out)]) == 2  # exists
+    assert main([str(folder), "--out", str(out), "--overwrite"]) == 0
+    st = FocalStack.read(out)
+    assert st.images.dtype == np.uint16
+    np.testing.assert_array_equal(st.images, np.stack(imgs))
+
+
+# ---- bad inputs: exit 2, one stderr line, no output ------------------------------------------
+
+
+def _bad_case(case: str, tmp_path: Path) -> list[str | Path]:
+    paths = _jpegs(tmp_path / "in")
+    out = tmp_path / "stack"
+    if case == "missing_file":
+        return [paths[0], tmp_path / "in" / "nope.jpg", "--out", out]
+    if case == "unreadable_image":
+        bad = tmp_path / "in" / "broken.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        return [paths[0], bad, "--out", out]
+    if case == "mismatched_size":
+        odd = _jpegs(tmp_path / "odd", levels=(50,), hw=(25, 32))[0]
+        return [*paths, odd, "--out", out]
+    if case == "mismatched_channels":
+        grey = tmp_path / "in" / "grey.png"
+        cv2.imwrite(str(grey), np.zeros((24, 32), np.uint8))
+        return [paths[0], grey, "--out", out]
+    if case == "wrong_distance_count":
+        return [*paths, "--out", out, "--focus-distances-m", "1", "2"]
+    if case == "non_positive_distance":
+        return [*paths, "--out", out, "--focus-distances-m", "2", "0", "-1"]
+    if case == "not_a_number_distance":
+        return [*paths, "--out", out, "--focus-distances-m", "2", "one", "3"]
+    if case == "single_image":
+        return [paths[0], "--out", out]
+    if case == "missing_out":
+        return [*paths]
+    if case == "unwritable_out":
+        blocker = tmp_path / "plain_file"
+        blocker.write_text("x")
+        return [*paths, "--out", blocker / "stack"]
+    if case == "unsupported_suffix":
+        txt = tmp_path / "in" / "a.txt"
+        txt.write_text("x")
+        return [paths[0], txt, "--out", out]
+    raise AssertionError(case)
+
+
+BAD = ["missing_file", "unreadable_image", "mismatched_size", "mismatched_channels",
+       "wrong_distance_count", "non_positive_distance", "not_a_number_distance", "single_image",
+       "missing_out", "unwritable_out", "unsupported_suffix"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, case: str) -> None:
+    proc = _run(*_bad_case(case, tmp_path))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert not (tmp_path / "stack").exists()
+    assert not [p for p in tmp_path.rglob(".*") if ".tmp-" in p.name]
+
+
+def test_bad_input_messages_name_the_file(tmp_path: Path) -> None:
+    args = _bad_case("mismatched_size", tmp_path)
+    proc = _run(*args)
+    assert "shot_0.jpg" in proc.stderr  # the odd file is named (from the odd folder)
+    assert str(tmp_path / "odd") in proc.stderr
+    proc = _run(*_bad_case("missing_file", tmp_path))
+    assert "nope.jpg" in proc.stderr
+
+
+def test_existing_output_is_left_alone(tmp_path: Path) -> None:
+    paths = _jpegs(tmp_path / "in")
+    out = tmp_path / "stack"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    proc = _run(*paths, "--out", out)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert "--overwrite" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    # even with --overwrite a folder that is not a stack is not replaced
+    proc = _run(*paths, "--out", out, "--overwrite")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    proc = _run(tmp_path / "a.jpg", tmp_path / "b.jpg", "--out", tmp_path / "s", "--debug")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "error: " in proc.stderr
+
+
+# ---- imageio ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".tiff"])
+@pytest.mark.parametrize("shape, dtype", [((5, 7), np.uint8), ((5, 7, 3), np.uint16), ((5, 7, 4), np.uint8)])
+def test_imageio_round_trip_rgb_order(tmp_path: Path, suffix: str, shape, dtype) -> None:
+    img = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, size=shape).astype(dtype)
+    path = tmp_path / f"ï{suffix}"
+    write_image(path, img)
+    back = read_image(path)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, img)
+    if len(shape) == 3:  # the file holds BGR(A) as OpenCV writes it: red must be in channel 2
+        raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(raw[..., 2], img[..., 0])
+
+
+def test_imageio_jpeg(tmp_path: Path) -> None:
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[..., 0] = 200  # red
+    write_image(tmp_path / "r.jpg", img)
+    back = read_image(tmp_path / "r.jpg")
+    assert back.dtype == np.uint8 and back.shape == (8, 8, 3)
+    assert back[..., 0].mean() > 180 and back[..., 2].mean() < 20
+    write_image(tmp_path / "g.jpeg", np.full((8, 8), 90, np.uint8))
+    assert read_image(tmp_path / "g.jpeg").shape == (8, 8)
+    with pytest.raises(OutputError, match="JPEG"):
+        write_image(tmp_path / "deep.jpg", np.zeros((8, 8), np.uint16))
+    assert ".jpg" in IMAGE_SUFFIXES
+
+
+def test_imageio_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="missing.png"):
+        read_image(tmp_path / "missing.png")
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00junk")
+    with pytest.raises(InputError, match="junk.tif"):
+        read_image(tmp_path / "junk.tif")
+    with pytest.raises(OutputError, match="nowhere"):
+        write_image(tmp_path / "nowhere" / "x.png", np.zeros((2, 2), np.uint8))
+    with pytest.raises(OutputError, match="x.bmp"):
+        write_image(tmp_path / "x.bmp", np.zeros((2, 2), np.uint8))
+    with pytest.raises(OutputError, match="float32"):
+        write_image(tmp_path / "f.png", np.zeros((2, 2), np.float32))
+
+
+def test_written_yaml_has_no_jpeg(tmp_path: Path) -> None:
+    paths = _jpegs(tmp_path / "in")
+    assert main([*map(str, paths), "--out", str(tmp_path / "s")]) == 0
+    doc = yaml.safe_load((tmp_path / "s" / "stack.yaml").read_text())
+    assert all(s["image"].endswith(".png") for s in doc["slices"])
