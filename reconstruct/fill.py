@@ -146,12 +146,13 @@ def _push_pull(num: np.ndarray, den: np.ndarray, full_weight: float) -> np.ndarr
         full_weight: a weight at which a cell's own data is fully trusted.
     """
     levels = [(num.astype(np.float32), den.astype(np.float32))]
-    while min(levels[-1][0].shape) > 1:
+    while max(levels[-1][0].shape) > 1:
         n, d = levels[-1]
         levels.append((cv2.resize(n, (max(1, n.shape[1] // 2), max(1, n.shape[0] // 2)), interpolation=cv2.INTER_AREA) * 4,
                        cv2.resize(d, (max(1, d.shape[1] // 2), max(1, d.shape[0] // 2)), interpolation=cv2.INTER_AREA) * 4))
     n_up, d_up = levels[-1]
-    v_up = n_up / np.maximum(d_up, 1e-12)
+    total = float(d_up.sum())
+    v_up = n_up / np.maximum(d_up, 1e-12) if total > 0 else np.zeros_like(n_up)
     for n, d in reversed(levels[:-1]):
         v_up = cv2.resize(v_up, (n.shape[1], n.shape[0]), interpolation=cv2.INTER_LINEAR)
         a = np.clip(d / full_weight, 0.0, 1.0)
