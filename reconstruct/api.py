@@ -14,7 +14,7 @@ import numpy as np
 
 from capture.errors import ReconstructionError
 from capture.stack import FocalStack
-from reconstruct.classical import FOCUS_MEASURES, ClassicalParams, depth_from_focus, fuse_all_in_focus
+from reconstruct.classical import FOCUS_MEASURES, ClassicalParams, depth_from_focus
 from reconstruct.result import DepthResult
 
 logger = logging.getLogger(__name__)
@@ -74,12 +74,9 @@ def reconstruct_stack(
 
     t0 = time.perf_counter()
     grey = ordered.to_grey_float()
-    colour = ordered.as_float() if ordered.channels >= 3 else None
-    if colour is not None and colour.shape[-1] == 4:
-        colour = colour[..., :3]
     p = params or ClassicalParams(focus_measure=focus_measure)
-    out = depth_from_focus(grey, focus, params=p, guide=colour)
-    aif = fuse_all_in_focus(ordered.images, out.slice_position)
+    out = depth_from_focus(grey, focus, params=p, slices=ordered.images)
+    aif = out.all_in_focus
     if np.issubdtype(ordered.images.dtype, np.integer):
         aif = np.clip(np.rint(aif), 0, np.iinfo(ordered.images.dtype).max).astype(ordered.images.dtype)
     if stack.has_distances:

@@ -96,11 +96,13 @@ class ClassicalParams:
 @dataclass
 class ClassicalOutput:
     """Depth in the stack's focus unit (diopters, or focus index), ``[H, W]`` float32;
-    confidence ``[H, W]`` in [0, 1]; continuous in-focus slice position ``[H, W]``."""
+    confidence ``[H, W]`` in [0, 1]; continuous in-focus slice position ``[H, W]``; the
+    all-in-focus image, float32 ``[H, W(, C)]`` in the value scale of the fused slices."""
 
     focus_dpt: np.ndarray
     confidence: np.ndarray
     slice_position: np.ndarray
+    all_in_focus: np.ndarray
 
 
 def _refine_peak(
@@ -177,7 +179,7 @@ def _peak_confidence(measure: np.ndarray, k: np.ndarray, floor: float) -> np.nda
 
 def _noise_floor(measure: np.ndarray) -> float:
     """The measure's level where nothing is sharp: a low percentile of each pixel's minimum."""
-    return float(np.percentile(measure.min(axis=0), 20)) + 1e-12
+    return float(np.percentile(measure.min(axis=0)[::2, ::2], 20)) + 1e-12
 
 
 def depth_from_focus(
@@ -185,7 +187,7 @@ def depth_from_focus(
     focus_dpt: np.ndarray,
     *,
     params: ClassicalParams = ClassicalParams(),
-    guide: np.ndarray | None = None,
+    slices: np.ndarray | None = None,
 ) -> ClassicalOutput:
     """Depth (as focus, in the stack's unit) from a sorted grey focal stack.
 
@@ -193,9 +195,8 @@ def depth_from_focus(
         grey: float32 ``[N, H, W]`` in [0, 1], slices sorted by ascending ``focus_dpt``.
         focus_dpt: ``[N]`` ascending focus in diopters (or focus index).
         params: see :class:`ClassicalParams`.
-        guide: optional colour slices ``[N, H, W, C]`` (their all-in-focus fusion guides
-            the fill) or a ready ``[H, W(, C)]`` guide image; the grey all-in-focus image
-            when absent.
+        slices: the slices to fuse into the all-in-focus image, ``[N, H, W(, C)]`` in any
+            dtype (the captured images, so colour guides the fill); ``grey`` when absent.
     """
     focus_dpt = np.asarray(focus_dpt, np.float64)
     if grey.ndim != 3 or grey.shape[0] != focus_dpt.shape[0]:
@@ -207,15 +208,15 @@ def depth_from_focus(
     measure = focus_measure(grey, name=params.focus_measure, window_px=params.window_px)
     peak, pos, k = _refine_peak(measure, focus_dpt, method=params.refine)
     confidence = _peak_confidence(measure, k, _noise_floor(measure))
+    if slices is not None and slices.shape[:3] != grey.shape:
+        raise ReconstructionError(f"classical: slices {slices.shape} do not match the grey stack {grey.shape}")
+    aif = fuse_all_in_focus(grey if slices is None else slices, pos)
     if params.fill:
-        if guide is None:
-            guide = fuse_all_in_focus(grey, pos)
-        elif guide.ndim == 4:  # colour slices [N, H, W, C]: fuse them as the guide
-            guide = fuse_all_in_focus(guide, pos)
-        depth = edge_aware_fill(peak, confidence, guide, confidence_floor=params.confidence_floor)
+        # the all-in-focus image guides the fill: depth follows its colour edges
+        depth = edge_aware_fill(peak, confidence, aif, confidence_floor=params.confidence_floor)
     else:
         depth = np.where(confidence >= params.confidence_floor, peak, np.nan).astype(np.float32)
-    return ClassicalOutput(focus_dpt=depth, confidence=confidence, slice_position=pos)
+    return ClassicalOutput(focus_dpt=depth, confidence=confidence, slice_position=pos, all_in_focus=aif)
 
 
 def fuse_all_in_focus(slices: np.ndarray, slice_position: np.ndarray) -> np.ndarray:

@@ -35,32 +35,18 @@ def _blur_axis(grid: np.ndarray, axis: int, passes: int) -> np.ndarray:
     return grid
 
 
-def _slice_trilinear(grid: np.ndarray, gy: np.ndarray, gx: np.ndarray, gr: np.ndarray) -> np.ndarray:
-    """Sample ``grid`` ``[Y, X, R]`` at float coordinates, trilinearly."""
-    y0 = np.clip(np.floor(gy).astype(np.int64), 0, grid.shape[0] - 2)
-    x0 = np.clip(np.floor(gx).astype(np.int64), 0, grid.shape[1] - 2)
-    r0 = np.clip(np.floor(gr).astype(np.int64), 0, grid.shape[2] - 2)
-    ty, tx, tr = gy - y0, gx - x0, gr - r0
-    out = np.zeros(gy.shape, np.float64)
-    for dy, wy in ((0, 1 - ty), (1, ty)):
-        for dx, wx in ((0, 1 - tx), (1, tx)):
-            for dr, wr in ((0, 1 - tr), (1, tr)):
-                out += grid[y0 + dy, x0 + dx, r0 + dr] * (wy * wx * wr)
-    return out
-
-
 def _guide_features(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Normalised brightness ``[H, W]`` in [0, 1] and, for colour guides, a chroma
     coordinate ``[H, W]`` in [0, 1] (blue versus red share), else None."""
-    grey = guide.mean(axis=2) if guide.ndim == 3 else guide
-    lo, hi = np.percentile(grey, [1, 99])
+    grey = guide[..., :3].mean(axis=2) if guide.ndim == 3 else guide
+    lo, hi = np.percentile(grey[::2, ::2], [1, 99])  # a quarter of the pixels is plenty
     luma = np.clip((grey - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     if guide.ndim != 3 or guide.shape[2] < 3:
         return luma, None
     rgb = guide[..., :3].astype(np.float64)
     total = rgb.sum(axis=2) + 1e-6
     chroma = (rgb[..., 2] - rgb[..., 0]) / total  # -1 (red) .. +1 (blue)
-    lo, hi = np.percentile(chroma, [1, 99])
+    lo, hi = np.percentile(chroma[::2, ::2], [1, 99])
     return luma, np.clip((chroma - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
 
@@ -97,65 +83,101 @@ def edge_aware_fill(
     if not reliable.any():
         logger.warning("no pixel reached confidence %.2f: depth left empty", confidence_floor)
         return np.full((h, w), np.nan, np.float32)
-    weight = np.where(reliable, confidence, 0.0).astype(np.float64)
-    val = np.where(reliable, value, 0.0).astype(np.float64)
     luma, chroma = _guide_features(guide)
-
     s = float(sigma_spatial_px)
     ny, nx, nr = int(np.ceil(h / s)) + 2, int(np.ceil(w / s)) + 2, int(np.ceil(1.0 / sigma_range)) + 2
     nc = 1 if chroma is None else int(np.ceil(1.0 / sigma_chroma)) + 1
-    yy, xx = np.mgrid[0:h, 0:w]
-    gy, gx, gr = yy / s + 0.5, xx / s + 0.5, luma / sigma_range + 0.5
-    gc = np.zeros((h, w), np.int64) if chroma is None else np.rint(chroma / sigma_chroma).astype(np.int64)
-    nb = nr * nc  # brightness x chroma bins, flattened
-    gb = np.rint(gr).astype(np.int64) * nc + gc
-    idx = (np.rint(gy).astype(np.int64) * nx + np.rint(gx).astype(np.int64)) * nb + gb
+    nb = nr * nc  # brightness x chroma bins, flattened (bin = r * nc + c)
+    if nb > 512:
+        raise ValueError(f"fill: {nb} colour bins exceed OpenCV's 512 channels; raise sigma_range/sigma_chroma")
+
+    def coords(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ys, xs = np.nonzero(mask)
+        gy = ys.astype(np.float32) / s + 0.5
+        gx = xs.astype(np.float32) / s + 0.5
+        gr = luma[mask].astype(np.float32) / sigma_range + 0.5
+        gc = np.zeros(ys.size, np.int64) if chroma is None else np.rint(chroma[mask] / sigma_chroma).astype(np.int64)
+        return gy, gx, gr, gc
+
+    # splat the reliable pixels (nearest cell), weighted by confidence
+    gy, gx, gr, gc = coords(reliable)
+    weight = confidence[reliable].astype(np.float64)
+    idx = (np.rint(gy).astype(np.int64) * nx + np.rint(gx).astype(np.int64)) * nb + np.rint(gr).astype(np.int64) * nc + gc
     size = ny * nx * nb
-    num = np.bincount(idx.ravel(), weights=(weight * val).ravel(), minlength=size).reshape(ny, nx, nb)
-    den = np.bincount(idx.ravel(), weights=weight.ravel(), minlength=size).reshape(ny, nx, nb)
+    num = np.bincount(idx, weights=weight * value[reliable], minlength=size).reshape(ny, nx, nb).astype(np.float32)
+    den = np.bincount(idx, weights=weight, minlength=size).reshape(ny, nx, nb).astype(np.float32)
     num, den = _blur_axis(_blur_axis(num, 0, 1), 1, 1), _blur_axis(_blur_axis(den, 0, 1), 1, 1)
-    # fill each colour bin over space from its nearest data (push-pull), so a plain surface
-    # takes the depth of confident pixels of its own colour, however far away they are
-    values = np.zeros((ny, nx, nb), np.float64)
+    # fill every colour bin over space from its nearest data (push-pull, all bins at once),
+    # so a plain surface takes the depth of confident pixels of its own colour, however far
     has_data = den.sum(axis=(0, 1)) > 0
-    full = 2.0 * float(np.percentile(den[den > 0], 50))
-    for b in np.flatnonzero(has_data):
-        values[:, :, b] = _push_pull(num[:, :, b], den[:, :, b], full)
+    full = 2.0 * float(np.median(den[den > 0]))
+    values = _push_pull(num, den, full)
     data_r, data_c = np.divmod(np.flatnonzero(has_data), nc)
-    for b in np.flatnonzero(~has_data):
+    for b in np.flatnonzero(~has_data):  # a colour nobody reliable has: borrow the nearest colour's
         r, c = divmod(int(b), nc)
-        nearest = np.argmin((data_r - r) ** 2 + (0.5 * (data_c - c)) ** 2)
+        nearest = int(np.argmin((data_r - r) ** 2 + (0.5 * (data_c - c)) ** 2))
         values[:, :, b] = values[:, :, data_r[nearest] * nc + data_c[nearest]]
-    values = values.reshape(ny, nx, nr, nc)
-    values = _blur_axis(values, 2, 1)
-    # trilinear in space and brightness, nearest in chroma
-    filled = np.zeros((h, w), np.float64)
-    for c in range(nc):
-        sel = gc == c
-        if sel.any():
-            filled[sel] = _slice_trilinear(values[:, :, :, c], gy[sel], gx[sel], gr[sel])
-    return np.where(reliable, value, filled).astype(np.float32)
+    values = _blur_axis(values.reshape(ny, nx, nr, nc), 2, 1)
+    # slice at the unreliable pixels: trilinear in space and brightness, nearest in chroma
+    todo = ~reliable
+    gy, gx, gr, gc = coords(todo)
+    out = value.astype(np.float32, copy=True)
+    out[todo] = _slice(values, gy, gx, gr, gc)
+    return out
+
+
+def _slice(grid: np.ndarray, gy: np.ndarray, gx: np.ndarray, gr: np.ndarray, gc: np.ndarray) -> np.ndarray:
+    """Sample ``grid`` ``[Y, X, R, C]`` trilinearly in (y, x, r) at chroma bin ``gc``."""
+    ny, nx, nr, nc = grid.shape
+    flat = grid.reshape(-1)
+    y0 = np.clip(np.floor(gy).astype(np.int64), 0, ny - 2)
+    x0 = np.clip(np.floor(gx).astype(np.int64), 0, nx - 2)
+    r0 = np.clip(np.floor(gr).astype(np.int64), 0, nr - 2)
+    ty, tx, tr = gy - y0, gx - x0, gr - r0
+    out = np.zeros(gy.shape, np.float32)
+    for dy, wy in ((0, 1 - ty), (1, ty)):
+        for dx, wx in ((0, 1 - tx), (1, tx)):
+            base = ((y0 + dy) * nx + (x0 + dx)) * nr
+            wyx = wy * wx
+            for dr, wr in ((0, 1 - tr), (1, tr)):
+                out += flat[(base + r0 + dr) * nc + gc] * (wyx * wr)
+    return out
 
 
 def _push_pull(num: np.ndarray, den: np.ndarray, full_weight: float) -> np.ndarray:
-    """Normalised-convolution hole filling over a pyramid: every cell gets the weighted mean
-    of the nearest data, coarser levels filling where finer ones have none.
+    """Normalised-convolution hole filling over a pyramid, for every channel at once: each
+    cell gets the weighted mean of the nearest data, coarser levels filling where finer ones
+    have none.
 
     Args:
-        num, den: ``[Y, X]`` weighted sums and weights (den >= 0, some > 0).
+        num, den: ``[Y, X, B]`` float32 weighted sums and weights (den >= 0).
         full_weight: a weight at which a cell's own data is fully trusted.
+
+    Returns:
+        float32 ``[Y, X, B]`` (channels without any data come out 0).
     """
-    levels = [(num.astype(np.float32), den.astype(np.float32))]
-    while max(levels[-1][0].shape) > 1:
+
+    levels = [(num, den)]
+    while max(levels[-1][0].shape[:2]) > 1:
         n, d = levels[-1]
-        levels.append((cv2.resize(n, (max(1, n.shape[1] // 2), max(1, n.shape[0] // 2)), interpolation=cv2.INTER_AREA) * 4,
-                       cv2.resize(d, (max(1, d.shape[1] // 2), max(1, d.shape[0] // 2)), interpolation=cv2.INTER_AREA) * 4))
+        levels.append((_half(n), _half(d)))
     n_up, d_up = levels[-1]
-    total = float(d_up.sum())
-    v_up = n_up / np.maximum(d_up, 1e-12) if total > 0 else np.zeros_like(n_up)
+    v_up = n_up / np.maximum(d_up, 1e-12)
     for n, d in reversed(levels[:-1]):
-        v_up = cv2.resize(v_up, (n.shape[1], n.shape[0]), interpolation=cv2.INTER_LINEAR)
-        a = np.clip(d / full_weight, 0.0, 1.0)
-        v_here = n / np.maximum(d, 1e-12)
-        v_up = a * v_here + (1 - a) * v_up
-    return v_up.astype(np.float64)
+        v_up = _double(v_up, n.shape[:2])
+        a = np.clip(d / np.float32(full_weight), 0.0, 1.0)
+        v_up = a * (n / np.maximum(d, 1e-12)) + (1 - a) * v_up
+    return v_up.astype(np.float32)
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """2x2 block sums of ``[Y, X, B]`` (odd sizes padded with zeros: sums of weights stay exact)."""
+    y, x = a.shape[:2]
+    a = np.pad(a, ((0, y % 2), (0, x % 2), (0, 0)))
+    return a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
+
+
+def _double(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Upsample ``[Y, X, B]`` by 2 to ``shape`` (nearest, then a [1, 2, 1] smoothing)."""
+    up = np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]]
+    return _blur_axis(_blur_axis(up, 0, 1), 1, 1)

@@ -10,7 +10,7 @@ from capture.stack import FocalStack
 from reconstruct import reconstruct_stack
 from rig.config import parse_config
 from rig.single import run_single
-from tests.conftest import sim_config_dict
+from tests.conftest import ROOT, sim_config_dict
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +83,24 @@ def test_skipping_settling_is_measurably_worse(default_run, tmp_path):
     assert len(set(currents)) == careless.stack.n_slices and lens_true.dpt_per_ma > 0
 
 
-def test_readme_python_api_example(tmp_path):
-    """The ten-line example in the README, run as written (paths redirected to tmp)."""
-    from rig import load_config, open_rig
-    from reconstruct import reconstruct_stack, write_result
+def _readme_api_block() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    marker = text.index("<!-- api-example")
+    start = text.index("```python", marker) + len("```python")
+    return text[start : text.index("```", start)]
+
+
+def test_readme_python_api_example(tmp_path, monkeypatch):
+    """The README's Python example, run as written, in a folder whose configs/sim.yaml is a
+    small, fast simulated rig."""
     import yaml
 
-    cfg_path = tmp_path / "rig.yaml"
-    cfg_path.write_text(yaml.safe_dump(sim_config_dict(tmp_path, camera={"width": 128, "height": 96, "fps": 200.0, "exposure_s": 0.004}, sweep={"slices": 5})))
-    config = load_config(cfg_path)
-    with open_rig(config) as rig:
-        stack = rig.capture_stack()
-    stack.write(tmp_path / "my_stack")
-    result = reconstruct_stack(stack, method="classical")
-    write_result(result, tmp_path / "my_depth")
+    (tmp_path / "configs").mkdir()
+    small = sim_config_dict(tmp_path, camera={"width": 128, "height": 96, "fps": 200.0, "exposure_s": 0.004}, sweep={"slices": 5})
+    (tmp_path / "configs" / "sim.yaml").write_text(yaml.safe_dump(small))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_readme_api_block(), "README.md", "exec"), namespace)
+    assert (tmp_path / "my_stack" / "stack.yaml").is_file()
     assert (tmp_path / "my_depth" / "depth.npy").is_file()
-    assert result.depth.shape == (96, 128)
+    assert namespace["result"].depth.shape == (96, 128)

@@ -1,0 +1,512 @@
+"""End-to-end tests of the command lines (INTERFACES.md): ``run_rig.py`` and ``python -m reconstruct``.
+
+Each command runs as a subprocess on a small, fast simulated rig (128x96, 5 slices).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM_YAML = ROOT / "configs" / "sim.yaml"
+TIMEOUT_S = 120
+H, W, SLICES = 96, 128, 5
+OUTPUTS = ("depth.npy", "confidence.npy", "all_in_focus.png", "depth_preview.png", "result.yaml")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def rig(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return _run("run_rig.py", *args)
+
+
+def reconstruct(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return _run("-m", "reconstruct", *args)
+
+
+def _fast_config(folder: Path, **sections: dict) -> Path:
+    """sim.yaml's content, shrunk for speed, written to ``folder/rig.yaml``."""
+    doc = yaml.safe_load(SIM_YAML.read_text(encoding="utf-8"))
+    doc["camera"].update(width=W, height=H, fps=200, exposure_s=0.004)
+    doc["sweep"]["slices"] = SLICES
+    doc["output"]["dir"] = str(folder / "runs")
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _assert_bad_input(proc: subprocess.CompletedProcess[str], *names: str | os.PathLike[str]) -> str:
+    """Exit 2, stderr exactly one line 'error: ...' naming ``names``, no traceback; returns the line."""
+    where = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 2, where
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, where
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, f"stderr is not one line:\n{where}"
+    line = lines[0]
+    assert line.startswith("error:") and line.removeprefix("error:").strip(), where
+    for name in names:
+        assert str(name) in line, f"{name!r} not named in {line!r}"
+    return line
+
+
+def _no_leftovers(folder: Path) -> None:
+    """``folder`` holds nothing (temporary siblings included)."""
+    if folder.exists():
+        left = sorted(p.name for p in folder.iterdir())
+        assert not left, f"left behind in {folder}: {left}"
+
+
+def _copy_stack(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_stack_yaml(folder: Path, edit) -> None:  # noqa: ANN001 (callable(doc) -> doc)
+    path = folder / "stack.yaml"
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc = edit(doc) or doc
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+# ---- one successful run, shared ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("rig")
+    config = _fast_config(base)
+    proc = rig("--config", config)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    runs = base / "runs"
+    folders = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(folders) == 1, folders
+    return {"base": base, "config": config, "proc": proc, "run_dir": folders[0]}
+
+
+@pytest.fixture()
+def stack_dir(run: dict) -> Path:
+    return run["run_dir"] / "stacks" / "000000"
+
+
+# ---- run_rig.py: success ---------------------------------------------------------------------------
+
+
+def test_rig_success_prints_run_folder(run: dict) -> None:
+    proc, run_dir = run["proc"], run["run_dir"]
+    assert "Traceback" not in proc.stderr
+    assert str(run_dir) in proc.stdout
+    assert f"run folder: {run_dir}" in proc.stdout.splitlines()[0]
+
+
+def test_rig_run_folder_layout(run: dict) -> None:
+    run_dir = run["run_dir"]
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "summary.yaml").is_file()
+    assert (run_dir / "stacks" / "000000" / "stack.yaml").is_file()
+    depth_dir = run_dir / "depth" / "000000"
+    for name in (*OUTPUTS, "depth.png"):
+        assert (depth_dir / name).is_file(), name
+    # nothing temporary left anywhere
+    hidden = [p for p in run_dir.rglob(".*")]
+    assert not hidden, hidden
+    assert not list(run_dir.rglob("*.incomplete"))
+
+
+def test_rig_config_yaml_is_the_resolved_config(run: dict) -> None:
+    from rig.config import config_to_dict, load_config
+
+    doc = yaml.safe_load((run["run_dir"] / "config.yaml").read_text(encoding="utf-8"))
+    assert doc["camera"]["width"] == W and doc["camera"]["height"] == H
+    assert doc["sweep"]["slices"] == SLICES
+    assert doc == config_to_dict(load_config(run["config"]))
+
+
+def test_rig_summary(run: dict) -> None:
+    summary = yaml.safe_load((run["run_dir"] / "summary.yaml").read_text(encoding="utf-8"))
+    assert summary["stacks"] == 1
+    assert summary["slices"] == SLICES
+    assert summary["image_hw"] == [H, W]
+    acc = summary["accuracy"]
+    assert isinstance(acc["abs_rel"], float)
+    assert 0.0 <= acc["abs_rel"] < 1.0
+
+
+def test_rig_stack_yaml(run: dict, stack_dir: Path) -> None:
+    doc = yaml.safe_load((stack_dir / "stack.yaml").read_text(encoding="utf-8"))
+    assert doc["format"] == "focal-stack/1"
+    assert len(doc["slices"]) == SLICES
+    for entry in doc["slices"]:
+        assert (stack_dir / entry["image"]).is_file()
+        assert entry["focus_distance_m"] > 0
+
+
+def test_rig_result_yaml(run: dict) -> None:
+    doc = yaml.safe_load((run["run_dir"] / "depth" / "000000" / "result.yaml").read_text(encoding="utf-8"))
+    assert doc["format"] == "depth-result/1"
+    assert doc["depth_unit"] == "metre"
+    assert doc["depth_kind"] == "z"
+    assert doc["method"] == "classical"
+    assert "model" not in doc
+    assert doc["backend"] == "numpy"
+    assert doc["device"] == "cpu"
+    assert doc["image_hw"] == [H, W]
+    assert doc["slices"] == SLICES
+    assert 0.0 <= doc["valid_fraction"] <= 1.0
+    assert isinstance(doc["seconds"], dict) and doc["seconds"]
+    assert doc["png16_scale_m"] == 0.001
+
+
+def test_rig_depth_arrays(run: dict) -> None:
+    depth_dir = run["run_dir"] / "depth" / "000000"
+    depth = np.load(depth_dir / "depth.npy")
+    assert depth.dtype == np.float32 and depth.shape == (H, W)
+    finite = np.isfinite(depth)
+    assert finite.any()
+    assert np.all(depth[finite] > 0)
+    result = yaml.safe_load((depth_dir / "result.yaml").read_text(encoding="utf-8"))
+    assert result["valid_fraction"] == pytest.approx(finite.mean(), abs=1e-6)
+    confidence = np.load(depth_dir / "confidence.npy")
+    assert confidence.dtype == np.float32 and confidence.shape == (H, W)
+    assert np.all((confidence >= 0) & (confidence <= 1))
+    aif = cv2.imread(str(depth_dir / "all_in_focus.png"), cv2.IMREAD_UNCHANGED)
+    assert aif is not None and aif.shape[:2] == (H, W)
+    png = cv2.imread(str(depth_dir / "depth.png"), cv2.IMREAD_UNCHANGED)
+    assert png is not None and png.dtype == np.uint16 and png.shape == (H, W)
+    expected = np.round(depth[finite].astype(np.float64) * 1000).astype(np.int64)
+    np.testing.assert_array_equal(png[finite].astype(np.int64), expected)
+    assert np.all(png[~finite] == 0)
+
+
+# ---- run_rig.py: bad input ------------------------------------------------------------------------
+
+
+def test_rig_missing_config(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    _assert_bad_input(rig("--config", missing), missing)
+    _no_leftovers(tmp_path)
+
+
+def test_rig_unknown_key(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path, camera={"optics": {"focal_lenght_mm": 12.0}})
+    line = _assert_bad_input(rig("--config", config), config, "camera.optics.focal_lenght_mm")
+    assert "unknown key" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rig_wrong_type(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path, sweep={"slices": "ten"})
+    _assert_bad_input(rig("--config", config), config, "sweep.slices")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rig_invalid_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "rig.yaml"
+    config.write_text("mode: single\ncamera: [1\n", encoding="utf-8")
+    line = _assert_bad_input(rig("--config", config), config)
+    assert "line" in line
+
+
+def test_rig_mode_continuous_not_available(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path)
+    line = _assert_bad_input(rig("--config", config, "--mode", "continuous"), "mode")
+    assert "continuous" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rig_method_dualfocus_not_available(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path)
+    line = _assert_bad_input(rig("--config", config, "--method", "dualfocus"), config, "reconstruct.method")
+    assert "dualfocus" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rig_output_dir_under_a_file(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    out = blocker / "runs"
+    _assert_bad_input(rig("--config", config, "--out", out), "output.dir", blocker)
+    assert blocker.is_file() and blocker.read_text(encoding="utf-8") == "not a folder"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rig_output_dir_under_a_file_from_config(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x", encoding="utf-8")
+    config = _fast_config(tmp_path, output={"dir": str(blocker / "deeper" / "runs")})
+    _assert_bad_input(rig("--config", config), "output.dir", blocker)
+    assert blocker.is_file()
+
+
+def test_rig_output_dir_is_a_file(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x", encoding="utf-8")
+    _assert_bad_input(rig("--config", config, "--out", blocker), "output.dir", blocker)
+    assert blocker.is_file() and blocker.read_text(encoding="utf-8") == "x"
+
+
+def test_rig_bad_argument_is_one_line(tmp_path: Path) -> None:
+    _assert_bad_input(rig("--mode", "sometimes"), "--mode")
+    _assert_bad_input(rig("--no-such-option"), "--no-such-option")
+
+
+def test_rig_debug_shows_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    proc = rig("--debug", "--config", missing)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+    assert "ConfigError" in proc.stderr
+    assert str(missing) in proc.stderr
+
+
+def test_rig_debug_shows_traceback_for_bad_field(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path, sweep={"slices": "ten"})
+    proc = rig("--debug", "--config", config)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+    assert "sweep.slices" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- python -m reconstruct: success ----------------------------------------------------------------
+
+
+def test_reconstruct_success(run: dict, stack_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "out"
+    proc = reconstruct(stack_dir, "--out", out)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    assert str(out) in proc.stdout
+    for name in (*OUTPUTS, "depth.png"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no temporary siblings
+    doc = yaml.safe_load((out / "result.yaml").read_text(encoding="utf-8"))
+    assert doc["format"] == "depth-result/1"
+    assert doc["depth_unit"] == "metre"
+    assert doc["depth_kind"] == "z"
+    assert doc["method"] == "classical"
+    assert doc["backend"] == "numpy"
+    assert doc["device"] == "cpu"
+    assert doc["image_hw"] == [H, W]
+    assert doc["slices"] == SLICES
+    assert doc["png16_scale_m"] == 0.001
+    assert {"read", "align", "infer", "write"} <= set(doc["seconds"])
+    depth = np.load(out / "depth.npy")
+    assert depth.dtype == np.float32 and depth.shape == (H, W)
+    # the same stack, read back from disk, gives the depth the rig wrote
+    rig_depth = np.load(run["run_dir"] / "depth" / "000000" / "depth.npy")
+    np.testing.assert_allclose(depth, rig_depth, equal_nan=True)
+
+
+@pytest.mark.xfail(
+    reason="result.yaml seconds.write is always 0.0: reconstruct/__main__.py sets seconds['write'] = 0.0 before "
+    "write_result() and measures it only after result.yaml is written (write_result's setdefault does the same "
+    "for run_rig.py)",
+    strict=True,
+)
+def test_reconstruct_records_write_time(stack_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = reconstruct(stack_dir, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load((out / "result.yaml").read_text(encoding="utf-8"))
+    assert doc["seconds"]["write"] > 0
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_reconstruct_slice_order_does_not_matter(stack_dir: Path, tmp_path: Path, order: str) -> None:
+    base = tmp_path / "base"
+    assert reconstruct(stack_dir, "--out", base).returncode == 0
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+    perm = [4, 0, 3, 1, 2] if order == "shuffled" else [4, 3, 2, 1, 0]
+
+    def edit(doc: dict) -> None:
+        doc["slices"] = [doc["slices"][i] for i in perm]
+
+    _edit_stack_yaml(moved, edit)
+    out = tmp_path / "out"
+    proc = reconstruct(moved, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    a, b = np.load(base / "depth.npy"), np.load(out / "depth.npy")
+    assert np.allclose(a, b, equal_nan=True)
+    assert np.allclose(np.load(base / "confidence.npy"), np.load(out / "confidence.npy"), equal_nan=True)
+
+
+def test_reconstruct_focus_index_stack(stack_dir: Path, tmp_path: Path) -> None:
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+
+    def edit(doc: dict) -> None:
+        dists = [s["focus_distance_m"] for s in doc["slices"]]
+        rank = np.argsort(np.argsort([1.0 / d for d in dists]))  # larger index = nearer focus
+        for entry, r in zip(doc["slices"], rank):
+            del entry["focus_distance_m"]
+            entry["focus_index"] = int(r)
+
+    _edit_stack_yaml(moved, edit)
+    out = tmp_path / "out"
+    proc = reconstruct(moved, "--out", out)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    for name in OUTPUTS:
+        assert (out / name).is_file(), name
+    assert not (out / "depth.png").exists()
+    doc = yaml.safe_load((out / "result.yaml").read_text(encoding="utf-8"))
+    assert doc["depth_unit"] == "focus_index"
+    assert "png16_scale_m" not in doc
+    depth = np.load(out / "depth.npy")
+    assert depth.dtype == np.float32 and depth.shape == (H, W)
+    finite = depth[np.isfinite(depth)]
+    assert finite.size and finite.min() >= -1e-3 and finite.max() <= SLICES - 1 + 1e-3
+
+
+# ---- python -m reconstruct: bad input --------------------------------------------------------------
+
+
+def _assert_no_output(out: Path) -> None:
+    assert not out.exists()
+    if out.parent.exists():
+        stray = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+        assert not stray, stray
+
+
+def test_reconstruct_missing_stack_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "no_stack"
+    out = tmp_path / "out"
+    _assert_bad_input(reconstruct(missing, "--out", out), missing)
+    _assert_no_output(out)
+
+
+def test_reconstruct_missing_stack_yaml(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    out = tmp_path / "out"
+    _assert_bad_input(reconstruct(folder, "--out", out), "stack.yaml")
+    _assert_no_output(out)
+
+
+def test_reconstruct_missing_image(stack_dir: Path, tmp_path: Path) -> None:
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+    (moved / "slice_02.png").unlink()
+    out = tmp_path / "out"
+    _assert_bad_input(reconstruct(moved, "--out", out), "slice_02.png", "slices[2].image")
+    _assert_no_output(out)
+
+
+def test_reconstruct_slices_of_different_sizes(stack_dir: Path, tmp_path: Path) -> None:
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+    small = cv2.imread(str(moved / "slice_01.png"), cv2.IMREAD_UNCHANGED)[: H // 2, : W // 2]
+    assert cv2.imwrite(str(moved / "slice_01.png"), small)
+    out = tmp_path / "out"
+    _assert_bad_input(reconstruct(moved, "--out", out), "slice_01.png", "slices[1]")
+    _assert_no_output(out)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.5])
+def test_reconstruct_non_positive_focus_distance(stack_dir: Path, tmp_path: Path, value: float) -> None:
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+
+    def edit(doc: dict) -> None:
+        doc["slices"][3]["focus_distance_m"] = value
+
+    _edit_stack_yaml(moved, edit)
+    out = tmp_path / "out"
+    _assert_bad_input(reconstruct(moved, "--out", out), "stack.yaml", "slices[3].focus_distance_m")
+    _assert_no_output(out)
+
+
+def test_reconstruct_fewer_than_two_slices(stack_dir: Path, tmp_path: Path) -> None:
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+
+    def edit(doc: dict) -> None:
+        doc["slices"] = doc["slices"][:1]
+
+    _edit_stack_yaml(moved, edit)
+    out = tmp_path / "out"
+    line = _assert_bad_input(reconstruct(moved, "--out", out), "stack.yaml", "slices")
+    assert "2" in line
+    _assert_no_output(out)
+
+
+def test_reconstruct_out_already_exists(stack_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
+    _assert_bad_input(reconstruct(stack_dir, "--out", out), out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_reconstruct_out_under_a_file(stack_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    out = blocker / "out"
+    _assert_bad_input(reconstruct(stack_dir, "--out", out), blocker)
+    assert blocker.is_file() and blocker.read_text(encoding="utf-8") == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_reconstruct_method_dualfocus_not_available(stack_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    line = _assert_bad_input(reconstruct(stack_dir, "--out", out, "--method", "dualfocus"), "method")
+    assert "dualfocus" in line
+    _assert_no_output(out)
+
+
+def test_reconstruct_debug_shows_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no_stack"
+    proc = reconstruct(missing, "--out", tmp_path / "out", "--debug")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr
+    assert str(missing) in proc.stderr
+
+
+@pytest.mark.xfail(
+    reason="reconstruct/__main__.py uses a plain argparse.ArgumentParser: a command-line error prints the usage "
+    "block plus 'python -m reconstruct: error: ...' (several lines, no leading 'error:'), unlike run_rig.py's "
+    "one-line _Parser.error (INTERFACES.md: exit 2 with one line)",
+    strict=True,
+)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["STACK"],                                   # --out missing
+        ["STACK", "--out", "OUT", "--align", "sideways"],
+        ["STACK", "--out", "OUT", "--method", "magic"],
+    ],
+)
+def test_reconstruct_bad_argument_is_one_line(stack_dir: Path, tmp_path: Path, args: list[str]) -> None:
+    args = [str(stack_dir) if a == "STACK" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    _assert_bad_input(reconstruct(*args))
+    _assert_no_output(tmp_path / "out")
