@@ -74,9 +74,10 @@ def main() -> int:
     stages = {}
     t0 = time.perf_counter(); m = classical.focus_measure(grey); stages["focus_measure"] = time.perf_counter() - t0
     t0 = time.perf_counter(); peak, pos, k = classical._refine_peak(m, focus, method="gaussian"); stages["refine"] = time.perf_counter() - t0
-    t0 = time.perf_counter(); conf = classical._peak_confidence(m, k, classical._noise_floor(m)); stages["confidence"] = time.perf_counter() - t0
+    t0 = time.perf_counter(); f_min = m.min(axis=0); conf = classical._peak_confidence(m, k, f_min, classical._noise_floor(f_min)); stages["confidence"] = time.perf_counter() - t0
     t0 = time.perf_counter(); guide = classical.fuse_all_in_focus(stack.sorted_by_focus().images, pos); stages["fuse"] = time.perf_counter() - t0
     t0 = time.perf_counter(); fill.edge_aware_fill(peak, conf, guide, confidence_floor=0.3); stages["fill"] = time.perf_counter() - t0
+    t0 = time.perf_counter(); fill.fit_planes_in_plain_regions(peak, conf, guide, confidence_floor=0.3); stages["plane_fit"] = time.perf_counter() - t0
     print("stages (ms): " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stages.items()))
     target = 30.0
     default = results["modified_laplacian"]["median_ms"]

@@ -96,3 +96,5 @@ def load_focus_model(path: str | Path) -> LiquidLensFocusModel:
         raise ConfigError(f"{path}: focus_model.{exc.args[0]}: missing") from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: focus_model: expected numbers ({exc})") from exc
+    except CalibrationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -46,6 +46,12 @@ class Frame:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_timeout(device: str, what: str, timeout_s: float) -> None:
+    """Every wait has a finite, positive timeout."""
+    if not (np.isfinite(timeout_s) and timeout_s > 0):
+        raise InputError(f"{device}: {what} timeout_s must be finite and > 0, got {timeout_s}")
+
+
 class _Device(ABC):
     """Open/close life cycle shared by every role: context manager, idempotent ``close()``."""
 
@@ -115,8 +121,7 @@ class Camera(_Device):
             DeviceTimeout: no such frame within ``timeout_s``.
         """
         self._require_open("grab")
-        if not timeout_s > 0:
-            raise InputError(f"{self.name}: grab timeout_s must be > 0, got {timeout_s}")
+        _check_timeout(self.name, "grab", timeout_s)
         after = time.monotonic() if start_after_host_s is None else float(start_after_host_s)
         frame = self._do_grab(start_after_host_s=after, deadline_host_s=time.monotonic() + timeout_s)
         if not frame.image.flags.owndata:
@@ -156,6 +161,7 @@ class FocusActuator(_Device):
             DeviceTimeout: not settled within ``timeout_s``.
         """
         self._require_open("wait_settled")
+        _check_timeout(self.name, "wait_settled", timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
             now = time.monotonic()

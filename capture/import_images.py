@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capture.cli import OneLineArgumentParser
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError
 from capture.imageio import IMAGE_SUFFIXES, read_image
 from capture.stack import FocalStack
@@ -44,8 +45,8 @@ class _UsageError(Exception):
     """A command-line usage error (reported as one ``error:`` line, exit 2)."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors become one line instead of usage + message."""
+class _Parser(OneLineArgumentParser):
+    """The shared one-line parser, raising instead of exiting so ``main`` can clean up."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(f"{message} (see --help)")

@@ -164,28 +164,40 @@ class LayeredScene:
     """A scene prepared for layered, occlusion-aware defocus rendering.
 
     The depth range is cut into layers evenly spaced in diopters (at most ``max_layer_dpt``
-    apart); each pixel's coverage is split linearly between its two neighbouring layers,
-    so blur varies smoothly with depth. Rendering blurs each layer's premultiplied colour
-    and coverage with a disc PSF and composites them far to near ("over"), then divides by
-    the composited coverage, so a sharp near edge hides the far layer while a blurred near
-    edge spreads over it, as through a real lens.
+    apart); each pixel's colour is split linearly between its two neighbouring layers, so
+    blur varies smoothly with depth. Each layer carries premultiplied colour, coverage, and
+    an occlusion mask (the pixel's farther layer of the pair occludes what lies behind; the
+    nearer one only adds colour, so a surface split between two layers stays opaque).
+
+    Behind every nearer surface, each layer is extended by ``occlusion_margin_px`` with its
+    own colours filled in (a surface usually continues behind what hides it): a blurred near
+    edge then shows part of the hidden background through its rim, as through a real lens,
+    instead of a sharp step.
+
+    Rendering blurs every layer with a disc PSF, composites far to near ("over"), and
+    divides by the composited coverage.
 
     Args:
-        radiance: float32 ``[H, W, C]`` linear radiance in [0, 1].
+        radiance: float32 ``[H, W, C]`` linear radiance in [0, 1] (C <= 3).
         depth_m: ``[H, W]`` z-depth in metres (> 0, finite).
         max_layer_dpt: largest spacing between layers, diopters.
+        occlusion_margin_px: how far layers continue behind nearer surfaces (at least the
+            largest blur radius you will render).
     """
 
-    def __init__(self, radiance: np.ndarray, depth_m: np.ndarray, *, max_layer_dpt: float = 0.05) -> None:
+    def __init__(
+        self, radiance: np.ndarray, depth_m: np.ndarray, *, max_layer_dpt: float = 0.05, occlusion_margin_px: int = 16
+    ) -> None:
         if radiance.ndim == 2:
             radiance = radiance[..., None]
         if radiance.shape[:2] != depth_m.shape:
-            raise InputError(
-                f"scene: image {radiance.shape[:2]} and depth {depth_m.shape} differ in size"
-            )
+            raise InputError(f"scene: image {radiance.shape[:2]} and depth {depth_m.shape} differ in size")
+        if radiance.shape[2] > 3:
+            raise InputError(f"scene: at most 3 colour channels, got {radiance.shape[2]}")
         if not np.all(np.isfinite(depth_m)) or np.any(depth_m <= 0):
             raise InputError("scene: depth must be finite and > 0 everywhere")
         self.height, self.width, self.channels = radiance.shape
+        h, w, c = radiance.shape
         obj_dpt = (1.0 / depth_m.astype(np.float64)).astype(np.float32)
         lo, hi = float(obj_dpt.min()), float(obj_dpt.max())
         n_layers = max(2, int(math.ceil((hi - lo) / max_layer_dpt)) + 1)
@@ -193,18 +205,37 @@ class LayeredScene:
         pos = (obj_dpt - self.layer_dpt[0]) / max(self.layer_dpt[1] - self.layer_dpt[0], 1e-12)
         idx = np.clip(np.floor(pos).astype(np.int64), 0, len(self.layer_dpt) - 2)
         frac = np.clip(pos - idx, 0.0, 1.0).astype(np.float32)
+        # the layer that occludes for a pixel: the farther of its pair, unless all weight is nearer
+        occluder = idx + (frac >= 1.0 - 1e-6)
+        radiance = radiance.astype(np.float32)
+        margin = max(0, int(occlusion_margin_px))
+        grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)) if margin else None
+        # channels per layer: C premultiplied colour, coverage, occlusion
         self._layers: list[tuple[float, tuple[int, int, int, int], np.ndarray]] = []
-        rgba = np.concatenate([radiance.astype(np.float32), np.ones_like(radiance[..., :1])], axis=2)
         for layer in range(len(self.layer_dpt)):
-            weight = np.where(idx == layer, 1.0 - frac, 0.0) + np.where(idx == layer - 1, frac, 0.0)
-            weight = weight.astype(np.float32)
-            ys, xs = np.nonzero(weight > 1e-6)
-            if ys.size == 0:
+            weight = (np.where(idx == layer, 1.0 - frac, 0.0) + np.where(idx == layer - 1, frac, 0.0)).astype(np.float32)
+            occludes = occluder == layer
+            own = (weight > 1e-6) | occludes
+            if not own.any():
                 continue
-            box = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
-            y0, y1, x0, x1 = box
-            premult = rgba[y0:y1, x0:x1] * weight[y0:y1, x0:x1, None]
-            self._layers.append((float(self.layer_dpt[layer]), box, np.ascontiguousarray(premult)))
+            planes = np.zeros((h, w, c + 2), np.float32)
+            planes[..., :c] = radiance * weight[..., None]
+            planes[..., c] = weight
+            planes[..., c + 1] = occludes
+            if grow is not None:
+                hidden = (occluder > layer) & ~own  # nearer surfaces that may hide this layer
+                extend = hidden & (cv2.dilate(own.astype(np.uint8), grow) > 0)
+                if extend.any():
+                    fill = _fill_from(radiance, weight)
+                    planes[extend, :c] = fill[extend]
+                    planes[extend, c] = 1.0
+                    planes[extend, c + 1] = 1.0
+                support = own | extend
+            else:
+                support = own
+            ys, xs = np.nonzero(support)
+            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            self._layers.append((float(self.layer_dpt[layer]), (y0, y1, x0, x1), np.ascontiguousarray(planes[y0:y1, x0:x1])))
         logger.debug("layered scene: %d layers with content of %d", len(self._layers), len(self.layer_dpt))
 
     @property
@@ -218,24 +249,48 @@ class LayeredScene:
             float32 ``[H, W, C]`` linear radiance.
         """
         h, w, c = self.height, self.width, self.channels
-        acc = np.zeros((h, w, c + 1), np.float32)
-        for layer_dpt, (y0, y1, x0, x1), premult in self._layers:  # far (low dpt) to near
+        acc = np.zeros((h, w, c + 1), np.float32)  # premultiplied colour + coverage
+        for layer_dpt, (y0, y1, x0, x1), planes in self._layers:  # far (low dpt) to near
             kernel = disc_kernel(blur_px_per_dpt * abs(focus_dpt - layer_dpt))
             r = kernel.shape[0] // 2
             if r == 0:
-                blurred, (by0, by1, bx0, bx1) = premult, (y0, y1, x0, x1)
+                blurred, (by0, by1, bx0, bx1) = planes, (y0, y1, x0, x1)
             else:
                 by0, by1, bx0, bx1 = max(0, y0 - r), min(h, y1 + r), max(0, x0 - r), min(w, x1 + r)
-                padded = np.zeros((by1 - by0, bx1 - bx0, c + 1), np.float32)
-                padded[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] = premult
+                padded = np.zeros((by1 - by0, bx1 - bx0, c + 2), np.float32)
+                padded[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] = planes
                 blurred = _filter_channels(padded, kernel)
             region = acc[by0:by1, bx0:bx1]
-            alpha = blurred[..., c : c + 1]
-            region *= 1.0 - alpha
-            region += blurred
+            region *= 1.0 - np.clip(blurred[..., c + 1 : c + 2], 0.0, 1.0)
+            region += blurred[..., : c + 1]
         coverage = acc[..., c : c + 1]
         out = acc[..., :c] / np.maximum(coverage, 1e-6)
         return np.clip(out, 0.0, None)
+
+
+def _fill_from(radiance: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Colours everywhere, each from the nearest pixels where ``weight`` > 0 (push-pull
+    normalised convolution). ``radiance`` ``[H, W, C]``, ``weight`` ``[H, W]``."""
+    num = radiance * weight[..., None]
+    levels = [(num, weight)]
+    while min(levels[-1][1].shape) > 4:
+        n, d = levels[-1]
+        levels.append((_as3(cv2.pyrDown(n)), cv2.pyrDown(d)))
+    n_up, d_up = levels[-1]
+    v_up = n_up / np.maximum(d_up, 1e-6)[..., None]
+    if not (d_up > 0).all():
+        mean = n_up.reshape(-1, n_up.shape[2]).sum(0) / max(float(d_up.sum()), 1e-6)
+        v_up = np.where((d_up > 0)[..., None], v_up, mean)
+    for n, d in reversed(levels[:-1]):
+        v_up = _as3(cv2.resize(v_up, (n.shape[1], n.shape[0]), interpolation=cv2.INTER_LINEAR))
+        a = np.clip(d * 4.0, 0.0, 1.0)[..., None]
+        v_up = a * (n / np.maximum(d, 1e-6)[..., None]) + (1 - a) * v_up
+    return v_up.astype(np.float32)
+
+
+def _as3(a: np.ndarray) -> np.ndarray:
+    """OpenCV drops a single channel axis: put it back (``[H, W]`` -> ``[H, W, 1]``)."""
+    return a[..., None] if a.ndim == 2 else a
 
 
 def _filter_channels(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:

@@ -95,6 +95,8 @@ def sweep(
     Raises:
         SweepInterrupted: on any device error or Ctrl-C, carrying the frames captured so far.
     """
+    if len(distances_m) < 2:
+        raise InputError(f"sweep: distances_m: need at least 2 focus distances, got {len(distances_m)}")
     frames: list[Frame] = []
     done_m: list[float] = []
     slice_meta: list[dict] = []

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from capture.cli import OneLineArgumentParser
 from capture.errors import EXIT_INTERRUPTED, OutputError, RigError
 from capture.stack import FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
@@ -18,7 +19,7 @@ logger = logging.getLogger("reconstruct")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
+    p = OneLineArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
     p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     p.add_argument("--method", default="classical", choices=sorted(METHODS), help="depth method (default: classical)")
@@ -47,10 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         t_read = time.perf_counter() - t0
         result = reconstruct_stack(stack, method=args.method, focus_measure=args.focus_measure, align=args.align)
         result.seconds = {"read": t_read, **result.seconds}
-        t0 = time.perf_counter()
-        result.seconds["write"] = 0.0
         out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
-        result.seconds["write"] = time.perf_counter() - t0
     except RigError as exc:
         if args.debug:
             raise

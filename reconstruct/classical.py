@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from capture.errors import ReconstructionError
-from reconstruct.fill import edge_aware_fill
+from reconstruct.fill import edge_aware_fill, fit_planes_in_plain_regions
 
 logger = logging.getLogger(__name__)
 
@@ -55,23 +55,33 @@ def focus_measure(grey: np.ndarray, *, name: str = "modified_laplacian", window_
     Returns:
         float32 of the same shape, >= 0, larger = sharper.
     """
+    single = grey.ndim == 2
+    out, _ = _focus_volumes(grey[None] if single else grey, name=name, window_px=window_px, local_px=0)
+    return out[0] if single else out
+
+
+def _focus_volumes(grey: np.ndarray, *, name: str, window_px: int, local_px: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The focus measure over ``window_px`` and, if ``local_px`` > 0, the same sharpness
+    energy over a small ``local_px`` window, from one pass of derivative filters.
+    ``[N, H, W]`` float32 each."""
     if name not in FOCUS_MEASURES:
         raise ReconstructionError(f"focus_measure: unknown measure {name!r}; valid: {', '.join(FOCUS_MEASURES)}")
-    single = grey.ndim == 2
-    stack = grey[None] if single else grey
-    out = np.empty_like(stack, dtype=np.float32)
+    out = np.empty_like(grey, dtype=np.float32)
+    local = np.empty_like(out) if local_px else None
     k = (window_px, window_px)
-    for i, img in enumerate(stack):
+    for i, img in enumerate(grey):
         img = np.ascontiguousarray(img, np.float32)
-        if name == "modified_laplacian":
-            out[i] = cv2.boxFilter(_modified_laplacian(img), -1, k, normalize=True)
-        elif name == "tenengrad":
-            out[i] = cv2.boxFilter(_tenengrad(img), -1, k, normalize=True)
-        else:
+        if name == "variance_of_laplacian":
             lap = _laplacian(img)
+            energy = lap * lap
             mean = cv2.boxFilter(lap, -1, k)
-            out[i] = np.maximum(cv2.boxFilter(lap * lap, -1, k) - mean * mean, 0.0)
-    return out[0] if single else out
+            out[i] = np.maximum(cv2.boxFilter(energy, -1, k) - mean * mean, 0.0)
+        else:
+            energy = _modified_laplacian(img) if name == "modified_laplacian" else _tenengrad(img)
+            out[i] = cv2.boxFilter(energy, -1, k)
+        if local is not None:
+            local[i] = cv2.boxFilter(energy, -1, (local_px, local_px))
+    return out, local
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,9 @@ class ClassicalParams:
         refine: ``"parabola"`` or ``"gaussian"`` (a parabola through log-sharpness).
         confidence_floor: pixels below it are filled from confident neighbours.
         fill: fill low-confidence pixels edge-aware; if False they become NaN.
+        local_check_px: window of the local-support check (0 = off): a pixel whose own
+            small neighbourhood is flat in its sharpest slice only borrowed its peak from a
+            nearby edge inside the aggregation window ("edge fattening"), so its confidence drops.
     """
 
     focus_measure: str = "modified_laplacian"
@@ -91,6 +104,7 @@ class ClassicalParams:
     refine: str = "gaussian"
     confidence_floor: float = 0.3
     fill: bool = True
+    local_check_px: int = 3
 
 
 @dataclass
@@ -103,6 +117,20 @@ class ClassicalOutput:
     confidence: np.ndarray
     slice_position: np.ndarray
     all_in_focus: np.ndarray
+
+
+def _at(volume: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``volume[index[y, x], y, x]`` for every pixel (``[N, H, W, ...]`` and ``[H, W]`` ints);
+    a flat gather, several times faster than ``np.take_along_axis`` here."""
+    n = volume.shape[0]
+    per_slice = volume[0].size
+    flat = index.reshape(-1).astype(np.intp) * per_slice
+    if volume.ndim == 3:
+        flat = flat + np.arange(per_slice, dtype=np.intp)
+        return np.take(volume.reshape(n * per_slice), flat).reshape(index.shape)
+    c = per_slice // index.size  # trailing channels
+    flat = (flat[:, None] + np.arange(index.size, dtype=np.intp)[:, None] * c + np.arange(c, dtype=np.intp)).reshape(-1)
+    return np.take(volume.reshape(-1), flat).reshape(volume.shape[1:])
 
 
 def _refine_peak(
@@ -130,9 +158,9 @@ def _refine_peak(
         peak = (focus_dpt[0] + t * (focus_dpt[1] - focus_dpt[0])).astype(np.float32)
         return peak, t, k
     c = np.clip(k, 1, n - 2)
-    y0 = np.take_along_axis(measure, (c - 1)[None], 0)[0]
-    y1 = np.take_along_axis(measure, c[None], 0)[0]
-    y2 = np.take_along_axis(measure, (c + 1)[None], 0)[0]
+    y0 = _at(measure, (c - 1))
+    y1 = _at(measure, c)
+    y2 = _at(measure, (c + 1))
     if method == "gaussian":
         eps = np.float32(1e-12)
         y0, y1, y2 = np.log(y0 + eps), np.log(y1 + eps), np.log(y2 + eps)
@@ -154,7 +182,7 @@ def _refine_peak(
     return peak, pos, k
 
 
-def _peak_confidence(measure: np.ndarray, k: np.ndarray, floor: float) -> np.ndarray:
+def _peak_confidence(measure: np.ndarray, k: np.ndarray, f_min: np.ndarray, floor: float) -> np.ndarray:
     """Confidence in [0, 1] that a pixel's sharpness curve has a real focus peak.
 
     Two factors: the peak must stand above the curve's floor relative to the noise level
@@ -163,13 +191,12 @@ def _peak_confidence(measure: np.ndarray, k: np.ndarray, floor: float) -> np.nda
     slices, which gives broad ramps, not peaks).
     """
     n = measure.shape[0]
-    f_max = np.take_along_axis(measure, k[None], 0)[0]
-    f_min = measure.min(axis=0)
+    f_max = _at(measure, k)
     contrast = (f_max - f_min) / (f_max + f_min + 2 * np.float32(floor))
     if n < 4:
         return np.clip(contrast, 0.0, 1.0).astype(np.float32)
-    far_side = np.take_along_axis(measure, np.clip(k - 2, 0, n - 1)[None], 0)[0]
-    near_side = np.take_along_axis(measure, np.clip(k + 2, 0, n - 1)[None], 0)[0]
+    far_side = _at(measure, np.clip(k - 2, 0, n - 1))
+    near_side = _at(measure, np.clip(k + 2, 0, n - 1))
     # at the ends only one side exists: the side beyond the sweep is not evidence
     far_side = np.where(k >= 2, far_side, near_side)
     near_side = np.where(k <= n - 3, near_side, far_side)
@@ -177,9 +204,23 @@ def _peak_confidence(measure: np.ndarray, k: np.ndarray, floor: float) -> np.nda
     return np.clip(contrast * np.clip(drop / 0.5, 0.0, 1.0), 0.0, 1.0).astype(np.float32)
 
 
-def _noise_floor(measure: np.ndarray) -> float:
-    """The measure's level where nothing is sharp: a low percentile of each pixel's minimum."""
-    return float(np.percentile(measure.min(axis=0)[::2, ::2], 20)) + 1e-12
+def _local_support(measure: np.ndarray, local: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Share of the window's sharpness at the peak slice that lies in the pixel's own small
+    neighbourhood, scaled to [0, 1] (1 = at least half of the window average).
+
+    Args:
+        measure: ``[N, H, W]`` window-aggregated; local: ``[N, H, W]`` over the small
+            window; k: ``[H, W]`` peak slice.
+    """
+    at_peak_local = _at(local, k)
+    at_peak = _at(measure, k)
+    return np.clip(at_peak_local / np.maximum(0.5 * at_peak, 1e-12), 0.0, 1.0).astype(np.float32)
+
+
+def _noise_floor(f_min: np.ndarray) -> float:
+    """The measure's level where nothing is sharp: a low percentile of each pixel's minimum
+    over the slices (``f_min`` ``[H, W]``)."""
+    return float(np.percentile(f_min[::2, ::2], 20)) + 1e-12
 
 
 def depth_from_focus(
@@ -205,15 +246,22 @@ def depth_from_focus(
         raise ReconstructionError("classical: need at least 2 slices")
     if np.any(np.diff(focus_dpt) <= 0):
         raise ReconstructionError("classical: focus values must be strictly increasing (sort the stack; no duplicates)")
-    measure = focus_measure(grey, name=params.focus_measure, window_px=params.window_px)
+    measure, local = _focus_volumes(grey, name=params.focus_measure, window_px=params.window_px, local_px=params.local_check_px)
     peak, pos, k = _refine_peak(measure, focus_dpt, method=params.refine)
-    confidence = _peak_confidence(measure, k, _noise_floor(measure))
+    f_min = measure.min(axis=0)
+    confidence = _peak_confidence(measure, k, f_min, _noise_floor(f_min))
+    if local is not None:
+        confidence *= _local_support(measure, local, k)
     if slices is not None and slices.shape[:3] != grey.shape:
         raise ReconstructionError(f"classical: slices {slices.shape} do not match the grey stack {grey.shape}")
     aif = fuse_all_in_focus(grey if slices is None else slices, pos)
     if params.fill:
         # the all-in-focus image guides the fill: depth follows its colour edges
         depth = edge_aware_fill(peak, confidence, aif, confidence_floor=params.confidence_floor)
+        planes, in_plane = fit_planes_in_plain_regions(peak, confidence, aif, confidence_floor=params.confidence_floor)
+        depth = np.where(in_plane, planes, depth)
+        # a sweep cannot say anything beyond its ends: neither can a fill
+        depth = np.clip(depth, focus_dpt[0], focus_dpt[-1]).astype(np.float32)
     else:
         depth = np.where(confidence >= params.confidence_floor, peak, np.nan).astype(np.float32)
     return ClassicalOutput(focus_dpt=depth, confidence=confidence, slice_position=pos, all_in_focus=aif)
@@ -236,9 +284,7 @@ def fuse_all_in_focus(slices: np.ndarray, slice_position: np.ndarray) -> np.ndar
     hi = np.minimum(lo + 1, n - 1)
     t = (pos - lo).astype(np.float32)
     if slices.ndim == 4:
-        lo_i, hi_i, t = lo[None, ..., None], hi[None, ..., None], t[..., None]
-    else:
-        lo_i, hi_i = lo[None], hi[None]
-    a = np.take_along_axis(slices, lo_i, 0)[0].astype(np.float32)
-    b = np.take_along_axis(slices, hi_i, 0)[0].astype(np.float32)
+        t = t[..., None]
+    a = _at(slices, lo).astype(np.float32)
+    b = _at(slices, hi).astype(np.float32)
     return a + (b - a) * t

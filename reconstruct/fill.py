@@ -181,3 +181,80 @@ def _double(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Upsample ``[Y, X, B]`` by 2 to ``shape`` (nearest, then a [1, 2, 1] smoothing)."""
     up = np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]]
     return _blur_axis(_blur_axis(up, 0, 1), 1, 1)
+
+
+def fit_planes_in_plain_regions(
+    value: np.ndarray,
+    confidence: np.ndarray,
+    guide: np.ndarray,
+    *,
+    confidence_floor: float,
+    min_area_px: int = 400,
+    ring_px: int = 6,
+    edge_threshold: float = 0.02,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Large plain regions (no reliable pixel, no edge in the guide) take a plane, in the
+    value's unit, fitted robustly to the reliable pixels around them.
+
+    A plain poster on a wall, the face of a box: no focus measure can see inside them, but
+    the reliable pixels along their rim say where the surface is. Inverse depth (diopters)
+    of a plane is affine in image coordinates, so the fit is exact for planar surfaces.
+
+    Args:
+        value: float32 ``[H, W]`` focus in diopters (or any unit affine over planes).
+        confidence: ``[H, W]`` in [0, 1].
+        guide: ``[H, W]`` or ``[H, W, C]`` all-in-focus image; its edges bound the regions.
+
+    Returns:
+        the fitted values ``[H, W]`` (NaN outside fitted regions) and a bool mask of them.
+    """
+    h, w = value.shape
+    grey = guide[..., :3].mean(axis=2) if guide.ndim == 3 else guide
+    grey = grey.astype(np.float32)
+    lo, hi = np.percentile(grey[::2, ::2], [1, 99])
+    grey = ((grey - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+    grad = np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)) + np.abs(cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
+    reliable = (confidence >= confidence_floor) & np.isfinite(value)
+    plain = (~reliable) & (cv2.blur(grad, (3, 3)) < edge_threshold * 8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(plain.astype(np.uint8), connectivity=4)
+    fitted = np.full((h, w), np.nan, np.float32)
+    mask = np.zeros((h, w), bool)
+    ring_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * ring_px + 1, 2 * ring_px + 1))
+    for label in range(1, n):
+        x, y, bw, bh, area = stats[label]
+        if area < min_area_px:
+            continue
+        y0, y1 = max(0, y - ring_px), min(h, y + bh + ring_px)
+        x0, x1 = max(0, x - ring_px), min(w, x + bw + ring_px)
+        region = labels[y0:y1, x0:x1] == label
+        ring = (cv2.dilate(region.astype(np.uint8), ring_kernel) > 0) & reliable[y0:y1, x0:x1]
+        ys, xs = np.nonzero(ring)
+        if ys.size < 30:
+            continue
+        v = value[y0:y1, x0:x1][ring].astype(np.float64)
+        wts = confidence[y0:y1, x0:x1][ring].astype(np.float64)
+        design = np.stack([xs.astype(np.float64), ys.astype(np.float64), np.ones(ys.size)], axis=1)
+        coef = _robust_plane(design, v, wts)
+        if coef is None:
+            continue
+        ry, rx = np.nonzero(region)
+        fitted[ry + y0, rx + x0] = (coef[0] * rx + coef[1] * ry + coef[2]).astype(np.float32)
+        mask[ry + y0, rx + x0] = True
+    return fitted, mask
+
+
+def _robust_plane(design: np.ndarray, v: np.ndarray, w: np.ndarray, *, iterations: int = 5) -> np.ndarray | None:
+    """Weighted least squares with Tukey reweighting; None if most of the rim disagrees."""
+    weights = w.copy()
+    coef = None
+    for _ in range(iterations):
+        sw = np.sqrt(weights)
+        coef, *_ = np.linalg.lstsq(design * sw[:, None], v * sw, rcond=None)
+        resid = v - design @ coef
+        scale = 1.4826 * np.median(np.abs(resid)) + 1e-6
+        u = resid / (4.685 * scale)
+        weights = w * np.where(np.abs(u) < 1, (1 - u * u) ** 2, 0.0)
+        if weights.sum() <= 0:
+            return None
+    inliers = float((weights > 0).mean())
+    return coef if inliers >= 0.5 else None

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16:
         tmp.mkdir()
     except OSError as exc:
         raise OutputError(f"{parent}: cannot write there ({exc.strerror})") from exc
+    t_start = time.perf_counter()
     metric = result.depth_unit == "metre"
     write_png16 = png16 and metric
     try:
@@ -134,7 +136,8 @@ def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16:
         if write_png16:
             mm = np.where(np.isfinite(result.depth), np.rint(result.depth / PNG16_SCALE_M), 0)
             _write_png(tmp / "depth.png", np.clip(mm, 0, 65535).astype(np.uint16))
-        result.seconds.setdefault("write", 0.0)
+        # result.yaml is written last; its write time covers everything before it
+        result.seconds["write"] = time.perf_counter() - t_start
         doc = result.to_yaml_dict(png16=write_png16)
         (tmp / "result.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         if final.exists():

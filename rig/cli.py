@@ -7,20 +7,16 @@ import logging
 import sys
 from pathlib import Path
 
-from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, RigError
+from capture.cli import OneLineArgumentParser
+from capture.errors import EXIT_INTERRUPTED, ConfigError, RigError
 
 logger = logging.getLogger("rig")
 
 DEFAULT_CONFIG = Path("configs/sim.yaml")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own code too)
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run_rig.py", description="Sweep focus on a (simulated or real) rig, capture a focal stack, reconstruct depth.")
+    p = OneLineArgumentParser(prog="run_rig.py", description="Sweep focus on a (simulated or real) rig, capture a focal stack, reconstruct depth.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="rig.yaml (default: configs/sim.yaml)")
     p.add_argument("--mode", choices=["single", "continuous", "calibrate"], help="override the config's mode")
     p.add_argument("--out", type=Path, help="override output.dir")
@@ -82,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend:
             config.reconstruct.backend = args.backend
         if config.mode != "single":
-            raise ConfigError(f"mode: {config.mode!r} is not available in this version; valid now: single")
+            where = "--mode" if args.mode else f"{args.config}: mode"
+            raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single")
         if config.reconstruct.method == "dualfocus":
-            raise ConfigError(f"{args.config}: reconstruct.method: 'dualfocus' is not available in this version (the network has not shipped); use classical")
+            where = "--method" if args.method else f"{args.config}: reconstruct.method"
+            raise ConfigError(f"{where}: 'dualfocus' is not available in this version (the network has not shipped); use classical")
         run = run_single(config, show_progress=not (args.quiet or args.no_progress) and sys.stderr.isatty())
     except RigError as exc:
         if args.debug:

@@ -209,10 +209,14 @@ class RigConfig(_Strict):
     live: LiveConfig = Field(default_factory=LiveConfig)
 
 
+_SECTIONS = ("sweep", "calibration", "reconstruct", "output", "continuous", "live")
+
+
 def _describe(err: dict[str, Any], prefix: tuple[str | int, ...]) -> str:
-    loc = [str(p) for p in (*prefix, *err.get("loc", ())) if p not in ("procedural", "rgbd")]
-    # pydantic names union members / function validators in the location; drop those
-    loc = [p for p in loc if not p.startswith("function-") and p not in ("tagged-union[ProceduralSceneConfig,RgbdSceneConfig]",)]
+    raw_loc = [str(p) for p in (*prefix, *err.get("loc", ()))]
+    # pydantic puts the union tag right after 'scene' (camera.scene.rgbd.image): drop it there only
+    loc = [p for i, p in enumerate(raw_loc) if not (i > 0 and raw_loc[i - 1] == "scene" and p in ("procedural", "rgbd"))]
+    loc = [p for p in loc if not p.startswith("function-")]
     where = ".".join(loc) if loc else "(top level)"
     msg = err.get("msg", "invalid")
     msg = msg.removeprefix("Value error, ")
@@ -256,7 +260,8 @@ def parse_config(raw: Any, *, source: str = "<config>") -> RigConfig:
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     camera = _driver_section(raw, "camera", CAMERA_DRIVERS, source)
     focus = _driver_section(raw, "focus", FOCUS_DRIVERS, source)
-    rest = {k: v for k, v in raw.items() if k not in ("camera", "focus")}
+    # a section left empty (all keys commented out) means its defaults
+    rest = {k: ({} if v is None and k in _SECTIONS else v) for k, v in raw.items() if k not in ("camera", "focus")}
     config = _validate(RigConfig, rest, source=source, prefix=())
     config.camera, config.focus = camera, focus
     return config  # type: ignore[return-value]

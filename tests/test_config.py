@@ -218,11 +218,6 @@ def test_unknown_nested_key_message(tmp_path: Path) -> None:
     assert "unknown key" in msg
 
 
-@pytest.mark.xfail(
-    reason="rig/config.py _describe drops every location part named 'procedural' or 'rgbd' (meant for pydantic's "
-    "union tags), so an unknown key with that name is not named: 'camera.procedural' -> 'camera: unknown key'",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("text", "field"),
     [

@@ -72,15 +72,16 @@ def test_shuffled_slices_give_the_same_depth(default_run, tmp_path):
     np.testing.assert_array_equal(a.all_in_focus, b.all_in_focus)
 
 
-def test_skipping_settling_is_measurably_worse(default_run, tmp_path):
-    raw = sim_config_dict(tmp_path, sweep={"wait_settled": False})
-    careless = run_single(parse_config(raw), show_progress=False)
-    good, bad = default_run.accuracy["abs_rel"], careless.accuracy["abs_rel"]
+def test_skipping_settling_is_measurably_worse(tmp_path):
+    """Same rig (a slower lens, so scheduling jitter cannot hide the effect), with and without
+    waiting for the lens to settle before each frame."""
+    results = {}
+    for wait in (True, False):
+        raw = sim_config_dict(tmp_path / str(wait), focus={"time_constant_s": 0.05}, sweep={"wait_settled": wait, "settle_timeout_s": 2.0})
+        results[wait] = run_single(parse_config(raw), show_progress=False)
+    good, bad = results[True].accuracy["abs_rel"], results[False].accuracy["abs_rel"]
+    assert good <= 0.08
     assert bad > good + 0.03 and bad > 1.5 * good, (good, bad)
-    # and the reason is the dynamics: the frames were taken before the lens got there
-    lens_true = parse_config(raw).focus.actual
-    currents = [m["actuator_value"] for m in careless.stack.slice_meta]
-    assert len(set(currents)) == careless.stack.n_slices and lens_true.dpt_per_ma > 0
 
 
 def _readme_api_block() -> str:

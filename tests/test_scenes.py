@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -12,7 +11,7 @@ from capture.errors import InputError
 from capture.imageio import write_image
 from capture.scenes import procedural_scene, rgbd_scene, srgb_to_linear, texture_poor_mask
 
-ART = Path("/work/shared/data/middlebury_2001_2006/Art")
+ART = Path(__file__).resolve().parents[2] / "shared" / "data" / "middlebury_2001_2006" / "Art"
 
 
 @pytest.fixture(scope="module")
