@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
-from capture.errors import EXIT_BAD_INPUT
+from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RigError
 
-__all__ = ["OneLineArgumentParser"]
+__all__ = ["OneLineArgumentParser", "one_line_errors"]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -15,3 +17,20 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
+
+
+def one_line_errors(body: Callable[[], int], *, debug: bool) -> int:
+    """Run a command's body; a :class:`RigError` becomes one ``error:`` line on stderr and its
+    exit code (2 bad input, 3 device), Ctrl-C becomes 130. ``debug`` re-raises instead."""
+    try:
+        return body()
+    except RigError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted by the user", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -27,6 +27,38 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
+def decode_image_file(path: Path) -> np.ndarray:
+    """Decode one image file: ``[H, W]`` or ``[H, W, C]`` RGB(A), uint8/uint16.
+
+    Raises ``ValueError`` with the reason only (callers name the file, and the key).
+    """
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise ValueError(f"cannot read ({err.strerror or err})") from err
+    if buf.size == 0:
+        raise ValueError("empty file, not an image")
+    flags = cv2.IMREAD_ANYCOLOR if path.suffix.lower() in JPEG_SUFFIXES else cv2.IMREAD_UNCHANGED
+    try:
+        image = cv2.imdecode(buf, flags)
+    except cv2.error as err:
+        raise ValueError(f"cannot decode image ({' '.join(str(err).split())})") from err
+    if image is None:
+        raise ValueError("cannot decode image (not a valid PNG, TIFF or JPEG file)")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"unsupported sample type {image.dtype} (need 8- or 16-bit)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 3:
+        if image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
+        else:
+            raise ValueError(f"unsupported channel count {image.shape[2]} (need 1, 3 or 4)")
+    return image
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one image file.
 
@@ -40,30 +72,9 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: no such image file")
     try:
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
-    if buf.size == 0:
-        raise InputError(f"{path}: empty file, not an image")
-    flags = cv2.IMREAD_ANYCOLOR if path.suffix.lower() in JPEG_SUFFIXES else cv2.IMREAD_UNCHANGED
-    try:
-        image = cv2.imdecode(buf, flags)
-    except cv2.error as err:
-        raise InputError(f"{path}: cannot decode image ({' '.join(str(err).split())})") from err
-    if image is None:
-        raise InputError(f"{path}: cannot decode image (not a valid PNG, TIFF or JPEG file)")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise InputError(f"{path}: unsupported sample type {image.dtype} (need 8- or 16-bit)")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 3:
-        if image.shape[2] == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-        else:
-            raise InputError(f"{path}: unsupported channel count {image.shape[2]} (need 1, 3 or 4)")
-    return image
+        return decode_image_file(path)
+    except ValueError as err:
+        raise InputError(f"{path}: {err}") from err
 
 
 def write_image(path: str | os.PathLike[str], image: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """The focal stack in memory and in its folder format (``/work/shared/FOCAL_STACK_FORMAT.md``).
 
-A leaf module (numpy, OpenCV, PyYAML, the standard library and ``capture.errors`` only): the
+A leaf module (numpy, OpenCV, PyYAML, the standard library, ``capture.errors`` and ``capture.imageio`` only): the
 recorder, the reconstruction, the calibration and the importers all read and write stacks
 through :class:`FocalStack`, so the format lives in one place.
 
@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from capture.errors import OutputError, StackFormatError
+from capture.imageio import decode_image_file
 
 __all__ = ["FORMAT", "FocalStack", "read_stack", "write_stack"]
 
@@ -50,40 +51,12 @@ _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------
-# Image codec (private: this module is a leaf, so it does not use capture.imageio)
+# Image codec (reading is capture.imageio's, a leaf too; writing here is fsynced for atomic stacks)
 # --------------------------------------------------------------------------------------------
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Decode one slice image: ``[H, W]`` or ``[H, W, C]`` RGB(A), uint8/uint16.
-
-    Raises ``ValueError`` with the reason (callers name the file and key).
-    """
-    try:
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as err:
-        raise ValueError(f"cannot read file ({err.strerror or err})") from err
-    if buf.size == 0:
-        raise ValueError("empty file")
-    flags = cv2.IMREAD_ANYCOLOR if path.suffix.lower() in _JPEG_SUFFIXES else cv2.IMREAD_UNCHANGED
-    try:
-        image = cv2.imdecode(buf, flags)
-    except cv2.error as err:
-        raise ValueError(f"cannot decode image ({err})") from err
-    if image is None:
-        raise ValueError("cannot decode image (not a valid PNG, TIFF or JPEG file)")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"unsupported sample type {image.dtype} (need 8- or 16-bit)")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 3:
-        if image.shape[2] == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-        else:
-            raise ValueError(f"unsupported channel count {image.shape[2]}")
-    return image
+#: decode one slice image, raising ValueError with the reason (callers name file and key)
+_read_image = decode_image_file
 
 
 def _write_image(path: Path, image: np.ndarray) -> None:

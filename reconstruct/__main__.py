@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from capture.cli import OneLineArgumentParser
-from capture.errors import EXIT_INTERRUPTED, OutputError, RigError
+from capture.cli import OneLineArgumentParser, one_line_errors
+from capture.errors import OutputError
 from capture.stack import FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
 from reconstruct.classical import FOCUS_MEASURES
@@ -40,23 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 or args.debug else logging.INFO if args.verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.out.exists() and not args.overwrite:
-            raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
-        t0 = time.perf_counter()
-        stack = FocalStack.read(args.stack_dir)
-        t_read = time.perf_counter() - t0
-        result = reconstruct_stack(stack, method=args.method, focus_measure=args.focus_measure, align=args.align)
-        result.seconds = {"read": t_read, **result.seconds}
-        out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
-    except RigError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return one_line_errors(lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.overwrite:
+        raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
+    t0 = time.perf_counter()
+    stack = FocalStack.read(args.stack_dir)
+    t_read = time.perf_counter() - t0
+    result = reconstruct_stack(stack, method=args.method, focus_measure=args.focus_measure, align=args.align)
+    result.seconds = {"read": t_read, **result.seconds}
+    out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
     rng = result.depth_range()
     unit = "m" if result.depth_unit == "metre" else "focus index"
     span = f"{rng[0]:.3f}-{rng[1]:.3f} {unit}" if rng else "none"

@@ -35,19 +35,25 @@ def _blur_axis(grid: np.ndarray, axis: int, passes: int) -> np.ndarray:
     return grid
 
 
+def _luma(guide: np.ndarray) -> np.ndarray:
+    """Brightness of a grey ``[H, W]`` or colour ``[H, W, C]`` guide, scaled to [0, 1] by its
+    1st and 99th percentiles. float32 ``[H, W]``."""
+    grey = guide[..., :3].mean(axis=2, dtype=np.float32) if guide.ndim == 3 else guide.astype(np.float32)
+    lo, hi = np.percentile(grey[::2, ::2], [1, 99])  # a quarter of the pixels is plenty
+    return np.clip((grey - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0.0, 1.0)
+
+
 def _guide_features(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Normalised brightness ``[H, W]`` in [0, 1] and, for colour guides, a chroma
     coordinate ``[H, W]`` in [0, 1] (blue versus red share), else None."""
-    grey = guide[..., :3].mean(axis=2) if guide.ndim == 3 else guide
-    lo, hi = np.percentile(grey[::2, ::2], [1, 99])  # a quarter of the pixels is plenty
-    luma = np.clip((grey - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    luma = _luma(guide)
     if guide.ndim != 3 or guide.shape[2] < 3:
         return luma, None
-    rgb = guide[..., :3].astype(np.float64)
-    total = rgb.sum(axis=2) + 1e-6
+    rgb = guide[..., :3].astype(np.float32)
+    total = rgb.sum(axis=2) + np.float32(1e-6)
     chroma = (rgb[..., 2] - rgb[..., 0]) / total  # -1 (red) .. +1 (blue)
     lo, hi = np.percentile(chroma[::2, ::2], [1, 99])
-    return luma, np.clip((chroma - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return luma, np.clip((chroma - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0.0, 1.0)
 
 
 def edge_aware_fill(
@@ -209,10 +215,7 @@ def fit_planes_in_plain_regions(
         the fitted values ``[H, W]`` (NaN outside fitted regions) and a bool mask of them.
     """
     h, w = value.shape
-    grey = guide[..., :3].mean(axis=2) if guide.ndim == 3 else guide
-    grey = grey.astype(np.float32)
-    lo, hi = np.percentile(grey[::2, ::2], [1, 99])
-    grey = ((grey - lo) / max(float(hi - lo), 1e-6)).astype(np.float32)
+    grey = _luma(guide)
     grad = np.abs(cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3)) + np.abs(cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3))
     reliable = (confidence >= confidence_floor) & np.isfinite(value)
     plain = (~reliable) & (cv2.blur(grad, (3, 3)) < edge_threshold * 8)

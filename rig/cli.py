@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from capture.cli import OneLineArgumentParser
-from capture.errors import EXIT_INTERRUPTED, ConfigError, RigError
+from capture.cli import OneLineArgumentParser, one_line_errors
+from capture.errors import ConfigError
 
 logger = logging.getLogger("rig")
 
@@ -62,35 +62,30 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
-    try:
-        if args.list_devices:
-            raise ConfigError("--list-devices: device discovery arrives with the hardware drivers; this version has only the simulated rig")
-        from rig.config import load_config
-        from rig.single import run_single
+    return one_line_errors(lambda: _run(args), debug=args.debug)
 
-        config = load_config(args.config)
-        if args.mode:
-            config.mode = args.mode
-        if args.out:
-            config.output.dir = args.out
-        if args.method:
-            config.reconstruct.method = args.method
-        if args.backend:
-            config.reconstruct.backend = args.backend
-        if config.mode != "single":
-            where = "--mode" if args.mode else f"{args.config}: mode"
-            raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single")
-        if config.reconstruct.method == "dualfocus":
-            where = "--method" if args.method else f"{args.config}: reconstruct.method"
-            raise ConfigError(f"{where}: 'dualfocus' is not available in this version (the network has not shipped); use classical")
-        run = run_single(config, show_progress=not (args.quiet or args.no_progress) and sys.stderr.isatty())
-    except RigError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted by the user", file=sys.stderr)
-        return EXIT_INTERRUPTED
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        raise ConfigError("--list-devices: device discovery arrives with the hardware drivers; this version has only the simulated rig")
+    from rig.config import load_config
+    from rig.single import run_single
+
+    config = load_config(args.config)
+    if args.mode:
+        config.mode = args.mode
+    if args.out:
+        config.output.dir = args.out
+    if args.method:
+        config.reconstruct.method = args.method
+    if args.backend:
+        config.reconstruct.backend = args.backend
+    if config.mode != "single":
+        where = "--mode" if args.mode else f"{args.config}: mode"
+        raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single")
+    if config.reconstruct.method == "dualfocus":
+        where = "--method" if args.method else f"{args.config}: reconstruct.method"
+        raise ConfigError(f"{where}: 'dualfocus' is not available in this version (the network has not shipped); use classical")
+    run = run_single(config, show_progress=not (args.quiet or args.no_progress) and sys.stderr.isatty())
     _print_summary(run)
     return 0
