@@ -1,0 +1,88 @@
+"""Depth accuracy on the report split (the Middlebury 2005 scenes, never trained or tuned on).
+
+Stacks rendered with the project's image formation at 384 px wide, colour, 10 slices even in
+inverse depth over each scene's 1-99 % disparity range, largest blur diameter 14 px, noise
+sigma 0.01, slices in shuffled order (seeded). Depth = 1 / disparity (the unknown scale
+cancels in AbsRel and delta1); every pixel with known truth scored, NaN counted as error.
+
+    python benchmarks/bench_report_split.py [--weights W.safetensors ...] [--classical-only]
+
+Prints a table and writes benchmarks/results/report_split.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import machine, save  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from capture.stack import FocalStack  # noqa: E402
+from reconstruct.classical import FOCUS_MEASURES, ClassicalParams  # noqa: E402
+from reconstruct.api import reconstruct_stack  # noqa: E402
+from reconstruct.synth import REPORT_SCENES, load_middlebury, render_eval_stack  # noqa: E402
+from reconstruct.train import disparity_metrics, predict_disparity  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "middlebury_2001_2006"
+
+
+def classical_disparity(stack_u8: np.ndarray, focus: np.ndarray, measure: str) -> np.ndarray:
+    # focus values are disparities: a FocalStack with focus_distance_m = 1 / disparity keeps
+    # the same (inverse) axis, and its depth output is 1 / disparity
+    stack = FocalStack(stack_u8, focus_distance_m=(1.0 / focus).tolist())
+    res = reconstruct_stack(stack, params=ClassicalParams(focus_measure=measure))
+    return 1.0 / res.depth
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--weights", type=Path, nargs="*", default=[], help="DualFocus safetensors files to score")
+    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--out", default="report_split")
+    args = ap.parse_args()
+    if not (args.data / "manifest.csv").is_file():
+        print(f"skip: {args.data} not found (the Middlebury scenes live in ../shared/data)")
+        return 0
+    import torch
+
+    torch.set_num_threads(2)
+    scenes = load_middlebury(args.data, names=list(REPORT_SCENES))
+    t0 = time.perf_counter()
+    stacks = [render_eval_stack(s, width=args.width, slices=10, max_blur_px=14.0, noise_sigma=0.01, seed=i) for i, s in enumerate(scenes)]
+    print(f"rendered {len(stacks)} report stacks in {time.perf_counter() - t0:.1f} s")
+    methods: dict[str, callable] = {f"classical/{m}": (lambda st, f, m=m: classical_disparity(st, f, m)) for m in FOCUS_MEASURES}
+    from reconstruct.dualfocus.checkpoint import load_weights
+
+    for w in args.weights:
+        model, meta = load_weights(w)
+        methods[f"{meta.get('model', w.stem)} ({w.name})"] = lambda st, f, model=model: predict_disparity(model, st, f)
+    results: dict[str, dict] = {}
+    for name, fn in methods.items():
+        per_scene, secs = {}, []
+        for scene, ev in zip(scenes, stacks):
+            t0 = time.perf_counter()
+            disp = fn(ev["stack"], ev["focus"])
+            secs.append(time.perf_counter() - t0)
+            per_scene[scene.name] = disparity_metrics(disp, ev["disparity"], ev["known"])
+        mean = {k: float(np.mean([v[k] for v in per_scene.values()])) for k in ("abs_rel", "delta1")}
+        results[name] = {"mean": mean, "per_scene": per_scene, "seconds_per_stack": float(np.median(secs))}
+    best_classical = min((k for k in results if k.startswith("classical/")), key=lambda k: results[k]["mean"]["abs_rel"])
+    base = results[best_classical]["mean"]["abs_rel"]
+    print(f"{'method':44s} {'AbsRel':>8s} {'x best classical':>17s} {'delta1':>8s} {'s/stack':>8s}")
+    for name, r in results.items():
+        print(f"{name:44s} {r['mean']['abs_rel']:8.4f} {r['mean']['abs_rel'] / base:17.2f} {r['mean']['delta1']:8.4f} {r['seconds_per_stack']:8.3f}")
+    path = save(args.out, {"what": __doc__.splitlines()[0], "machine": machine(), "scenes": list(REPORT_SCENES),
+                           "width_px": args.width, "best_classical": best_classical, "results": results})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Weights and checkpoints, only ever as safetensors (never unpickled).
+
+A weights file holds the model's tensors; its metadata names the variant and carries the
+architecture config as JSON, so a file is self-describing. A training checkpoint adds the
+optimiser's tensors (``optim.*``) and the training state as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from capture.errors import InputError, OutputError
+from reconstruct.dualfocus.model import DualFocusConfig, DualFocusNet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["save_weights", "load_weights", "save_checkpoint", "load_checkpoint", "sha256_of"]
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write weights ({exc.strerror or exc})") from exc
+
+
+def save_weights(model: DualFocusNet, path: str | Path, *, name: str, extra: dict[str, Any] | None = None) -> Path:
+    """Model tensors + ``{"model": name, "config": json, ...}`` metadata."""
+    path = Path(path)
+    meta = {"format": "dualfocus-weights/1", "model": name, "config": json.dumps(model.cfg.to_dict())}
+    for k, v in (extra or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    _atomic_save(dict(model.state_dict()), path, meta)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix != ".safetensors":
+        raise InputError(f"{path}: weights load only from .safetensors files")
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    return tensors, meta
+
+
+def load_weights(path: str | Path) -> tuple[DualFocusNet, dict[str, str]]:
+    """A model built from the file's own config, with its weights, in eval mode."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    if "config" not in meta:
+        raise InputError(f"{path}: metadata has no 'config' (not a DualFocus weights file)")
+    raw = json.loads(meta["config"])
+    raw["enc_channels"] = tuple(raw["enc_channels"])
+    model = DualFocusNet(DualFocusConfig(**raw))
+    state = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.eval()
+    return model, meta
+
+
+def save_checkpoint(model: DualFocusNet, optimizer: torch.optim.Optimizer, path: str | Path, *, name: str, state: dict[str, Any]) -> Path:
+    """Model + optimiser tensors; ``state`` (step, schedule, rng, ...) as JSON metadata."""
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = dict(model.state_dict())
+    opt = optimizer.state_dict()
+    for pid, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{pid}.{key}"] = t
+    meta = {
+        "format": "dualfocus-checkpoint/1",
+        "model": name,
+        "config": json.dumps(model.cfg.to_dict()),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "state": json.dumps(state),
+    }
+    _atomic_save(tensors, path, meta)
+    return path
+
+
+def load_checkpoint(path: str | Path, model: DualFocusNet, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimiser in place; returns the training state."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    return json.loads(meta["state"])

@@ -1,0 +1,201 @@
+"""The DualFocus network (shared/DUALFOCUS.md): shared per-slice 2D encoder, focal volume
+with the focal-difference augmentation, a spatial branch that integrates per-plane gradient
+fields into surfaces (Poisson/DCT), a 3D-convolution decoder to per-plane focus
+probabilities, depth as their expectation over focus in (normalised) diopters, confidence.
+
+Shapes: ``B`` batch, ``N`` slices, ``H x W`` image, ``h x w = H/4 x W/4`` volume.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reconstruct.dualfocus.poisson import poisson_solve
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DualFocusConfig", "DualFocusNet", "DualFocusOutput"]
+
+IN_CHANNELS = 7  # RGB, RGB minus the stack mean, normalised focus position
+
+
+@dataclass(frozen=True)
+class DualFocusConfig:
+    """Architecture knobs (recorded in the model card).
+
+    Attributes:
+        enc_channels: widths of the 2D encoder stages (1/2, 1/4, 1/8 resolution).
+        feat_channels: C1, features per slice in the focal volume.
+        surface_channels: C2, integrated surfaces per plane (spatial branch).
+        dec_channels: width of the 3D decoder.
+        dec_blocks: residual 3D blocks at 1/4 resolution (plus a 1/8 branch of twice the width).
+        focal_difference: "augment" (DualFocus: [V_n, V_n+1 - V_n]) or "replace" (DFV: V_n+1 - V_n only).
+        spatial: use the spatial branch (surfaces from integrated gradient fields).
+    """
+
+    enc_channels: tuple[int, int, int] = (24, 40, 64)
+    feat_channels: int = 32
+    surface_channels: int = 2
+    dec_channels: int = 40
+    dec_blocks: int = 3
+    focal_difference: str = "augment"
+    spatial: bool = True
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["enc_channels"] = list(self.enc_channels)
+        return d
+
+
+def _conv2d(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Res2d(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+def _conv3d(cin: int, cout: int, stride: tuple[int, int, int] = (1, 1, 1)) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+
+
+class _Res3d(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(c, c, 3, 1, 1, bias=False), nn.BatchNorm3d(c), nn.ReLU(inplace=True),
+                                  nn.Conv3d(c, c, 3, 1, 1, bias=False), nn.BatchNorm3d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+class Encoder(nn.Module):
+    """Shared per-slice 2D encoder: ``[B*N, 7, H, W]`` -> ``[B*N, C1, H/4, W/4]``.
+
+    A strided stem to 1/4 resolution, the widest stage at 1/8 (where parameters are cheap in
+    compute), and back up to 1/4 with a skip connection: a small U-Net.
+    """
+
+    def __init__(self, cfg: DualFocusConfig) -> None:
+        super().__init__()
+        c0, c1, c2 = cfg.enc_channels
+        self.stem = nn.Sequential(_conv2d(IN_CHANNELS, c0, 2), _conv2d(c0, c1, 2), _Res2d(c1))  # 1/4
+        self.deep = nn.Sequential(_conv2d(c1, c2, 2), _Res2d(c2), _Res2d(c2))  # 1/8
+        self.fuse = nn.Sequential(_conv2d(c1 + c2, c1), nn.Conv2d(c1, cfg.feat_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quarter = self.stem(x)
+        deep = F.interpolate(self.deep(quarter), size=quarter.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([quarter, deep], dim=1))
+
+
+@dataclass
+class DualFocusOutput:
+    """What the network returns.
+
+    Attributes:
+        depth: ``[B, H, W]`` normalised inverse depth in [0, 1] over the stack's focus range
+            (0 = farthest slice's focus, 1 = nearest).
+        prob: ``[B, N, H, W]`` focus probability per (sorted) slice.
+        logits_low: ``[B, N, h, w]`` decoder logits at 1/4 resolution.
+        surfaces: ``[B, C2, N, h, w]`` integrated surfaces (None without the spatial branch).
+        confidence: ``[B, H, W]`` in [0, 1] (peak probability mass, normalised for N).
+    """
+
+    depth: torch.Tensor
+    prob: torch.Tensor
+    logits_low: torch.Tensor
+    surfaces: torch.Tensor | None
+    confidence: torch.Tensor
+
+
+class DualFocusNet(nn.Module):
+    """Depth from a focal stack with spatial and focal constraints.
+
+    ``forward(stack, focus)``: ``stack`` ``[B, N, 3, H, W]`` in [0, 1] (grey stacks repeated to
+    3 channels), ``focus`` ``[B, N]`` focus in diopters (or focus index), any order; H and W
+    multiples of 4. Slices are sorted by focus inside; depth comes back in normalised inverse
+    depth over the stack's focus range (use :meth:`to_focus_units`).
+    """
+
+    def __init__(self, cfg: DualFocusConfig = DualFocusConfig()) -> None:
+        super().__init__()
+        if cfg.focal_difference not in ("augment", "replace"):
+            raise ValueError(f"focal_difference: 'augment' or 'replace', got {cfg.focal_difference!r}")
+        self.cfg = cfg
+        c1 = cfg.feat_channels
+        self.encoder = Encoder(cfg)
+        vol_c = 2 * c1 if cfg.focal_difference == "augment" else c1
+        vol_c += 1  # normalised focus position as a channel of the volume
+        if cfg.spatial:
+            self.grad_head = nn.Sequential(_conv3d(vol_c, cfg.dec_channels), nn.Conv3d(cfg.dec_channels, 2 * cfg.surface_channels, 3, 1, 1))
+            vol_c += cfg.surface_channels
+        d = cfg.dec_channels
+        self.dec_in = _conv3d(vol_c, d)
+        self.dec_blocks = nn.Sequential(*[_Res3d(d) for _ in range(cfg.dec_blocks)])
+        self.dec_down = nn.Sequential(_conv3d(d, 2 * d, (1, 2, 2)), _Res3d(2 * d), _Res3d(2 * d))  # 1/8
+        self.dec_out = nn.Sequential(_conv3d(3 * d, d), nn.Conv3d(d, 1, 3, 1, 1))
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def normalise_focus(focus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sort order and normalised positions: ``order`` ``[B, N]``, ``pos`` ``[B, N]`` in [0, 1]
+        (ascending), and (min, span) ``[B, 2]`` to map back to focus units."""
+        sorted_focus, order = torch.sort(focus, dim=1)
+        lo = sorted_focus[:, :1]
+        span = (sorted_focus[:, -1:] - lo).clamp_min(1e-6)
+        pos = (sorted_focus - lo) / span
+        return order, pos, torch.cat([lo, span], dim=1)
+
+    @staticmethod
+    def to_focus_units(depth_norm: torch.Tensor, focus: torch.Tensor) -> torch.Tensor:
+        """Normalised inverse depth ``[B, H, W]`` -> the focus unit (diopters or index)."""
+        lo = focus.min(dim=1).values[:, None, None]
+        hi = focus.max(dim=1).values[:, None, None]
+        return lo + depth_norm * (hi - lo)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, stack: torch.Tensor, focus: torch.Tensor) -> DualFocusOutput:
+        b, n, c, h_img, w_img = stack.shape
+        order, pos, _ = self.normalise_focus(focus)
+        idx = order[:, :, None, None, None].expand(b, n, c, h_img, w_img)
+        x = torch.gather(stack, 1, idx)  # sorted by focus, far to near
+        mean = x.mean(dim=1, keepdim=True)
+        pos_plane = pos[:, :, None, None, None].expand(b, n, 1, h_img, w_img)
+        x = torch.cat([x, x - mean, pos_plane], dim=2).reshape(b * n, IN_CHANNELS, h_img, w_img)
+        feat = self.encoder(x)
+        _, c1, h, w = feat.shape
+        vol = feat.reshape(b, n, c1, h, w).permute(0, 2, 1, 3, 4)  # [B, C1, N, h, w]
+        nxt = torch.cat([vol[:, :, 1:], vol[:, :, -1:]], dim=2)
+        prv = torch.cat([vol[:, :, :1], vol[:, :, :-1]], dim=2)
+        # V*_n = [V_n, V_n+1 - V_n] for n < N, and [V_N, V_N - V_N-1] for the last
+        diff = torch.cat([(nxt - vol)[:, :, :-1], (vol - prv)[:, :, -1:]], dim=2)
+        vol = torch.cat([vol, diff], dim=1) if self.cfg.focal_difference == "augment" else diff
+        vol = torch.cat([vol, pos[:, None, :, None, None].expand(b, 1, n, h, w)], dim=1)
+        surfaces = None
+        if self.cfg.spatial:
+            g = self.grad_head(vol)  # [B, 2*C2, N, h, w]
+            c2 = self.cfg.surface_channels
+            surfaces = poisson_solve(g[:, :c2], g[:, c2:])  # [B, C2, N, h, w]
+            vol = torch.cat([vol, surfaces], dim=1)
+        y = self.dec_blocks(self.dec_in(vol))
+        low = self.dec_down(y)
+        low = F.interpolate(low, size=(n, h, w), mode="trilinear", align_corners=False)
+        logits_low = self.dec_out(torch.cat([y, low], dim=1))[:, 0]  # [B, N, h, w]
+        logits = F.interpolate(logits_low, size=(h_img, w_img), mode="bilinear", align_corners=False)
+        prob = torch.softmax(logits.float(), dim=1)
+        depth = (prob * pos[:, :, None, None].float()).sum(dim=1)
+        peak = prob.max(dim=1).values
+        confidence = ((peak - 1.0 / n) / (1.0 - 1.0 / n)).clamp(0, 1) if n > 1 else torch.ones_like(peak)
+        return DualFocusOutput(depth=depth, prob=prob, logits_low=logits_low, surfaces=surfaces, confidence=confidence)

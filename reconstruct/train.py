@@ -1,0 +1,371 @@
+"""``python -m reconstruct.train --config configs/train_dualfocus_s.yaml [--resume]``
+
+Trains a DualFocus variant on stacks synthesised on the fly from RGB-D scenes and procedural
+scenes, validates on the tuning split every epoch, writes safetensors checkpoints and, for the
+best epoch, the weights and a model card (YAML next to them). Runs the same under ``torchrun``
+(DDP; gloo on CPU, NCCL on GPU): each process renders its own share of the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
+
+from capture.cli import OneLineArgumentParser, one_line_errors
+from capture.errors import ConfigError
+from reconstruct.dualfocus.checkpoint import load_checkpoint, save_checkpoint, save_weights, sha256_of
+from reconstruct.dualfocus.losses import LossWeights, total_loss
+from reconstruct.dualfocus.model import DualFocusNet
+from reconstruct.dualfocus.registry import build_model, count_parameters, model_config
+from reconstruct.synth import REPORT_SCENES, RgbdSource, SynthRanges, load_middlebury, render_eval_stack, render_item
+
+logger = logging.getLogger("reconstruct.train")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Strict):
+    rgbd_root: Path | None = Field(None, description="a Middlebury-layout folder; null = procedural scenes only")
+    tuning_scenes: list[str] = Field(default_factory=lambda: ["Aloe", "Flowerpots", "Rocks1"])
+    pool_size: int = Field(4000, ge=8, description="stacks rendered per refresh (split over processes)")
+    refresh_every_epochs: int = Field(0, ge=0, description="render a fresh pool every K epochs (0 = never)")
+    render_workers: int = Field(2, ge=1)
+    procedural_share: float = Field(0.25, ge=0, le=1)
+    val_width: int = Field(256, ge=32)
+
+
+class OptimSection(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(4, ge=1)
+    steps: int = Field(4000, ge=1)
+    warmup_steps: int = Field(200, ge=0)
+    grad_clip: float = Field(0.5, gt=0)
+    steps_per_epoch: int = Field(500, ge=1)
+
+
+class LossSection(_Strict):
+    lambda_sv: float = Field(0.1, ge=0)
+    lambda_fv: float = Field(1.0, ge=0)
+    tau: float = Field(0.05, gt=0)
+    beta: float = Field(0.05, gt=0)
+
+
+class TrainConfig(_Strict):
+    model: str = "dualfocus-s"
+    model_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture changes, e.g. for ablations")
+    name: str | None = Field(None, description="name of the trained weights (default: the model name)")
+    out_dir: Path = Path("runs/train")
+    seed: int = 0
+    threads: int = Field(0, ge=0, description="torch threads per process (0 = cores / processes)")
+    max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time")
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    loss: LossSection = Field(default_factory=LossSection)
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        cfg = TrainConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise ConfigError(f"{path}: {loc}: {msg}") from exc
+    model_config(cfg.model, **cfg.model_overrides)  # unknown model names fail here, listing the valid ones
+    base = path.parent
+    if cfg.data.rgbd_root is not None and not cfg.data.rgbd_root.is_absolute():
+        cfg.data.rgbd_root = (base / cfg.data.rgbd_root).resolve()
+    return cfg
+
+
+# ------------------------------------------------------------------------------ data
+_WORKER_SOURCES: list[RgbdSource] = []
+
+
+def _init_worker(sources: list[RgbdSource]) -> None:
+    global _WORKER_SOURCES
+    _WORKER_SOURCES = sources
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _render_one(args: tuple[int, SynthRanges]) -> dict[str, np.ndarray]:
+    seed, ranges = args
+    return render_item(np.random.default_rng(seed), _WORKER_SOURCES, ranges)
+
+
+def render_pool(sources: list[RgbdSource], count: int, *, seed: int, ranges: SynthRanges, workers: int, show: bool) -> list[dict[str, np.ndarray]]:
+    seeds = [(seed * 1_000_003 + i, ranges) for i in range(count)]
+    bar = tqdm(total=count, desc="render", unit="stack", disable=not show, leave=False)
+    pool_items = []
+    if workers <= 1:
+        _init_worker(sources)
+        for s in seeds:
+            pool_items.append(_render_one(s))
+            bar.update(1)
+    else:
+        # spawn, not fork: forking a process whose torch/OpenMP threads already run can deadlock
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(sources,)) as pool:
+            for item in pool.imap_unordered(_render_one, seeds, chunksize=8):
+                pool_items.append(item)
+                bar.update(1)
+    bar.close()
+    return pool_items
+
+
+def make_batch(items: list[dict[str, np.ndarray]], rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """A batch of same-N, same-size stacks with flips/rotations. Returns stack ``[B, N, 3, S, S]``
+    float32, focus ``[B, N]``, target ``[B, S, S]``, mask ``[B, S, S]``."""
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for i, it in enumerate(items):
+        by_key.setdefault((it["stack"].shape[0], it["stack"].shape[1]), []).append(i)
+    keys = [k for k, v in by_key.items() if len(v) >= batch_size] or list(by_key)
+    key = keys[int(rng.integers(len(keys)))]
+    chosen = rng.choice(by_key[key], size=min(batch_size, len(by_key[key])), replace=False)
+    stacks, focus, target, mask = [], [], [], []
+    for i in chosen:
+        it = items[int(i)]
+        s, t, m = it["stack"], it["target"], it["mask"]
+        k = int(rng.integers(4))
+        s, t, m = np.rot90(s, k, axes=(1, 2)), np.rot90(t, k), np.rot90(m, k)
+        if rng.random() < 0.5:
+            s, t, m = s[:, :, ::-1], t[:, ::-1], m[:, ::-1]
+        stacks.append(np.ascontiguousarray(s))
+        focus.append(it["focus"])
+        target.append(np.ascontiguousarray(t))
+        mask.append(np.ascontiguousarray(m))
+    st = torch.from_numpy(np.stack(stacks)).permute(0, 1, 4, 2, 3).float().div_(255.0)
+    return st, torch.from_numpy(np.stack(focus)), torch.from_numpy(np.stack(target)), torch.from_numpy(np.stack(mask))
+
+
+# ------------------------------------------------------------------------------ evaluation
+def predict_disparity(model: DualFocusNet, stack_u8: np.ndarray, focus: np.ndarray) -> np.ndarray:
+    """Network prediction in the stack's focus units, ``[H, W]`` (H, W multiples of 4)."""
+    x = torch.from_numpy(stack_u8).permute(0, 3, 1, 2).float().div_(255.0)[None]
+    f = torch.from_numpy(focus.astype(np.float32))[None]
+    with torch.no_grad():
+        out = model(x, f)
+        return DualFocusNet.to_focus_units(out.depth, f)[0].numpy()
+
+
+def disparity_metrics(pred_disp: np.ndarray, true_disp: np.ndarray, known: np.ndarray) -> dict[str, float]:
+    """AbsRel and delta1 of depth = 1 / disparity (the unknown scale cancels), NaN as errors."""
+    t = 1.0 / true_disp[known]
+    p = pred_disp[known]
+    ok = np.isfinite(p) & (p > 0)
+    p = np.where(ok, 1.0 / np.where(ok, p, 1.0), 0.0)
+    rel = np.abs(p - t) / t
+    ratio = np.where(ok, np.maximum(p / t, t / np.maximum(p, 1e-12)), np.inf)
+    return {"abs_rel": float(rel.mean()), "delta1": float((ratio < 1.25).mean())}
+
+
+def validate(model: DualFocusNet, val: list[dict[str, Any]]) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    scores = [disparity_metrics(predict_disparity(model, v["stack"], v["focus"]), v["disparity"], v["known"]) for v in val]
+    if was_training:
+        model.train()
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]} if scores else {}
+
+
+# ------------------------------------------------------------------------------ training
+def _lr_at(step: int, cfg: OptimSection) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weights: Path, metrics: dict[str, float], state: dict[str, Any], train_scenes: list[str], config_path: Path) -> None:
+    card = {
+        "format": "dualfocus-model-card/1",
+        "name": cfg.name or cfg.model,
+        "variant": cfg.model,
+        "architecture": model.cfg.to_dict(),
+        "parameters": count_parameters(model),
+        "weights": weights.name,
+        "weights_sha256": sha256_of(weights),
+        "trained": {
+            "steps": state["step"],
+            "wall_minutes": round(state.get("wall_s", 0.0) / 60, 2),
+            "processes": state.get("world_size", 1),
+            "finished_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": _git_commit(),
+            "config_file": str(config_path),
+        },
+        "data": {
+            "rgbd_root": str(cfg.data.rgbd_root) if cfg.data.rgbd_root else None,
+            "train_scenes": train_scenes,
+            "tuning_scenes": cfg.data.tuning_scenes,
+            "report_scenes_never_used": list(REPORT_SCENES),
+            "procedural_share": cfg.data.procedural_share,
+            "synthesis": SynthRanges().__dict__ | {"procedural_share": cfg.data.procedural_share},
+        },
+        "choices_not_in_the_paper": {
+            "depth": "expectation over focus in normalised inverse depth (diopters), converted at the end",
+            "poisson": "DCT-II as matrix products, Neumann boundary, zero-mean surfaces",
+            "loss": cfg.loss.model_dump(),
+            "optimiser": {"name": "AdamW", **cfg.optim.model_dump(), "schedule": "linear warm-up, cosine decay"},
+        },
+        "validation": {"split": "tuning", "metrics": metrics, "best_step": state.get("best_step")},
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: bool = True) -> dict[str, Any]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    device = torch.device("cpu")
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    main_proc = rank == 0
+    show = show_progress and main_proc
+    out = cfg.out_dir
+    name = cfg.name or cfg.model
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+
+    sources: list[RgbdSource] = []
+    val_sources: list[RgbdSource] = []
+    if cfg.data.rgbd_root is not None:
+        exclude = tuple(REPORT_SCENES) + tuple(cfg.data.tuning_scenes)
+        sources = load_middlebury(cfg.data.rgbd_root, exclude=exclude)
+        val_sources = load_middlebury(cfg.data.rgbd_root, names=cfg.data.tuning_scenes)
+    ranges = SynthRanges(procedural_share=cfg.data.procedural_share if sources else 1.0)
+    val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
+
+    model = build_model(cfg.model, **cfg.model_overrides).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
+    last = out / "last.safetensors"
+    if resume:
+        if not last.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {last}")
+        state = load_checkpoint(last, model, optimizer)
+        logger.info("resumed from %s at step %d", last, state["step"])
+    ddp_model: torch.nn.Module = model
+    if distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    weights = LossWeights(lambda_sv=cfg.loss.lambda_sv, lambda_fv=cfg.loss.lambda_fv, tau=cfg.loss.tau, beta=cfg.loss.beta)
+
+    rng = np.random.default_rng([cfg.seed, rank, state["step"]])
+    epoch = state["step"] // cfg.optim.steps_per_epoch
+    share = max(cfg.optim.batch_size, cfg.data.pool_size // world)
+    pool = render_pool(sources, share, seed=cfg.seed * 7919 + rank * 104729 + epoch, ranges=ranges, workers=cfg.data.render_workers, show=show)
+    t_start = time.monotonic() - state["wall_s"]
+    bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc=f"train {name}", unit="step", disable=not show)
+    model.train()
+    running: dict[str, float] = {}
+    stop = False
+    while state["step"] < cfg.optim.steps and not stop:
+        step = state["step"]
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(step, cfg.optim)
+        x, f, t, m = (v.to(device) for v in make_batch(pool, rng, cfg.optim.batch_size))
+        out_net = ddp_model(x, f)
+        pos = DualFocusNet.normalise_focus(f)[1]
+        loss, parts = total_loss(out_net, pos, t, m, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        state["step"] = step + 1
+        for k, v in parts.items():
+            running[k] = 0.98 * running.get(k, v) + 0.02 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
+        state["wall_s"] = time.monotonic() - t_start
+        if cfg.max_minutes is not None and state["wall_s"] > 60 * cfg.max_minutes:
+            stop = True
+        if state["step"] % cfg.optim.steps_per_epoch == 0 or state["step"] == cfg.optim.steps or stop:
+            metrics = validate(model, val) if (val and main_proc) else {}
+            if main_proc:
+                state["history"].append({"step": state["step"], "wall_min": round(state["wall_s"] / 60, 2), **{k: round(v, 5) for k, v in running.items()}, **{f"val_{k}": round(v, 5) for k, v in metrics.items()}})
+                improved = metrics and (state["best_abs_rel"] is None or metrics["abs_rel"] < state["best_abs_rel"])
+                if improved or not val:
+                    state["best_abs_rel"] = metrics.get("abs_rel")
+                    state["best_step"] = state["step"]
+                    wpath = save_weights(model, out / f"{name}.safetensors", name=name, extra={"step": str(state["step"]), "val": metrics})
+                    write_model_card(out / f"{name}.yaml", cfg=cfg, model=model, weights=wpath, metrics=metrics, state=state, train_scenes=[s.name for s in sources], config_path=config_path)
+                save_checkpoint(model, optimizer, last, name=name, state=state)
+                msg = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                tqdm.write(f"step {state['step']}: {msg or 'no validation scenes'}{' (best)' if improved else ''}")
+            epoch = state["step"] // cfg.optim.steps_per_epoch
+            if cfg.data.refresh_every_epochs and epoch % cfg.data.refresh_every_epochs == 0 and state["step"] < cfg.optim.steps and not stop:
+                pool = render_pool(sources, share, seed=cfg.seed * 7919 + rank * 104729 + epoch, ranges=ranges, workers=cfg.data.render_workers, show=show)
+    bar.close()
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineArgumentParser(prog="python -m reconstruct.train", description="Train a DualFocus model on synthesised focal stacks.")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    def run() -> int:
+        cfg = load_train_config(args.config)
+        state = train(cfg, config_path=args.config, resume=args.resume, show_progress=not args.no_progress)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"trained {state['step']} steps in {state['wall_s'] / 60:.1f} min; best tuning AbsRel {state['best_abs_rel']} at step {state['best_step']}; weights in {cfg.out_dir}")
+        return 0
+
+    return one_line_errors(run, debug=args.debug)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
