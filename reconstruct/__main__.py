@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
     p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
-    p.add_argument("--method", default="classical", choices=sorted(METHODS), help="depth method (default: classical)")
-    p.add_argument("--model", default=None, help="DualFocus model name (dualfocus only)")
+    p.add_argument("--method", default="classical", choices=METHODS, help="depth method (default: classical)")
+    p.add_argument("--model", default="dualfocus-s", help="DualFocus model name (dualfocus only)")
     p.add_argument("--weights", type=Path, default=None, help="safetensors weights (dualfocus only)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
@@ -49,7 +49,10 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stack = FocalStack.read(args.stack_dir)
     t_read = time.perf_counter() - t0
-    result = reconstruct_stack(stack, method=args.method, focus_measure=args.focus_measure, align=args.align)
+    result = reconstruct_stack(
+        stack, method=args.method, focus_measure=args.focus_measure, align=args.align,
+        model=args.model, weights=args.weights, backend=args.backend,
+    )
     result.seconds = {"read": t_read, **result.seconds}
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
     rng = result.depth_range()

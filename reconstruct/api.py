@@ -9,31 +9,41 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
 from capture.errors import ReconstructionError
 from capture.stack import FocalStack
-from reconstruct.classical import FOCUS_MEASURES, ClassicalParams, depth_from_focus
+from reconstruct.classical import FOCUS_MEASURES, ClassicalParams, depth_from_focus, fuse_all_in_focus
 from reconstruct.result import DepthResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "ALIGN_MODES", "reconstruct_stack"]
+__all__ = ["METHODS", "ALIGN_MODES", "check_ready", "reconstruct_stack"]
 
-#: method name -> available now? (False: planned, refused with a clear message)
-METHODS = {"classical": True, "dualfocus": False}
+METHODS = ("dualfocus", "classical")
 ALIGN_MODES = ("apply", "estimate", "none")
 
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ReconstructionError(f"method: unknown method {method!r}; valid: {', '.join(METHODS)}")
-    if not METHODS[method]:
-        raise ReconstructionError(
-            f"method: {method!r} is not available in this version (the DualFocus network has not shipped yet); "
-            "use --method classical"
-        )
+
+
+def check_ready(method: str, *, model: str = "dualfocus-s", weights: str | Path | None = None, backend: str = "auto") -> None:
+    """Fail early (before a capture) if ``method`` cannot run: unknown method or model,
+    missing or non-safetensors weights, unavailable backend."""
+    _check_method(method)
+    if method == "dualfocus":
+        from reconstruct.dualfocus.infer import select_backend, shipped_weights
+
+        path = Path(weights) if weights is not None else shipped_weights(model)
+        if path.suffix != ".safetensors":
+            raise ReconstructionError(f"{path}: weights load only from .safetensors files")
+        if not path.is_file():
+            raise ReconstructionError(f"{path}: weights file not found")
+        select_backend(backend)
 
 
 def reconstruct_stack(
@@ -43,13 +53,18 @@ def reconstruct_stack(
     focus_measure: str = "modified_laplacian",
     align: str = "apply",
     params: ClassicalParams | None = None,
+    model: str = "dualfocus-s",
+    weights: str | Path | None = None,
+    backend: str = "auto",
 ) -> DepthResult:
     """Depth, confidence and all-in-focus image of a focal stack (any slice order).
 
     Args:
         stack: the stack as read or captured.
-        method: ``classical`` (``dualfocus`` once the network ships).
+        method: ``dualfocus`` (the network) or ``classical``.
         focus_measure: classical focus measure (see ``reconstruct.classical.FOCUS_MEASURES``).
+        model, weights, backend: the network variant, its safetensors weights (default: the
+            shipped ones) and where it runs (``auto`` = GPU if there is one, else CPU).
         align: ``apply`` the stack's stored per-slice ``alignment``, ``estimate`` it (needs the
             calibration module), or ``none``.
     """
@@ -73,31 +88,47 @@ def reconstruct_stack(
     seconds["align"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    grey = ordered.to_grey_float()
-    p = params or ClassicalParams(focus_measure=focus_measure)
-    out = depth_from_focus(grey, focus, params=p, slices=ordered.images)
-    aif = out.all_in_focus
+    extra: dict = {}
+    model_name = sha = None
+    backend_name, device = "numpy", "cpu"
+    if method == "dualfocus":
+        from reconstruct.dualfocus.infer import predict, shipped_weights
+
+        path = Path(weights) if weights is not None else shipped_weights(model)
+        pred = predict(ordered.as_float(), focus, weights=path, backend=backend)
+        focus_out, confidence = pred.depth_focus, pred.confidence
+        aif = fuse_all_in_focus(ordered.images, pred.slice_position)
+        model_name, sha, backend_name, device = model, pred.sha256, "torch", pred.device
+        extra["weights"] = path.name
+    else:
+        grey = ordered.to_grey_float()
+        p = params or ClassicalParams(focus_measure=focus_measure)
+        out = depth_from_focus(grey, focus, params=p, slices=ordered.images)
+        focus_out, confidence, aif = out.focus_dpt, out.confidence, out.all_in_focus
+        extra["focus_measure"] = p.focus_measure
     if np.issubdtype(ordered.images.dtype, np.integer):
         aif = np.clip(np.rint(aif), 0, np.iinfo(ordered.images.dtype).max).astype(ordered.images.dtype)
     if stack.has_distances:
         with np.errstate(divide="ignore", invalid="ignore"):
-            depth = np.where(out.focus_dpt > 0, 1.0 / out.focus_dpt, np.inf).astype(np.float32)
-        depth[~np.isfinite(out.focus_dpt)] = np.nan
+            depth = np.where(focus_out > 0, 1.0 / focus_out, np.inf).astype(np.float32)
+        depth[~np.isfinite(focus_out)] = np.nan
         unit = "metre"
     else:
-        depth = out.focus_dpt.astype(np.float32)
+        depth = focus_out.astype(np.float32)
         unit = "focus_index"
     seconds["infer"] = time.perf_counter() - t0
     return DepthResult(
         depth=depth,
-        confidence=out.confidence,
+        confidence=confidence.astype(np.float32),
         all_in_focus=aif,
         depth_unit=unit,
         method=method,
-        backend="numpy",
-        device="cpu",
+        backend=backend_name,
+        device=device,
         slices=stack.n_slices,
         aligned=aligned,
+        model=model_name,
+        model_sha256=sha,
         seconds=seconds,
-        extra={"focus_measure": p.focus_measure},
+        extra=extra,
     )

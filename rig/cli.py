@@ -52,10 +52,15 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
     print("  timings:  " + ", ".join(f"{k} {v:.3f} s" for k, v in t.items()))
     rng = s.get("depth_range_m")
     print(f"  depth:    {rng[0]:.3f}-{rng[1]:.3f} m, {100 * s['valid_fraction']:.1f}% of pixels have a depth" if rng else "  depth:    none")
+    method = s["method"] + (f" ({s['model']}, {s['backend']} on {s['device']})" if s.get("model") else "")
+    print(f"  method:   {method}")
     acc = s.get("accuracy")
     if acc:
         print(f"  accuracy: AbsRel {acc['abs_rel']:.4f}, RMSE {acc['rmse_m']:.4f} m, delta<1.25 {100 * acc['delta_1_25']:.1f}% "
               f"(vs the simulator's truth; {100 * acc['valid_fraction']:.1f}% of pixels scored with a depth, the rest as errors)")
+    base = s.get("accuracy_classical_same_stack")
+    if base:
+        print(f"  classical on the same stack: AbsRel {base['abs_rel']:.4f}, RMSE {base['rmse_m']:.4f} m, delta<1.25 {100 * base['delta_1_25']:.1f}%")
     print(f"  outputs:  {run.run_dir / 'depth' / '000000' / 'depth.npy'}, {run.run_dir / 'depth' / '000000' / 'depth_preview.png'}")
 
 
@@ -83,9 +88,6 @@ def _run(args: argparse.Namespace) -> int:
     if config.mode != "single":
         where = "--mode" if args.mode else f"{args.config}: mode"
         raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single")
-    if config.reconstruct.method == "dualfocus":
-        where = "--method" if args.method else f"{args.config}: reconstruct.method"
-        raise ConfigError(f"{where}: 'dualfocus' is not available in this version (the network has not shipped); use classical")
     run = run_single(config, show_progress=not (args.quiet or args.no_progress) and sys.stderr.isatty())
     _print_summary(run)
     return 0

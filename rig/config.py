@@ -168,7 +168,7 @@ class ReconstructConfig(_Strict):
     method: Literal["dualfocus", "classical"] = "classical"
     model: str = "dualfocus-s"
     weights: Path | None = None
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "numpy"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     focus_measure: Literal["modified_laplacian", "variance_of_laplacian", "tenengrad"] = "modified_laplacian"
     align: Literal["apply", "estimate", "none"] = "apply"
 

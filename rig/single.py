@@ -16,7 +16,7 @@ from capture.imageio import write_image
 from capture.scenes import texture_poor_mask
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
-from reconstruct.api import reconstruct_stack
+from reconstruct.api import check_ready, reconstruct_stack
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult, write_result
 from rig.build import open_rig
@@ -63,6 +63,8 @@ def save_incomplete(err: SweepInterrupted, folder: Path) -> Path:
 def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
     """Capture one stack on the configured rig, reconstruct it, and write the run folder."""
     seconds: dict[str, float] = {}
+    rc = config.reconstruct
+    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend)  # before any capture
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
     t0 = time.perf_counter()
@@ -85,8 +87,10 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
         t0 = time.perf_counter()
         stack.write(run_dir / "stacks" / "000000")
         seconds["write_stack"] = time.perf_counter() - t0
-    rc = config.reconstruct
-    result = reconstruct_stack(stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align)
+    result = reconstruct_stack(
+        stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
+        model=rc.model, weights=rc.weights, backend=rc.backend,
+    )
     seconds["reconstruct"] = result.seconds.get("align", 0.0) + result.seconds.get("infer", 0.0)
     t0 = time.perf_counter()
     write_result(result, run_dir / "depth" / "000000", png16=config.output.depth_png16, preview=config.output.preview)
@@ -100,12 +104,20 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
         "depth_range_m": [round(v, 4) for v in result.depth_range()] if result.depth_range() else None,
         "valid_fraction": round(result.valid_fraction, 6),
         "method": result.method,
+        "model": result.model,
+        "backend": result.backend,
+        "device": result.device,
     }
     if truth is not None and result.depth_unit == "metre":
         accuracy = depth_metrics(result.depth, truth.depth_m, truth_valid=truth.truth_valid)
         summary["accuracy"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in accuracy.items()}
         summary["accuracy"]["texture_poor_fraction"] = round(float(texture_poor_mask(truth.radiance).mean()), 4)
         summary["accuracy"]["note"] = "against the simulator's true depth; a pixel without depth counts as relative error 1"
+        if result.method != "classical":
+            # the simulator knows the truth: show how the classical method does on the same stack
+            baseline = reconstruct_stack(stack, method="classical", focus_measure=rc.focus_measure, align=rc.align)
+            base_acc = depth_metrics(baseline.depth, truth.depth_m, truth_valid=truth.truth_valid)
+            summary["accuracy_classical_same_stack"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in base_acc.items()}
     write_yaml_atomic(run_dir / "summary.yaml", summary)
     logger.debug("exit %d", EXIT_OK)
     return SingleRun(run_dir=run_dir, stack=stack, result=result, seconds=seconds, accuracy=accuracy, summary=summary)

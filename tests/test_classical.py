@@ -125,11 +125,17 @@ def test_focus_index_stack_gives_depth_in_index_units():
     assert np.median(result.depth[10:-10, 10:-10]) == pytest.approx(expected_index, abs=0.3)
 
 
-def test_method_errors_are_clear():
+def test_method_errors_are_clear(tmp_path):
+    from capture.errors import InputError
+
     stack = FocalStack(np.zeros((2, 8, 8), np.uint8), focus_distance_m=[1.0, 2.0])
-    with pytest.raises(ReconstructionError, match="not available"):
-        reconstruct_stack(stack, method="dualfocus")
-    with pytest.raises(ReconstructionError, match="valid: classical"):
+    with pytest.raises(InputError, match="not found"):
+        reconstruct_stack(stack, method="dualfocus", weights=tmp_path / "none.safetensors")
+    with pytest.raises(InputError, match="safetensors"):
+        reconstruct_stack(stack, method="dualfocus", weights=tmp_path / "model.pt")
+    with pytest.raises(ReconstructionError, match="registered: dualfocus-s"):
+        reconstruct_stack(stack, method="dualfocus", model="dualfocus-xl")
+    with pytest.raises(ReconstructionError, match="valid: dualfocus, classical"):
         reconstruct_stack(stack, method="magic")
     with pytest.raises(ReconstructionError, match="estimate"):
         reconstruct_stack(stack, align="estimate")

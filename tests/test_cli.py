@@ -251,19 +251,26 @@ def test_rig_mode_continuous_not_available(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_rig_method_dualfocus_not_available(tmp_path: Path) -> None:
+def test_rig_dualfocus_with_missing_weights_fails_before_capture(tmp_path: Path) -> None:
     config = _fast_config(tmp_path)
-    line = _assert_bad_input(rig("--config", config, "--method", "dualfocus"), "--method")
-    assert "dualfocus" in line
+    raw = yaml.safe_load(config.read_text())
+    raw["reconstruct"]["method"] = "dualfocus"
+    raw["reconstruct"]["weights"] = str(tmp_path / "nowhere.safetensors")
+    config.write_text(yaml.safe_dump(raw))
+    line = _assert_bad_input(rig("--config", config), "nowhere.safetensors")
+    assert "not found" in line
+    assert not (tmp_path / "runs").exists()
 
 
-def test_rig_config_method_dualfocus_names_the_file(tmp_path: Path) -> None:
+def test_rig_refuses_pickled_weights(tmp_path: Path) -> None:
     config = _fast_config(tmp_path)
-    text = config.read_text().replace("method: classical", "method: dualfocus")
-    assert "method: dualfocus" in text
-    config.write_text(text)
-    line = _assert_bad_input(rig("--config", config), config, "reconstruct.method")
-    assert "dualfocus" in line
+    raw = yaml.safe_load(config.read_text())
+    raw["reconstruct"]["method"] = "dualfocus"
+    (tmp_path / "model.pt").write_bytes(b"not a pickle you should load")
+    raw["reconstruct"]["weights"] = str(tmp_path / "model.pt")
+    config.write_text(yaml.safe_dump(raw))
+    line = _assert_bad_input(rig("--config", config), "model.pt")
+    assert "safetensors" in line
     assert not (tmp_path / "runs").exists()
 
 
@@ -486,12 +493,11 @@ def test_reconstruct_out_under_a_file(stack_dir: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
-def test_reconstruct_method_dualfocus_not_available(stack_dir: Path, tmp_path: Path) -> None:
+def test_reconstruct_dualfocus_with_missing_weights(stack_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    line = _assert_bad_input(reconstruct(stack_dir, "--out", out, "--method", "dualfocus"), "method")
-    assert "dualfocus" in line
-    _assert_no_output(out)
-
+    line = _assert_bad_input(reconstruct(stack_dir, "--out", out, "--method", "dualfocus", "--weights", tmp_path / "w.safetensors"), "w.safetensors")
+    assert "not found" in line
+    assert not out.exists()
 
 def test_reconstruct_debug_shows_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "no_stack"

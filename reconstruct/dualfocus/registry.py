@@ -11,7 +11,7 @@ MODELS: dict[str, DualFocusConfig] = {
     # the one we ship: trainable on two CPU cores
     "dualfocus-s": DualFocusConfig(enc_channels=(16, 48, 192), feat_channels=32, surface_channels=2, dec_channels=32, dec_blocks=2),
     # about the paper's size (~27M parameters), for GPU training
-    "dualfocus-paper": DualFocusConfig(enc_channels=(48, 128, 512), feat_channels=96, surface_channels=4, dec_channels=96, dec_blocks=4),
+    "dualfocus-paper": DualFocusConfig(enc_channels=(64, 160, 608), feat_channels=128, surface_channels=4, dec_channels=112, dec_blocks=4),
     # a tiny instance for tests and CI smoke training
     "dualfocus-tiny": DualFocusConfig(enc_channels=(8, 12, 16), feat_channels=8, surface_channels=1, dec_channels=8, dec_blocks=1),
 }
