@@ -205,10 +205,14 @@ def _lr_at(step: int, cfg: OptimSection) -> float:
 
 
 def _git_commit() -> str:
+    """HEAD, with ``+dirty`` when the work tree differs from it."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weights: Path, metrics: dict[str, float], state: dict[str, Any], train_scenes: list[str], config_path: Path) -> None:
@@ -285,12 +289,14 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     model = build_model(cfg.model, **cfg.model_overrides).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
+    state_world = world
     last = out / "last.safetensors"
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: no checkpoint at {last}")
         state = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s at step %d", last, state["step"])
+    state["world_size"] = state_world
     ddp_model: torch.nn.Module = model
     if distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

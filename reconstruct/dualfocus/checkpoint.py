@@ -77,11 +77,17 @@ def load_weights(path: str | Path) -> tuple[DualFocusNet, dict[str, str]]:
     tensors, meta = _read(path)
     if "config" not in meta:
         raise InputError(f"{path}: metadata has no 'config' (not a DualFocus weights file)")
-    raw = json.loads(meta["config"])
-    raw["enc_channels"] = tuple(raw["enc_channels"])
-    model = DualFocusNet(DualFocusConfig(**raw))
+    try:
+        raw = json.loads(meta["config"])
+        raw["enc_channels"] = tuple(raw["enc_channels"])
+        model = DualFocusNet(DualFocusConfig(**raw))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path}: metadata 'config' is not a DualFocus architecture ({exc})") from exc
     state = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not fit the architecture in its metadata ({str(exc).splitlines()[0]})") from exc
     if missing or unexpected:
         raise InputError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()

@@ -25,7 +25,7 @@ def _basis_np(n: int) -> np.ndarray:
     i = np.arange(n)[None, :]
     c = np.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
     c[0] /= math.sqrt(2.0)
-    return c.astype(np.float32)  # orthonormal DCT-II, [n, n]
+    return c  # orthonormal DCT-II, [n, n], float64
 
 
 @lru_cache(maxsize=32)
@@ -33,7 +33,7 @@ def _inv_eigen_np(h: int, w: int) -> np.ndarray:
     mu = (2 - 2 * np.cos(np.pi * np.arange(h) / h))[:, None] + (2 - 2 * np.cos(np.pi * np.arange(w) / w))[None, :]
     inv = np.zeros_like(mu)
     inv[mu > 0] = 1.0 / mu[mu > 0]  # the (0, 0) mode is the free constant: zero mean
-    return inv.astype(np.float32)
+    return inv
 
 
 def dct_basis(n: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -56,7 +56,7 @@ def poisson_solve(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[..., H, W]``.
     """
-    h, w = gx.shape[-2], gx.shape[-1]
+    h, w = int(gx.shape[-2]), int(gx.shape[-1])  # python ints: the bases are constants when traced
     gxm = gx[..., :, : w - 1]
     gym = gy[..., : h - 1, :]
     # P^T g: divergence by backward differences, zero flux through the border

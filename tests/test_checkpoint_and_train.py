@@ -1,0 +1,432 @@
+"""Weights and checkpoints (reconstruct/dualfocus/checkpoint.py) and the training entry point
+(reconstruct/train.py) as a subprocess: smoke training, model card, resume, bad config, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from capture.errors import InputError
+from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
+from reconstruct.dualfocus.registry import MODELS, build_model, count_parameters
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+MIDDLEBURY = ROOT.parent / "shared" / "data" / "middlebury_2001_2006"
+HAVE_MIDDLEBURY = (MIDDLEBURY / "manifest.csv").is_file()
+TUNING = ["Aloe", "Flowerpots", "Rocks1"]
+SUBPROCESS_TIMEOUT_S = 180
+
+
+# ------------------------------------------------------------------------------ weights
+def _trained_tiny(seed: int = 0) -> torch.nn.Module:
+    """A tiny model whose BatchNorm statistics are not the defaults (so buffers must round-trip)."""
+    torch.manual_seed(seed)
+    model = build_model("dualfocus-tiny").train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 3, 32, 48), torch.rand(2, 3))
+    return model.eval()
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.rand(1, 4, 3, 32, 48, generator=g), torch.tensor([[1.0, 0.2, 2.5, 0.7]])
+
+
+def test_weights_round_trip(tmp_path: Path) -> None:
+    model = _trained_tiny()
+    path = save_weights(model, tmp_path / "w.safetensors", name="my-tiny", extra={"step": "12", "val": {"abs_rel": 0.1}})
+    assert path.is_file()
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left nothing behind
+    loaded, meta = load_weights(path)
+    assert not loaded.training
+    assert loaded.cfg == model.cfg
+    assert meta["model"] == "my-tiny" and meta["format"] == "dualfocus-weights/1"
+    assert meta["step"] == "12" and json.loads(meta["val"]) == {"abs_rel": 0.1}
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x, f = _inputs()
+    with torch.no_grad():
+        a, b = model(x, f), loaded(x, f)
+    assert torch.equal(a.depth, b.depth)
+    assert torch.equal(a.prob, b.prob)
+    assert torch.equal(a.confidence, b.confidence)
+
+
+def test_weights_round_trip_keeps_architecture_overrides(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("dualfocus-tiny", spatial=False, focal_difference="replace").eval()
+    loaded, _ = load_weights(save_weights(model, tmp_path / "ablation.safetensors", name="ablation"))
+    assert loaded.cfg.spatial is False and loaded.cfg.focal_difference == "replace"
+    x, f = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, f).depth, loaded(x, f).depth)
+
+
+def test_load_weights_refuses_pt_file(tmp_path: Path) -> None:
+    model = _trained_tiny()
+    good = save_weights(model, tmp_path / "w.safetensors", name="t")
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(good.read_bytes())  # even a valid safetensors payload: the suffix decides
+    with pytest.raises(InputError, match=re.escape(str(pt))):
+        load_weights(pt)
+    pickled = tmp_path / "pickled.pt"
+    torch.save(model.state_dict(), pickled)
+    with pytest.raises(InputError, match=re.escape(str(pickled))):
+        load_weights(pickled)
+
+
+def test_load_weights_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.safetensors"
+    with pytest.raises(InputError, match=re.escape(str(path))):
+        load_weights(path)
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "text", "bad-header-json"])
+def test_load_weights_refuses_corrupt_file(tmp_path: Path, kind: str) -> None:
+    good = save_weights(_trained_tiny(), tmp_path / "good.safetensors", name="t").read_bytes()
+    payload = {
+        "empty": b"",
+        "garbage": bytes(range(256)) * 8,
+        "truncated": good[: len(good) // 2],
+        "text": b"this is not a safetensors file\n",
+        "bad-header-json": (6).to_bytes(8, "little") + b"{{{{{{",
+    }[kind]
+    path = tmp_path / f"{kind}.safetensors"
+    path.write_bytes(payload)
+    with pytest.raises(InputError, match=re.escape(str(path))):
+        load_weights(path)
+
+
+def test_load_weights_refuses_file_without_config(tmp_path: Path) -> None:
+    model = _trained_tiny()
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"model": "x"})
+    with pytest.raises(InputError, match=re.escape(str(path))):
+        load_weights(path)
+
+
+def _corrupt_metadata_file(tmp_path: Path, kind: str) -> Path:
+    model = _trained_tiny()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    config = json.dumps(model.cfg.to_dict())
+    if kind == "config-not-json":
+        meta = {"config": config[:-7]}
+    elif kind == "config-unknown-field":
+        meta = {"config": json.dumps({**model.cfg.to_dict(), "bogus": 1})}
+    else:  # tensors of another architecture under this config
+        other = build_model("dualfocus-tiny", dec_channels=12)
+        tensors = {k: v.contiguous() for k, v in other.state_dict().items()}
+        meta = {"config": config}
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "dualfocus-weights/1", "model": "t", **meta})
+    return path
+
+
+_META_BUG = (
+    "checkpoint.py:80-84: load_weights only guards the safetensors read; a readable .safetensors file "
+    "whose 'config' metadata is not JSON (json.loads, line 80: JSONDecodeError), names an unknown field "
+    "(DualFocusConfig(**raw), line 82: TypeError) or whose tensors have other shapes "
+    "(load_state_dict(strict=False), line 84: RuntimeError 'size mismatch') escapes as a raw exception "
+    "instead of an InputError naming the file"
+)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "config-not-json",
+        "config-unknown-field",
+        "tensor-shapes-do-not-fit",
+    ],
+)
+def test_load_weights_refuses_corrupt_metadata(tmp_path: Path, kind: str) -> None:
+    path = _corrupt_metadata_file(tmp_path, kind)
+    with pytest.raises(InputError, match=re.escape(str(path))):
+        load_weights(path)
+
+
+def _adamw_after_steps(model: torch.nn.Module, steps: int) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, betas=(0.8, 0.99))
+    x, f = _inputs()
+    for _ in range(steps):
+        out = model(x, f)
+        (out.depth.mean() + out.prob.std()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def test_checkpoint_restores_model_and_optimizer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("dualfocus-tiny").train()
+    opt = _adamw_after_steps(model, 3)
+    state = {"step": 3, "wall_s": 1.5, "best_abs_rel": None, "history": [{"step": 3}]}
+    path = save_checkpoint(model, opt, tmp_path / "last.safetensors", name="tiny", state=state)
+
+    torch.manual_seed(1)
+    model2 = build_model("dualfocus-tiny").train()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    got = load_checkpoint(path, model2, opt2)
+    assert got == state
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert set(s1["state"]) == set(s2["state"]) and len(s1["state"]) == len(list(model.parameters()))
+    for pid, st in s1["state"].items():
+        assert torch.equal(st["exp_avg"], s2["state"][pid]["exp_avg"]), pid
+        assert torch.equal(st["exp_avg_sq"], s2["state"][pid]["exp_avg_sq"]), pid
+        assert float(st["step"]) == float(s2["state"][pid]["step"]) == 3.0
+    g1, g2 = s1["param_groups"][0], s2["param_groups"][0]
+    assert g2["lr"] == g1["lr"] == 1e-3 and tuple(g2["betas"]) == (0.8, 0.99) and g2["weight_decay"] == 1e-4
+    # the next step is the same for both
+    x, f = _inputs()
+    for m, o in ((model, opt), (model2, opt2)):
+        m(x, f).depth.mean().backward()
+        o.step()
+    for p1, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_load_weights_reads_a_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint is also a weights file (the optimiser tensors are skipped)."""
+    model = build_model("dualfocus-tiny").train()
+    opt = _adamw_after_steps(model, 1)
+    path = save_checkpoint(model.eval(), opt, tmp_path / "last.safetensors", name="tiny", state={"step": 1})
+    loaded, meta = load_weights(path)
+    assert meta["format"] == "dualfocus-checkpoint/1"
+    x, f = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, f).depth, loaded(x, f).depth)
+
+
+# ------------------------------------------------------------------------------ training (subprocess)
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def _write_config(path: Path, out_dir: Path, *, steps: int = 4, **data: Any) -> Path:
+    cfg = {
+        "model": "dualfocus-tiny",
+        "out_dir": str(out_dir),
+        "seed": 0,
+        "threads": 1,  # stay on one core: a long training run shares this machine
+        "data": {
+            "rgbd_root": str(MIDDLEBURY) if HAVE_MIDDLEBURY else None,
+            "pool_size": 8,
+            "render_workers": 1,
+            "val_width": 64,
+            **data,
+        },
+        "optim": {"batch_size": 2, "steps": steps, "steps_per_epoch": 2, "warmup_steps": 1},
+    }
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _run(args: list[str], *, timeout: float = SUBPROCESS_TIMEOUT_S) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def _train(config: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    return _run(["-m", "reconstruct.train", "--config", str(config), "--no-progress", *extra])
+
+
+def _explain(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+def _checkpoint_state(path: Path) -> dict[str, Any]:
+    with safe_open(str(path), framework="pt") as fh:
+        return json.loads(fh.metadata()["state"])
+
+
+def _scenes_of_year(year: str) -> set[str]:
+    with (MIDDLEBURY / "manifest.csv").open(newline="") as fh:
+        return {row["scene"] for row in csv.DictReader(fh) if row["year"] == year}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One 4-step training run of dualfocus-tiny, shared by the tests that read its outputs."""
+    tmp = tmp_path_factory.mktemp("train")
+    config = _write_config(tmp / "train.yaml", tmp / "out")
+    proc, seconds = _train(config)
+    return {"proc": proc, "seconds": seconds, "config": config, "out": tmp / "out"}
+
+
+def test_train_smoke(smoke_run: dict[str, Any]) -> None:
+    proc, out = smoke_run["proc"], smoke_run["out"]
+    assert proc.returncode == 0, _explain(proc)
+    assert "trained 4 steps" in proc.stdout
+    weights, card_path, last = out / "dualfocus-tiny.safetensors", out / "dualfocus-tiny.yaml", out / "last.safetensors"
+    assert weights.is_file() and card_path.is_file() and last.is_file()
+    assert not list(out.glob(".*.tmp"))
+    model, meta = load_weights(weights)
+    assert meta["model"] == "dualfocus-tiny"
+    assert model.cfg == MODELS["dualfocus-tiny"]
+    assert _checkpoint_state(last)["step"] == 4
+
+
+def test_train_model_card(smoke_run: dict[str, Any]) -> None:
+    assert smoke_run["proc"].returncode == 0, _explain(smoke_run["proc"])
+    out = smoke_run["out"]
+    card = yaml.safe_load((out / "dualfocus-tiny.yaml").read_text(encoding="utf-8"))
+    assert card["variant"] == "dualfocus-tiny"
+    assert card["name"] == "dualfocus-tiny"
+    assert card["parameters"] == count_parameters(build_model("dualfocus-tiny"))
+    assert card["weights"] == "dualfocus-tiny.safetensors"
+    assert card["weights_sha256"] == sha256_of(out / "dualfocus-tiny.safetensors")
+    assert card["architecture"] == MODELS["dualfocus-tiny"].to_dict()
+    trained = card["trained"]
+    assert trained["steps"] == card["validation"]["best_step"]
+    assert trained["processes"] == 1
+    if (ROOT / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", str(trained["commit"])), trained["commit"]
+    else:
+        assert trained["commit"]
+    data = card["data"]
+    train_scenes = set(data["train_scenes"])
+    assert set(data["tuning_scenes"]) == set(TUNING)
+    assert set(data["report_scenes_never_used"]) >= {"Art", "Books", "Dolls", "Laundry", "Moebius", "Reindeer"}
+    metrics = card["validation"]["metrics"]
+    if HAVE_MIDDLEBURY:
+        scenes_2005 = _scenes_of_year("2005")
+        assert scenes_2005 == {"Art", "Books", "Dolls", "Laundry", "Moebius", "Reindeer"}
+        assert train_scenes, "no training scenes"
+        assert not train_scenes & scenes_2005, train_scenes & scenes_2005
+        assert not train_scenes & set(TUNING), train_scenes & set(TUNING)
+        with (MIDDLEBURY / "manifest.csv").open(newline="") as fh:
+            every = {row["scene"] for row in csv.DictReader(fh)}
+        assert train_scenes == every - scenes_2005 - set(TUNING)
+        assert set(metrics) == {"abs_rel", "delta1"}
+        assert all(isinstance(v, float) and v == v for v in metrics.values())
+        assert 0.0 <= metrics["delta1"] <= 1.0 and metrics["abs_rel"] >= 0.0
+        assert trained["steps"] in (2, 4)
+    else:
+        assert train_scenes == set() and metrics == {}
+        assert trained["steps"] == 4
+
+
+def test_train_smoke_is_fast_enough(smoke_run: dict[str, Any]) -> None:
+    assert smoke_run["seconds"] < 30, f"training smoke run took {smoke_run['seconds']:.1f} s; mark it slow"
+
+
+def test_train_resume_continues(tmp_path: Path) -> None:
+    """4 steps, then --resume to 6. No tuning scenes here, so a card is written at every epoch
+    (with validation scenes it is only rewritten when the tuning AbsRel improves)."""
+    config = _write_config(tmp_path / "train.yaml", tmp_path / "out", steps=4, tuning_scenes=[])
+    proc, t1 = _train(config)
+    assert proc.returncode == 0, _explain(proc)
+    card_path, last = tmp_path / "out" / "dualfocus-tiny.yaml", tmp_path / "out" / "last.safetensors"
+    assert yaml.safe_load(card_path.read_text())["trained"]["steps"] == 4
+    _write_config(tmp_path / "train.yaml", tmp_path / "out", steps=6, tuning_scenes=[])
+    proc, t2 = _train(config, "--resume")
+    assert proc.returncode == 0, _explain(proc)
+    assert "resumed from" in proc.stderr and "at step 4" in proc.stderr
+    assert "trained 6 steps" in proc.stdout
+    card = yaml.safe_load(card_path.read_text())
+    assert card["trained"]["steps"] == 6
+    assert card["config"]["optim"]["steps"] == 6
+    state = _checkpoint_state(last)
+    assert state["step"] == 6
+    assert [h["step"] for h in state["history"]] == [2, 4, 6]  # the first run's history carried over
+    assert t1 + t2 < 60, f"resume test took {t1:.1f} + {t2:.1f} s; mark it slow"
+
+
+def test_train_resume_with_validation(smoke_run: dict[str, Any], tmp_path: Path) -> None:
+    """Resuming the smoke run (with tuning scenes when the data are here) to step 6."""
+    assert smoke_run["proc"].returncode == 0, _explain(smoke_run["proc"])
+    shutil.copytree(smoke_run["out"], tmp_path / "out")
+    config = _write_config(tmp_path / "train.yaml", tmp_path / "out", steps=6)
+    proc, _ = _train(config, "--resume")
+    assert proc.returncode == 0, _explain(proc)
+    assert "trained 6 steps" in proc.stdout
+    state = _checkpoint_state(tmp_path / "out" / "last.safetensors")
+    assert state["step"] == 6
+    card = yaml.safe_load((tmp_path / "out" / "dualfocus-tiny.yaml").read_text())
+    # the card describes the best weights: step 6 if it improved, else the earlier best
+    assert card["trained"]["steps"] == card["validation"]["best_step"] == state["best_step"]
+
+
+def test_train_resume_without_checkpoint(tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "train.yaml", tmp_path / "never")
+    proc, _ = _train(config, "--resume")
+    assert proc.returncode == 2, _explain(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and "last.safetensors" in lines[-1]
+
+
+def test_train_bad_config_key(tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "train.yaml", tmp_path / "out")
+    raw = yaml.safe_load(config.read_text())
+    raw["optim"]["stepz"] = 3
+    config.write_text(yaml.safe_dump(raw))
+    proc, _ = _train(config)
+    assert proc.returncode == 2, _explain(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and "optim.stepz" in lines[0] and str(config) in lines[0]
+    assert proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_unknown_model(tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "train.yaml", tmp_path / "out")
+    raw = yaml.safe_load(config.read_text())
+    raw["model"] = "dualfocus-huge"
+    config.write_text(yaml.safe_dump(raw))
+    proc, _ = _train(config)
+    assert proc.returncode == 2, _explain(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "dualfocus-s" in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------ DDP
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    config = _write_config(tmp / "train.yaml", tmp / "out")
+    proc, seconds = _run(
+        ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
+         "-m", "reconstruct.train", "--config", str(config), "--no-progress"]
+    )
+    return {"proc": proc, "seconds": seconds, "out": tmp / "out"}
+
+
+def test_train_ddp_two_processes(ddp_run: dict[str, Any]) -> None:
+    proc, out = ddp_run["proc"], ddp_run["out"]
+    assert proc.returncode == 0, _explain(proc)
+    assert proc.stdout.count("trained 4 steps") == 1  # only rank 0 reports
+    assert (out / "dualfocus-tiny.safetensors").is_file() and (out / "last.safetensors").is_file()
+    assert _checkpoint_state(out / "last.safetensors")["step"] == 4
+    load_weights(out / "dualfocus-tiny.safetensors")
+    assert ddp_run["seconds"] < 30, f"DDP run took {ddp_run['seconds']:.1f} s; mark it slow"
+
+
+def test_train_ddp_model_card_says_two_processes(ddp_run: dict[str, Any]) -> None:
+    assert ddp_run["proc"].returncode == 0, _explain(ddp_run["proc"])
+    card = yaml.safe_load((ddp_run["out"] / "dualfocus-tiny.yaml").read_text())
+    assert card["trained"]["processes"] == 2
