@@ -164,8 +164,11 @@ def render_item(rng: np.random.Generator, sources: list[RgbdSource], ranges: Syn
         rgb, disp, known = _crop_source(rng, src, size, float(rng.uniform(*ranges.scale)))
     valid = disp[known]
     lo, hi = np.percentile(valid if valid.size > 16 else disp, [1, 99])
-    if hi - lo < 1e-3:
-        hi = lo + 1e-3
+    # a nearly flat crop still gets a sweep of sensible depth (at least 5 % of its disparity)
+    min_span = max(0.05 * float(np.median(disp)), 0.5)
+    if hi - lo < min_span:
+        mid = 0.5 * (lo + hi)
+        lo, hi = mid - 0.5 * min_span, mid + 0.5 * min_span
     n = int(rng.integers(ranges.slices[0], ranges.slices[1] + 1))
     if rng.random() >= ranges.span_whole_range:  # a sweep that does not match the scene
         span = hi - lo
@@ -177,6 +180,10 @@ def render_item(rng: np.random.Generator, sources: list[RgbdSource], ranges: Syn
     focus[0], focus[-1] = lo, hi
     focus = np.sort(focus)
     k_px = float(rng.uniform(*ranges.max_blur_px)) / max(hi - lo, 1e-6)
+    # points far outside the sweep would blur without bound: no real lens shows discs wider
+    # than a few times the largest in-range blur (and a huge kernel costs gigabytes)
+    reach = float(max(disp.max(), focus.max()) - min(disp.min(), focus.min()))
+    k_px = min(k_px, 2.0 * ranges.max_blur_px[1] / max(reach, 1e-6))
     stack = _render_slices(
         rgb, disp, focus, k_px, rng=rng, ranges=ranges,
         noise_sigma=float(rng.uniform(*ranges.noise_sigma)), gamma=float(rng.uniform(*ranges.gamma)),

@@ -117,8 +117,14 @@ def _init_worker(sources: list[RgbdSource]) -> None:
 
 
 def _render_one(args: tuple[int, SynthRanges]) -> dict[str, np.ndarray]:
+    """One stack; a draw that fails (a degenerate crop) is replaced by another, so a long
+    training run does not die on one bad random draw; a second failure is raised."""
     seed, ranges = args
-    return render_item(np.random.default_rng(seed), _WORKER_SOURCES, ranges)
+    try:
+        return render_item(np.random.default_rng(seed), _WORKER_SOURCES, ranges)
+    except Exception:  # noqa: BLE001 - logged, then retried once with another seed
+        logger.exception("rendering stack with seed %d failed; drawing another", seed)
+        return render_item(np.random.default_rng(seed + 1_000_000_007), _WORKER_SOURCES, ranges)
 
 
 def render_pool(sources: list[RgbdSource], count: int, *, seed: int, ranges: SynthRanges, workers: int, show: bool) -> list[dict[str, np.ndarray]]:
