@@ -164,8 +164,7 @@ class CalibrationConfig(_Strict):
 
 
 class ReconstructConfig(_Strict):
-    # INTERFACES.md's default is dualfocus; until the network ships the default is classical
-    method: Literal["dualfocus", "classical"] = "classical"
+    method: Literal["dualfocus", "classical"] = "dualfocus"
     model: str = "dualfocus-s"
     weights: Path | None = None
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"

@@ -59,6 +59,7 @@ def _fast_config(folder: Path, **sections: dict) -> Path:
     doc["camera"].update(width=W, height=H, fps=200, exposure_s=0.004)
     doc["sweep"]["slices"] = SLICES
     doc["output"]["dir"] = str(folder / "runs")
+    doc["reconstruct"]["method"] = "classical"  # the CLI contracts; the network has its own test below
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
     folder.mkdir(parents=True, exist_ok=True)
@@ -519,3 +520,15 @@ def test_reconstruct_bad_argument_is_one_line(stack_dir: Path, tmp_path: Path, a
     args = [str(stack_dir) if a == "STACK" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     _assert_bad_input(reconstruct(*args))
     _assert_no_output(tmp_path / "out")
+
+
+def test_rig_with_the_network_records_model_and_backend(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path, reconstruct={"method": "dualfocus"})
+    proc = rig("--config", config)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    result = yaml.safe_load((run / "depth" / "000000" / "result.yaml").read_text())
+    assert result["method"] == "dualfocus" and result["model"] == "dualfocus-s"
+    assert result["backend"] == "torch" and result["device"] == "cpu"
+    assert len(result["model_sha256"]) == 64
+    assert "classical on the same stack" in proc.stdout

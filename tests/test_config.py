@@ -60,7 +60,7 @@ def test_sim_yaml_loads_with_all_sections() -> None:
     assert isinstance(config.focus, SimulatedFocusConfig)
     assert config.camera.driver == "simulated"
     assert config.focus.driver == "simulated"
-    assert config.reconstruct.method == "classical"
+    assert config.reconstruct.method == "dualfocus"
     # what the file says, not the defaults
     raw = yaml.safe_load(SIM_YAML.read_text(encoding="utf-8"))
     assert config.camera.width == raw["camera"]["width"]
@@ -85,7 +85,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
         assert config.name == "sim"
         assert isinstance(config.camera, SimulatedCameraConfig)
         assert isinstance(config.focus, SimulatedFocusConfig)
-        # INTERFACES.md defaults (reconstruct.method: classical until the network ships)
+        # INTERFACES.md defaults
         assert config.camera.width == 512 and config.camera.height == 384
         assert config.sweep.style == "stepped"
         assert config.sweep.distances_m is None
@@ -94,7 +94,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
         assert config.sweep.wait_settled is True
         assert config.sweep.settle_timeout_s == 1.0
         assert config.calibration.file is None
-        assert config.reconstruct.method == "classical"
+        assert config.reconstruct.method == "dualfocus"
         assert config.reconstruct.model == "dualfocus-s"
         assert config.reconstruct.weights is None
         assert config.reconstruct.backend == "auto"
@@ -359,7 +359,7 @@ def test_round_trip_rich_config(tmp_path: Path) -> None:
         "  file: cal.yaml\n"
         "reconstruct:\n"
         "  weights: w.safetensors\n"
-        "  backend: numpy\n"
+        "  backend: torch\n"
         "output:\n"
         "  dir: /data/runs\n"
         "  every_nth: 3\n"

@@ -17,7 +17,7 @@ from tests.conftest import ROOT, sim_config_dict
 def default_run(tmp_path_factory):
     """One run of the default simulated rig (configs/sim.yaml as shipped)."""
     tmp = tmp_path_factory.mktemp("default")
-    return run_single(parse_config(sim_config_dict(tmp)), show_progress=False)
+    return run_single(parse_config(sim_config_dict(tmp, reconstruct={"method": "classical"})), show_progress=False)
 
 
 def test_default_scene_is_as_hard_as_promised(default_run):
@@ -77,7 +77,7 @@ def test_skipping_settling_is_measurably_worse(tmp_path):
     waiting for the lens to settle before each frame."""
     results = {}
     for wait in (True, False):
-        raw = sim_config_dict(tmp_path / str(wait), focus={"time_constant_s": 0.05}, sweep={"wait_settled": wait, "settle_timeout_s": 2.0})
+        raw = sim_config_dict(tmp_path / str(wait), focus={"time_constant_s": 0.05}, sweep={"wait_settled": wait, "settle_timeout_s": 2.0}, reconstruct={"method": "classical"})
         results[wait] = run_single(parse_config(raw), show_progress=False)
     good, bad = results[True].accuracy["abs_rel"], results[False].accuracy["abs_rel"]
     assert good <= 0.08
@@ -105,3 +105,14 @@ def test_readme_python_api_example(tmp_path, monkeypatch):
     assert (tmp_path / "my_stack" / "stack.yaml").is_file()
     assert (tmp_path / "my_depth" / "depth.npy").is_file()
     assert namespace["result"].depth.shape == (96, 128)
+
+
+def test_network_beats_classical_on_the_default_simulated_rig(tmp_path):
+    """configs/sim.yaml as shipped uses the DualFocus network; on the same stack it beats the
+    classical method (the run computes both, since the simulator knows the truth)."""
+    run = run_single(parse_config(sim_config_dict(tmp_path)), show_progress=False)
+    assert run.result.method == "dualfocus" and run.result.model == "dualfocus-s"
+    net, classical = run.summary["accuracy"], run.summary["accuracy_classical_same_stack"]
+    assert net["abs_rel"] < classical["abs_rel"], (net, classical)
+    assert net["rmse_m"] < classical["rmse_m"], (net, classical)
+    assert net["abs_rel"] <= 0.08
