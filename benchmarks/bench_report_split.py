@@ -13,7 +13,6 @@ Prints a table and writes benchmarks/results/report_split.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

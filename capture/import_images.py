@@ -18,7 +18,6 @@ bad input.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import logging
 import os

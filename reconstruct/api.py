@@ -36,13 +36,9 @@ def check_ready(method: str, *, model: str = "dualfocus-s", weights: str | Path 
     missing or non-safetensors weights, unavailable backend."""
     _check_method(method)
     if method == "dualfocus":
-        from reconstruct.dualfocus.infer import select_backend, shipped_weights
+        from reconstruct.dualfocus.infer import resolve_weights, select_backend
 
-        path = Path(weights) if weights is not None else shipped_weights(model)
-        if path.suffix != ".safetensors":
-            raise ReconstructionError(f"{path}: weights load only from .safetensors files")
-        if not path.is_file():
-            raise ReconstructionError(f"{path}: weights file not found")
+        resolve_weights(model, weights)
         select_backend(backend)
 
 
@@ -92,9 +88,9 @@ def reconstruct_stack(
     model_name = sha = None
     backend_name, device = "numpy", "cpu"
     if method == "dualfocus":
-        from reconstruct.dualfocus.infer import predict, shipped_weights
+        from reconstruct.dualfocus.infer import predict, resolve_weights
 
-        path = Path(weights) if weights is not None else shipped_weights(model)
+        path = resolve_weights(model, weights)
         pred = predict(ordered.as_float(), focus, weights=path, backend=backend)
         focus_out, confidence = pred.depth_focus, pred.confidence
         aif = fuse_all_in_focus(ordered.images, pred.slice_position)

@@ -8,7 +8,6 @@ best epoch, the weights and a model card (YAML next to them). Runs the same unde
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -16,7 +15,6 @@ import math
 import multiprocessing as mp
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -295,14 +293,13 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     model = build_model(cfg.model, **cfg.model_overrides).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
-    state_world = world
     last = out / "last.safetensors"
     if resume:
         if not last.is_file():
             raise ConfigError(f"--resume: no checkpoint at {last}")
         state = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s at step %d", last, state["step"])
-    state["world_size"] = state_world
+    state["world_size"] = world
     ddp_model: torch.nn.Module = model
     if distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

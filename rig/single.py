@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from capture.errors import EXIT_OK
 from capture.imageio import write_image
 from capture.scenes import texture_poor_mask
 from capture.stack import FocalStack
@@ -119,5 +118,4 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
             base_acc = depth_metrics(baseline.depth, truth.depth_m, truth_valid=truth.truth_valid)
             summary["accuracy_classical_same_stack"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in base_acc.items()}
     write_yaml_atomic(run_dir / "summary.yaml", summary)
-    logger.debug("exit %d", EXIT_OK)
     return SingleRun(run_dir=run_dir, stack=stack, result=result, seconds=seconds, accuracy=accuracy, summary=summary)

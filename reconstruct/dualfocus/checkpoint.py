@@ -23,7 +23,7 @@ from reconstruct.dualfocus.model import DualFocusConfig, DualFocusNet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_weights", "load_weights", "save_checkpoint", "load_checkpoint", "sha256_of"]
+__all__ = ["check_weights_file", "save_weights", "load_weights", "save_checkpoint", "load_checkpoint", "sha256_of"]
 
 
 def sha256_of(path: str | Path) -> str:
@@ -55,11 +55,17 @@ def save_weights(model: DualFocusNet, path: str | Path, *, name: str, extra: dic
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def check_weights_file(path: Path) -> Path:
+    """A weights path we may load: a ``.safetensors`` file that exists (never a pickle)."""
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: weights load only from .safetensors files")
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    check_weights_file(path)
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open

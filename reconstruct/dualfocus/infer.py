@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from capture.errors import ReconstructionError
-from reconstruct.dualfocus.checkpoint import load_weights, sha256_of
+from reconstruct.dualfocus.checkpoint import check_weights_file, load_weights, sha256_of
 from reconstruct.dualfocus.model import DualFocusNet
 from reconstruct.dualfocus.registry import MODELS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WEIGHTS_DIR", "shipped_weights", "select_backend", "DualFocusPrediction", "predict"]
+__all__ = ["WEIGHTS_DIR", "shipped_weights", "resolve_weights", "select_backend", "DualFocusPrediction", "predict"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 _CACHE: dict[tuple[str, str], tuple[DualFocusNet, str]] = {}
@@ -39,6 +39,12 @@ def shipped_weights(model: str) -> Path:
             f"model: no shipped weights for {model!r} (expected {path}); pass --weights, or use --method classical"
         )
     return path
+
+
+def resolve_weights(model: str, weights: str | Path | None) -> Path:
+    """The weights to use: the given file, or the shipped ones of ``model``; checked to be
+    a loadable ``.safetensors`` file."""
+    return check_weights_file(Path(weights) if weights is not None else shipped_weights(model))
 
 
 def select_backend(backend: str) -> tuple[str, torch.device]:
