@@ -31,8 +31,8 @@ class Frame:
         frame_id: the device's frame counter.
         timestamp_s: start of exposure, seconds, on ``timestamp_source``'s clock.
         timestamp_source: ``"camera"`` or ``"host"`` (host monotonic clock).
-        exposure_s: exposure time used.
-        gain_db: gain used.
+        exposure_s: exposure time used (None where the device does not say).
+        gain_db: gain used (None where the device does not say).
         significant_bits: meaningful bits per sample (LSB-aligned in uint16 data).
     """
 
@@ -40,8 +40,8 @@ class Frame:
     frame_id: int
     timestamp_s: float
     timestamp_source: str
-    exposure_s: float
-    gain_db: float
+    exposure_s: float | None
+    gain_db: float | None
     significant_bits: int
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +111,8 @@ class Camera(_Device):
 
     @property
     @abstractmethod
-    def exposure_s(self) -> float: ...
+    def exposure_s(self) -> float | None:
+        """Exposure time in seconds; None where the device does not say."""
 
     def grab(self, *, start_after_host_s: float | None = None, timeout_s: float = 2.0) -> Frame:
         """The first frame whose exposure starts at or after ``start_after_host_s``

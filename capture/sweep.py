@@ -115,10 +115,11 @@ def sweep(
                 "actuator_unit": actuator.unit,
                 "timestamp_s": round(frame.timestamp_s, 6),
                 "timestamp_source": frame.timestamp_source,
-                "exposure_s": frame.exposure_s,
-                "gain_db": frame.gain_db,
                 "frame_id": frame.frame_id,
             }
+            for key in ("exposure_s", "gain_db"):
+                if getattr(frame, key) is not None:
+                    entry[key] = getattr(frame, key)
             temperature = actuator.temperature_c()
             if temperature is not None:
                 entry["lens_temperature_c"] = round(float(temperature), 3)

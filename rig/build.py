@@ -69,8 +69,55 @@ def _build_simulated(config: RigConfig) -> tuple[SimulatedCamera, SimulatedLiqui
     return camera, lens
 
 
-#: camera driver name -> builder of (camera, actuator); the hardware drivers register here
-_BUILDERS: dict[str, Callable[[RigConfig], tuple[Camera, FocusActuator]]] = {"simulated": _build_simulated}
+def _build_genicam_camera(config: RigConfig) -> Camera:
+    from capture.genicam_camera import GenicamCamera
+
+    cam = config.camera
+    roi = None if cam.roi is None else (cam.roi.x, cam.roi.y, cam.roi.width, cam.roi.height)
+    return GenicamCamera(
+        producer=cam.producer, serial_number=cam.serial_number, device_id=cam.id, index=cam.index,
+        pixel_format=cam.pixel_format, exposure_s=cam.exposure_s, gain_db=cam.gain_db, roi=roi,
+        trigger=cam.trigger, trigger_source=cam.trigger_source, frame_rate_hz=cam.frame_rate_hz,
+        fetch_timeout_s=cam.fetch_timeout_s, num_buffers=cam.num_buffers,
+    )
+
+
+def _build_actuator(config: RigConfig, camera: Camera) -> FocusActuator:
+    foc = config.focus
+    if foc.driver == "optotune":
+        from capture.optotune import OptotuneLensDriver
+
+        return OptotuneLensDriver(
+            foc.port, mode=foc.mode, park_current_ma=foc.park_current_ma, timeout_s=foc.timeout_s,
+            retries=foc.retries, settle_time_s=foc.settle_time_s, temperature_limits_c=foc.temperature_limits_c,
+        )
+    if foc.driver == "gcode":
+        from capture.gcode import GcodeFocusStage
+
+        return GcodeFocusStage(
+            foc.port, flavor=foc.flavor, axis=foc.axis, home_on_start=foc.home_on_start, limits_mm=foc.limits_mm,
+            feed_mm_min=foc.feed_mm_min, timeout_s=foc.timeout_s, move_timeout_s=foc.move_timeout_s,
+        )
+    if foc.driver == "genicam":
+        from capture.genicam_camera import GenicamCamera
+        from capture.genicam_focus import GenicamFocus
+
+        if not isinstance(camera, GenicamCamera):
+            raise ConfigError("focus.driver: genicam focus needs camera.driver: genicam (it uses the camera's lens controller)")
+        return GenicamFocus(lambda: camera.node_map, controller=foc.controller, feature=foc.feature, settle_time_s=foc.settle_time_s, lock=camera.lock)
+    raise ConfigError(f"focus.driver: simulated focus only drives the simulated camera; camera.driver is {config.camera.driver!r}")
+
+
+def _build_devices(config: RigConfig) -> tuple[Camera, FocusActuator]:
+    """The (camera, actuator) pair a config names, not yet opened."""
+    if config.camera.driver == "simulated":
+        if config.focus.driver != "simulated":
+            raise ConfigError(f"focus.driver: the simulated camera needs the simulated focus (it renders the lens's focus); got {config.focus.driver!r}")
+        return _build_simulated(config)
+    if config.camera.driver == "genicam":
+        camera = _build_genicam_camera(config)
+        return camera, _build_actuator(config, camera)
+    raise ConfigError(f"camera.driver: no builder for {config.camera.driver!r}")
 
 
 @dataclass
@@ -93,7 +140,12 @@ class Rig:
         meta: dict[str, Any] = {"capture": {"rig": self.config.name, "camera": self.camera.name, "focus": self.actuator.name}}
         if optics is not None:
             meta["optics"] = {"focal_length_mm": optics.focal_length_mm, "f_number": optics.f_number, "pixel_pitch_um": optics.pixel_pitch_um}
+        if isinstance(self.camera, SimulatedCamera):
             meta["datum"] = "thin_lens"
+        for role, device in (("camera_identity", self.camera), ("focus_identity", self.actuator)):
+            identity = getattr(device, "identity", None)
+            if identity:
+                meta["capture"][role] = {str(k): str(v) for k, v in identity.items()}
         return sweep(
             self.camera, self.actuator, self.focus_map, self.planned_distances_m(),
             wait_settled=s.wait_settled, settle_timeout_s=s.settle_timeout_s, progress=progress, meta=meta,
@@ -121,29 +173,47 @@ class Rig:
 
 
 def _focus_map(config: RigConfig) -> LiquidLensFocusModel:
+    """Metres <-> actuator value: the calibration file where the config names one, else the
+    focus section's nominal model (in the actuator's unit)."""
     if config.calibration.file is not None:
         if not config.calibration.file.is_file():
             raise ConfigError(f"calibration.file: {config.calibration.file} not found")
         return load_focus_model(config.calibration.file)
-    nominal = getattr(config.focus, "nominal", None)
+    optics = getattr(config.camera, "optics", None)
+    base = optics.base_focus_m if optics is not None else float("inf")
+    foc = config.focus
+    nominal = getattr(foc, "nominal", None)
+    if foc.driver in ("simulated", "optotune") and getattr(foc, "mode", "current") == "current":
+        if nominal is None:
+            raise ConfigError(f"focus.nominal: the {foc.driver} lens in current mode needs a nominal model (offset_dpt, dpt_per_ma) or calibration.file")
+        return LiquidLensFocusModel(offset_dpt=nominal.offset_dpt, dpt_per_ma=nominal.dpt_per_ma, base_focus_m=base)
+    unit = {"optotune": "dpt", "gcode": "mm"}.get(foc.driver, "")
     if nominal is None:
-        raise ConfigError("calibration.file: this focus driver has no nominal model; a calibration file is required")
-    base = getattr(getattr(config.camera, "optics", None), "base_focus_m", float("inf"))
-    return LiquidLensFocusModel(offset_dpt=nominal.offset_dpt, dpt_per_ma=nominal.dpt_per_ma, base_focus_m=base)
+        if foc.driver == "gcode" or (foc.driver == "genicam" and foc.feature == "FocusStepper"):
+            raise ConfigError(f"focus.nominal: the {foc.driver} focus needs a nominal model (offset_dpt, dpt_per_unit) or calibration.file")
+        return LiquidLensFocusModel(offset_dpt=0.0, dpt_per_ma=1.0, base_focus_m=base, unit="dpt")
+    return LiquidLensFocusModel(offset_dpt=nominal.offset_dpt, dpt_per_ma=nominal.dpt_per_unit, base_focus_m=base, unit=unit)
+
+
+def _check_units(focus_map: LiquidLensFocusModel, actuator: FocusActuator) -> None:
+    """The map's unit must be the actuator's (an in-camera focus finds its unit at open)."""
+    if focus_map.unit and actuator.unit and focus_map.unit != actuator.unit:
+        raise ConfigError(
+            f"focus: the focus map is in {focus_map.unit} but {actuator.name} moves in {actuator.unit}; "
+            "give focus.nominal or a calibration.file in the actuator's unit"
+        )
 
 
 def open_rig(config: RigConfig) -> Rig:
     """Build and open the camera and focus actuator the config names."""
-    builder = _BUILDERS.get(config.camera.driver)
-    if builder is None:
-        raise ConfigError(f"camera.driver: no builder for {config.camera.driver!r}; valid: {', '.join(_BUILDERS)}")
     focus_map = _focus_map(config)
-    camera, actuator = builder(config)
+    camera, actuator = _build_devices(config)
     try:
+        camera.open()  # first: an in-camera focus actuator needs the open camera's node map
         actuator.open()
-        camera.open()
+        _check_units(focus_map, actuator)
     except BaseException:
-        camera.close()
         actuator.close()
+        camera.close()
         raise
     return Rig(config=config, camera=camera, actuator=actuator, focus_map=focus_map)

@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list_devices:
-        raise ConfigError("--list-devices: device discovery arrives with the hardware drivers; this version has only the simulated rig")
+        from rig.discovery import device_report
+
+        print(device_report())
+        return 0
     from rig.config import load_config
     from rig.single import run_single
 

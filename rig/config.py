@@ -27,11 +27,16 @@ class _Strict(BaseModel):
 
 
 # ----------------------------------------------------------------------------- camera
-class OpticsConfig(_Strict):
+class LensInfoConfig(_Strict):
+    """What the lens is (recorded in stacks; ``base_focus_m`` also enters the nominal focus map)."""
+
     focal_length_mm: float = Field(12.0, gt=0)
     f_number: float = Field(2.0, gt=0)
     pixel_pitch_um: float = Field(7.0, gt=0)
     base_focus_m: float = Field(math.inf, gt=0, description="focus of the camera lens with the liquid lens at 0 dpt")
+
+
+class OpticsConfig(LensInfoConfig):
     breathing_per_dpt: float = Field(0.004, ge=-0.1, le=0.1, description="relative magnification change per diopter")
     breathing_reference_dpt: float = 1.5
 
@@ -95,6 +100,52 @@ class SimulatedCameraConfig(_Strict):
         return self
 
 
+class RoiConfig(_Strict):
+    x: int = Field(0, ge=0)
+    y: int = Field(0, ge=0)
+    width: int = Field(..., ge=1)
+    height: int = Field(..., ge=1)
+
+
+class GenicamCameraConfig(_Strict):
+    driver: Literal["genicam"]
+    producer: str | None = Field(None, description="a .cti path, 'viky', or null to search GENICAM_GENTL64_PATH")
+    serial_number: str | None = None
+    id: str | None = None
+    index: int | None = Field(None, ge=0)
+    pixel_format: str | None = None
+    exposure_s: float | None = Field(None, gt=0, le=60)
+    gain_db: float | None = Field(None, ge=0, le=48)
+    roi: RoiConfig | None = None
+    trigger: Literal["software", "hardware", "free_run"] = "software"
+    trigger_source: str = "Line0"
+    frame_rate_hz: float | None = Field(None, gt=0, le=10_000)
+    fetch_timeout_s: float = Field(2.0, gt=0, le=60)
+    num_buffers: int = Field(4, ge=1, le=64)
+    optics: LensInfoConfig | None = None
+
+    @field_validator("serial_number", "id", mode="before")
+    @classmethod
+    def _as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v  # serial_number: 0 in YAML means "0"
+
+    @field_validator("pixel_format")
+    @classmethod
+    def _known_format(cls, v: str | None) -> str | None:
+        from capture.pixel_formats import SUPPORTED_FORMATS
+
+        if v is not None and v not in SUPPORTED_FORMATS:
+            raise ValueError(f"unsupported pixel format; valid: {', '.join(SUPPORTED_FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> GenicamCameraConfig:
+        given = [k for k in ("serial_number", "id", "index") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of serial_number, id, index (got {', '.join(given)})")
+        return self
+
+
 # ----------------------------------------------------------------------------- focus
 class LensModelConfig(_Strict):
     offset_dpt: float
@@ -123,9 +174,65 @@ class SimulatedFocusConfig(_Strict):
     park_current_ma: float = 0.0
 
 
-#: driver name -> config model; the hardware drivers register here when they land
-CAMERA_DRIVERS: dict[str, type[_Strict]] = {"simulated": SimulatedCameraConfig}
-FOCUS_DRIVERS: dict[str, type[_Strict]] = {"simulated": SimulatedFocusConfig}
+class LinearFocusModelConfig(_Strict):
+    """A nominal map for hardware without a calibration file: ``P = offset_dpt + dpt_per_unit * value``."""
+
+    offset_dpt: float = 0.0
+    dpt_per_unit: float
+
+    @field_validator("dpt_per_unit")
+    @classmethod
+    def _nonzero(cls, v: float) -> float:
+        if v == 0 or not math.isfinite(v):
+            raise ValueError("must be finite and non-zero")
+        return v
+
+
+class OptotuneFocusConfig(_Strict):
+    driver: Literal["optotune"]
+    port: str = Field(..., min_length=1, description="a serial device (/dev/ttyACM0, COM3), or 'emulator'")
+    mode: Literal["current", "focal_power"] = "current"
+    park_current_ma: float = Field(0.0, ge=-300, le=300)
+    timeout_s: float = Field(0.5, gt=0, le=30)
+    retries: int = Field(2, ge=0, le=10)
+    settle_time_s: float = Field(0.025, ge=0, le=5)
+    temperature_limits_c: tuple[float, float] = (20.0, 45.0)
+    nominal: LensModelConfig | None = Field(None, description="current mode: mA -> dpt, used when calibration.file is null")
+
+
+class GcodeFocusConfig(_Strict):
+    driver: Literal["gcode"]
+    port: str = Field(..., min_length=1, description="a serial device, or 'emulator'")
+    flavor: Literal["grbl", "marlin"] = "grbl"
+    axis: Literal["X", "Y", "Z"] = "Z"
+    home_on_start: bool = True
+    limits_mm: tuple[float, float] = (0.0, 50.0)
+    feed_mm_min: float = Field(600.0, gt=0)
+    timeout_s: float = Field(2.0, gt=0, le=60)
+    move_timeout_s: float = Field(30.0, gt=0, le=600)
+    nominal: LinearFocusModelConfig | None = Field(None, description="mm -> dpt, used when calibration.file is null")
+
+    @field_validator("limits_mm")
+    @classmethod
+    def _limits(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"need [low, high] with low < high, got {list(v)}")
+        return v
+
+
+class GenicamFocusConfig(_Strict):
+    driver: Literal["genicam"]
+    controller: str = "OpticController0"
+    feature: Literal["auto", "FocalPower", "FocusStepper"] = "auto"
+    settle_time_s: float = Field(0.05, ge=0, le=5)
+    nominal: LinearFocusModelConfig | None = Field(None, description="value -> dpt; FocalPower needs none (it is in dpt)")
+
+
+#: driver name -> config model
+CAMERA_DRIVERS: dict[str, type[_Strict]] = {"simulated": SimulatedCameraConfig, "genicam": GenicamCameraConfig}
+FOCUS_DRIVERS: dict[str, type[_Strict]] = {
+    "simulated": SimulatedFocusConfig, "optotune": OptotuneFocusConfig, "gcode": GcodeFocusConfig, "genicam": GenicamFocusConfig,
+}
 
 
 # ----------------------------------------------------------------------------- the rest
@@ -293,6 +400,9 @@ def load_config(path: str | Path) -> RigConfig:
     base = path.parent
     if config.calibration.file is not None and not config.calibration.file.is_absolute():
         config.calibration.file = (base / config.calibration.file).resolve()
+    producer = getattr(config.camera, "producer", None)
+    if producer not in (None, "viky") and not Path(producer).expanduser().is_absolute():
+        config.camera.producer = str((base / producer).resolve())
     scene = getattr(config.camera, "scene", None)
     if isinstance(scene, RgbdSceneConfig):
         for key in ("image", "depth", "disparity"):
