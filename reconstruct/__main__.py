@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
     p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
-    p.add_argument("--method", default="classical", choices=METHODS, help="depth method (default: classical)")
+    p.add_argument("--method", default="dualfocus", choices=METHODS, help="depth method (default: dualfocus, the shipped network)")
     p.add_argument("--model", default="dualfocus-s", help="DualFocus model name (dualfocus only)")
     p.add_argument("--weights", type=Path, default=None, help="safetensors weights (dualfocus only)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])

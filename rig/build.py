@@ -168,8 +168,14 @@ class Rig:
     def __enter__(self) -> Rig:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error is already on its way: a failing close (the port is gone) must not replace it
+            self.close()
+        except Exception as close_exc:
+            logger.warning("while stopping after an error, closing the rig also failed: %s", close_exc)
 
 
 def _focus_map(config: RigConfig) -> LiquidLensFocusModel:

@@ -327,9 +327,18 @@ def test_rig_debug_shows_traceback_for_bad_field(tmp_path: Path) -> None:
 # ---- python -m reconstruct: success ----------------------------------------------------------------
 
 
+def test_reconstruct_default_is_the_shipped_network(stack_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "net"
+    proc = reconstruct(stack_dir, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    doc = yaml.safe_load((out / "result.yaml").read_text(encoding="utf-8"))
+    assert (doc["method"], doc["model"], doc["backend"]) == ("dualfocus", "dualfocus-s", "torch")
+    assert np.isfinite(np.load(out / "depth.npy")).mean() > 0.9
+
+
 def test_reconstruct_success(run: dict, stack_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "new" / "out"
-    proc = reconstruct(stack_dir, "--out", out)
+    proc = reconstruct(stack_dir, "--out", out, "--method", "classical")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
     assert str(out) in proc.stdout
