@@ -108,8 +108,6 @@ def sweep(
             t_cmd = time.monotonic()
             t_ready = actuator.wait_settled(timeout_s=settle_timeout_s) if wait_settled else t_cmd
             frame = camera.grab(start_after_host_s=t_ready, timeout_s=grab_timeout_s)
-            frames.append(frame)
-            done_m.append(float(distance_m))
             entry = {
                 "actuator_value": round(value, 4),
                 "actuator_unit": actuator.unit,
@@ -123,6 +121,9 @@ def sweep(
             temperature = actuator.temperature_c()
             if temperature is not None:
                 entry["lens_temperature_c"] = round(float(temperature), 3)
+            # all three lists grow together, after the last device call of this slice
+            frames.append(frame)
+            done_m.append(float(distance_m))
             slice_meta.append(entry)
             if progress is not None:
                 progress(i + 1, n)

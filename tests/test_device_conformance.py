@@ -96,8 +96,25 @@ def genicam_focus_factory(_created) -> Callable[[], FocusActuator]:
     return make
 
 
+@pytest.fixture
+def optotune_emulated_factory(_created) -> Callable[[], FocusActuator]:
+    """The Optotune LD4 driver over a real pseudo-terminal against the protocol emulator."""
+    import sys
+
+    if sys.platform.startswith("win"):
+        pytest.skip("the emulators need a pseudo-terminal")
+    from capture.optotune import OptotuneLensDriver
+
+    def make() -> FocusActuator:
+        device = OptotuneLensDriver("emulator", timeout_s=0.3, settle_time_s=0.01, name="conformance optotune")
+        _created.append(device)
+        return device
+
+    return make
+
+
 #: fixture names of FocusActuator factories
-ACTUATOR_FACTORIES = ["simulated_lens_factory", "genicam_focus_factory"]
+ACTUATOR_FACTORIES = ["simulated_lens_factory", "genicam_focus_factory", "optotune_emulated_factory"]
 #: fixture names of Camera factories
 CAMERA_FACTORIES = ["simulated_camera_factory", "genicam_viky_camera_factory"]
 

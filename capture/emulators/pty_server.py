@@ -89,6 +89,10 @@ class PtyEmulator:
         """Pull the cable now: close the pseudo-terminal (the client's next I/O fails)."""
         logger.info("%s emulator: disconnecting %s", self.device_name, self.port)
         self._stop.set()
+        # Let the serving thread leave select()/read() first: closing its fd under it could
+        # let it read from a new file that reuses the same descriptor number.
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
         self._close_fds()
 
     def inject(self, fault: str | None, *, after_requests: int = 0) -> None:

@@ -1,0 +1,142 @@
+"""The hardware path end to end without hardware: the real harvesters path on viky.cti with
+the Optotune LD4 driver talking to its emulator over a real pseudo-terminal
+(configs/dryrun_viky_optotune.yaml), and a lens cable pulled mid-sweep."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import capture.ld4_protocol as ld4
+from capture.emulators.optotune import OptotuneEmulator
+from capture.gentl import viky_path
+from capture.stack import FocalStack
+from rig import load_config, open_rig
+from rig.cli import main as run_rig_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DRYRUN = ROOT / "configs" / "dryrun_viky_optotune.yaml"
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform.startswith("win"), reason="the emulators need a pseudo-terminal"),
+    pytest.mark.skipif(not viky_path().is_file(), reason=f"viky.cti not found at {viky_path()}"),
+]
+
+
+def _aw_frames(received: list[bytes]) -> list[bytes]:
+    return [r for r in received if r.startswith(b"Aw")]
+
+
+def test_dry_run_sweep_is_real_protocol_exchanges(tmp_path: Path) -> None:
+    config = load_config(DRYRUN)
+    with open_rig(config) as rig:
+        emulator = rig.actuator.emulator
+        assert emulator is not None and emulator.port.startswith("/dev/")
+        opened = len(emulator.received)
+        stack = rig.capture_stack()
+        max_ma = rig.actuator.max_current_ma
+    assert stack.n_slices == 10
+    stack.write(tmp_path / "stack")
+    back = FocalStack.read(tmp_path / "stack")
+    assert back.n_slices == 10 and back.image_hw == (400, 400)
+    assert back.meta["capture"]["camera_identity"]["serial_number"] == "0"
+    assert back.meta["capture"]["focus_identity"]["serial_number"] == "EMU00001"
+    # every move of the sweep went over the pseudo-terminal as the LD4's own Aw frame, CRC included
+    sweep_moves = _aw_frames(emulator.received[opened:])
+    expected = [ld4.set_current(ld4.current_to_raw(s["actuator_value"], max_ma)).frame for s in back.slice_meta]
+    assert sweep_moves[: len(expected)] == expected
+    assert all(ld4.check_frame(f) for f in sweep_moves)
+    # closing parked the lens at 0 mA
+    assert emulator.received[-1] == ld4.set_current(0).frame
+    assert emulator.current_raw == 0
+
+
+def test_dry_run_config_completes_through_run_rig(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run_rig.py"), "--config", str(DRYRUN), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_dir = next(tmp_path.iterdir())
+    stack = FocalStack.read(run_dir / "stacks" / "000000")
+    assert stack.n_slices == 10
+    assert (run_dir / "depth" / "000000" / "depth.npy").is_file()
+    assert str(run_dir) in proc.stdout
+
+
+def _pull_cable_after(emulator: OptotuneEmulator, moves: int) -> threading.Thread:
+    def watch() -> None:
+        deadline = time.monotonic() + 30
+        while len(_aw_frames(emulator.received)) < moves and time.monotonic() < deadline:
+            time.sleep(0.002)
+        emulator.disconnect()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _config_with_port(tmp_path: Path, port: str) -> Path:
+    doc = yaml.safe_load(DRYRUN.read_text(encoding="utf-8"))
+    doc["focus"]["port"] = port
+    doc["focus"]["timeout_s"] = 0.3
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+def test_port_vanishing_mid_sweep_keeps_the_slices_and_exits_3(tmp_path: Path, capsys) -> None:
+    with OptotuneEmulator() as emulator:
+        config = _config_with_port(tmp_path, emulator.port)
+        watcher = _pull_cable_after(emulator, moves=4)
+        t0 = time.monotonic()
+        code = run_rig_main(["--config", str(config), "--out", str(tmp_path / "runs"), "--no-progress"])
+        elapsed = time.monotonic() - t0
+        watcher.join(timeout=5)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert elapsed < 10
+    assert len(err) == 1 or all("WARNING" in line for line in err[:-1])  # one error line (warnings aside)
+    line = err[-1]
+    assert line.startswith("error: sweep stopped after") and emulator.port in line and "command" in line
+    run_dir = next((tmp_path / "runs").iterdir())
+    stacks = run_dir / "stacks"
+    assert not (stacks / "000000").exists()  # never under the final name
+    kept = stacks / "000000.incomplete"
+    reason = (kept / "reason.txt").read_text(encoding="utf-8")
+    assert emulator.port in reason
+    partial = FocalStack.read(kept)
+    assert 2 <= partial.n_slices < 10
+    summary = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert summary["stacks"] == 0 and summary["incomplete"] == [str(kept)]
+
+
+def test_a_lens_that_stops_answering_is_parked(tmp_path: Path, capsys) -> None:
+    """No reply mid-sweep: DeviceTimeout naming the port and command, and the lens is parked
+    (the stalled emulator still hears the park frames)."""
+    with OptotuneEmulator() as emulator:
+        config = _config_with_port(tmp_path, emulator.port)
+
+        def stall_after_moves() -> None:
+            deadline = time.monotonic() + 30
+            while len(_aw_frames(emulator.received)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            emulator.inject("stall")
+
+        threading.Thread(target=stall_after_moves, daemon=True).start()
+        code = run_rig_main(["--config", str(config), "--out", str(tmp_path / "runs"), "--no-progress"])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        deadline = time.monotonic() + 2
+        while emulator.received[-1:] != [ld4.set_current(0).frame] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert emulator.current_raw == 0  # parked at 0 mA
+    assert code == 3
+    assert "no reply" in line.lower() and emulator.port in line
+    kept = next((tmp_path / "runs").iterdir()) / "stacks" / "000000.incomplete"
+    assert FocalStack.read(kept).n_slices >= 2  # the slices before the stall are a readable stack
