@@ -167,7 +167,7 @@ class FocusActuator(_Device):
         while True:
             now = time.monotonic()
             if self._do_is_settled():
-                return now
+                return time.monotonic()  # after the check: a driver's check may block until settled
             if now >= deadline:
                 raise DeviceTimeout(f"{self.name}: not settled within {timeout_s:g} s (target {self.target:.4g} {self.unit})")
             time.sleep(min(poll_s, max(0.0, deadline - now)))

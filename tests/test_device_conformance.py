@@ -113,8 +113,39 @@ def optotune_emulated_factory(_created) -> Callable[[], FocusActuator]:
     return make
 
 
+def _gcode_factory(created: list, flavor: str) -> Callable[[], FocusActuator]:
+    import sys
+
+    if sys.platform.startswith("win"):
+        pytest.skip("the emulators need a pseudo-terminal")
+    from capture.gcode import GcodeFocusStage
+
+    def make() -> FocusActuator:
+        # short travel and a fast feed keep the full-range move of the tests near 0.5 s
+        device = GcodeFocusStage("emulator", flavor=flavor, feed_mm_min=1200, limits_mm=(0.0, 10.0), timeout_s=1.0)
+        created.append(device)
+        return device
+
+    return make
+
+
+@pytest.fixture
+def grbl_emulated_factory(_created) -> Callable[[], FocusActuator]:
+    """The G-code stage driver against the GRBL emulator over a pseudo-terminal."""
+    return _gcode_factory(_created, "grbl")
+
+
+@pytest.fixture
+def marlin_emulated_factory(_created) -> Callable[[], FocusActuator]:
+    """The G-code stage driver against the Marlin emulator over a pseudo-terminal."""
+    return _gcode_factory(_created, "marlin")
+
+
 #: fixture names of FocusActuator factories
-ACTUATOR_FACTORIES = ["simulated_lens_factory", "genicam_focus_factory", "optotune_emulated_factory"]
+ACTUATOR_FACTORIES = [
+    "simulated_lens_factory", "genicam_focus_factory", "optotune_emulated_factory",
+    "grbl_emulated_factory", "marlin_emulated_factory",
+]
 #: fixture names of Camera factories
 CAMERA_FACTORIES = ["simulated_camera_factory", "genicam_viky_camera_factory"]
 

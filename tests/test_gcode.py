@@ -1,0 +1,403 @@
+"""G-code focus stage (GRBL / Marlin) against its emulator, over real pseudo-terminals.
+
+Every exchange goes through pyserial and a pseudo-terminal, so framing, timing and the port
+vanishing behave as with a USB-serial adapter. Motion is modelled in time by the emulator,
+so settling takes distance / feed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import serial
+
+from capture.emulators import emulator_class
+from capture.emulators.gcode import GcodeEmulator
+from capture.errors import DeviceError, DeviceTimeout, InputError, ProtocolError
+from capture.gcode import GcodeFocusStage, StageStatus
+
+pytestmark = pytest.mark.skipif(sys.platform.startswith("win"), reason="pseudo-terminals need Linux or macOS")
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAVORS = ["grbl", "marlin"]
+REALTIME = {b"?", b"!", b"~", b"\x18"}
+TIMEOUT_S = 0.3
+HOMING_S = 0.05
+
+
+def lines_sent(emulator: GcodeEmulator) -> list[bytes]:
+    """The G-code lines the emulator received, without GRBL's real-time bytes."""
+    return [r for r in emulator.received if r not in REALTIME]
+
+
+@pytest.fixture
+def started() -> Iterator[list]:
+    """Emulators and stages built by a test; stopped/closed afterwards whatever happened."""
+    things: list = []
+    yield things
+    for thing in reversed(things):
+        if isinstance(thing, GcodeFocusStage):
+            thing.close()
+        else:
+            thing.stop()
+
+
+def make(started: list, flavor: str, *, emulator_kw: dict | None = None, **stage_kw) -> tuple[GcodeEmulator, GcodeFocusStage]:
+    emulator = GcodeEmulator(flavor=flavor, homing_time_s=HOMING_S, **(emulator_kw or {})).start()
+    started.append(emulator)
+    stage_kw.setdefault("timeout_s", TIMEOUT_S)
+    stage_kw.setdefault("move_timeout_s", 5.0)
+    stage = GcodeFocusStage(emulator.port, flavor=flavor, **stage_kw)
+    started.append(stage)
+    return emulator, stage
+
+
+# --------------------------------------------------------------------------------------------
+# normal operation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_open_home_move_settle_position_round_trip(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor)
+    stage.open()
+    assert stage.is_open and stage.unit == "mm" and stage.limits == (0.0, 50.0)
+    assert emulator.homed if flavor == "grbl" else "Z" in emulator._homed_axes
+    assert stage.target == pytest.approx(0.0)
+    assert stage.firmware.startswith("Grbl 1.1h" if flavor == "grbl" else "Marlin 2.1.2")
+
+    t0 = time.monotonic()
+    stage.move_to(3.0)  # 3 mm at 600 mm/min: 0.3 s
+    assert time.monotonic() - t0 < 0.1, "move_to must return once the line is queued"
+    assert 0.0 <= emulator.position_mm[2] < 3.0  # still on its way
+    settled_s = stage.wait_settled(timeout_s=2.0)
+    elapsed_s = settled_s - t0
+    assert 0.3 - 0.01 <= elapsed_s <= 0.3 + 0.15, elapsed_s
+    assert time.monotonic() - t0 >= 0.29
+    assert emulator.position_mm[2] == pytest.approx(3.0)
+    assert stage.position() == pytest.approx(3.0, abs=0.01)
+    assert stage.target == pytest.approx(3.0)
+    status = stage.status()
+    assert isinstance(status, StageStatus) and status.state == "Idle" and status.position_mm == pytest.approx(3.0, abs=0.01)
+    stage.wait_settled(timeout_s=0.5)  # already settled: returns at once
+
+    if flavor == "grbl":
+        expected = [b"$I", b"$H", b"G21", b"G90", b"G1 Z3.0000 F600", b"G4 P0"]
+        assert emulator.received[0] == b"\x18"  # woken with a soft reset
+        received = emulator.received
+        polls = received[received.index(b"G1 Z3.0000 F600") + 1 : received.index(b"G4 P0")]
+        assert polls and set(polls) == {b"?"}  # polled the real-time status until Idle, then synced
+    else:
+        expected = [b"M115", b"G28 Z", b"G21", b"G90", b"M114", b"G1 Z3.0000 F600", b"M400", b"M114", b"M114"]
+    assert lines_sent(emulator) == expected
+    stage.close()
+    stage.close()  # idempotent
+    assert not stage.is_open
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_settle_time_follows_distance_and_feed(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor, feed_mm_min=1200.0, home_on_start=False)
+    emulator.BUSY_INTERVAL_S = 0.03  # Marlin: "echo:busy: processing" keepalives during M400 are ignored
+    stage.open()
+    for target_mm, expected_s in ((2.0, 0.1), (6.0, 0.2)):  # 20 mm/s
+        t0 = time.monotonic()
+        stage.move_to(target_mm)
+        elapsed_s = stage.wait_settled(timeout_s=2.0) - t0
+        assert expected_s - 0.01 <= elapsed_s <= expected_s + 0.12, (target_mm, elapsed_s)
+        assert emulator.position_mm[2] == pytest.approx(target_mm)
+    assert b"G1 Z6.0000 F1200" in lines_sent(emulator)
+    assert not any(line in (b"$H", b"G28 Z") for line in lines_sent(emulator))
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_wait_settled_timeout_then_the_pending_sync_is_honoured(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor, home_on_start=False)
+    stage.open()
+    t0 = time.monotonic()
+    stage.move_to(5.0)  # 0.5 s
+    with pytest.raises(DeviceTimeout, match="not settled"):
+        stage.wait_settled(timeout_s=0.1)
+    assert time.monotonic() - t0 < 0.1 + 0.1
+    settled_s = stage.wait_settled(timeout_s=2.0)
+    assert 0.5 - 0.01 <= settled_s - t0 <= 0.5 + 0.15
+    assert stage.position() == pytest.approx(5.0, abs=0.01)
+    sync = b"G4 P0" if flavor == "grbl" else b"M400"
+    assert lines_sent(emulator).count(sync) == 1  # the outstanding sync line was awaited, not re-sent
+    stage.move_to(6.0)  # the stream is still in step: the next line gets its own ok
+    stage.wait_settled(timeout_s=2.0)
+    assert emulator.position_mm[2] == pytest.approx(6.0)
+
+
+def test_port_emulator_starts_and_stops_an_in_process_emulator(started) -> None:
+    stage = GcodeFocusStage("emulator", flavor="marlin", feed_mm_min=1200.0)
+    started.append(stage)
+    with stage:
+        assert stage.emulator is not None and stage.port_path.startswith("/dev/")
+        stage.move_to(1.0)
+        stage.wait_settled(timeout_s=2.0)
+        assert stage.position() == pytest.approx(1.0, abs=0.01)
+        thread = stage.emulator._thread
+    assert thread is not None and not thread.is_alive()
+
+
+# --------------------------------------------------------------------------------------------
+# limits, errors, alarms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_soft_limit_is_refused_before_anything_is_sent(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor, limits_mm=(0.0, 40.0), home_on_start=False)
+    stage.open()
+    before = list(emulator.received)
+    for bad in (40.5, -0.1, float("nan")):
+        with pytest.raises(InputError, match="outside the device limits"):
+            stage.move_to(bad)
+    assert emulator.received == before
+
+
+def test_grbl_soft_limit_alarm_is_a_device_error_then_locked(started) -> None:
+    emulator, stage = make(started, "grbl", limits_mm=(0.0, 100.0), emulator_kw={"max_travel_mm": 50.0})
+    stage.open()
+    with pytest.raises(DeviceError, match="soft limit") as info:
+        stage.move_to(60.0)  # inside the driver's limits, outside the machine's travel
+    assert "ALARM:2" in str(info.value) and emulator.port in str(info.value) and "G1 Z60.0000 F600" in str(info.value)
+    assert not isinstance(info.value, ProtocolError)
+    assert stage.status().state == "Alarm"
+    with pytest.raises(ProtocolError, match=r"'G1 Z10.0000 F600' refused with error:9 \(G-code locked out during an alarm") as info:
+        stage.move_to(10.0)
+    assert emulator.port in str(info.value)
+    stage.unlock()
+    assert lines_sent(emulator)[-1] == b"$X"
+    stage.move_to(1.0)
+    stage.wait_settled(timeout_s=2.0)
+    assert stage.position() == pytest.approx(1.0)
+
+
+def test_marlin_soft_endstops_clamp_silently(started) -> None:
+    _, stage = make(started, "marlin", limits_mm=(0.0, 100.0), feed_mm_min=1200.0, emulator_kw={"max_travel_mm": 2.0})
+    stage.open()
+    stage.move_to(3.0)  # Marlin clamps to its travel and says ok (documented: the driver's limits protect)
+    stage.wait_settled(timeout_s=2.0)
+    assert stage.position() == pytest.approx(2.0, abs=0.01)
+
+
+@pytest.mark.parametrize(("flavor", "line", "pattern"), [
+    ("grbl", "G99", r"'G99' refused with error:20 \(unsupported or invalid G-code command\)"),
+    ("grbl", "G1 Zabc", r"'G1 Zabc' refused with error:2 \(bad number format"),
+    ("grbl", "$Q", r"'\$Q' refused with error:3"),
+    ("marlin", "M9999", r"Marlin refused 'M9999': echo:Unknown command: \"M9999\""),
+])
+def test_error_reply_is_a_protocol_error_naming_the_line(started, flavor: str, line: str, pattern: str) -> None:
+    emulator, stage = make(started, flavor, home_on_start=False, feed_mm_min=1200.0)
+    stage.open()
+    with pytest.raises(ProtocolError, match=pattern) as info:
+        stage.command(line)
+    assert emulator.port in str(info.value)
+    stage.move_to(1.0)  # the exchange stays in step after a refusal
+    stage.wait_settled(timeout_s=2.0)
+    assert stage.position() == pytest.approx(1.0, abs=0.01)
+
+
+def test_raw_command_returns_the_lines_before_ok(started) -> None:
+    _, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    settings = stage.command("$$")
+    assert "$132=50.000" in settings and "$100=800.000" in settings
+    with pytest.raises(InputError):
+        stage.command("G0 Z1\nG0 Z2")
+
+
+def test_grbl_homing_required_alarm_at_open_has_a_clear_message(started) -> None:
+    emulator, stage = make(started, "grbl", home_on_start=False, emulator_kw={"needs_homing": True})
+    with pytest.raises(DeviceError, match="alarm state") as info:
+        stage.open()
+    message = str(info.value)
+    assert "home_on_start=True" in message and "$H" in message and emulator.port in message
+    assert not stage.is_open
+    assert not any(line.startswith(b"G") for line in lines_sent(emulator))  # no motion G-code sent to a locked machine
+    stage.close()  # harmless after a failed open
+    homing = GcodeFocusStage(emulator.port, flavor="grbl", timeout_s=TIMEOUT_S)  # the default: home on start
+    started.append(homing)
+    homing.open()
+    assert emulator.homed and emulator.state == "Idle"
+
+
+def test_marlin_homing_required_is_reported_at_the_first_move(started) -> None:
+    emulator, stage = make(started, "marlin", home_on_start=False, emulator_kw={"needs_homing": True})
+    stage.open()
+    with pytest.raises(DeviceError, match="homing required") as info:
+        stage.move_to(5.0)
+    assert "G1 Z5.0000 F600" in str(info.value) and emulator.port in str(info.value)
+    stage.home()
+    stage.move_to(0.5)
+    stage.wait_settled(timeout_s=2.0)
+    assert stage.position() == pytest.approx(0.5, abs=0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# faults: silence, garbage, cable pulled, wrong port
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_stall_is_a_timeout_naming_port_and_line(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor, home_on_start=False)
+    stage.open()
+    emulator.inject("stall")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout) as info:
+        stage.move_to(5.0)
+    elapsed_s = time.monotonic() - t0
+    assert TIMEOUT_S - 0.01 <= elapsed_s <= TIMEOUT_S + 0.25, elapsed_s
+    assert emulator.port in str(info.value) and "'G1 Z5.0000 F600'" in str(info.value)
+    t0 = time.monotonic()
+    stage.close()
+    assert time.monotonic() - t0 < 0.5
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_garbled_reply_is_a_protocol_error(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor, home_on_start=False)
+    stage.open()
+    emulator.inject("corrupt_crc")
+    with pytest.raises(ProtocolError, match=r"unparseable reply 'nk' to 'G1 Z5.0000 F600'") as info:
+        stage.move_to(5.0)
+    assert emulator.port in str(info.value)
+
+
+def test_garbled_status_report_is_a_protocol_error(started) -> None:
+    emulator, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    emulator.inject("corrupt_crc")
+    with pytest.raises(ProtocolError, match=r"unparseable reply '=Idle\|MPos"):
+        stage.position()
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_disconnect_mid_move_is_a_device_error_without_hanging(started, flavor: str) -> None:
+    emulator, stage = make(started, flavor, home_on_start=False)
+    stage.open()
+    stage.move_to(20.0)  # 2 s of motion
+    time.sleep(0.05)
+    emulator.disconnect()
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError) as info:
+        stage.wait_settled(timeout_s=5.0)
+    assert time.monotonic() - t0 < 1.0
+    assert not isinstance(info.value, DeviceTimeout)
+    assert emulator.port in str(info.value)
+    t0 = time.monotonic()
+    stage.close()
+    stage.close()
+    assert time.monotonic() - t0 < 0.5 and not stage.is_open
+
+
+def test_missing_port_is_a_device_error_naming_it() -> None:
+    path = "/dev/does-not-exist-gcode-stage"
+    stage = GcodeFocusStage(path)
+    with pytest.raises(DeviceError, match="does-not-exist-gcode-stage") as info:
+        stage.open()
+    assert "dialout" in str(info.value) and not stage.is_open
+
+
+def test_wrong_flavor_times_out_with_a_hint(started) -> None:
+    emulator = GcodeEmulator(flavor="marlin").start()
+    started.append(emulator)
+    stage = GcodeFocusStage(emulator.port, flavor="grbl", timeout_s=0.15)
+    started.append(stage)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout, match="flavor='marlin'"):
+        stage.open()
+    assert time.monotonic() - t0 < 2 * 0.15 + 0.3
+
+
+def test_constructor_validates_arguments() -> None:
+    assert emulator_class("grbl") is GcodeEmulator
+    for kwargs in ({"flavor": "reprap"}, {"axis": "Q"}, {"limits_mm": (5.0, 1.0)}, {"feed_mm_min": 0.0}, {"timeout_s": float("inf")}):
+        with pytest.raises(InputError):
+            GcodeFocusStage("/dev/null", **kwargs)
+
+
+def test_status_report_parsing_handles_work_offsets_and_grbl_0_9() -> None:
+    stage = GcodeFocusStage("/dev/null", axis="Z")
+    s = stage._parse_grbl_status("<Run|MPos:1.000,2.000,13.500|FS:600,0|WCO:0.000,0.000,1.500>")
+    assert (s.state, s.position_mm, s.machine_mm) == ("Run", pytest.approx(12.0), (1.0, 2.0, 13.5))
+    s = stage._parse_grbl_status("<Idle|WPos:0.000,0.000,12.000|FS:0,0>")  # the offset is remembered
+    assert s.position_mm == pytest.approx(12.0) and s.machine_mm[2] == pytest.approx(13.5)
+    s = stage._parse_grbl_status("<Idle,MPos:0.000,0.000,4.250,WPos:0.000,0.000,4.250>")
+    assert s.state == "Idle" and s.machine_mm == (0.0, 0.0, 4.25)
+    with pytest.raises(ProtocolError):
+        stage._parse_grbl_status("<Idle|FS:0,0>")
+
+
+# --------------------------------------------------------------------------------------------
+# the emulator on its own
+# --------------------------------------------------------------------------------------------
+
+
+def _exchange(port: serial.Serial, data: bytes, *, until: bytes = b"\n", timeout_s: float = 1.0) -> bytes:
+    port.write(data)
+    out = b""
+    deadline = time.monotonic() + timeout_s
+    while not out.endswith(until) and time.monotonic() < deadline:
+        out += port.read(port.in_waiting or 1)
+    return out
+
+
+def test_grbl_emulator_models_hold_resume_and_dwell_sync(started) -> None:
+    emulator = GcodeEmulator(flavor="grbl").start()
+    started.append(emulator)
+    with serial.Serial(emulator.port, 115200, timeout=0.01) as port:
+        assert _exchange(port, b"G21 G90\n") == b"ok\r\n"
+        t0 = time.monotonic()
+        assert _exchange(port, b"G1 Z1 F600\n") == b"ok\r\n"  # 0.1 s of motion
+        assert _exchange(port, b"?").startswith(b"<Run|MPos:0.000,0.000,0.")
+        time.sleep(0.03)
+        port.write(b"!")
+        time.sleep(0.01)
+        held = _exchange(port, b"?")
+        assert held.startswith(b"<Hold:0|")
+        time.sleep(0.1)
+        assert _exchange(port, b"?") == held  # frozen while held
+        port.write(b"~G4 P0\n")
+        reply = _exchange(port, b"", until=b"ok\r\n", timeout_s=1.0)
+        elapsed_s = time.monotonic() - t0
+        assert reply == b"ok\r\n" and 0.2 <= elapsed_s <= 0.35, elapsed_s  # 0.1 s of motion + ~0.11 s held
+        assert _exchange(port, b"?") == b"<Idle|MPos:0.000,0.000,1.000|FS:0,0>\r\n"
+        assert _exchange(port, b"\x18", until=b"help]\r\n") == b"\r\nGrbl 1.1h ['$' for help]\r\n"
+        assert _exchange(port, b"G1 Z2\n") == b"error:22\r\n"  # the reset forgot the feed rate
+    assert emulator.requests_served == len(emulator.received) >= 10
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_emulator_command_line_prints_the_port_first(flavor: str) -> None:
+    args = [sys.executable, "-m", "capture.emulators", "grbl"] + (["--flavor", "marlin"] if flavor == "marlin" else [])
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+        assert ready, "the emulator printed nothing within 10 s"
+        port = proc.stdout.readline().strip()
+        assert port.startswith("/dev/"), port
+        with GcodeFocusStage(port, flavor=flavor, home_on_start=False, timeout_s=1.0, feed_mm_min=1200.0) as stage:
+            stage.move_to(1.0)
+            stage.wait_settled(timeout_s=2.0)
+            assert stage.position() == pytest.approx(1.0, abs=0.01)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()
