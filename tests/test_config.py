@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,69 @@ def test_run_folder_config_yaml_loads_again(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
     assert config_to_dict(load_config(path)) == config_to_dict(config)
+
+
+# ---- hardware sections ----------------------------------------------------------------------------
+
+RIG_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("train_"))
+
+
+@pytest.mark.parametrize("path", RIG_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_rig_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.camera.driver in ("simulated", "genicam")
+
+
+def _hw(camera: dict, focus: dict) -> dict:
+    return {"camera": {"driver": "genicam", "producer": "viky", **camera}, "focus": focus}
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (_hw({"serial_number": "0", "index": 1}, {"driver": "optotune", "port": "emulator"}), "camera: give at most one of serial_number, id, index"),
+        (_hw({"pixel_format": "YUV8"}, {"driver": "optotune", "port": "emulator"}), "camera.pixel_format: unsupported pixel format"),
+        (_hw({"trigger": "sometimes"}, {"driver": "optotune", "port": "emulator"}), "camera.trigger"),
+        (_hw({}, {"driver": "optotune"}), "focus.port: missing (required)"),
+        (_hw({}, {"driver": "optotune", "port": "emulator", "mode": "voltage"}), "focus.mode"),
+        (_hw({}, {"driver": "gcode", "port": "/dev/ttyUSB0", "limits_mm": [5, 1]}), "focus.limits_mm: need [low, high] with low < high"),
+        (_hw({}, {"driver": "gcode", "port": "/dev/ttyUSB0", "flavor": "smoothie"}), "focus.flavor"),
+        (_hw({}, {"driver": "lens9000"}), "focus.driver: unknown driver 'lens9000'; valid: gcode, genicam, optotune, simulated"),
+    ],
+)
+def test_hardware_sections_name_the_bad_field(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config(raw, source="rig.yaml")
+
+
+def test_a_serial_number_written_as_a_number_is_text() -> None:
+    config = parse_config(_hw({"serial_number": 12345}, {"driver": "optotune", "port": "emulator"}))
+    assert config.camera.serial_number == "12345"
+
+
+def test_a_relative_producer_path_is_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "rig.yaml").write_text(yaml.safe_dump(_hw({"producer": "gentl/x.cti"}, {"driver": "optotune", "port": "emulator"})), encoding="utf-8")
+    config = load_config(tmp_path / "rig.yaml")
+    assert config.camera.producer == str((tmp_path / "gentl" / "x.cti").resolve())
+
+
+@pytest.mark.parametrize(
+    ("focus", "expected"),
+    [
+        ({"driver": "optotune", "port": "emulator"}, "focus.nominal: the optotune lens in current mode needs a nominal model"),
+        ({"driver": "gcode", "port": "emulator"}, "focus.nominal: the gcode focus needs a nominal model"),
+    ],
+)
+def test_hardware_without_a_focus_map_is_refused_before_opening(focus: dict, expected: str) -> None:
+    from rig import open_rig
+
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        open_rig(parse_config(_hw({}, focus)))
+
+
+def test_simulated_camera_refuses_a_hardware_lens() -> None:
+    from rig import open_rig
+
+    raw = {"focus": {"driver": "optotune", "port": "emulator", "nominal": {"offset_dpt": 0, "dpt_per_ma": 0.01}}}
+    with pytest.raises(ConfigError, match="focus.driver: the simulated camera needs the simulated focus"):
+        open_rig(parse_config(raw))
