@@ -94,7 +94,7 @@ def reconstruct_stack(
         pred = predict(ordered.as_float(), focus, weights=path, backend=backend)
         focus_out, confidence = pred.depth_focus, pred.confidence
         aif = fuse_all_in_focus(ordered.images, pred.slice_position)
-        model_name, sha, backend_name, device = model, pred.sha256, "torch", pred.device
+        model_name, sha, backend_name, device = model, pred.sha256, pred.backend, pred.device
         extra["weights"] = path.name
     else:
         grey = ordered.to_grey_float()

@@ -1,4 +1,4 @@
-"""Running a trained DualFocus network on a focal stack (torch backend).
+"""Running a trained DualFocus network on a focal stack, on any backend (``reconstruct.backends``).
 
 Weights load only from safetensors; the shipped ones live next to this package
 (``reconstruct/weights/<model>.safetensors`` with a model card ``<model>.yaml``).
@@ -7,7 +7,6 @@ Weights load only from safetensors; the shipped ones live next to this package
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from capture.errors import ReconstructionError
-from reconstruct.dualfocus.checkpoint import check_weights_file, load_weights, sha256_of
+from reconstruct.backends import Backend, BackendChoice, open_backend
+from reconstruct.backends.export import weights_identity
+from reconstruct.backends.select import select_backend as _select
+from reconstruct.dualfocus.checkpoint import check_weights_file
 from reconstruct.dualfocus.model import DualFocusNet
 from reconstruct.dualfocus.registry import MODELS
 
@@ -25,8 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["WEIGHTS_DIR", "shipped_weights", "resolve_weights", "select_backend", "DualFocusPrediction", "predict"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-_CACHE: dict[tuple[str, str], tuple[DualFocusNet, str]] = {}
-_LOCK = threading.Lock()
+_FAILED: set[tuple] = set()  # (weights, shape, backend, device) that failed to open under auto
 
 
 def shipped_weights(model: str) -> Path:
@@ -47,43 +48,56 @@ def resolve_weights(model: str, weights: str | Path | None) -> Path:
     return check_weights_file(Path(weights) if weights is not None else shipped_weights(model))
 
 
-def select_backend(backend: str) -> tuple[str, torch.device]:
-    """``auto`` picks torch on the GPU where CUDA is available, else torch on the CPU, and
-    logs its choice; ``torch`` likewise. Other backends arrive with the deployment work."""
-    if backend not in ("auto", "torch"):
-        raise ReconstructionError(f"backend: {backend!r} is not available in this version; valid now: auto, torch")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if backend == "auto":
-        logger.info("backend auto: torch on %s%s", device, "" if device.type == "cuda" else " (no CUDA GPU found)")
-    return "torch", device
-
-
-def _load(path: Path, device: torch.device) -> tuple[DualFocusNet, str]:
-    key = (str(path.resolve()), str(device))
-    with _LOCK:
-        if key not in _CACHE:
-            model, _meta = load_weights(path)
-            _CACHE[key] = (model.to(device).eval(), sha256_of(path))
-        return _CACHE[key]
+def select_backend(backend: str) -> BackendChoice:
+    """The backend for a ``backend`` setting (auto, torch, onnxruntime, tensorrt) as
+    ``(name, device, reason)``; logs the choice; ReconstructionError for an unknown or
+    unavailable one (``reconstruct.backends.select``)."""
+    return _select(backend)
 
 
 @dataclass
 class DualFocusPrediction:
     """``depth_focus`` ``[H, W]`` in the stack's focus unit (diopters or focus index),
-    ``confidence`` ``[H, W]``, ``slice_position`` ``[H, W]`` (expected sorted-slice index)."""
+    ``confidence`` ``[H, W]``, ``slice_position`` ``[H, W]`` (expected sorted-slice index);
+    ``device`` says where and with what it ran (``cpu (torch)``, ``cpu (onnxruntime)``,
+    ``cuda:0 (tensorrt, fp16)``), ``backend`` the backend's name."""
 
     depth_focus: np.ndarray
     confidence: np.ndarray
     slice_position: np.ndarray
     device: str
     sha256: str
+    backend: str = "torch"
+
+
+def _open(choice: BackendChoice, requested: str, weights: Path, shape: tuple[int, int, int]) -> Backend:
+    """The backend for ``choice``; under ``auto`` a backend that fails to open (an export the
+    exporter refuses, an engine that does not build) falls back to torch on the same device,
+    once per (weights, shape, backend), with a warning."""
+    key = (str(weights), shape, choice.name, choice.device)
+    if requested == "auto" and choice.name != "torch" and key in _FAILED:
+        return open_backend("torch", choice.device, weights=weights, shape=shape)
+    try:
+        return open_backend(choice.name, choice.device, weights=weights, shape=shape)
+    except (ReconstructionError, OSError) as exc:
+        if requested != "auto" or choice.name == "torch":
+            raise
+        _FAILED.add(key)
+        logger.warning("backend auto: %s on %s failed (%s); using torch on %s", choice.name, choice.device, exc, choice.device)
+        return open_backend("torch", choice.device, weights=weights, shape=shape)
 
 
 def predict(slices: np.ndarray, focus: np.ndarray, *, weights: Path, backend: str = "auto") -> DualFocusPrediction:
     """Run the network on float slices ``[N, H, W]`` or ``[N, H, W, C]`` in [0, 1] with their
-    focus values ``[N]`` (diopters or focus index; any order)."""
-    _, device = select_backend(backend)
-    model, sha = _load(weights, device)
+    focus values ``[N]`` (diopters or focus index; any order), on ``backend``.
+
+    The stack is padded (edge-replicated) to multiples of 4 and the outputs cropped back;
+    every backend returns normalised depth (``reconstruct.backends.base``), converted here to
+    focus units on the CPU in float32, so the units step is the same for all backends.
+    """
+    choice = select_backend(backend)
+    weights = Path(weights)
+    sha, _model = weights_identity(weights)
     x = torch.from_numpy(np.ascontiguousarray(slices, np.float32))
     if x.ndim == 3:
         x = x[..., None]
@@ -94,14 +108,14 @@ def predict(slices: np.ndarray, focus: np.ndarray, *, weights: Path, backend: st
     ph, pw = (-h) % 4, (-w) % 4
     if ph or pw:
         x = F.pad(x.reshape(-1, 3, h, w), (0, pw, 0, ph), mode="replicate").reshape(1, -1, 3, h + ph, w + pw)
-    f = torch.from_numpy(np.asarray(focus, np.float32))[None]
-    with torch.inference_mode():
-        out = model(x.to(device), f.to(device))
-        depth = DualFocusNet.to_focus_units(out.depth, f.to(device))[0, :h, :w]
-        n = out.prob.shape[1]
-        pos = (out.prob[0, :, :h, :w] * torch.arange(n, device=device, dtype=out.prob.dtype)[:, None, None]).sum(0)
-        conf = out.confidence[0, :h, :w]
+    f = torch.from_numpy(np.asarray(focus, np.float32))[None]  # [1, N]
+    n = int(x.shape[1])
+    runner = _open(choice, backend, weights, (n, h + ph, w + pw))
+    out = runner.run(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(f.numpy()))
+    depth = DualFocusNet.to_focus_units(torch.from_numpy(out["depth"]), f)[0, :h, :w]
     return DualFocusPrediction(
-        depth_focus=depth.float().cpu().numpy(), confidence=conf.float().cpu().numpy(),
-        slice_position=pos.float().cpu().numpy(), device=str(device), sha256=sha,
+        depth_focus=depth.numpy().astype(np.float32, copy=False),
+        confidence=np.ascontiguousarray(out["confidence"][0, :h, :w], np.float32),
+        slice_position=np.ascontiguousarray(out["slice_position"][0, :h, :w], np.float32),
+        device=runner.describe(), sha256=sha, backend=runner.name,
     )

@@ -1,0 +1,209 @@
+"""DualFocus inference per backend: latency p50/p95 (warm-up excluded) and peak memory, torch
+against ONNX Runtime on the CPU in one run (plus CUDA / TensorRT where available).
+
+    python benchmarks/bench_backends.py [--model dualfocus-s] [--shape 10x288x384] [--threads 2]
+                                        [--repeats 20] [--warmup 2] [--backends torch-cpu onnxruntime-cpu ...]
+
+Each backend runs in its own child process (so peak RSS is that backend's, and thread pools
+do not mix), on the same synthetic stack, through ``reconstruct.backends.open_backend``: the
+code ``predict`` runs. The ONNX export (cached on disk) and session set-up are timed apart
+from the latency. Targets (issue 7): ONNX Runtime at least 2.5x faster than torch on the CPU
+and under 250 ms per 10x288x384 stack on two cores.
+
+Writes benchmarks/results/backends_cpu.json (read by ``backend: auto`` to pick the faster CPU
+backend; CPU entries only decide) and, when GPU backends ran, backends_gpu.json. ``dualfocus-s``
+uses its shipped weights; a model without shipped weights is timed with random weights
+(latency does not depend on their values). Do not run it while a training run holds the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import machine, save  # noqa: E402
+
+#: benchmark name -> (backend, device, precision)
+SPECS = {
+    "torch-cpu": ("torch", "cpu", "fp32"),
+    "onnxruntime-cpu": ("onnxruntime", "cpu", "fp32"),
+    "torch-cuda": ("torch", "cuda", "fp32"),
+    "torch-cuda-fp16": ("torch", "cuda", "fp16"),
+    "onnxruntime-cuda": ("onnxruntime", "cuda", "fp32"),
+    "tensorrt-fp32": ("tensorrt", "cuda", "fp32"),
+    "tensorrt-fp16": ("tensorrt", "cuda", "fp16"),
+}
+CPU_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
+TARGET_RATIO = 2.5
+TARGET_ORT_MS = 250.0
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dualfocus-s")
+    ap.add_argument("--weights", type=Path, default=None, help="safetensors weights (default: shipped, else random)")
+    ap.add_argument("--shape", default="10x288x384", help="NxHxW, H and W multiples of 4")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--backends", nargs="*", default=None, choices=list(SPECS), help=f"default: {' '.join(CPU_BACKENDS)} and the GPU ones available")
+    ap.add_argument("--child", default=None, choices=list(SPECS), help=argparse.SUPPRESS)
+    ap.add_argument("--dump", type=Path, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def _stack(shape: tuple[int, int, int]):
+    """A textured plane blurred more in each slice: ``[1, N, 3, H, W]``, focus ``[1, N]``."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w = shape
+    base = torch.from_numpy(np.random.default_rng(0).random((1, 1, h, w), dtype=np.float32))
+    slices = torch.cat([F.avg_pool2d(base, 2 * i + 1, 1, i, count_include_pad=False) for i in range(n)], 0)
+    stack = slices.expand(n, 3, h, w)[None].contiguous().numpy()
+    focus = np.linspace(0.5, 2.5, n, dtype=np.float32)[None]
+    return stack, focus
+
+
+def child(args: argparse.Namespace) -> int:
+    """Time one backend; print one JSON line."""
+    import numpy as np
+    import torch
+
+    from reconstruct.backends import open_backend
+    from reconstruct.backends.export import parse_shape
+
+    torch.set_num_threads(args.threads)
+    shape = parse_shape(args.shape)
+    name, device, precision = SPECS[args.child]
+    rss_imports = _rss_mb()
+    stack, focus = _stack(shape)
+    t0 = time.perf_counter()
+    backend = open_backend(name, device, weights=args.weights, shape=shape, precision=precision)
+    setup_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.warmup + args.repeats):
+        t = time.perf_counter()
+        out = backend.run(stack, focus)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1e3
+    if args.dump is not None:
+        np.save(args.dump, out["depth"])
+    print(json.dumps({
+        "backend": args.child, "device": backend.describe(), "threads": args.threads,
+        "p50_ms": round(float(np.median(ms)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
+        "min_ms": round(float(ms.min()), 1), "repeats": args.repeats, "setup_s": round(setup_s, 2),
+        "peak_rss_mb": round(_rss_mb(), 1), "rss_after_imports_mb": round(rss_imports, 1),
+    }))
+    return 0
+
+
+def _available_gpu_backends() -> list[str]:
+    from reconstruct.backends.select import (
+        cuda_available,
+        onnxruntime_providers,
+        tensorrt_problem,
+    )
+
+    if not cuda_available():
+        return []
+    names = ["torch-cuda", "torch-cuda-fp16"]
+    if "CUDAExecutionProvider" in (onnxruntime_providers() or []):
+        names.append("onnxruntime-cuda")
+    if tensorrt_problem() is None:
+        names += ["tensorrt-fp32", "tensorrt-fp16"]
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.child:
+        return child(args)
+    import numpy as np
+
+    from reconstruct.backends.export import parse_shape
+    from reconstruct.backends.select import onnxruntime_providers
+    from reconstruct.dualfocus.checkpoint import save_weights
+    from reconstruct.dualfocus.infer import WEIGHTS_DIR
+    from reconstruct.dualfocus.registry import build_model
+
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError as exc:
+        print(f"error: --shape: {exc}", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="bench_backends_"))
+    weights, weights_note = args.weights, "given"
+    if weights is None:
+        shipped = WEIGHTS_DIR / f"{args.model}.safetensors"
+        if shipped.is_file():
+            weights, weights_note = shipped, "shipped"
+        else:
+            import torch
+
+            torch.manual_seed(0)
+            weights = save_weights(build_model(args.model).eval(), tmp / f"{args.model}.safetensors", name=args.model)
+            weights_note = "random initialisation"
+    names = args.backends or [n for n in CPU_BACKENDS if n != "onnxruntime-cpu" or onnxruntime_providers() is not None] + _available_gpu_backends()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    results: dict[str, dict] = {}
+    depths: dict[str, np.ndarray] = {}
+    for name in names:
+        dump = tmp / f"{name}.npy"
+        cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--weights", str(weights), "--shape", args.shape,
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dump", str(dump)]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results[name] = {"error": tail}
+            print(f"{name}: failed ({tail})")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[name] = r
+        depths[name] = np.load(dump)
+        print(f"{name:>16}: p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+              f"(set-up {r['setup_s']:.1f} s, {r['device']})")
+    ref = depths.get("torch-cpu")
+    if ref is not None:
+        for name, depth in depths.items():
+            if name != "torch-cpu":
+                results[name]["max_abs_depth_diff_vs_torch_cpu"] = float(np.abs(depth - ref).max())  # normalised depth
+    summary: dict = {}
+    if "p50_ms" in results.get("torch-cpu", {}) and "p50_ms" in results.get("onnxruntime-cpu", {}):
+        ratio = results["torch-cpu"]["p50_ms"] / results["onnxruntime-cpu"]["p50_ms"]
+        ort_ms = results["onnxruntime-cpu"]["p50_ms"]
+        summary = {"torch_over_onnxruntime_cpu": round(ratio, 2), "target_ratio": TARGET_RATIO, "ratio_met": ratio >= TARGET_RATIO,
+                   "onnxruntime_cpu_p50_ms": ort_ms, "target_ms": TARGET_ORT_MS, "ms_met": ort_ms <= TARGET_ORT_MS,
+                   "parity_max_abs_depth_diff": results["onnxruntime-cpu"].get("max_abs_depth_diff_vs_torch_cpu")}
+        print(f"torch / onnxruntime on the CPU: {ratio:.2f}x (target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'not met'}); "
+              f"onnxruntime {ort_ms:.0f} ms (target < {TARGET_ORT_MS:.0f} ms: {'met' if ort_ms <= TARGET_ORT_MS else 'not met'}); "
+              f"max |depth diff| {summary['parity_max_abs_depth_diff']:.1e} of the range")
+    mach = machine()
+    print(f"machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs, {args.threads} threads; {args.model} ({weights_note} weights) at {args.shape}")
+    common = {"what": __doc__.splitlines()[0], "machine": mach, "threads": args.threads, "model": args.model, "weights": weights_note,
+              "shape": list(shape), "repeats": args.repeats, "warmup": args.warmup}
+    cpu = {k: v for k, v in results.items() if k.endswith("-cpu")}
+    gpu = {k: v for k, v in results.items() if not k.endswith("-cpu")}
+    if cpu:
+        print(f"wrote {save('backends_cpu', {**common, 'results': cpu, 'summary': summary})}")
+    if gpu:
+        print(f"wrote {save('backends_gpu', {**common, 'results': gpu})}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

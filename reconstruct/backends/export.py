@@ -1,0 +1,226 @@
+"""ONNX export of a DualFocus weights file for one fixed stack shape, cached on disk.
+
+The graph is :class:`reconstruct.backends.base.InferenceGraph` (inputs ``stack``
+``[1, N, 3, H, W]`` and ``focus`` ``[1, N]``; outputs ``depth``, ``confidence``,
+``slice_position``, each ``[1, H, W]``), traced with the TorchScript-based exporter at opset 17
+for a fixed shape: the Poisson solve's DCT bases are constants of the shape, so a fixed-shape
+graph is the one whose numbers match torch (shared/DUALFOCUS.md).
+
+Cache: ``$DUALFOCUS_CACHE_DIR`` or ``~/.cache/dualfocus-rig/``, folder ``onnx/``. An entry is
+``<model>_<N>x<H>x<W>_<precision>_op<opset>_<digest>.onnx`` plus a ``.json`` sidecar; the digest
+covers the weights' sha256, model name, shape, opset, precision, torch version and
+:data:`EXPORT_FORMAT` (bump it when :class:`InferenceGraph` changes). Both files are written
+to a temporary name and renamed, so a crash or a concurrent export never leaves a half file
+under the final name; an entry whose ONNX checksum does not match its sidecar is re-exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from capture.errors import InputError, OutputError, ReconstructionError
+from reconstruct.backends.base import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    InferenceGraph,
+)
+from reconstruct.dualfocus.checkpoint import load_weights, sha256_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_ENV", "DEFAULT_OPSET", "EXPORT_FORMAT", "OnnxArtifact", "cache_dir", "weights_identity",
+    "export_key", "parse_shape", "export_onnx", "copy_atomic",
+]
+
+CACHE_ENV = "DUALFOCUS_CACHE_DIR"
+DEFAULT_OPSET = 17
+EXPORT_FORMAT = "dualfocus-onnx/1"
+_LOCK = threading.Lock()
+_IDENTITY: dict[tuple[str, int, int], tuple[str, str]] = {}
+
+
+def cache_dir() -> Path:
+    """``$DUALFOCUS_CACHE_DIR`` if set, else ``~/.cache/dualfocus-rig`` (not created here)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dualfocus-rig"
+
+
+def weights_identity(weights: Path) -> tuple[str, str]:
+    """``(sha256, model name)`` of a weights file; memoised per (path, mtime, size), so a
+    changed file is hashed again and an unchanged one is not hashed on every stack."""
+    try:
+        st = weights.stat()
+    except OSError as exc:
+        raise InputError(f"{weights}: weights file not readable ({exc.strerror or exc})") from exc
+    key = (str(weights.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _IDENTITY:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as fh:
+                meta = fh.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{weights}: not a readable safetensors file ({exc})") from exc
+        _IDENTITY[key] = (sha256_of(weights), str(meta.get("model") or "dualfocus"))
+    return _IDENTITY[key]
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"10x288x384"`` -> ``(10, 288, 384)``: N >= 2 slices, H and W >= 8 and multiples of 4
+    (:func:`predict` pads a stack to them). ValueError with the reason otherwise."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        n, h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected NxHxW (slices x height x width, e.g. 10x288x384), got {text!r}") from None
+    if n < 2:
+        raise ValueError(f"N must be at least 2 slices, got {n}")
+    if h < 8 or w < 8 or h % 4 or w % 4:
+        pad = f"{n}x{h + (-h) % 4}x{w + (-w) % 4}"
+        raise ValueError(f"H and W must be at least 8 and multiples of 4 (stacks are padded to them), got {h}x{w}; use {pad}")
+    return n, h, w
+
+
+def export_key(*, weights_sha256: str, model: str, shape: tuple[int, int, int], opset: int, precision: str) -> dict:
+    """Everything an exported graph depends on."""
+    return {
+        "format": EXPORT_FORMAT, "model": model, "weights_sha256": weights_sha256, "shape": [int(s) for s in shape],
+        "opset": int(opset), "precision": precision, "torch": torch.__version__,
+    }
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    """An exported graph: its ``path``, ``sha256``, the cache ``key`` and whether it was
+    ``reused`` from the cache (False: exported by this call)."""
+
+    path: Path
+    sha256: str
+    key: dict
+    reused: bool
+
+
+def _write_atomic(final: Path, write: Callable[[Path], None]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a cache and an artefact are readable
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_atomic(src: Path, dst: Path) -> Path:
+    """Copy ``src`` to ``dst`` through a temporary file in ``dst``'s folder."""
+    try:
+        _write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
+    return dst
+
+
+def _torch_export(graph: InferenceGraph, shape: tuple[int, int, int], path: Path, opset: int) -> None:
+    """Trace ``graph`` for ``shape`` into ``path`` (the one call tests count)."""
+    n, h, w = shape
+    device = next(graph.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    stack = torch.rand(1, n, 3, h, w, generator=g).to(device)
+    focus = torch.linspace(0.5, 2.5, n)[None].to(device)  # distinct values: only the shapes are recorded
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            graph, (stack, focus), str(path), opset_version=opset, dynamo=False, do_constant_folding=True,
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+        )
+
+
+def export_onnx(
+    weights: str | Path,
+    shape: tuple[int, int, int],
+    *,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    cache: Path | None = None,
+) -> OnnxArtifact:
+    """The ONNX graph of ``weights`` for stacks ``shape = (N, H, W)`` (H, W multiples of 4),
+    from the cache or exported into it.
+
+    ``precision="fp16"`` exports the graph with the network body in half precision and the
+    softmax, expectations and confidence in float32 (:class:`InferenceGraph`), the form a
+    strongly typed TensorRT network needs; inputs and outputs stay float32.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ReconstructionError(f"precision: ONNX export supports fp32 and fp16, got {precision!r} (valid: {', '.join(PRECISIONS[:2])})")
+    weights = Path(weights)
+    try:
+        n, h, w = parse_shape("x".join(str(int(s)) for s in shape))
+    except ValueError as exc:
+        raise ReconstructionError(f"backend: cannot export for a {'x'.join(str(s) for s in shape)} stack: {exc}") from exc
+    sha, model = weights_identity(weights)
+    key = export_key(weights_sha256=sha, model=model, shape=(n, h, w), opset=opset, precision=precision)
+    root = (cache or cache_dir()) / "onnx"
+    final = root / f"{model}_{n}x{h}x{w}_{precision}_op{opset}_{_digest(key)}.onnx"
+    sidecar = final.with_suffix(".json")
+    with _LOCK:
+        hit = _cached(final, sidecar, key)
+        if hit is not None:
+            logger.debug("ONNX cache hit: %s", final)
+            return OnnxArtifact(final, hit, key, True)
+        net, _meta = load_weights(weights)
+        graph = InferenceGraph(net.eval(), body_dtype=torch.float16 if precision == "fp16" else torch.float32).eval()
+        if precision == "fp16":
+            graph.net.half()
+        if torch.cuda.is_available():  # tracing runs the network once: fast on a GPU, slow in CPU fp16
+            graph.to("cuda")
+        t0 = time.perf_counter()
+        try:
+            _write_atomic(final, lambda tmp: _torch_export(graph, (n, h, w), tmp, opset))
+        except OSError as exc:
+            raise OutputError(f"{root}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
+        except Exception as exc:  # the exporter raises many types
+            raise ReconstructionError(f"backend: ONNX export of {model} for {n}x{h}x{w} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        onnx_sha = sha256_of(final)
+        doc = {**key, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
+        logger.info("exported %s (%dx%dx%d, %s, opset %d) to %s in %.1f s", model, n, h, w, precision, opset, final, time.perf_counter() - t0)
+        return OnnxArtifact(final, onnx_sha, key, False)
+
+
+def _cached(final: Path, sidecar: Path, key: dict) -> str | None:
+    """The ONNX sha256 of a valid cache entry for ``key``, or None (missing, other key, or an
+    ONNX file that does not match its sidecar's checksum)."""
+    if not (final.is_file() and sidecar.is_file()):
+        return None
+    try:
+        doc = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if {k: doc.get(k) for k in key} != key:
+        return None
+    onnx_sha = sha256_of(final)
+    if onnx_sha != doc.get("onnx_sha256"):
+        logger.warning("%s: checksum does not match its sidecar; exporting again", final)
+        return None
+    return onnx_sha

@@ -1,0 +1,208 @@
+"""Which backend runs the network: ``auto``, ``torch``, ``onnxruntime`` or ``tensorrt``
+(``reconstruct.backend`` in rig.yaml, ``--backend`` on the command lines).
+
+``auto``, in order:
+
+1. **tensorrt** on the GPU, when torch sees a CUDA GPU and ``tensorrt`` imports;
+2. **torch** on the GPU, when there is a CUDA GPU but no TensorRT;
+3. on the CPU, the faster of torch and onnxruntime **as measured** by
+   ``benchmarks/bench_backends.py`` on this machine (its ``backends_cpu.json``, looked for
+   in the cache folder first, then in ``benchmarks/results/``);
+4. without a measurement, **onnxruntime** when it is installed: on two CPU cores a plain
+   0.5M-parameter depth-from-focus network ran 4.7x faster in ONNX Runtime than in eager
+   torch (shared/DUALFOCUS.md, "What we measured"), because ONNX Runtime fuses the
+   convolutions with their BatchNorm/ReLU and plans memory for the fixed shape ahead of time,
+   where eager torch dispatches every op separately;
+5. else **torch** on the CPU.
+
+The choice is logged at INFO with its reason the first time (and whenever it changes), at
+DEBUG on repeated calls, so a continuous run does not log it for every stack. An explicit
+backend that cannot run here raises :class:`ReconstructionError` naming ``backend``, why,
+and the backends that are available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+from capture.errors import ReconstructionError
+from reconstruct.backends.export import cache_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKENDS", "LATENCY_FILE", "BackendChoice", "select_backend", "available_backends", "cuda_available",
+    "tensorrt_problem", "onnxruntime_providers", "latency_files", "measured_cpu_latencies", "forget_logged_choices",
+]
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+LATENCY_FILE = "backends_cpu.json"
+REPO_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / LATENCY_FILE
+ORT_REASON = "ONNX Runtime ran a similar CPU depth-from-focus net 4.7x faster than eager torch (shared/DUALFOCUS.md)"
+
+_LOGGED: dict[str, tuple[str, str, str]] = {}
+_LOG_LOCK = threading.Lock()
+
+
+class BackendChoice(NamedTuple):
+    """``name`` (torch, onnxruntime, tensorrt), ``device`` (cpu, cuda) and why."""
+
+    name: str
+    device: str
+    reason: str
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _gpu_name() -> str:
+    import torch
+
+    try:
+        return torch.cuda.get_device_name(0)
+    except Exception:  # only for a message
+        return "a CUDA GPU"
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (a module already in
+    ``sys.modules``, a stand-in included, counts)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def tensorrt_problem() -> str | None:
+    """None when the tensorrt package imports (version 10+), else why not."""
+    if not _installed("tensorrt"):
+        return "the tensorrt package is not installed (pip install 'dualfocus-rig[tensorrt]')"
+    try:
+        from reconstruct.backends.tensorrt_backend import import_tensorrt
+
+        import_tensorrt()
+    except ReconstructionError as exc:
+        return str(exc).removeprefix("backend: ")
+    except Exception as exc:  # a broken install can raise anything on import
+        return f"importing tensorrt failed ({type(exc).__name__}: {exc})"
+    return None
+
+
+def onnxruntime_providers() -> list[str] | None:
+    """The installed onnxruntime's execution providers, or None when it is not installed."""
+    if not _installed("onnxruntime"):
+        return None
+    try:
+        import onnxruntime
+    except Exception:  # a broken install
+        return None
+    return list(onnxruntime.get_available_providers())
+
+
+def available_backends() -> list[str]:
+    """The backend names that can run here (``auto`` always can)."""
+    names = ["auto", "torch"]
+    if onnxruntime_providers() is not None:
+        names.append("onnxruntime")
+    if cuda_available() and tensorrt_problem() is None:
+        names.append("tensorrt")
+    return names
+
+
+def latency_files() -> list[Path]:
+    """Where ``bench_backends.py`` results are looked for, in order."""
+    return [cache_dir() / LATENCY_FILE, REPO_RESULTS]
+
+
+def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
+    """``({"torch": p50_ms, "onnxruntime": p50_ms}, file, where-measured)`` from the first
+    readable benchmark file that has both CPU figures, or None."""
+    for path in latency_files():
+        try:
+            doc = json.loads(path.read_text())
+            results = doc["results"]
+            figures = {name: float(results[f"{name}-cpu"]["p50_ms"]) for name in ("torch", "onnxruntime")}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        machine = doc.get("machine", {}) if isinstance(doc.get("machine"), dict) else {}
+        where = f"{machine.get('cpu', 'a CPU')}, {doc.get('threads', '?')} threads, {doc.get('model', '?')} at {'x'.join(str(s) for s in doc.get('shape', []))}"
+        return figures, path, where
+    return None
+
+
+def _cpu_choice() -> BackendChoice:
+    providers = onnxruntime_providers()
+    if providers is None:
+        return BackendChoice("torch", "cpu", "no CUDA GPU; onnxruntime is not installed, so torch on the CPU")
+    measured = measured_cpu_latencies()
+    if measured is not None:
+        figures, path, where = measured
+        fast = min(figures, key=lambda k: figures[k])
+        slow = "torch" if fast == "onnxruntime" else "onnxruntime"
+        return BackendChoice(
+            fast, "cpu",
+            f"no CUDA GPU; {fast} measured faster on the CPU: p50 {figures[fast]:.0f} ms against {slow} {figures[slow]:.0f} ms ({where}; {path})",
+        )
+    return BackendChoice("onnxruntime", "cpu", f"no CUDA GPU and no CPU measurement yet (benchmarks/bench_backends.py writes one); {ORT_REASON}")
+
+
+def _choose(requested: str) -> BackendChoice:
+    if requested not in BACKENDS:
+        raise ReconstructionError(f"backend: unknown backend {requested!r}; valid: {', '.join(BACKENDS)}")
+    cuda = cuda_available()
+    if requested == "auto":
+        if cuda:
+            problem = tensorrt_problem()
+            if problem is None:
+                return BackendChoice("tensorrt", "cuda", f"CUDA GPU ({_gpu_name()}) and TensorRT found")
+            return BackendChoice("torch", "cuda", f"CUDA GPU ({_gpu_name()}); no TensorRT: {problem}")
+        return _cpu_choice()
+    if requested == "torch":
+        return BackendChoice("torch", "cuda" if cuda else "cpu", "asked for" + ("" if cuda else "; no CUDA GPU, so the CPU"))
+    if requested == "onnxruntime":
+        providers = onnxruntime_providers()
+        if providers is None:
+            raise ReconstructionError(
+                f"backend: 'onnxruntime' is not available: the onnxruntime package is not installed (pip install 'dualfocus-rig[onnx]'); "
+                f"available here: {', '.join(available_backends())}"
+            )
+        on_gpu = cuda and "CUDAExecutionProvider" in providers
+        return BackendChoice("onnxruntime", "cuda" if on_gpu else "cpu", "asked for" + ("" if on_gpu else "; CPUExecutionProvider"))
+    # tensorrt
+    problems = []
+    if not cuda:
+        problems.append("torch sees no CUDA GPU")
+    problem = tensorrt_problem()
+    if problem is not None:
+        problems.append(problem)
+    if problems:
+        raise ReconstructionError(f"backend: 'tensorrt' is not available: {'; '.join(problems)}; available here: {', '.join(available_backends())}")
+    return BackendChoice("tensorrt", "cuda", "asked for")
+
+
+def select_backend(requested: str) -> BackendChoice:
+    """The backend, device and reason for a ``backend`` setting (module docstring);
+    ReconstructionError for an unknown or unavailable one."""
+    choice = _choose(requested)
+    with _LOG_LOCK:
+        new = _LOGGED.get(requested) != tuple(choice)
+        _LOGGED[requested] = tuple(choice)
+    logger.log(logging.INFO if new else logging.DEBUG, "backend %s: %s on %s (%s)", requested, choice.name, choice.device, choice.reason)
+    return choice
+
+
+def forget_logged_choices() -> None:
+    """Log the next choice at INFO again (tests, a new run)."""
+    with _LOG_LOCK:
+        _LOGGED.clear()

@@ -1,0 +1,555 @@
+"""Inference backends (reconstruct/backends, reconstruct/dualfocus/infer.py, reconstruct/export.py):
+torch and ONNX Runtime parity, the ONNX export cache, backend selection, the TensorRT cache
+and rebuild logic against a stand-in ``tensorrt`` module, the export command line, and the GPU
+check's refusal on a machine without CUDA. Tiny shapes and the ``dualfocus-tiny`` variant;
+the shipped ``dualfocus-s`` once, at a small shape."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capture.errors import ReconstructionError
+from capture.stack import FocalStack
+from reconstruct import backends
+from reconstruct.backends import export as export_mod
+from reconstruct.backends import select as select_mod
+from reconstruct.backends import tensorrt_backend as trt_mod
+from reconstruct.backends.base import OUTPUT_NAMES, InferenceGraph
+from reconstruct.dualfocus import infer
+from reconstruct.dualfocus.checkpoint import load_weights, save_weights
+from reconstruct.dualfocus.model import DualFocusNet
+from reconstruct.dualfocus.registry import build_model
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("onnxruntime")
+
+
+# ------------------------------------------------------------------------------ fixtures
+def _tiny_net(seed: int) -> DualFocusNet:
+    """A tiny network with non-trivial BatchNorm statistics (a fresh one has mean 0, var 1)."""
+    torch.manual_seed(seed)
+    net = build_model("dualfocus-tiny").eval()
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_weights(_tiny_net(0), tmp_path_factory.mktemp("weights") / "tiny.safetensors", name="dualfocus-tiny")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own export cache and no benchmark file, and starts with no open
+    backends and no logged choice."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(export_mod.CACHE_ENV, str(cache))
+    monkeypatch.setattr(select_mod, "latency_files", lambda: [cache / select_mod.LATENCY_FILE])
+    backends.close_backends()
+    select_mod.forget_logged_choices()
+    infer._FAILED.clear()
+    yield cache
+    backends.close_backends()
+
+
+def _stack(n: int = 5, h: int = 30, w: int = 45, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    slices = rng.random((n, h, w), dtype=np.float32)
+    focus = rng.permutation(np.linspace(0.4, 2.5, n)).astype(np.float32)  # unsorted on purpose
+    return slices, focus
+
+
+def _reference(weights: Path, slices: np.ndarray, focus: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``predict`` as it was before backends existed (torch, eager), for grey slices."""
+    model, _ = load_weights(weights)
+    x = torch.from_numpy(slices)[..., None].expand(*slices.shape, 3).permute(0, 3, 1, 2)[None]
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % 4, (-w) % 4
+    x = F.pad(x.reshape(-1, 3, h, w), (0, pw, 0, ph), mode="replicate").reshape(1, -1, 3, h + ph, w + pw)
+    f = torch.from_numpy(focus)[None]
+    with torch.inference_mode():
+        out = model(x, f)
+        depth = DualFocusNet.to_focus_units(out.depth, f)[0, :h, :w]
+        n = out.prob.shape[1]
+        pos = (out.prob[0, :, :h, :w] * torch.arange(n, dtype=out.prob.dtype)[:, None, None]).sum(0)
+        conf = out.confidence[0, :h, :w]
+    return depth.numpy(), conf.numpy(), pos.numpy()
+
+
+# ------------------------------------------------------------------------------ parity
+def test_torch_backend_is_the_previous_predict(tiny_weights: Path) -> None:
+    slices, focus = _stack()
+    pred = infer.predict(slices, focus, weights=tiny_weights, backend="torch")
+    depth, conf, pos = _reference(tiny_weights, slices, focus)
+    assert pred.device == "cpu (torch)" and pred.backend == "torch"
+    assert pred.depth_focus.shape == (30, 45)
+    np.testing.assert_array_equal(pred.depth_focus, depth)
+    np.testing.assert_array_equal(pred.confidence, conf)
+    # the expected slice index is now summed inside the graph over the padded image: the same
+    # terms, but the reduction kernel may group them differently at vector tails (1 ulp)
+    np.testing.assert_allclose(pred.slice_position, pos, atol=1e-6, rtol=0)
+
+
+def test_onnxruntime_matches_torch(tiny_weights: Path) -> None:
+    slices, focus = _stack(n=5)
+    ref = infer.predict(slices, focus, weights=tiny_weights, backend="torch")
+    ort = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
+    assert ort.device == "cpu (onnxruntime)" and ort.backend == "onnxruntime"
+    depth_range = float(focus.max() - focus.min())
+    diff = float(np.abs(ort.depth_focus - ref.depth_focus).max())
+    print(f"tiny 5x32x48: max |depth diff| {diff:.2e} = {diff / depth_range:.2e} of the depth range")
+    assert diff <= 1e-3 * depth_range
+    np.testing.assert_allclose(ort.confidence, ref.confidence, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(ort.slice_position, ref.slice_position, atol=1e-3 * (len(focus) - 1), rtol=0)
+    assert ort.sha256 == ref.sha256
+
+
+def test_shipped_dualfocus_s_parity_at_a_small_shape() -> None:
+    weights = infer.shipped_weights("dualfocus-s")
+    rng = np.random.default_rng(3)
+    # a textured scene blurred differently per slice: the network sees a plausible stack
+    base = rng.random((64, 96)).astype(np.float32)
+    slices = np.stack([F.avg_pool2d(torch.from_numpy(base)[None, None], k, 1, k // 2, count_include_pad=False)[0, 0].numpy()
+                       for k in (1, 3, 5, 7, 9, 11)])
+    focus = np.linspace(0.5, 2.5, 6).astype(np.float32)
+    ref = infer.predict(slices, focus, weights=weights, backend="torch")
+    ort = infer.predict(slices, focus, weights=weights, backend="onnxruntime")
+    diff = float(np.abs(ort.depth_focus - ref.depth_focus).max())
+    print(f"dualfocus-s 6x64x96: max |depth diff| {diff:.2e} dpt = {diff / 2.0:.2e} of the depth range")
+    assert diff <= 1e-3 * 2.0
+    np.testing.assert_allclose(ort.confidence, ref.confidence, atol=1e-3, rtol=0)
+
+
+def test_fp16_graph_keeps_softmax_and_expectation_fp32(tiny_weights: Path) -> None:
+    """The graph TensorRT builds fp16 engines from: half body, float32 head; checked on the CPU."""
+    onnx = pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    art16 = export_mod.export_onnx(tiny_weights, (3, 32, 48), precision="fp16")
+    art32 = export_mod.export_onnx(tiny_weights, (3, 32, 48))
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(art16.path)))
+    types_ = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert any(n.op_type == "Conv" and types_.get(n.input[0]) == f16 for n in proto.graph.node)  # the body is half
+    head = [n for n in proto.graph.node if n.op_type in ("Softmax", "ReduceSum")]
+    assert head and all(types_.get(n.output[0]) == f32 for n in head), [(n.op_type, types_.get(n.output[0])) for n in head]
+    assert all(types_[name] == f32 for name in ("stack", "focus", *OUTPUT_NAMES))
+    rng = np.random.default_rng(1)
+    feeds = {"stack": rng.random((1, 3, 3, 32, 48), dtype=np.float32), "focus": np.array([[1.5, 0.5, 1.0]], np.float32)}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    out16 = ort.InferenceSession(str(art16.path), opts, providers=["CPUExecutionProvider"]).run(list(OUTPUT_NAMES), feeds)
+    out32 = ort.InferenceSession(str(art32.path), opts, providers=["CPUExecutionProvider"]).run(list(OUTPUT_NAMES), feeds)
+    assert float(np.abs(out16[0] - out32[0]).max()) < 1e-2  # normalised depth
+
+
+def test_inference_graph_fp32_is_the_network(tiny_weights: Path) -> None:
+    net, _ = load_weights(tiny_weights)
+    x, f = torch.rand(1, 4, 3, 16, 24), torch.tensor([[2.0, 0.5, 1.0, 1.5]])
+    with torch.no_grad():
+        depth, conf, pos = InferenceGraph(net)(x, f)
+        out = net(x, f)
+    assert torch.equal(depth, out.depth) and torch.equal(conf, out.confidence)
+    torch.testing.assert_close(pos, (out.prob * torch.arange(4.0)[None, :, None, None]).sum(1))
+
+
+# ------------------------------------------------------------------------------ export cache
+def test_export_cache_hit_and_miss(tiny_weights: Path, tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple] = []
+    real = export_mod._torch_export
+    monkeypatch.setattr(export_mod, "_torch_export", lambda graph, shape, path, opset: (calls.append(shape), real(graph, shape, path, opset)))
+    first = export_mod.export_onnx(tiny_weights, (3, 32, 48))
+    assert not first.reused and first.path.is_file() and first.path.parent == isolated_cache / "onnx"
+    assert first.path.with_suffix(".json").is_file()
+    mtime = first.path.stat().st_mtime_ns
+    second = export_mod.export_onnx(tiny_weights, (3, 32, 48))
+    assert second.reused and second.path == first.path and second.sha256 == first.sha256
+    assert len(calls) == 1 and first.path.stat().st_mtime_ns == mtime
+    # another shape: a new export
+    other = export_mod.export_onnx(tiny_weights, (4, 32, 48))
+    assert not other.reused and other.path != first.path and len(calls) == 2
+    # changed weights (same path): a new export
+    weights = tmp_path / "w.safetensors"
+    save_weights(_tiny_net(1), weights, name="dualfocus-tiny")
+    a = export_mod.export_onnx(weights, (3, 32, 48))
+    save_weights(_tiny_net(2), weights, name="dualfocus-tiny")
+    os.utime(weights, ns=(a.path.stat().st_mtime_ns + 10**9,) * 2)
+    b = export_mod.export_onnx(weights, (3, 32, 48))
+    assert not b.reused and b.path != a.path and len(calls) == 4
+    # a damaged cache entry is exported again, under the same name
+    b.path.write_bytes(b"not onnx")
+    c = export_mod.export_onnx(weights, (3, 32, 48))
+    assert not c.reused and c.path == b.path and c.sha256 == b.sha256 and len(calls) == 5
+    assert not [p for p in (isolated_cache / "onnx").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_refuses_bad_shapes(tiny_weights: Path) -> None:
+    for bad in ("10x287x384", "1x32x32", "10x288", "axbxc", "10x4x384"):
+        with pytest.raises(ValueError):
+            export_mod.parse_shape(bad)
+    assert export_mod.parse_shape("10x288x384") == (10, 288, 384)
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_a: object) -> None:
+        raise RuntimeError("exporter says no")
+
+    monkeypatch.setattr(export_mod, "_torch_export", broken)
+    slices, focus = _stack(n=3)
+    with caplog.at_level(logging.WARNING):
+        pred = infer.predict(slices, focus, weights=tiny_weights, backend="auto")
+    assert pred.device == "cpu (torch)"
+    assert "exporter says no" in caplog.text and "using torch" in caplog.text
+    with pytest.raises(ReconstructionError, match="backend: ONNX export"):  # asked for explicitly: no fallback
+        infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
+
+
+# ------------------------------------------------------------------------------ through the API
+def test_reconstruct_stack_with_onnxruntime(tiny_weights: Path) -> None:
+    from reconstruct.api import check_ready, reconstruct_stack
+
+    rng = np.random.default_rng(5)
+    images = (rng.random((4, 30, 40)) * 255).astype(np.uint8)
+    stack = FocalStack(images, focus_distance_m=[2.0, 0.5, 1.0, 0.7])
+    check_ready("dualfocus", weights=tiny_weights, backend="onnxruntime")
+    ref = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="torch")
+    res = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="onnxruntime")
+    assert res.device == "cpu (onnxruntime)"
+    assert res.depth.shape == (30, 40)
+    dpt_range = 1 / 0.5 - 1 / 2.0
+    diff = float(np.nanmax(np.abs(1.0 / res.depth - 1.0 / ref.depth)))  # compare in diopters
+    assert diff <= 1e-3 * dpt_range
+    np.testing.assert_allclose(res.confidence, ref.confidence, atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------ selection
+def test_auto_picks_a_cpu_backend_and_says_why(isolated_cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
+        choice = select_mod.select_backend("auto")
+    assert choice.name == "onnxruntime" and choice.device == "cpu"
+    assert "backend auto: onnxruntime on cpu" in caplog.text and "no CUDA GPU" in caplog.text and "4.7x" in caplog.text
+    # a measurement decides
+    (isolated_cache / select_mod.LATENCY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (isolated_cache / select_mod.LATENCY_FILE).write_text(json.dumps({
+        "machine": {"cpu": "Test CPU"}, "threads": 2, "model": "dualfocus-s", "shape": [10, 288, 384],
+        "results": {"torch-cpu": {"p50_ms": 100.0}, "onnxruntime-cpu": {"p50_ms": 150.0}},
+    }))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
+        choice = select_mod.select_backend("auto")
+    assert choice.name == "torch" and choice.device == "cpu"
+    assert "measured faster" in caplog.text and "100 ms" in caplog.text and "Test CPU" in caplog.text
+    # a repeated choice is not logged at INFO again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
+        select_mod.select_backend("auto")
+    assert caplog.text == ""
+    # without onnxruntime: torch
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: None)
+    assert select_mod.select_backend("auto").name == "torch"
+
+
+def test_auto_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(select_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(select_mod, "tensorrt_problem", lambda: None)
+    assert tuple(select_mod.select_backend("auto"))[:2] == ("tensorrt", "cuda")
+    monkeypatch.setattr(select_mod, "tensorrt_problem", lambda: "the tensorrt package is not installed")
+    choice = select_mod.select_backend("auto")
+    assert (choice.name, choice.device) == ("torch", "cuda") and "no TensorRT" in choice.reason
+    assert select_mod.select_backend("torch").device == "cuda"
+
+
+def test_unavailable_or_unknown_backends_are_refused(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconstruct.api import check_ready
+
+    with pytest.raises(ReconstructionError, match=r"^backend: 'tensorrt' is not available.*available here: auto, torch, onnxruntime"):
+        select_mod.select_backend("tensorrt")
+    with pytest.raises(ReconstructionError, match="backend: 'tensorrt'"):
+        check_ready("dualfocus", weights=tiny_weights, backend="tensorrt")
+    with pytest.raises(ReconstructionError, match="backend: unknown backend 'fast'; valid: auto, torch, onnxruntime, tensorrt"):
+        infer.select_backend("fast")
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: None)
+    with pytest.raises(ReconstructionError, match=r"backend: 'onnxruntime' is not available.*available here: auto, torch$"):
+        select_mod.select_backend("onnxruntime")
+
+
+# ------------------------------------------------------------------------------ TensorRT, with a stand-in
+def _fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
+    """A stand-in for the parts of the tensorrt module the build/load path calls; it records
+    what was called. Engines are ``b"ENGINE:" + onnx bytes``; a blob starting ``b"BAD"``
+    does not deserialise."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.calls = {"builds": 0, "flags": [], "network_flags": [], "profiles": [], "timing_blobs": [], "deserialize": 0}
+    trt.network_inputs = {"stack": (1, 3, 3, 32, 48), "focus": (1, 3)}
+    trt.fresh_engine_loads = True
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            self.level = level
+
+    class Enum:
+        def __init__(self, **members: int) -> None:
+            self.__dict__.update(members)
+
+    trt.Logger = Logger
+    trt.NetworkDefinitionCreationFlag = Enum(STRONGLY_TYPED=5)
+    trt.MemoryPoolType = Enum(WORKSPACE=0)
+    trt.BuilderFlag = Enum(FP16=0)
+
+    class Tensor:
+        def __init__(self, name: str, shape: tuple) -> None:
+            self.name, self.shape = name, shape
+
+    class Network:
+        def __init__(self) -> None:
+            self.inputs = [Tensor(k, v) for k, v in trt.network_inputs.items()]
+            self.num_inputs = len(self.inputs)
+            self.source = b""
+
+        def get_input(self, i: int) -> Tensor:
+            return self.inputs[i]
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network: Network, logger: Logger) -> None:
+            self.network = network
+
+        def parse_from_file(self, path: str) -> bool:
+            self.network.source = Path(path).read_bytes()
+            return True
+
+    class TimingCache:
+        def __init__(self, blob: bytes) -> None:
+            self.blob = bytes(blob)
+
+        def serialize(self) -> bytes:
+            return self.blob + b"+timing"
+
+    class Profile:
+        def __init__(self) -> None:
+            self.shapes: dict = {}
+
+        def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
+            self.shapes[name] = (lo, opt, hi)
+
+    class Config:
+        def __init__(self) -> None:
+            self.cache: TimingCache | None = None
+
+        def set_memory_pool_limit(self, pool: int, size: int) -> None:
+            assert size > 0
+
+        def set_flag(self, flag: int) -> None:
+            trt.calls["flags"].append(flag)
+
+        def create_timing_cache(self, blob: bytes) -> TimingCache:
+            if bytes(blob).startswith(b"CORRUPT"):
+                raise RuntimeError("timing cache header mismatch")
+            return TimingCache(blob)
+
+        def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            trt.calls["timing_blobs"].append(cache.blob)
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self) -> TimingCache:
+            return self.cache
+
+        def add_optimization_profile(self, profile: Profile) -> int:
+            trt.calls["profiles"].append(profile.shapes)
+            return 0
+
+    class Builder:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def create_network(self, flags: int) -> Network:
+            trt.calls["network_flags"].append(flags)
+            return Network()
+
+        def create_builder_config(self) -> Config:
+            return Config()
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: Network, config: Config) -> bytes:
+            trt.calls["builds"] += 1
+            return b"ENGINE:" + network.source if trt.fresh_engine_loads else b"BAD fresh engine"
+
+    class Engine:
+        def __init__(self, blob: bytes) -> None:
+            self.blob = blob
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, blob: bytes) -> Engine | None:
+            trt.calls["deserialize"] += 1
+            return None if bytes(blob).startswith(b"BAD") else Engine(bytes(blob))
+
+    trt.OnnxParser, trt.Builder, trt.Runtime = Parser, Builder, Runtime
+    return trt
+
+
+GPU = trt_mod.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+SHAPES = trt_mod.io_shapes((3, 32, 48))
+
+
+def test_tensorrt_engine_cache_key() -> None:
+    base = dict(trt_version="10.9.0", gpu=GPU, onnx_sha256="a" * 64, shapes=SHAPES, precision="fp16")
+    key = trt_mod.engine_cache_key(**base)
+    assert key["shapes"] == {"focus": [1, 3], "stack": [1, 3, 3, 32, 48]} and key["compute_capability"] == "9.0"
+    root = Path("/cache")
+    path = trt_mod.engine_path(root, key)
+    assert path.parent == root / "tensorrt" and path.suffix == ".engine"
+    assert trt_mod.engine_path(root, trt_mod.engine_cache_key(**base)) == path  # stable
+    for change in (dict(trt_version="10.10.0"), dict(gpu=trt_mod.GpuInfo("NVIDIA L4", (8, 9))),
+                   dict(gpu=trt_mod.GpuInfo(GPU.name, (9, 1))), dict(onnx_sha256="b" * 64),
+                   dict(shapes=trt_mod.io_shapes((4, 32, 48))), dict(precision="fp32")):
+        assert trt_mod.engine_path(root, trt_mod.engine_cache_key(**{**base, **change})) != path, change
+    assert trt_mod.timing_cache_path(root, "10.9.0", GPU).name == "timing_trt10.9.0_nvidia-h100-80gb-hbm3-sm90.cache"
+
+
+def test_tensorrt_profile_shapes() -> None:
+    assert trt_mod.profile_shapes(SHAPES, SHAPES) == {}  # a fixed-shape export needs no profile
+    dynamic = {"stack": (1, -1, 3, 32, 48), "focus": (1, -1)}
+    prof = trt_mod.profile_shapes(dynamic, SHAPES)
+    assert prof == {"stack": ((1, 3, 3, 32, 48),) * 3, "focus": ((1, 3),) * 3}
+    with pytest.raises(ReconstructionError, match="axis 3 is 32 in the ONNX, asked for 64"):
+        trt_mod.profile_shapes(SHAPES, trt_mod.io_shapes((3, 64, 48)))
+    with pytest.raises(ReconstructionError, match="inputs are"):
+        trt_mod.profile_shapes({"x": (1, 3)}, SHAPES)
+    with pytest.raises(ReconstructionError, match="rank"):
+        trt_mod.profile_shapes({"stack": (1, 3, 3, 32), "focus": (1, 3)}, SHAPES)
+
+
+def test_tensorrt_build_cache_and_rebuild(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trt = _fake_tensorrt()
+    onnx_path = tmp_path / "g.onnx"
+    onnx_path.write_bytes(b"graph")
+    kw = dict(shapes=SHAPES, precision="fp16", cache_root=tmp_path / "cache", trt=trt, gpu=GPU)
+    first = trt_mod.load_or_build_engine(onnx_path, "a" * 64, **kw)
+    assert first.built and first.path.is_file() and first.path.read_bytes() == b"ENGINE:graph"
+    assert json.loads(first.path.with_suffix(".json").read_text())["gpu"] == GPU.name
+    assert trt.calls["builds"] == 1 and trt.calls["network_flags"] == [1 << 5]  # strongly typed
+    assert trt.calls["flags"] == []  # no precision flags: the graph carries the types
+    assert trt.calls["profiles"] == []  # fixed-shape inputs
+    timing = trt_mod.timing_cache_path(tmp_path / "cache", trt.__version__, GPU)
+    assert timing.read_bytes() == b"+timing"
+    # cached: loaded, not built
+    second = trt_mod.load_or_build_engine(onnx_path, "a" * 64, **kw)
+    assert not second.built and second.path == first.path and trt.calls["builds"] == 1
+    # a cached engine that does not deserialise is rebuilt (with the saved timing cache)
+    first.path.write_bytes(b"BAD truncated")
+    with caplog.at_level(logging.WARNING):
+        third = trt_mod.load_or_build_engine(onnx_path, "a" * 64, **kw)
+    assert third.built and trt.calls["builds"] == 2 and "did not load; rebuilding" in caplog.text
+    assert first.path.read_bytes() == b"ENGINE:graph" and trt.calls["timing_blobs"][-1] == b"+timing"
+    # another TensorRT version: another engine file
+    other = trt_mod.load_or_build_engine(onnx_path, "a" * 64, **{**kw, "trt": _fake_tensorrt("10.10.0")})
+    assert other.built and other.path != first.path
+    # a fresh engine that does not deserialise is an error, and nothing is cached
+    bad = _fake_tensorrt("10.11.0")
+    bad.fresh_engine_loads = False
+    with pytest.raises(ReconstructionError, match="freshly built engine"):
+        trt_mod.load_or_build_engine(onnx_path, "a" * 64, **{**kw, "trt": bad})
+    # a damaged timing cache does not stop a build: it starts from an empty one
+    timing.write_bytes(b"CORRUPT")
+    first.path.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert trt_mod.load_or_build_engine(onnx_path, "a" * 64, **kw).built
+    assert "unusable" in caplog.text and trt.calls["timing_blobs"][-1] == b"" and timing.read_bytes() == b"+timing"
+    # a dynamic-N ONNX gets a profile pinned to the stack shape
+    dyn = _fake_tensorrt("10.12.0")
+    dyn.network_inputs = {"stack": (1, -1, 3, 32, 48), "focus": (1, -1)}
+    trt_mod.load_or_build_engine(onnx_path, "a" * 64, **{**kw, "trt": dyn})
+    assert dyn.calls["profiles"] == [{"stack": ((1, 3, 3, 32, 48),) * 3, "focus": ((1, 3),) * 3}]
+
+
+def test_tensorrt_import_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("8.6.1"))
+    with pytest.raises(ReconstructionError, match="TensorRT 10 or later, found 8.6.1"):
+        trt_mod.import_tensorrt()
+    assert "8.6.1" in select_mod.tensorrt_problem()
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("10.9.0"))
+    assert trt_mod.import_tensorrt().__version__ == "10.9.0" and select_mod.tensorrt_problem() is None
+    # with the package but without a GPU, tensorrt is still refused
+    with pytest.raises(ReconstructionError, match="torch sees no CUDA GPU"):
+        select_mod.select_backend("tensorrt")
+
+
+# ------------------------------------------------------------------------------ command lines
+def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, export_mod.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_export_cli_writes_a_loadable_onnx_file(tiny_weights: Path, tmp_path: Path, isolated_cache: Path) -> None:
+    import onnxruntime as ort
+
+    out = tmp_path / "art" / "tiny.onnx"
+    proc = _run("-m", "reconstruct.export", "--model", "dualfocus-tiny", "--weights", str(tiny_weights),
+                "--shape", "3x32x48", "--to", "onnx", "--out", str(out), cache=isolated_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout and "3x32x48 fp32" in proc.stdout
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["stack", "focus"]
+    depth, _conf, _pos = sess.run(None, {"stack": np.random.default_rng(0).random((1, 3, 3, 32, 48), dtype=np.float32),
+                                         "focus": np.array([[0.5, 1.0, 2.0]], np.float32)})
+    assert depth.shape == (1, 32, 48) and 0.0 <= depth.min() <= depth.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--shape", "10x287x384", "--to", "onnx"], ["--shape", "multiples of 4", "10x288x384"]),
+        (["--shape", "tenxbyx", "--to", "onnx"], ["--shape", "NxHxW"]),
+        (["--shape", "3x32x48", "--to", "tensorrt"], ["backend: 'tensorrt'", "available here"]),
+    ],
+    ids=["odd-height", "garbage", "tensorrt-missing"],
+)
+def test_export_cli_bad_input_is_one_line(tmp_path: Path, isolated_cache: Path, args: list[str], words: list[str]) -> None:
+    out = tmp_path / "x.onnx"
+    proc = _run("-m", "reconstruct.export", "--model", "dualfocus-s", *args, "--out", str(out), cache=isolated_cache)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for word in words:
+        assert word in lines[0]
+    assert not out.exists()
+
+
+def test_gpu_check_refuses_without_cuda(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert module.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA" in err[0] and err[0].startswith("error:")
+    assert not list(tmp_path.iterdir())
