@@ -20,7 +20,7 @@ from capture.errors import CalibrationError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LiquidLensFocusModel", "load_focus_model"]
+__all__ = ["LiquidLensFocusModel", "PolynomialFocusModel", "FocusModel", "load_focus_model"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,105 @@ class LiquidLensFocusModel:
         return asdict(self)
 
 
-def load_focus_model(path: str | Path) -> LiquidLensFocusModel:
+@dataclass(frozen=True)
+class PolynomialFocusModel:
+    """A calibrated map: focus power (diopters) polynomial in the actuator value.
+
+    ``D(v, T) = c0 + c1 * v + c2 * v**2 + t * (T - T_ref)``; the focus distance is ``1 / D``.
+    For a liquid lens (v in mA, or dpt in focal-power mode) the linear form is the physics;
+    for a motorised stage (v in mm) the polynomial is a local thin-lens approximation. The
+    inverse map refuses distances outside the calibrated range (with ``tolerance_dpt``) and
+    current/position outside the calibrated actuator span, because a fit says nothing there.
+
+    >>> m = PolynomialFocusModel(coefficients_dpt=(-0.5, 0.0165, 0.0), unit="mA", valid_dpt=(0.4, 2.6))
+    >>> round(m.actuator_value(1.0), 3)
+    90.909
+    """
+
+    coefficients_dpt: tuple[float, float, float]
+    unit: str = "mA"
+    temperature_dpt_per_c: float = 0.0
+    reference_temperature_c: float | None = None
+    valid_dpt: tuple[float, float] | None = None
+    tolerance_dpt: float = 0.02
+    kind: str = "polynomial"
+
+    def __post_init__(self) -> None:
+        c = tuple(float(x) for x in self.coefficients_dpt)
+        if len(c) != 3 or not all(math.isfinite(x) for x in c):
+            raise CalibrationError(f"focus model: coefficients_dpt must be three finite numbers, got {self.coefficients_dpt}")
+        if c[1] == 0 and c[2] == 0:
+            raise CalibrationError("focus model: the power does not depend on the actuator value (c1 = c2 = 0)")
+        object.__setattr__(self, "coefficients_dpt", c)
+
+    def _thermal_dpt(self, temperature_c: float | None) -> float:
+        if temperature_c is None or self.reference_temperature_c is None:
+            return 0.0
+        return self.temperature_dpt_per_c * (temperature_c - self.reference_temperature_c)
+
+    def focus_dpt(self, value: float, *, temperature_c: float | None = None) -> float:
+        c0, c1, c2 = self.coefficients_dpt
+        return c0 + c1 * value + c2 * value * value + self._thermal_dpt(temperature_c)
+
+    def focus_distance_m(self, value: float, *, temperature_c: float | None = None) -> float:
+        d = self.focus_dpt(value, temperature_c=temperature_c)
+        return math.inf if d <= 0 else 1.0 / d
+
+    @property
+    def valid_range_m(self) -> tuple[float, float] | None:
+        """(nearest, farthest) calibrated focus distance."""
+        if self.valid_dpt is None:
+            return None
+        lo, hi = self.valid_dpt
+        return (1.0 / hi, math.inf if lo <= 0 else 1.0 / lo)
+
+    def actuator_value(self, focus_distance_m: float, *, temperature_c: float | None = None) -> float:
+        """The actuator value that focuses at ``focus_distance_m``.
+
+        Raises:
+            CalibrationError: the distance lies outside the calibrated range.
+        """
+        if not focus_distance_m > 0:
+            raise CalibrationError(f"focus model: focus distance must be > 0 m, got {focus_distance_m}")
+        target = 0.0 if math.isinf(focus_distance_m) else 1.0 / focus_distance_m
+        if self.valid_dpt is not None:
+            lo, hi = self.valid_dpt
+            if not (lo - self.tolerance_dpt <= target <= hi + self.tolerance_dpt):
+                near, far = self.valid_range_m  # type: ignore[misc]
+                raise CalibrationError(
+                    f"focus distance {focus_distance_m:.4g} m is outside the calibrated range {near:.4g}-{far:.4g} m; "
+                    "calibrate over a wider range or narrow sweep.range_m"
+                )
+        c0, c1, c2 = self.coefficients_dpt
+        rhs = target - c0 - self._thermal_dpt(temperature_c)
+        if abs(c2) < 1e-15:
+            return rhs / c1
+        disc = c1 * c1 + 4 * c2 * rhs
+        if disc < 0:
+            raise CalibrationError(f"focus model: no actuator value reaches {focus_distance_m:.4g} m")
+        roots = [(-c1 + sgn * math.sqrt(disc)) / (2 * c2) for sgn in (1.0, -1.0)]
+        # the root on the monotonic branch that holds the linear solution
+        linear = rhs / c1 if c1 != 0 else 0.0
+        return min(roots, key=lambda r: abs(r - linear))
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "kind": self.kind,
+            "unit": self.unit,
+            "coefficients_dpt": [float(x) for x in self.coefficients_dpt],
+            "temperature_dpt_per_c": float(self.temperature_dpt_per_c),
+            "reference_temperature_c": self.reference_temperature_c,
+            "valid_dpt": None if self.valid_dpt is None else [float(x) for x in self.valid_dpt],
+            "tolerance_dpt": float(self.tolerance_dpt),
+        }
+        return doc
+
+
+#: anything sweep planning can use as a focus map
+FocusModel = LiquidLensFocusModel | PolynomialFocusModel
+
+
+def load_focus_model(path: str | Path) -> FocusModel:
     """Read the ``focus_model`` section of a ``calibration.yaml``.
 
     Raises:
@@ -84,8 +182,10 @@ def load_focus_model(path: str | Path) -> LiquidLensFocusModel:
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: focus_model: missing (expected a mapping with kind, offset_dpt, dpt_per_ma)")
     kind = section.get("kind")
+    if kind == "polynomial":
+        return _polynomial_from(section, path)
     if kind != "liquid_lens_linear":
-        raise ConfigError(f"{path}: focus_model.kind: unknown kind {kind!r}; valid: liquid_lens_linear")
+        raise ConfigError(f"{path}: focus_model.kind: unknown kind {kind!r}; valid: liquid_lens_linear, polynomial")
     try:
         return LiquidLensFocusModel(
             offset_dpt=float(section["offset_dpt"]),
@@ -95,6 +195,25 @@ def load_focus_model(path: str | Path) -> LiquidLensFocusModel:
     except KeyError as exc:
         raise ConfigError(f"{path}: focus_model.{exc.args[0]}: missing") from exc
     except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: focus_model: expected numbers ({exc})") from exc
+    except CalibrationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _polynomial_from(section: dict[str, Any], path: Path) -> PolynomialFocusModel:
+    try:
+        valid = section.get("valid_dpt")
+        return PolynomialFocusModel(
+            coefficients_dpt=tuple(float(x) for x in section["coefficients_dpt"]),  # type: ignore[arg-type]
+            unit=str(section.get("unit", "mA")),
+            temperature_dpt_per_c=float(section.get("temperature_dpt_per_c", 0.0)),
+            reference_temperature_c=None if section.get("reference_temperature_c") is None else float(section["reference_temperature_c"]),
+            valid_dpt=None if valid is None else (float(valid[0]), float(valid[1])),
+            tolerance_dpt=float(section.get("tolerance_dpt", 0.02)),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{path}: focus_model.{exc.args[0]}: missing") from exc
+    except (TypeError, ValueError, IndexError) as exc:
         raise ConfigError(f"{path}: focus_model: expected numbers ({exc})") from exc
     except CalibrationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -211,6 +211,16 @@ class SimulatedCamera(Camera):
     def _do_close(self) -> None:
         pass
 
+    def set_scene(self, scene: Scene) -> None:
+        """Show another scene (a calibration target moved to a new distance); same image size.
+
+        The render cache and the layered scene are rebuilt for it."""
+        if scene.image_hw != self.scene.image_hw:
+            raise InputError(f"{self.name}: new scene is {scene.image_hw}, the camera is {self.scene.image_hw}")
+        self.scene = scene
+        self._cache.clear()
+        self._layered = None
+
     def render_clean(self, focus_dpt: float) -> np.ndarray:
         """The noise-free image (linear radiance, float32 ``[H, W, 3]``) at a focus, with
         breathing; cached per 1e-3 dpt."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capture.errors import ReconstructionError
+from capture.errors import CalibrationError, ReconstructionError
 from capture.stack import FocalStack
 from reconstruct.classical import FOCUS_MEASURES, ClassicalParams, depth_from_focus, fuse_all_in_focus
 from reconstruct.result import DepthResult
@@ -80,7 +80,19 @@ def reconstruct_stack(
         ordered = ordered.aligned()
         aligned = True
     elif align == "estimate":
-        raise ReconstructionError("align: 'estimate' needs the slice-registration module, not in this version; use apply or none")
+        from calibration.alignment import estimate_stack_alignment
+
+        try:
+            affines = estimate_stack_alignment(ordered)
+        except CalibrationError as err:
+            raise ReconstructionError(
+                f"align: could not estimate the slice alignment from the images ({err}); "
+                "use align='apply' with a calibrated alignment, or align='none'"
+            ) from err
+        # Lanczos, not aligned()'s bilinear: bilinear resampling blurs every slice but the
+        # reference and biases the focus measures toward it (worse depth than no alignment)
+        ordered = ordered.with_alignment(affines).aligned(interpolation="lanczos")
+        aligned = True
     seconds["align"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

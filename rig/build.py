@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calibration.focus_model import LiquidLensFocusModel, load_focus_model
+from calibration.focus_model import FocusModel, LiquidLensFocusModel, load_focus_model
 from capture.devices import Camera, FocusActuator
 from capture.errors import ConfigError
 from capture.optics import SensorModel, ThinLens
@@ -127,7 +128,8 @@ class Rig:
     config: RigConfig
     camera: Camera
     actuator: FocusActuator
-    focus_map: LiquidLensFocusModel
+    focus_map: FocusModel
+    breathing: Any = None  # calibration.alignment.BreathingModel from the calibration file, if any
 
     def planned_distances_m(self) -> np.ndarray:
         s = self.config.sweep
@@ -146,10 +148,14 @@ class Rig:
             identity = getattr(device, "identity", None)
             if identity:
                 meta["capture"][role] = {str(k): str(v) for k, v in identity.items()}
-        return sweep(
+        stack = sweep(
             self.camera, self.actuator, self.focus_map, self.planned_distances_m(),
             wait_settled=s.wait_settled, settle_timeout_s=s.settle_timeout_s, progress=progress, meta=meta,
         )
+        if self.breathing is not None:
+            # per-slice affines from the calibrated breathing; images stay as captured
+            stack = stack.with_alignment([self.breathing.affine_at(float(m["actuator_value"])) for m in stack.slice_meta])
+        return stack
 
     def truth(self) -> Scene | None:
         """The true scene where the camera is simulated (for accuracy figures), else None."""
@@ -178,7 +184,7 @@ class Rig:
             logger.warning("while stopping after an error, closing the rig also failed: %s", close_exc)
 
 
-def _focus_map(config: RigConfig) -> LiquidLensFocusModel:
+def _focus_map(config: RigConfig) -> FocusModel:
     """Metres <-> actuator value: the calibration file where the config names one, else the
     focus section's nominal model (in the actuator's unit)."""
     if config.calibration.file is not None:
@@ -201,7 +207,26 @@ def _focus_map(config: RigConfig) -> LiquidLensFocusModel:
     return LiquidLensFocusModel(offset_dpt=nominal.offset_dpt, dpt_per_ma=nominal.dpt_per_unit, base_focus_m=base, unit=unit)
 
 
-def _check_units(focus_map: LiquidLensFocusModel, actuator: FocusActuator) -> None:
+def _breathing(config: RigConfig) -> Any:
+    """The breathing table of the calibration file, or None."""
+    path = config.calibration.file
+    if path is None:
+        return None
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    section = doc.get("breathing") if isinstance(doc, dict) else None
+    if not section:
+        return None
+    from calibration.alignment import BreathingModel
+
+    try:
+        return BreathingModel.from_dict(section)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: breathing: unreadable ({exc})") from exc
+
+
+def _check_units(focus_map: FocusModel, actuator: FocusActuator) -> None:
     """The map's unit must be the actuator's (an in-camera focus finds its unit at open)."""
     if focus_map.unit and actuator.unit and focus_map.unit != actuator.unit:
         raise ConfigError(
@@ -213,6 +238,7 @@ def _check_units(focus_map: LiquidLensFocusModel, actuator: FocusActuator) -> No
 def open_rig(config: RigConfig) -> Rig:
     """Build and open the camera and focus actuator the config names."""
     focus_map = _focus_map(config)
+    breathing = _breathing(config)
     camera, actuator = _build_devices(config)
     try:
         camera.open()  # first: an in-camera focus actuator needs the open camera's node map
@@ -222,4 +248,4 @@ def open_rig(config: RigConfig) -> Rig:
         actuator.close()
         camera.close()
         raise
-    return Rig(config=config, camera=camera, actuator=actuator, focus_map=focus_map)
+    return Rig(config=config, camera=camera, actuator=actuator, focus_map=focus_map, breathing=breathing)

@@ -88,9 +88,25 @@ def _run(args: argparse.Namespace) -> int:
         config.reconstruct.method = args.method
     if args.backend:
         config.reconstruct.backend = args.backend
+    show_progress = not (args.quiet or args.no_progress) and sys.stderr.isatty()
+    if config.mode == "calibrate":
+        from rig.calibrate import run_calibration
+
+        cal = run_calibration(config, interactive=not args.non_interactive, show_progress=show_progress)
+        fm = cal.document["focus_model"]
+        print(f"run folder: {cal.run_dir}" + ("  (resumed)" if cal.resumed else ""))
+        print(f"  calibration: {cal.calibration_path}")
+        print(f"  report:      {cal.summary_path}")
+        print(f"  focus fit:   rms {fm['fit']['rms_dpt'] * 1000:.2f} mdpt, leave-one-out {fm['fit']['loo_rms_dpt'] * 1000:.2f} mdpt, "
+              f"valid {fm['valid_range_m'][0]:.3f}-{fm['valid_range_m'][1]:.3f} m")
+        if "intrinsics" in cal.document:
+            k = cal.document["intrinsics"]
+            print(f"  intrinsics:  fx {k['fx_px']:.1f} px, fy {k['fy_px']:.1f} px, reprojection rms {k['rms_reprojection_px']:.3f} px")
+        print(f"  use it:      calibration: {{file: {cal.calibration_path}}}")
+        return 0
     if config.mode != "single":
         where = "--mode" if args.mode else f"{args.config}: mode"
-        raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single")
-    run = run_single(config, show_progress=not (args.quiet or args.no_progress) and sys.stderr.isatty())
+        raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single, calibrate")
+    run = run_single(config, show_progress=show_progress)
     _print_summary(run)
     return 0

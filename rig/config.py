@@ -266,8 +266,37 @@ class SweepConfig(_Strict):
         return v
 
 
+class BoardConfig(_Strict):
+    cols: int = Field(9, ge=3, le=40, description="inner corners per row")
+    rows: int = Field(6, ge=3, le=40, description="inner corners per column")
+    square_mm: float = Field(25.0, gt=0)
+
+
+class CalibrationSessionConfig(_Strict):
+    """What ``--mode calibrate`` measures."""
+
+    distances_m: list[float] | None = Field(None, description="target distances; null: 7 even in diopters over sweep.range_m")
+    coarse_steps: int = Field(25, ge=7, le=400)
+    fine_steps: int = Field(15, ge=5, le=400)
+    roi_fraction: float = Field(0.5, gt=0.05, le=1.0)
+    degree: Literal[1, 2] = 1
+    breathing: bool = True
+    breathing_steps: int = Field(9, ge=3, le=100)
+    intrinsics: bool = True
+    board: BoardConfig = Field(default_factory=BoardConfig)
+    board_views: int = Field(10, ge=3, le=100)
+
+    @field_validator("distances_m")
+    @classmethod
+    def _distances(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (any(not d > 0 for d in v) or len(set(v)) != len(v)):
+            raise ValueError("distances must be positive and distinct")
+        return v
+
+
 class CalibrationConfig(_Strict):
     file: Path | None = None
+    session: CalibrationSessionConfig = Field(default_factory=CalibrationSessionConfig)
 
 
 class ReconstructConfig(_Strict):

@@ -1,0 +1,232 @@
+"""A lab calibration session: focus distances, focus breathing, intrinsics; resumable.
+
+The session drives an open camera and focus actuator and asks a :class:`TargetPlacer` to put
+the target where it is needed: a person at the bench (prompted in the terminal), or the
+simulated rig, which moves its virtual target itself. Progress is saved to ``session.yaml``
+in the session folder after every step, so an interrupted session resumes where it stopped.
+
+Steps:
+1. for each known distance: place a textured target, sweep the actuator coarsely over the
+   whole span, then finely around the sharpest setting; the refined peak is the actuator value
+   that focuses there (:mod:`calibration.focus_fit`); then fit the focus model;
+2. focus breathing: with the target at a middle distance, frames across the calibrated
+   actuator span are registered to each other (:mod:`calibration.alignment`);
+3. intrinsics: chessboard views at several poses (:mod:`calibration.intrinsics`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import yaml
+
+from calibration.focus_fit import FocusFit, SharpnessCurve, fit_focus_model, refine_peak, sharpness
+from calibration.focus_model import FocusModel
+from capture.devices import Camera, FocusActuator
+from capture.errors import CalibrationError
+from capture.imageio import read_image, write_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SessionPlan", "TargetPlacer", "CalibrationSession", "STATE_FILE"]
+
+STATE_FILE = "session.yaml"
+
+
+class TargetPlacer(Protocol):
+    """Whoever puts the calibration target in front of the camera."""
+
+    def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
+        """A textured planar target, facing the camera, at ``distance_m`` from the datum."""
+
+    def place_board(self, view: int, *, total: int) -> float | None:
+        """The chessboard in its ``view``-th pose; returns its distance in metres where known."""
+
+
+@dataclass
+class SessionPlan:
+    """What the session measures (from ``calibration.session`` in rig.yaml)."""
+
+    distances_m: list[float]
+    actuator_span: tuple[float, float]
+    coarse_steps: int = 25
+    fine_steps: int = 15
+    roi_fraction: float = 0.5
+    degree: int = 1
+    settle_timeout_s: float = 1.0
+    breathing: bool = True
+    breathing_steps: int = 9
+    intrinsics: bool = True
+    board_cols: int = 9
+    board_rows: int = 6
+    board_square_m: float = 0.025
+    board_views: int = 10
+
+
+@dataclass
+class SessionState:
+    curves: list[SharpnessCurve] = field(default_factory=list)
+    breathing: dict[str, Any] | None = None
+    board_views_done: int = 0
+    complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"curves": [c.to_dict() for c in self.curves], "breathing": self.breathing,
+                "board_views_done": self.board_views_done, "complete": self.complete}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SessionState:
+        return cls(curves=[SharpnessCurve.from_dict(c) for c in doc.get("curves") or []], breathing=doc.get("breathing"),
+                   board_views_done=int(doc.get("board_views_done", 0)), complete=bool(doc.get("complete", False)))
+
+
+@dataclass
+class SessionResult:
+    fit: FocusFit
+    curves: list[SharpnessCurve]
+    breathing: Any | None
+    intrinsics: Any | None
+    temperatures_c: list[float]
+
+
+class CalibrationSession:
+    """Runs (or resumes) a session in ``folder`` on an open camera and actuator.
+
+    Args:
+        progress: called as ``progress(done, total, label)`` after each frame.
+    """
+
+    def __init__(
+        self, camera: Camera, actuator: FocusActuator, placer: TargetPlacer, plan: SessionPlan, folder: Path,
+        *, progress: Callable[[int, int, str], None] | None = None,
+    ) -> None:
+        self.camera, self.actuator, self.placer, self.plan = camera, actuator, placer, plan
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.state = self._load_state()
+
+    # ------------------------------------------------------------------ state
+    def _load_state(self) -> SessionState:
+        path = self.folder / STATE_FILE
+        if not path.is_file():
+            return SessionState()
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        state = SessionState.from_dict(doc)
+        logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))
+        return state
+
+    def _save_state(self) -> None:
+        path = self.folder / STATE_FILE
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(self.state.to_dict(), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ capture helpers
+    def _frame_at(self, value: float) -> np.ndarray:
+        self.actuator.move_to(value)
+        t_ready = self.actuator.wait_settled(timeout_s=self.plan.settle_timeout_s)
+        return self.camera.grab(start_after_host_s=t_ready).image
+
+    def _sweep(self, values: np.ndarray, label: str) -> list[float]:
+        scores = []
+        for i, v in enumerate(values):
+            scores.append(sharpness(self._frame_at(float(v)), roi_fraction=self.plan.roi_fraction))
+            if self.progress is not None:
+                self.progress(i + 1, len(values), label)
+        return scores
+
+    def measure_distance(self, distance_m: float) -> SharpnessCurve:
+        """Coarse sweep over the whole span, fine sweep around its peak; the refined peak."""
+        lo, hi = self.plan.actuator_span
+        coarse = np.linspace(lo, hi, self.plan.coarse_steps)
+        coarse_scores = self._sweep(coarse, f"{distance_m:.3f} m coarse")
+        i = int(np.argmax(coarse_scores))
+        refine_peak(coarse, coarse_scores, distance_m=distance_m, half_window=1)  # raises on no peak / edge
+        step = coarse[1] - coarse[0]
+        fine = np.linspace(coarse[i] - 1.5 * step, coarse[i] + 1.5 * step, self.plan.fine_steps)
+        fine = fine[(fine >= min(lo, hi)) & (fine <= max(lo, hi))]
+        fine_scores = self._sweep(fine, f"{distance_m:.3f} m fine")
+        values = np.concatenate([coarse, fine])
+        scores = np.concatenate([coarse_scores, fine_scores])
+        order = np.argsort(values)
+        peak = refine_peak(values[order], scores[order], distance_m=distance_m)
+        return SharpnessCurve(distance_m=distance_m, values=values[order].tolist(), sharpness=scores[order].tolist(),
+                              temperature_c=self.actuator.temperature_c(), peak_value=peak)
+
+    # ------------------------------------------------------------------ the steps
+    def run(self) -> SessionResult:
+        plan = self.plan
+        done = {round(c.distance_m, 9) for c in self.state.curves}
+        todo = [d for d in plan.distances_m if round(d, 9) not in done]
+        for k, distance_m in enumerate(plan.distances_m):
+            if distance_m not in todo:
+                continue
+            self.placer.place_texture(distance_m, step=k + 1, total=len(plan.distances_m))
+            curve = self.measure_distance(distance_m)
+            self.state.curves.append(curve)
+            self._save_state()
+            logger.info("target at %.3f m: focused at %.4f %s", distance_m, curve.peak_value, self.actuator.unit)
+        curves = sorted(self.state.curves, key=lambda c: c.distance_m)
+        fit = fit_focus_model(
+            [c.distance_m for c in curves], [float(c.peak_value) for c in curves], unit=self.actuator.unit,
+            degree=plan.degree, temperatures_c=[c.temperature_c for c in curves],
+        )
+        breathing = self._breathing(fit.model) if plan.breathing else None
+        intrinsics = self._intrinsics(fit.model) if plan.intrinsics else None
+        self.state.complete = True
+        self._save_state()
+        temps = [float(c.temperature_c) for c in curves if c.temperature_c is not None]
+        return SessionResult(fit=fit, curves=curves, breathing=breathing, intrinsics=intrinsics, temperatures_c=temps)
+
+    def _breathing(self, model: FocusModel) -> Any:
+        from calibration.alignment import BreathingModel, fit_breathing
+
+        if self.state.breathing is not None:
+            return BreathingModel.from_dict(self.state.breathing)
+        near, far = model.valid_range_m  # type: ignore[union-attr]
+        middle_m = 2.0 / (1.0 / near + (0.0 if math.isinf(far) else 1.0 / far))
+        self.placer.place_texture(middle_m, step=1, total=1)
+        lo_v, hi_v = sorted((model.actuator_value(near), model.actuator_value(far)))
+        values = np.linspace(lo_v, hi_v, self.plan.breathing_steps)
+        frames = []
+        for i, v in enumerate(values):
+            frames.append(self._frame_at(float(v)))
+            if self.progress is not None:
+                self.progress(i + 1, len(values), "breathing")
+        breathing = fit_breathing(frames, [float(v) for v in values])
+        self.state.breathing = breathing.to_dict()
+        self._save_state()
+        return breathing
+
+    def _intrinsics(self, model: FocusModel) -> Any:
+        from calibration.intrinsics import calibrate_intrinsics
+
+        views_dir = self.folder / "intrinsics_views"
+        views_dir.mkdir(exist_ok=True)
+        total = self.plan.board_views
+        for view in range(self.state.board_views_done, total):
+            distance_m = self.placer.place_board(view, total=total)
+            if distance_m is not None:
+                try:
+                    value = model.actuator_value(distance_m)
+                    lo, hi = self.actuator.limits
+                    self.actuator.move_to(float(np.clip(value, lo, hi)))
+                    self.actuator.wait_settled(timeout_s=self.plan.settle_timeout_s)
+                except CalibrationError:
+                    logger.warning("board view %d at %.3f m lies outside the calibrated focus range; left focus as it was", view, distance_m)
+            image = self.camera.grab(start_after_host_s=time.monotonic()).image
+            write_image(views_dir / f"view_{view:02d}.png", image)
+            self.state.board_views_done = view + 1
+            self._save_state()
+            if self.progress is not None:
+                self.progress(view + 1, total, "chessboard views")
+        images = [read_image(p) for p in sorted(views_dir.glob("view_*.png"))]
+        return calibrate_intrinsics(images, cols=self.plan.board_cols, rows=self.plan.board_rows, square_m=self.plan.board_square_m)

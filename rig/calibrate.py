@@ -1,0 +1,194 @@
+"""``--mode calibrate``: a guided calibration session on the configured rig.
+
+A person at the bench is prompted for each target placement; the simulated rig moves its
+virtual target itself (``--non-interactive``). An unfinished session of the same rig in the
+output folder is resumed. The result is ``calibration.yaml`` and a ``report/`` folder in the
+run folder; set ``calibration.file`` to that file to use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from calibration.report import calibration_document, write_calibration, write_report
+from calibration.session import STATE_FILE, CalibrationSession, SessionPlan
+from capture.errors import ConfigError
+from capture.simulated import SimulatedCamera
+from capture.sweep import plan_focus_distances
+from rig.build import Rig, open_rig
+from rig.config import RigConfig, config_to_dict
+from rig.runfolder import create_run_folder, write_yaml_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CalibrationRun", "run_calibration", "HumanPlacer", "SimulatedPlacer"]
+
+
+class HumanPlacer:
+    """Asks the person at the bench to place the target, and waits for Enter."""
+
+    def __init__(self, ask: Callable[[str], str] = input) -> None:
+        self.ask = ask
+
+    def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
+        self.ask(f"[{step}/{total}] Place the textured target at {distance_m:.3f} m from the lens datum, "
+                 "facing the camera and filling the centre of the view; press Enter (Ctrl-C stops, the session resumes next time) ")
+
+    def place_board(self, view: int, *, total: int) -> float | None:
+        self.ask(f"[{view + 1}/{total}] Hold the chessboard fully in view, tilted differently from the last view; press Enter ")
+        return None
+
+
+class SimulatedPlacer:
+    """The simulated rig moves its own virtual targets (and knows where they are).
+
+    Its chessboard is sized to fill about half the (narrow) view at ``board_distance_m``, so
+    the board views lie inside the calibrated focus range; :attr:`board_square_m` is what the
+    session must use for it.
+    """
+
+    def __init__(self, camera: SimulatedCamera, *, board_cols: int, board_rows: int, board_distance_m: float, views: int) -> None:
+        from capture.targets import board_poses
+
+        self.camera = camera
+        h, w = camera.image_hw
+        f_px = camera.lens.focal_length_px
+        fill = 0.55
+        self.board_cols, self.board_rows = board_cols, board_rows
+        # board width (squares + one square of margin on each side) spans `fill` of the view
+        self.board_square_m = fill * w * board_distance_m / (f_px * (board_cols + 3))
+        self.poses = board_poses(views, width=w, height=h, focal_length_px=f_px, cols=board_cols, rows=board_rows,
+                                 square_m=self.board_square_m, fill=(0.45, 0.65))
+
+    def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
+        from capture.targets import planar_target_scene
+
+        h, w = self.camera.image_hw
+        logger.info("simulated target moved to %.3f m (%d/%d)", distance_m, step, total)
+        self.camera.set_scene(planar_target_scene(w, h, distance_m=distance_m, seed=step))
+
+    def place_board(self, view: int, *, total: int) -> float | None:
+        from capture.targets import chessboard_scene
+
+        h, w = self.camera.image_hw
+        pose = self.poses[view]
+        scene = chessboard_scene(w, h, cols=self.board_cols, rows=self.board_rows, square_m=self.board_square_m,
+                                 focal_length_px=self.camera.lens.focal_length_px, **pose.as_kwargs())
+        self.camera.set_scene(scene)
+        return float(pose.distance_m)
+
+
+@dataclass
+class CalibrationRun:
+    run_dir: Path
+    calibration_path: Path
+    summary_path: Path
+    resumed: bool
+    document: dict
+
+
+def _session_distances(config: RigConfig) -> list[float]:
+    s = config.calibration.session
+    if s.distances_m is not None:
+        return sorted(s.distances_m, reverse=True)
+    return [float(d) for d in plan_focus_distances(range_m=config.sweep.range_m, slices=7)]
+
+
+def _actuator_span(rig: Rig, distances_m: list[float], margin: float = 0.3) -> tuple[float, float]:
+    """Actuator values covering the distances in diopters, widened by ``margin`` of the span
+    on each side (the nominal map may be off), within the actuator's limits."""
+    dpt = [1.0 / d for d in distances_m]
+    lo_d, hi_d = min(dpt), max(dpt)
+    pad = margin * (hi_d - lo_d)
+    ends = []
+    for d in (max(lo_d - pad, 1e-3), hi_d + pad):
+        ends.append(rig.focus_map.actuator_value(1.0 / d))
+    lo, hi = rig.actuator.limits
+    a, b = sorted(ends)
+    return float(np.clip(a, lo, hi)), float(np.clip(b, lo, hi))
+
+
+def _find_unfinished(config: RigConfig) -> Path | None:
+    out = Path(config.output.dir)
+    if not out.is_dir():
+        return None
+    candidates = sorted((p for p in out.iterdir() if p.is_dir() and p.name.endswith(f"_{config.name}")), reverse=True)
+    for run_dir in candidates:
+        state = run_dir / "calibration_session" / STATE_FILE
+        if state.is_file():
+            doc = yaml.safe_load(state.read_text(encoding="utf-8")) or {}
+            if not doc.get("complete"):
+                return run_dir
+    return None
+
+
+def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool = True, ask: Callable[[str], str] = input) -> CalibrationRun:
+    """Run (or resume) the calibration session the config describes."""
+    if config.camera.driver != "simulated" and not interactive:
+        raise ConfigError(
+            "--non-interactive: on hardware the target must be placed by a person (run without --non-interactive), "
+            "or by your own script through calibration.session.CalibrationSession with a TargetPlacer"
+        )
+    s = config.calibration.session
+    distances = _session_distances(config)
+    run_dir = _find_unfinished(config)
+    resumed = run_dir is not None
+    if resumed:
+        logger.warning("resuming the unfinished calibration session in %s", run_dir)
+    else:
+        run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
+        write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
+    bar = tqdm(total=0, disable=not show_progress, leave=False, unit="frame")
+
+    def progress(done: int, total: int, label: str) -> None:
+        if bar.total != total or done == 1:
+            bar.reset(total=total)
+        bar.set_description(label)
+        bar.n = done
+        bar.refresh()
+
+    with open_rig(config) as rig:
+        if isinstance(rig.camera, SimulatedCamera) and not interactive:
+            middle_m = 2.0 / (1.0 / min(distances) + 1.0 / max(distances))
+            placer = SimulatedPlacer(rig.camera, board_cols=s.board.cols, board_rows=s.board.rows, board_distance_m=middle_m, views=s.board_views)
+        else:
+            placer = HumanPlacer(ask)
+        plan = SessionPlan(
+            distances_m=distances, actuator_span=_actuator_span(rig, distances), coarse_steps=s.coarse_steps,
+            fine_steps=s.fine_steps, roi_fraction=s.roi_fraction, degree=s.degree, settle_timeout_s=config.sweep.settle_timeout_s,
+            breathing=s.breathing, breathing_steps=s.breathing_steps, intrinsics=s.intrinsics,
+            board_cols=s.board.cols, board_rows=s.board.rows, board_views=s.board_views,
+            board_square_m=getattr(placer, "board_square_m", s.board.square_mm / 1000.0),
+        )
+        session = CalibrationSession(rig.camera, rig.actuator, placer, plan, run_dir / "calibration_session", progress=progress)
+        try:
+            result = session.run()
+        finally:
+            bar.close()
+        identity = {
+            "name": config.name, "camera": rig.camera.name, "focus": rig.actuator.name,
+            "camera_identity": {str(k): str(v) for k, v in (getattr(rig.camera, "identity", None) or {}).items()},
+            "focus_identity": {str(k): str(v) for k, v in (getattr(rig.actuator, "identity", None) or {}).items()},
+            "actuator_unit": rig.actuator.unit,
+        }
+    session_doc = {"distances_m": distances, "actuator_span": list(plan.actuator_span), "coarse_steps": plan.coarse_steps,
+                   "fine_steps": plan.fine_steps, "roi_fraction": plan.roi_fraction, "degree": plan.degree}
+    doc = calibration_document(result, rig=identity, session=session_doc)
+    calibration_path = write_calibration(doc, run_dir / "calibration.yaml")
+    summary_path = write_report(result, run_dir / "report", doc=doc, calibration_path=calibration_path)
+    fit = result.fit
+    write_yaml_atomic(run_dir / "summary.yaml", {
+        "mode": "calibrate", "resumed": resumed, "calibration": str(calibration_path), "report": str(summary_path),
+        "focus_rms_dpt": round(fit.rms_dpt, 6), "focus_loo_rms_dpt": round(fit.loo_rms_dpt, 6),
+    })
+    if math.isfinite(fit.loo_rms_dpt) and fit.loo_rms_dpt > 0.05:
+        logger.warning("leave-one-out error %.3f dpt is large: check the target distances, or try calibration.session.degree: 2", fit.loo_rms_dpt)
+    return CalibrationRun(run_dir=run_dir, calibration_path=calibration_path, summary_path=summary_path, resumed=resumed, document=doc)

@@ -1,0 +1,253 @@
+"""Calibration sessions on the simulated rig: the calibrated models against the simulator's
+truth, resuming, the report, bad input, and depth with vs without the calibration."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from calibration.focus_fit import fit_focus_model, refine_peak, sharpness
+from calibration.focus_model import PolynomialFocusModel, load_focus_model
+from capture.errors import CalibrationError, ConfigError
+from capture.optics import breathing_scale
+from rig import load_config, open_rig
+from rig.calibrate import run_calibration
+from rig.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM_YAML = ROOT / "configs" / "sim.yaml"
+
+
+def _config_dict(out: Path, *, size: tuple[int, int] = (320, 240), **session) -> dict:
+    doc = yaml.safe_load(SIM_YAML.read_text(encoding="utf-8"))
+    doc["camera"].update(width=size[0], height=size[1], fps=240, exposure_s=0.002)
+    doc["focus"]["time_constant_s"] = 0.004  # a quick lens keeps the many small calibration moves fast
+    doc["output"] = {"dir": str(out)}
+    doc["calibration"] = {"file": None, "session": {"coarse_steps": 17, "fine_steps": 11, "breathing_steps": 7,
+                                                    "board_views": 8, "board": {"cols": 7, "rows": 5, "square_mm": 30}, **session}}
+    return doc
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> dict:
+    """One full non-interactive session on a small simulated rig (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("cal")
+    doc = _config_dict(out, size=(512, 384))  # sim.yaml's sensor: at 320 px the 11-degree view biases fx by ~2 %
+    config = parse_config(doc, source="test")
+    cal = run_calibration(config, interactive=False, show_progress=False)
+    return {"run": cal, "config": config, "doc": doc, "out": out}
+
+
+def test_focus_model_matches_the_true_lens_within_1_percent(calibrated: dict) -> None:
+    config = calibrated["config"]
+    model = load_focus_model(calibrated["run"].calibration_path)
+    assert isinstance(model, PolynomialFocusModel) and model.unit == "mA"
+    actual = config.focus.actual
+    base_dpt = 0.0  # sim.yaml: camera lens focused at infinity
+    near, far = config.sweep.range_m
+    span_dpt = 1.0 / near - 1.0 / far
+    lo, hi = sorted((model.actuator_value(near), model.actuator_value(far)))
+    currents = np.linspace(lo, hi, 50)
+    true_dpt = base_dpt + actual.offset_dpt + actual.dpt_per_ma * currents + actual.drift_dpt_per_c * (actual.temperature_c - 25.0)
+    fitted = np.array([model.focus_dpt(c) for c in currents])
+    assert np.max(np.abs(fitted - true_dpt)) <= 0.01 * span_dpt
+    # and the nominal model in the config is measurably worse: the calibration found something
+    nominal = config.focus.nominal.offset_dpt + config.focus.nominal.dpt_per_ma * currents
+    assert np.max(np.abs(nominal - true_dpt)) > 2 * np.max(np.abs(fitted - true_dpt))
+
+
+def test_breathing_scale_within_1e3(calibrated: dict) -> None:
+    config = calibrated["config"]
+    doc = yaml.safe_load(calibrated["run"].calibration_path.read_text(encoding="utf-8"))
+    from calibration.alignment import BreathingModel
+
+    breathing = BreathingModel.from_dict(doc["breathing"])
+    model = load_focus_model(calibrated["run"].calibration_path)
+    optics = config.camera.optics
+    actual = config.focus.actual
+    values = np.linspace(min(breathing.actuator_values), max(breathing.actuator_values), 9)
+    ref_value = breathing.reference_value
+
+    def true_scale(v: float) -> float:
+        dpt = actual.offset_dpt + actual.dpt_per_ma * v + actual.drift_dpt_per_c * (actual.temperature_c - 25.0)
+        return breathing_scale(dpt, breathing_per_dpt=optics.breathing_per_dpt, reference_dpt=optics.breathing_reference_dpt)
+
+    for v in values:
+        expected = true_scale(v) / true_scale(ref_value)  # magnification relative to the reference setting
+        assert breathing.scale_at(v) == pytest.approx(expected, abs=1e-3), v
+    assert model is not None
+
+
+def test_intrinsic_focal_length_within_1_percent(calibrated: dict) -> None:
+    config = calibrated["config"]
+    doc = yaml.safe_load(calibrated["run"].calibration_path.read_text(encoding="utf-8"))
+    from capture.optics import ThinLens
+
+    o = config.camera.optics
+    truth_px = ThinLens(focal_length_mm=o.focal_length_mm, f_number=o.f_number, pixel_pitch_um=o.pixel_pitch_um).focal_length_px
+    k = doc["intrinsics"]
+    fx, fy = k["fx_px"], k["fy_px"]
+    assert fx == pytest.approx(truth_px, rel=0.01) and fy == pytest.approx(truth_px, rel=0.01)
+
+
+def test_session_writes_file_and_report(calibrated: dict) -> None:
+    run = calibrated["run"]
+    doc = yaml.safe_load(run.calibration_path.read_text(encoding="utf-8"))
+    assert doc["format"] == "calibration/1" and doc["rig"]["name"] == "sim" and doc["created_utc"].endswith("Z")
+    fit = doc["focus_model"]["fit"]
+    assert len(fit["distances_m"]) == 7 and fit["rms_dpt"] < 0.01 and fit["loo_rms_dpt"] < 0.02
+    assert doc["temperature_range_c"] == [27.0, 27.0]
+    report = run.run_dir / "report"
+    for name in ("summary.md", "sharpness_curves.png", "focus_fit.png", "breathing.png"):
+        assert (report / name).is_file() and (report / name).stat().st_size > (300 if name.endswith(".md") else 5000), name
+    text = (report / "summary.md").read_text(encoding="utf-8")
+    assert "leave-one-out" in text and str(run.calibration_path) in text
+
+
+def test_calibrated_stack_beats_the_uncalibrated_one(calibrated: dict, tmp_path: Path) -> None:
+    """Same simulated rig (breathing on), default scene: the calibration (true focus map +
+    breathing alignment) lowers the classical depth error."""
+    from reconstruct import reconstruct_stack
+    from reconstruct.metrics import depth_metrics
+
+    doc = yaml.safe_load(SIM_YAML.read_text(encoding="utf-8"))
+    doc["camera"].update(width=320, height=240, fps=240, exposure_s=0.002)
+    doc["camera"]["optics"]["breathing_per_dpt"] = 0.01  # strong breathing: 2 % over the sweep
+    errors = {}
+    for label, cal_file in (("without", None), ("with", str(calibrated["run"].calibration_path))):
+        doc["calibration"] = {"file": cal_file}
+        config = parse_config(doc, source=label)
+        if label == "with":  # calibrate this rig's breathing (the shared session used the default)
+            session_doc = _config_dict(tmp_path / "cal2", intrinsics=False)
+            session_doc["camera"]["optics"]["breathing_per_dpt"] = 0.01
+            cal = run_calibration(parse_config(session_doc, source="cal2"), interactive=False, show_progress=False)
+            config.calibration.file = cal.calibration_path
+        with open_rig(config) as rig:
+            stack = rig.capture_stack()
+            truth = rig.truth()
+        if label == "with":
+            assert all("alignment" in m for m in stack.slice_meta)
+        result = reconstruct_stack(stack, method="classical", align="apply")
+        errors[label] = depth_metrics(result.depth, truth.depth_m, truth_valid=truth.truth_valid)["abs_rel"]
+    assert errors["with"] < errors["without"] - 0.003, errors
+
+
+def test_an_interrupted_session_resumes(tmp_path: Path) -> None:
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
+    config = parse_config(doc, source="resume")
+    from rig import calibrate as cal_mod
+
+    calls = {"n": 0}
+    real = cal_mod.SimulatedPlacer.place_texture
+
+    def flaky(self, distance_m, *, step, total):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, distance_m, step=step, total=total)
+
+    cal_mod.SimulatedPlacer.place_texture = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_calibration(config, interactive=False, show_progress=False)
+    finally:
+        cal_mod.SimulatedPlacer.place_texture = real
+    state = yaml.safe_load(next(tmp_path.glob("*_sim/calibration_session/session.yaml")).read_text(encoding="utf-8"))
+    assert len(state["curves"]) == 2 and not state["complete"]
+    second = run_calibration(config, interactive=False, show_progress=False)
+    assert second.resumed
+    doc2 = yaml.safe_load(second.calibration_path.read_text(encoding="utf-8"))
+    assert sorted(doc2["focus_model"]["fit"]["distances_m"]) == [0.4, 0.6, 0.8, 1.2, 2.0]
+    assert len(list(tmp_path.glob("*_sim"))) == 1  # the same run folder
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+
+def test_too_few_distances_says_what_to_do() -> None:
+    with pytest.raises(CalibrationError, match="2 distances are too few for a degree-1 model; measure at least 3"):
+        fit_focus_model([1.0, 0.5], [60.0, 90.0], unit="mA")
+
+
+def test_non_monotonic_peaks_are_refused() -> None:
+    with pytest.raises(CalibrationError, match="do not change monotonically"):
+        fit_focus_model([2.0, 1.0, 0.7, 0.5], [60.0, 90.0, 85.0, 150.0], unit="mA")
+
+
+def test_flat_curve_and_edge_peak_are_refused() -> None:
+    v = np.linspace(0, 100, 15)
+    with pytest.raises(CalibrationError, match="no sharpness peak"):
+        refine_peak(v, np.full(15, 3.0) + 0.01 * np.sin(v), distance_m=0.8)
+    with pytest.raises(CalibrationError, match="edge of the sweep"):
+        refine_peak(v, np.exp(v / 20), distance_m=0.8)
+
+
+def test_peak_refinement_is_sub_step() -> None:
+    v = np.linspace(0, 100, 11)  # step 10
+    s = 1 + 50 * np.exp(-0.5 * ((v - 43.7) / 12) ** 2)
+    assert refine_peak(v, s, distance_m=1.0) == pytest.approx(43.7, abs=1.0)
+
+
+def test_textureless_target_stops_the_session(tmp_path: Path) -> None:
+    from rig import calibrate as cal_mod
+
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=False)
+    config = parse_config(doc, source="flat")
+    real = cal_mod.SimulatedPlacer.place_texture
+
+    def flat(self, distance_m, *, step, total):  # noqa: ANN001
+        from capture.scenes import Scene
+
+        h, w = self.camera.image_hw
+        self.camera.set_scene(Scene(name="flat", radiance=np.full((h, w, 3), 0.5, np.float32), depth_m=np.full((h, w), distance_m, np.float32),
+                                    truth_valid=np.ones((h, w), bool)))
+
+    cal_mod.SimulatedPlacer.place_texture = flat
+    try:
+        with pytest.raises(CalibrationError, match="no sharpness peak.*textured target"):
+            run_calibration(config, interactive=False, show_progress=False)
+    finally:
+        cal_mod.SimulatedPlacer.place_texture = real
+
+
+def test_distance_outside_the_calibrated_range_is_refused() -> None:
+    m = PolynomialFocusModel(coefficients_dpt=(-0.5, 0.0165, 0.0), unit="mA", valid_dpt=(0.5, 2.5))
+    with pytest.raises(CalibrationError, match="outside the calibrated range 0.4-2 m"):
+        m.actuator_value(5.0)
+    assert math.isfinite(m.actuator_value(1.0))
+
+
+def test_hardware_cannot_calibrate_non_interactively() -> None:
+    raw = {"camera": {"driver": "genicam", "producer": "viky"}, "focus": {"driver": "optotune", "port": "emulator"}}
+    with pytest.raises(ConfigError, match="--non-interactive: on hardware the target must be placed by a person"):
+        run_calibration(parse_config(raw), interactive=False)
+
+
+def test_sharpness_prefers_focused_images() -> None:
+    rng = np.random.default_rng(0)
+    sharp = rng.random((64, 64)).astype(np.float32)
+    import cv2
+
+    blurred = cv2.GaussianBlur(sharp, (0, 0), 2.0)
+    assert sharpness(sharp) > 5 * sharpness(blurred)
+
+
+def test_calibrate_mode_from_the_command_line(tmp_path: Path) -> None:
+    doc = _config_dict(tmp_path / "runs", intrinsics=False, breathing=False, distances_m=[2.0, 1.0, 0.7, 0.5, 0.4])
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--mode", "calibrate", "--non-interactive"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "calibration:" in proc.stdout and "use it:" in proc.stdout
+    cal_path = next((tmp_path / "runs").glob("*_sim/calibration.yaml"))
+    config = load_config(path)
+    config.calibration.file = cal_path
+    with open_rig(config) as rig:
+        assert isinstance(rig.focus_map, PolynomialFocusModel)
