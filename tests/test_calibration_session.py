@@ -133,9 +133,12 @@ def test_calibrated_stack_beats_the_uncalibrated_one(calibrated: dict, tmp_path:
             truth = rig.truth()
         if label == "with":
             assert all("alignment" in m for m in stack.slice_meta)
-        result = reconstruct_stack(stack, method="classical", align="apply")
-        errors[label] = depth_metrics(result.depth, truth.depth_m, truth_valid=truth.truth_valid)["abs_rel"]
-    assert errors["with"] < errors["without"] - 0.003, errors
+        for method in ("classical", "dualfocus"):
+            result = reconstruct_stack(stack, method=method, align="apply")
+            errors[label, method] = depth_metrics(result.depth, truth.depth_m, truth_valid=truth.truth_valid)["abs_rel"]
+    # measured here: classical 0.130 -> 0.098, network 0.0651 -> 0.0636
+    assert errors["with", "classical"] < errors["without", "classical"] - 0.01, errors
+    assert errors["with", "dualfocus"] < errors["without", "dualfocus"], errors
 
 
 def test_an_interrupted_session_resumes(tmp_path: Path) -> None:
