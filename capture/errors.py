@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "StackFormatError",
     "OutputError",
+    "DiskFull",
     "DeviceError",
     "DeviceTimeout",
     "ProtocolError",
@@ -50,6 +51,10 @@ class StackFormatError(InputError):
 
 class OutputError(InputError):
     """An output folder or file cannot be written (names the path)."""
+
+
+class DiskFull(OutputError):
+    """The output disk has less free space than ``output.min_free_gb`` (or ENOSPC): recording stops."""
 
 
 class ReconstructionError(InputError):

@@ -104,9 +104,26 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  intrinsics:  fx {k['fx_px']:.1f} px, fy {k['fy_px']:.1f} px, reprojection rms {k['rms_reprojection_px']:.3f} px")
         print(f"  use it:      calibration: {{file: {cal.calibration_path}}}")
         return 0
+    if config.mode == "continuous":
+        from rig.continuous import run_continuous
+
+        for flag, value in (("--count", args.count), ("--duration", args.duration)):
+            if value is not None and not value > 0:
+                raise ConfigError(f"{flag}: must be > 0, got {value}")
+        cont = run_continuous(config, count=args.count, duration_s=args.duration, show_status=show_progress)
+        s = cont.summary
+        lat = s["latency_s"] or {}
+        print(f"run folder: {cont.run_dir}")
+        print(f"  stacks:   {s['stacks_written']} written, {s['stacks_dropped']} dropped, {s['stacks_captured']} captured "
+              f"({s['stacks_per_s']:.2f} stacks/s over {s['seconds']:.1f} s); stopped by {s['stopped_by']}")
+        if lat:
+            print(f"  latency:  p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s (first exposure to depth ready)")
+        return cont.exit_code
     if config.mode != "single":
         where = "--mode" if args.mode else f"{args.config}: mode"
-        raise ConfigError(f"{where}: {config.mode!r} is not available in this version; valid now: single, calibrate")
+        raise ConfigError(f"{where}: {config.mode!r} is not available; valid: single, calibrate, continuous")
+    if args.count is not None or args.duration is not None:
+        raise ConfigError("--count/--duration: only for --mode continuous")
     run = run_single(config, show_progress=show_progress)
     _print_summary(run)
     return 0

@@ -243,6 +243,8 @@ class SweepConfig(_Strict):
     slices: int = Field(10, ge=2, le=256)
     wait_settled: bool = True
     settle_timeout_s: float = Field(1.0, gt=0, le=60)
+    frequency_hz: float = Field(2.0, gt=0, le=100, description="continuous style: triangle sweep frequency (two stacks per period)")
+    lag_s: float | None = Field(None, ge=0, le=1, description="continuous style: lens lag behind the command; null: the actuator's own estimate")
 
     @field_validator("distances_m")
     @classmethod

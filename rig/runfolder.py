@@ -11,21 +11,36 @@ from typing import Any
 
 import yaml
 
-from capture.errors import OutputError
+from capture.errors import DiskFull, OutputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["create_run_folder", "write_yaml_atomic", "check_free_space"]
 
 
-def check_free_space(path: Path, *, min_free_gb: float) -> float:
-    """Free space (GB) where ``path`` lives; OutputError below ``min_free_gb``."""
-    probe = path
+def check_free_space(path: str | os.PathLike[str], min_free_gb: float) -> float:
+    """Free space (GB, 1e9 bytes) on the filesystem that holds ``path``.
+
+    ``path`` need not exist yet: its nearest existing parent is asked.
+
+    Raises:
+        DiskFull: less than ``min_free_gb`` is free (the message names the path, the free
+            and the required space).
+        OutputError: the free space cannot be queried.
+    """
+    target = Path(path)
+    probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    free_gb = shutil.disk_usage(probe).free / 1e9
+    try:
+        free_gb = shutil.disk_usage(probe).free / 1e9
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot query the free space ({exc.strerror or exc})") from exc
     if free_gb < min_free_gb:
-        raise OutputError(f"{path}: only {free_gb:.2f} GB free, output.min_free_gb asks for {min_free_gb:g} GB")
+        raise DiskFull(
+            f"{target}: disk full: {free_gb:.2f} GB free, output.min_free_gb requires {min_free_gb:g} GB "
+            "(free some space or lower output.min_free_gb)"
+        )
     return free_gb
 
 

@@ -245,9 +245,9 @@ def test_rig_invalid_yaml(tmp_path: Path) -> None:
     assert "line" in line
 
 
-def test_rig_mode_continuous_not_available(tmp_path: Path) -> None:
+def test_rig_count_outside_continuous_mode_is_refused(tmp_path: Path) -> None:
     config = _fast_config(tmp_path)
-    line = _assert_bad_input(rig("--config", config, "--mode", "continuous"), "--mode")
+    line = _assert_bad_input(rig("--config", config, "--count", "3"), "--count")
     assert "continuous" in line
     assert not (tmp_path / "runs").exists()
 

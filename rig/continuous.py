@@ -1,0 +1,385 @@
+"""``--mode continuous``: capture, reconstruction and writing as pipelined stages.
+
+Three threads joined by bounded queues:
+
+    capture (owns the devices) --q1--> reconstruct --q2--> write (sinks)
+
+While stack k is reconstructed, stack k+1 is captured. When reconstruction falls behind and
+``q1`` is full, ``continuous.when_behind`` decides: ``drop_oldest`` throws away the oldest
+waiting stack (counted and logged; capture never waits), ``block`` makes capture wait. Every
+stack is accounted for: captured = written + dropped + lost to an error (reported).
+
+Stopping: ``--count``, ``--duration`` or Ctrl-C. Ctrl-C lets the stack in flight finish, drains
+the queues, parks the lens (the devices close), and writes ``summary.yaml``. A full disk stops
+recording with one line (``DiskFull``) and never leaves a half-written stack (the writers are
+atomic). A device error triggers up to ``continuous.reconnect_attempts`` reopenings of the rig;
+after that the run ends cleanly with exit code 3; a cut-short sweep is kept as ``.incomplete``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capture.errors import DeviceError, DiskFull, RigError
+from capture.stack import FocalStack
+from capture.sweep import SweepInterrupted
+from reconstruct.api import check_ready, reconstruct_stack
+from reconstruct.result import DepthResult
+from rig.build import Rig, open_rig
+from rig.config import RigConfig, config_to_dict
+from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
+from rig.single import save_incomplete
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ContinuousRun", "ContinuousStats", "run_continuous"]
+
+_STOP = object()  # end-of-stream marker between stages
+
+
+@dataclass
+class ContinuousStats:
+    """Counters and timings of a continuous run (thread-safe updates through ``lock``)."""
+
+    captured: int = 0
+    reconstructed: int = 0
+    written: int = 0
+    dropped: int = 0
+    failed: int = 0
+    reconnects: int = 0
+    stage_s: dict[str, collections.deque] = field(default_factory=lambda: {k: collections.deque(maxlen=10_000) for k in ("capture", "reconstruct", "write")})
+    latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
+    started_host_s: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, counter: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, counter, getattr(self, counter) + n)
+
+    def record(self, stage: str, seconds: float) -> None:
+        with self.lock:
+            self.stage_s[stage].append(seconds)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_host_s
+
+    def rate_per_s(self) -> float:
+        t = self.elapsed_s()
+        return self.written / t if t > 0 else 0.0
+
+    def _pct(self, values: collections.deque, q: float) -> float | None:
+        return float(np.percentile(list(values), q)) if values else None
+
+    def status_line(self) -> str:
+        p50 = self._pct(self.latency_s, 50)
+        lat = f"latency p50 {p50:.2f} s" if p50 is not None else "latency -"
+        return (f"stacks {self.written} written, {self.captured} captured, {self.dropped} dropped | "
+                f"{self.rate_per_s():.2f} stacks/s | {lat} | {self.elapsed_s():.0f} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        with self.lock:
+            stages = {k: {"mean_s": round(float(np.mean(v)), 4), "p95_s": round(float(np.percentile(list(v), 95)), 4)}
+                      for k, v in self.stage_s.items() if v}
+            lat = list(self.latency_s)
+            return {
+                "stacks_captured": self.captured, "stacks_reconstructed": self.reconstructed, "stacks_written": self.written,
+                "stacks_dropped": self.dropped, "stacks_failed": self.failed, "reconnects": self.reconnects,
+                "seconds": round(self.elapsed_s(), 3), "stacks_per_s": round(self.rate_per_s(), 4),
+                "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4)} if lat else None,
+                "stages": stages, "errors": list(self.errors),
+            }
+
+
+@dataclass
+class _Item:
+    index: int
+    stack: FocalStack
+    t_first_exposure_host_s: float
+    result: DepthResult | None = None
+
+
+@dataclass
+class ContinuousRun:
+    run_dir: Path
+    summary: dict[str, Any]
+    exit_code: int
+
+
+class _Pipeline:
+    def __init__(self, config: RigConfig, run_dir: Path, sinks: list[Any], *, count: int | None, duration_s: float | None,
+                 capture: Callable[[Rig], FocalStack] | None, status: Callable[[str], None] | None) -> None:
+        self.config, self.run_dir, self.sinks = config, run_dir, sinks
+        self.count, self.duration_s = count, duration_s
+        self.capture_fn = capture or (lambda rig: rig.capture_stack())
+        self.status = status
+        c = config.continuous
+        self.q1: queue.Queue = queue.Queue(maxsize=c.queue_size)
+        self.q2: queue.Queue = queue.Queue(maxsize=c.queue_size)
+        self.stop = threading.Event()
+        self.stats = ContinuousStats()
+        self.fatal: BaseException | None = None
+        self._fatal_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ helpers
+    def _fail(self, exc: BaseException) -> None:
+        with self._fatal_lock:
+            if self.fatal is None:
+                self.fatal = exc
+        self.stats.errors.append(str(exc))
+        self.stop.set()
+
+    def _done_capturing(self, index: int) -> bool:
+        if self.stop.is_set():
+            return True
+        if self.count is not None and index >= self.count:
+            return True
+        return self.duration_s is not None and self.stats.elapsed_s() >= self.duration_s
+
+    def _put_for_reconstruction(self, item: _Item) -> None:
+        if self.config.continuous.when_behind == "block":
+            while True:
+                try:
+                    self.q1.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    if self.fatal is not None:
+                        return
+        while True:
+            try:
+                self.q1.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    old = self.q1.get_nowait()
+                except queue.Empty:
+                    continue
+                if old is _STOP:  # never drop the end marker
+                    self.q1.put(old)
+                    continue
+                self.stats.add("dropped")
+                logger.warning("reconstruction is behind: dropped stack %06d (continuous.when_behind: drop_oldest)", old.index)
+
+    # ------------------------------------------------------------------ stages
+    def capture_stage(self) -> None:
+        rig: Rig | None = None
+        index = 0
+        attempts_left = self.config.continuous.reconnect_attempts
+        try:
+            rig = open_rig(self.config)
+            while not self._done_capturing(index):
+                t0 = time.monotonic()
+                try:
+                    stack = self.capture_fn(rig)
+                except SweepInterrupted as err:
+                    if isinstance(err.cause, KeyboardInterrupt):
+                        raise
+                    save_incomplete(err, self.run_dir / "stacks" / f"{index:06d}")
+                    self.stats.add("failed")
+                    self.stats.errors.append(str(err))
+                    if not isinstance(err.cause, DeviceError):
+                        raise
+                    rig, attempts_left = self._reconnect(rig, err, attempts_left)
+                    index += 1
+                    continue
+                self.stats.record("capture", time.monotonic() - t0)
+                self.stats.add("captured")
+                self._put_for_reconstruction(_Item(index=index, stack=stack, t_first_exposure_host_s=t0))
+                index += 1
+                attempts_left = self.config.continuous.reconnect_attempts  # a good stack restores the budget
+        except BaseException as exc:  # noqa: BLE001 (the main thread reports it)
+            if not isinstance(exc, KeyboardInterrupt):
+                self._fail(exc)
+        finally:
+            if rig is not None:
+                try:
+                    rig.close()  # the lens parks
+                except Exception as exc:
+                    logger.warning("closing the rig: %s", exc)
+            self.q1.put(_STOP)
+
+    def _reconnect(self, rig: Rig, err: BaseException, attempts_left: int) -> tuple[Rig, int]:
+        """Close the rig and reopen it, spending one of ``attempts_left`` per try."""
+        logger.warning("device error (%s); reconnecting (%d attempts left)", err, attempts_left)
+        try:
+            rig.close()
+        except Exception as exc:
+            logger.debug("close before reconnect: %s", exc)
+        last: BaseException = err
+        while attempts_left > 0 and not self.stop.is_set():
+            attempts_left -= 1
+            time.sleep(0.5)
+            try:
+                new = open_rig(self.config)
+            except DeviceError as exc:
+                last = exc
+                logger.warning("reconnect failed: %s (%d attempts left)", exc, attempts_left)
+                continue
+            self.stats.add("reconnects")
+            logger.warning("reconnected")
+            return new, attempts_left
+        raise last
+
+    def reconstruct_stage(self) -> None:
+        rc = self.config.reconstruct
+        try:
+            while True:
+                item = self.q1.get()
+                if item is _STOP:
+                    break
+                if self.fatal is not None and isinstance(self.fatal, DiskFull):
+                    continue  # recording stopped: let capture wind down
+                t0 = time.monotonic()
+                item.result = reconstruct_stack(item.stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
+                                                model=rc.model, weights=rc.weights, backend=rc.backend)
+                t1 = time.monotonic()
+                self.stats.record("reconstruct", t1 - t0)
+                self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
+                self.stats.add("reconstructed")
+                self.q2.put(item)
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+            self._drain(self.q1)
+        finally:
+            self.q2.put(_STOP)
+
+    def write_stage(self) -> None:
+        try:
+            while True:
+                item = self.q2.get()
+                if item is _STOP:
+                    break
+                if self.fatal is not None:
+                    continue
+                t0 = time.monotonic()
+                check_free_space(self.run_dir, min_free_gb=self.config.output.min_free_gb)
+                for sink in self.sinks:
+                    sink.write(item.index, item.stack, item.result)
+                self.stats.record("write", time.monotonic() - t0)
+                self.stats.add("written")
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+            self._drain(self.q2)
+
+    @staticmethod
+    def _drain(q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is _STOP:
+                q.put(item)
+                return
+
+    def run(self) -> None:
+        # completion is signalled by events, not Thread.join: a join interrupted by Ctrl-C can
+        # report a thread as finished while it still runs (CPython), and we must wait for it
+        stages = (("capture", self.capture_stage), ("reconstruct", self.reconstruct_stage), ("write", self.write_stage))
+        finished = [threading.Event() for _ in stages]
+
+        def body(stage: Callable[[], None], done: threading.Event) -> None:
+            try:
+                stage()
+            finally:
+                done.set()
+
+        for (name, stage), done in zip(stages, finished):
+            threading.Thread(target=body, args=(stage, done), name=name, daemon=True).start()
+        last_status = 0.0
+        try:
+            while not all(done.is_set() for done in finished):
+                finished[-1].wait(0.1)
+                if self.status is not None and time.monotonic() - last_status >= 0.5:
+                    self.status(self.stats.status_line())
+                    last_status = time.monotonic()
+        except KeyboardInterrupt:
+            logger.warning("Ctrl-C: finishing the stack in flight, then stopping")
+            self.stop.set()
+            for done in finished:
+                while not done.wait(0.1):
+                    pass
+            if self.fatal is None:
+                self.fatal = KeyboardInterrupt()
+
+
+def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: float | None = None, show_status: bool = True,
+                   capture: Callable[[Rig], FocalStack] | None = None) -> ContinuousRun:
+    """Run continuous acquisition until ``count`` stacks, ``duration_s`` seconds or Ctrl-C.
+
+    Args:
+        capture: how one stack is captured from the open rig (default ``Rig.capture_stack``; the
+            continuous sweep style plugs in here).
+    """
+    from rig.sinks import build_sinks
+
+    rc = config.reconstruct
+    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend)
+    run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
+    write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
+    sinks = build_sinks(config.output, config.live, run_dir, **_sink_geometry(config))
+    status = (lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)) if show_status else None
+    pipeline = _Pipeline(config, run_dir, sinks, count=count, duration_s=duration_s, capture=capture, status=status)
+    try:
+        pipeline.run()
+    finally:
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                logger.warning("closing %s: %s", getattr(sink, "name", sink), exc)
+        if show_status:
+            print(file=sys.stderr)
+    summary = {"mode": "continuous", **pipeline.stats.to_dict(),
+               "method": rc.method, "backend": rc.backend, "when_behind": config.continuous.when_behind}
+    fatal = pipeline.fatal
+    exit_code = 0
+    if isinstance(fatal, KeyboardInterrupt):
+        summary["stopped_by"] = "user (Ctrl-C)"
+        exit_code = 130
+    elif fatal is not None:
+        summary["stopped_by"] = f"error: {fatal}"
+        exit_code = getattr(fatal, "exit_code", 3) if isinstance(fatal, RigError) else 3
+    else:
+        summary["stopped_by"] = "count" if count is not None else "duration"
+    accounted = summary["stacks_written"] + summary["stacks_dropped"]
+    summary["stacks_unaccounted"] = summary["stacks_captured"] - accounted
+    try:
+        write_yaml_atomic(run_dir / "summary.yaml", summary)
+    except RigError as exc:  # a full disk may refuse even the summary
+        logger.error("could not write the run summary: %s", exc)
+    if fatal is not None and not isinstance(fatal, KeyboardInterrupt):
+        raise fatal if isinstance(fatal, RigError) else RigError(str(fatal))
+    return ContinuousRun(run_dir=run_dir, summary=summary, exit_code=exit_code)
+
+
+def _sink_geometry(config: RigConfig) -> dict[str, Any]:
+    """Intrinsics from the calibration file where it has them, else the lens's focal length."""
+    geometry: dict[str, Any] = {}
+    cal = config.calibration.file
+    if cal is not None:
+        import yaml
+
+        doc = yaml.safe_load(Path(cal).read_text(encoding="utf-8")) or {}
+        if isinstance(doc, dict) and doc.get("intrinsics"):
+            from calibration.intrinsics import Intrinsics
+
+            geometry["intrinsics"] = Intrinsics.from_dict(doc["intrinsics"])
+    optics = getattr(config.camera, "optics", None)
+    if optics is not None and "intrinsics" not in geometry:
+        from capture.optics import ThinLens
+
+        geometry["focal_length_px"] = ThinLens(focal_length_mm=optics.focal_length_mm, f_number=optics.f_number,
+                                               pixel_pitch_um=optics.pixel_pitch_um, base_focus_m=optics.base_focus_m).focal_length_px
+    width, height = getattr(config.camera, "width", None), getattr(config.camera, "height", None)
+    if width and height:
+        geometry["image_hw"] = (int(height), int(width))
+    return geometry

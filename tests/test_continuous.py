@@ -1,0 +1,172 @@
+"""Continuous acquisition on the simulated rig: counting, drop policies, Ctrl-C, a full disk,
+a device that fails and comes back (and one that does not)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from capture.errors import DeviceError, DiskFull
+from capture.stack import FocalStack
+from capture.sweep import SweepInterrupted
+from rig import continuous as cont_mod
+from rig.config import parse_config
+from rig.continuous import run_continuous
+
+ROOT = Path(__file__).resolve().parents[1]
+SIM_YAML = ROOT / "configs" / "sim.yaml"
+
+
+def _doc(out: Path, **continuous) -> dict:
+    doc = yaml.safe_load(SIM_YAML.read_text(encoding="utf-8"))
+    doc["camera"].update(width=128, height=96, fps=240, exposure_s=0.002)
+    doc["focus"]["time_constant_s"] = 0.003
+    doc["sweep"]["slices"] = 5
+    doc["reconstruct"] = {"method": "classical"}
+    doc["output"] = {"dir": str(out), "preview": False, "min_free_gb": 0.0}
+    doc["continuous"] = {"queue_size": 1, **continuous}
+    return doc
+
+
+def _stack_folders(run_dir: Path) -> list[Path]:
+    return sorted(p for p in (run_dir / "stacks").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_count_runs_every_stack_through_every_stage(tmp_path: Path) -> None:
+    run = run_continuous(parse_config(_doc(tmp_path, when_behind="block")), count=4, show_status=False)
+    s = run.summary
+    assert run.exit_code == 0 and s["stopped_by"] == "count"
+    assert (s["stacks_captured"], s["stacks_written"], s["stacks_dropped"], s["stacks_unaccounted"]) == (4, 4, 0, 0)
+    assert [p.name for p in _stack_folders(run.run_dir)] == ["000000", "000001", "000002", "000003"]
+    for k in range(4):
+        assert FocalStack.read(run.run_dir / "stacks" / f"{k:06d}").n_slices == 5
+        assert (run.run_dir / "depth" / f"{k:06d}" / "depth.npy").is_file()
+    assert s["latency_s"]["p50"] > 0 and set(s["stages"]) == {"capture", "reconstruct", "write"}
+    assert yaml.safe_load((run.run_dir / "summary.yaml").read_text(encoding="utf-8"))["stacks_written"] == 4
+
+
+def _slow_reconstruction(monkeypatch, seconds: float) -> None:
+    real = cont_mod.reconstruct_stack
+
+    def slow(*args, **kwargs):  # noqa: ANN002, ANN003
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cont_mod, "reconstruct_stack", slow)
+
+
+def test_drop_oldest_counts_every_drop(tmp_path: Path, monkeypatch) -> None:
+    _slow_reconstruction(monkeypatch, 0.4)
+    run = run_continuous(parse_config(_doc(tmp_path, when_behind="drop_oldest")), count=8, show_status=False)
+    s = run.summary
+    assert s["stacks_captured"] == 8 and s["stacks_dropped"] >= 2
+    assert s["stacks_written"] + s["stacks_dropped"] == s["stacks_captured"] and s["stacks_unaccounted"] == 0
+    assert len(_stack_folders(run.run_dir)) == s["stacks_written"]
+
+
+def test_block_policy_drops_nothing(tmp_path: Path, monkeypatch) -> None:
+    _slow_reconstruction(monkeypatch, 0.2)
+    run = run_continuous(parse_config(_doc(tmp_path, when_behind="block")), count=5, show_status=False)
+    assert (run.summary["stacks_written"], run.summary["stacks_dropped"]) == (5, 0)
+
+
+def test_a_device_that_fails_and_comes_back(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def flaky(rig):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SweepInterrupted("sweep stopped after 1 of 5 slices: cable pulled", cause=DeviceError("lens: port vanished"),
+                                   frames=[], distances_m=[], slice_meta=[])
+        return rig.capture_stack()
+
+    run = run_continuous(parse_config(_doc(tmp_path, reconnect_attempts=2)), count=4, show_status=False, capture=flaky)
+    s = run.summary
+    assert run.exit_code == 0 and s["reconnects"] == 1 and s["stacks_failed"] == 1
+    assert s["stacks_written"] == 3 and "cable pulled" in s["errors"][0]
+    assert (run.run_dir / "stacks" / "000001.incomplete" / "reason.txt").is_file()
+
+
+def test_a_device_that_stays_gone_ends_the_run_cleanly(tmp_path: Path, monkeypatch) -> None:
+    def broken(rig):  # noqa: ANN001
+        raise SweepInterrupted("sweep stopped: lens gone", cause=DeviceError("lens: port vanished"), frames=[], distances_m=[], slice_meta=[])
+
+    real_open = cont_mod.open_rig
+    opened = {"n": 0}
+
+    def open_once(config):  # noqa: ANN001
+        opened["n"] += 1
+        if opened["n"] > 1:
+            raise DeviceError("lens: /dev/ttyACM0 not found")
+        return real_open(config)
+
+    monkeypatch.setattr(cont_mod, "open_rig", open_once)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="not found"):
+        run_continuous(parse_config(_doc(tmp_path, reconnect_attempts=2)), count=3, show_status=False, capture=broken)
+    assert time.monotonic() - t0 < 10
+    run_dir = next(tmp_path.iterdir())
+    summary = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert summary["stopped_by"].startswith("error") and summary["stacks_failed"] == 1 and opened["n"] == 3
+
+
+def test_a_full_disk_stops_recording_without_half_written_stacks(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import rig.runfolder as runfolder
+
+    real = shutil.disk_usage
+    calls = {"n": 0}
+
+    def shrinking(path):  # noqa: ANN001
+        calls["n"] += 1
+        usage = real(path)
+        free = usage.free if calls["n"] <= 3 else 10_000_000  # 10 MB left after three checks
+        return type(usage)(usage.total, usage.total - free, free)
+
+    monkeypatch.setattr(runfolder.shutil, "disk_usage", shrinking)
+    doc = _doc(tmp_path, when_behind="block")
+    doc["output"]["min_free_gb"] = 0.5
+    with pytest.raises(DiskFull, match="GB free"):
+        run_continuous(parse_config(doc), count=20, show_status=False)
+    run_dir = next(tmp_path.iterdir())
+    folders = _stack_folders(run_dir)
+    assert len(folders) < 20
+    for folder in folders:
+        FocalStack.read(folder)  # every stack under a final name is complete
+    summary = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert "GB free" in summary["stopped_by"]
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="SIGINT to a child process")
+def test_ctrl_c_finishes_the_stack_in_flight_and_writes_the_summary(tmp_path: Path) -> None:
+    doc = _doc(tmp_path / "runs", when_behind="block")
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--mode", "continuous"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = list((tmp_path / "runs").glob("*/stacks/000001"))
+        if runs:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    run_dir = next((tmp_path / "runs").iterdir())
+    summary = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert summary["stopped_by"] == "user (Ctrl-C)"
+    assert summary["stacks_written"] >= 2 and summary["stacks_unaccounted"] == 0
+    for folder in _stack_folders(run_dir):
+        FocalStack.read(folder)
+    assert "Traceback" not in err
+    assert str(run_dir) in out
+    assert os.path.isdir(run_dir / "depth" / "000000")
