@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from capture.devices import Camera, FocusActuator, Frame
-from capture.errors import DeviceTimeout, InputError
+from capture.errors import DeviceError, DeviceTimeout, InputError
 from capture.optics import LayeredScene, SensorModel, ThinLens, apply_breathing, breathing_scale
+from capture.periodic import FirstOrderTriangleResponse, TriangleWave
 from capture.scenes import Scene
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class SimulatedLiquidLens(FocusActuator):
         self._from_ma = 0.0
         self._target_ma = 0.0
         self._t_cmd = time.monotonic()
+        self._triangle: FirstOrderTriangleResponse | None = None
 
     @property
     def limits(self) -> tuple[float, float]:
@@ -92,7 +94,9 @@ class SimulatedLiquidLens(FocusActuator):
     def current_at(self, t_host_s: float) -> float:
         """The lens current (mA) at a host-monotonic time, from the first-order response."""
         with self._lock:
-            from_ma, target_ma, t_cmd = self._from_ma, self._target_ma, self._t_cmd
+            from_ma, target_ma, t_cmd, triangle = self._from_ma, self._target_ma, self._t_cmd, self._triangle
+        if triangle is not None and t_host_s >= triangle.wave.t0_host_s:
+            return triangle.value_at(t_host_s)
         dt = max(0.0, t_host_s - t_cmd)
         if self.time_constant_s == 0:
             return target_ma
@@ -105,23 +109,65 @@ class SimulatedLiquidLens(FocusActuator):
     def temperature_c(self) -> float | None:
         return self.true_model.temperature_c
 
+    # -- periodic sweeps, like the LD4's signal generator (capture.periodic)
+    def start_triangle(self, lower: float, upper: float, frequency_hz: float) -> None:
+        """Sweep the current as a triangle between ``lower`` and ``upper`` mA at ``frequency_hz``:
+        at ``lower`` and rising at the call, the lens following with its first-order response
+        (on a ramp it trails the command by ``time_constant_s``). ``move_to`` is refused until
+        :meth:`stop_signal`."""
+        self._require_open("start_triangle")
+        lo, hi = self._limits
+        if not (math.isfinite(lower) and math.isfinite(upper) and lo <= lower < upper <= hi):
+            raise InputError(f"{self.name}: triangle {lower:g}..{upper:g} mA must satisfy {lo:g} <= lower < upper <= {hi:g} mA")
+        if not (math.isfinite(frequency_hz) and frequency_hz > 0):
+            raise InputError(f"{self.name}: triangle frequency must be > 0 Hz, got {frequency_hz:g}")
+        now = time.monotonic()
+        start_ma = self.current_at(now)
+        with self._lock:
+            self._triangle = FirstOrderTriangleResponse(TriangleWave(lower, upper, frequency_hz, now), self.time_constant_s, start_ma)
+
+    def stop_signal(self) -> None:
+        """End the triangle: the lens relaxes from where it is to the last ``move_to`` target."""
+        self._require_open("stop_signal")
+        now = time.monotonic()
+        current = self.current_at(now)
+        with self._lock:
+            self._triangle = None
+            self._from_ma, self._t_cmd = current, now
+
+    @property
+    def sweep_parameters(self) -> dict[str, float] | None:
+        """While a triangle runs: ``lower_ma``, ``upper_ma``, ``frequency_hz`` and its start
+        ``t0_host_s`` (host-monotonic); else None."""
+        triangle = self._triangle
+        if triangle is None:
+            return None
+        w = triangle.wave
+        return {"lower_ma": w.lower, "upper_ma": w.upper, "frequency_hz": w.frequency_hz, "t0_host_s": w.t0_host_s}
+
     def _do_open(self) -> None:
         with self._lock:
             self._from_ma = self._target_ma = 0.0
             self._t_cmd = time.monotonic()
+            self._triangle = None
 
     def _do_close(self) -> None:
         # park at 0 mA, as the real driver does on close
         with self._lock:
             self._from_ma, self._target_ma, self._t_cmd = 0.0, 0.0, time.monotonic()
+            self._triangle = None
 
     def _do_move(self, value: float) -> None:
+        if self._triangle is not None:
+            raise DeviceError(f"{self.name}: move_to while a triangle sweep runs; call stop_signal() first")
         now = time.monotonic()
         current = self.current_at(now)
         with self._lock:
             self._from_ma, self._target_ma, self._t_cmd = current, value, now
 
     def _do_is_settled(self) -> bool:
+        if self._triangle is not None:
+            return False  # never settled while sweeping
         return abs(self.current_at(time.monotonic()) - self._target_ma) <= self.settle_tolerance_ma
 
     def _do_position(self) -> float:
@@ -197,6 +243,12 @@ class SimulatedCamera(Camera):
     @property
     def exposure_s(self) -> float:
         return self._exposure_s
+
+    @property
+    def clock_origin_host_s(self) -> float:
+        """Host-monotonic time of this camera clock's zero (the open time): a frame's exposure
+        starts at ``clock_origin_host_s + Frame.timestamp_s``."""
+        return self._t_open
 
     @property
     def significant_bits(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,7 @@ class Rig:
     actuator: FocusActuator
     focus_map: FocusModel
     breathing: Any = None  # calibration.alignment.BreathingModel from the calibration file, if any
+    wave: Any = field(default=None, repr=False)  # capture.periodic.TriangleWave while a continuous sweep runs
 
     def planned_distances_m(self) -> np.ndarray:
         s = self.config.sweep
@@ -148,14 +149,38 @@ class Rig:
             identity = getattr(device, "identity", None)
             if identity:
                 meta["capture"][role] = {str(k): str(v) for k, v in identity.items()}
-        stack = sweep(
-            self.camera, self.actuator, self.focus_map, self.planned_distances_m(),
-            wait_settled=s.wait_settled, settle_timeout_s=s.settle_timeout_s, progress=progress, meta=meta,
-        )
+        if s.style == "continuous":
+            stack = self._capture_continuous(meta)
+            if progress is not None:
+                progress(stack.n_slices, stack.n_slices)
+        else:
+            stack = sweep(
+                self.camera, self.actuator, self.focus_map, self.planned_distances_m(),
+                wait_settled=s.wait_settled, settle_timeout_s=s.settle_timeout_s, progress=progress, meta=meta,
+            )
         if self.breathing is not None:
             # per-slice affines from the calibrated breathing; images stay as captured
             stack = stack.with_alignment([self.breathing.affine_at(float(m["actuator_value"])) for m in stack.slice_meta])
         return stack
+
+    def _capture_continuous(self, meta: dict[str, Any]) -> FocalStack:
+        """One stack from one ramp of the actuator's triangle sweep (started on first use)."""
+        from capture.periodic import capture_continuous_stack, lag_estimate_s, start_triangle_sweep, triangle_bounds
+
+        s = self.config.sweep
+        lag_s = s.lag_s if s.lag_s is not None else lag_estimate_s(self.actuator)
+        if lag_s is None:
+            raise ConfigError(f"sweep.lag_s: {self.actuator.name} has no lag estimate of its own; measure the lens lag and set sweep.lag_s")
+        distances = self.planned_distances_m()
+        range_m = (float(np.min(distances)), float(np.max(distances)))
+        if self.wave is None:
+            guard_s = min(3.0 * lag_s, 0.1 / s.frequency_hz)  # the turns outside the range, at most 40 % of a ramp
+            lower, upper = triangle_bounds(self.focus_map, range_m, frequency_hz=s.frequency_hz, guard_s=guard_s, limits=self.actuator.limits)
+            self.wave = start_triangle_sweep(self.actuator, lower, upper, s.frequency_hz)
+        return capture_continuous_stack(
+            self.camera, self.actuator, self.focus_map, wave=self.wave, lag_s=lag_s, n_slices=len(distances),
+            direction="either", range_m=range_m, timeout_s=2.0 / s.frequency_hz + 2.0, meta=meta,
+        )
 
     def truth(self) -> Scene | None:
         """The true scene where the camera is simulated (for accuracy figures), else None."""

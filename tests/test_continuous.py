@@ -170,3 +170,15 @@ def test_ctrl_c_finishes_the_stack_in_flight_and_writes_the_summary(tmp_path: Pa
     assert "Traceback" not in err
     assert str(run_dir) in out
     assert os.path.isdir(run_dir / "depth" / "000000")
+
+
+def test_continuous_sweep_style_through_the_pipeline(tmp_path: Path) -> None:
+    doc = _doc(tmp_path, when_behind="block")
+    doc["camera"].update(fps=120, exposure_s=0.008)
+    doc["focus"]["time_constant_s"] = 0.015
+    doc["sweep"].update(style="continuous", frequency_hz=2.0, slices=6)
+    run = run_continuous(parse_config(doc), count=3, show_status=False)
+    assert run.summary["stacks_written"] == 3
+    stack = FocalStack.read(run.run_dir / "stacks" / "000002")
+    assert stack.meta["sweep"]["style"] == "continuous" and stack.n_slices == 6
+    assert run.summary["stacks_per_s"] > 1.0  # one ramp (0.25 s) per stack, well above a stepped sweep
