@@ -52,7 +52,7 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
     print("  timings:  " + ", ".join(f"{k} {v:.3f} s" for k, v in t.items()))
     rng = s.get("depth_range_m")
     print(f"  depth:    {rng[0]:.3f}-{rng[1]:.3f} m, {100 * s['valid_fraction']:.1f}% of pixels have a depth" if rng else "  depth:    none")
-    method = s["method"] + (f" ({s['model']}, {s['backend']} on {s['device']})" if s.get("model") else "")
+    method = s["method"] + (f" ({s['model']}, {s['backend']} on {s['device'].split(' (')[0]})" if s.get("model") else "")
     print(f"  method:   {method}")
     acc = s.get("accuracy")
     if acc:
