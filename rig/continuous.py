@@ -281,8 +281,9 @@ class _Pipeline:
                 return
 
     def run(self) -> None:
-        # completion is signalled by events, not Thread.join: a join interrupted by Ctrl-C can
-        # report a thread as finished while it still runs (CPython), and we must wait for it
+        # The main thread (where Ctrl-C lands) only polls flags and sleeps: a KeyboardInterrupt
+        # inside Thread.join can report a live thread as finished, and one inside Event.wait /
+        # Condition.wait can leave the condition's lock held, deadlocking the worker's set().
         stages = (("capture", self.capture_stage), ("reconstruct", self.reconstruct_stage), ("write", self.write_stage))
         finished = [threading.Event() for _ in stages]
 
@@ -297,16 +298,15 @@ class _Pipeline:
         last_status = 0.0
         try:
             while not all(done.is_set() for done in finished):
-                finished[-1].wait(0.1)
+                time.sleep(0.05)
                 if self.status is not None and time.monotonic() - last_status >= 0.5:
                     self.status(self.stats.status_line())
                     last_status = time.monotonic()
         except KeyboardInterrupt:
             logger.warning("Ctrl-C: finishing the stack in flight, then stopping")
             self.stop.set()
-            for done in finished:
-                while not done.wait(0.1):
-                    pass
+            while not all(done.is_set() for done in finished):
+                time.sleep(0.05)
             if self.fatal is None:
                 self.fatal = KeyboardInterrupt()
 

@@ -150,16 +150,24 @@ def test_ctrl_c_finishes_the_stack_in_flight_and_writes_the_summary(tmp_path: Pa
     doc = _doc(tmp_path / "runs", when_behind="block")
     path = tmp_path / "rig.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--mode", "continuous"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        runs = list((tmp_path / "runs").glob("*/stacks/000001"))
-        if runs:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:  # files, not pipes: a full pipe would block the child
+        proc = subprocess.Popen([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--mode", "continuous", "-v"],
+                                cwd=ROOT, stdout=out_f, stderr=err_f, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/stacks/000001")):
+                assert proc.poll() is None, err_path.read_text()
+                time.sleep(0.1)
+            assert list((tmp_path / "runs").glob("*/stacks/000001")), "no second stack within 120 s:\n" + err_path.read_text()[-3000:]
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                pytest.fail("run_rig.py did not stop after Ctrl-C:\n" + err_path.read_text()[-3000:])
+    out, err = out_path.read_text(), err_path.read_text()
     assert proc.returncode == 130, err
     run_dir = next((tmp_path / "runs").iterdir())
     summary = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
