@@ -153,7 +153,10 @@ def test_ctrl_c_finishes_the_stack_in_flight_and_writes_the_summary(tmp_path: Pa
     out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_path, "w") as out_f, open(err_path, "w") as err_f:  # files, not pipes: a full pipe would block the child
         proc = subprocess.Popen([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--mode", "continuous", "-v"],
-                                cwd=ROOT, stdout=out_f, stderr=err_f, text=True)
+                                cwd=ROOT, stdout=out_f, stderr=err_f, text=True,
+                                # a shell that started the tests in the background ignores SIGINT and
+                                # its children inherit that: give the child the default, as a terminal would
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/stacks/000001")):
