@@ -383,7 +383,8 @@ def test_grbl_emulator_models_hold_resume_and_dwell_sync(started) -> None:
 def test_emulator_command_line_prints_the_port_first(flavor: str) -> None:
     args = [sys.executable, "-m", "capture.emulators", "grbl"] + (["--flavor", "marlin"] if flavor == "marlin" else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 10.0)
         assert ready, "the emulator printed nothing within 10 s"

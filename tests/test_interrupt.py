@@ -22,6 +22,8 @@ def test_ctrl_c_mid_sweep_keeps_partial_slices(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "run_rig.py", "--config", str(config), "--no-progress"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell that started the tests in the background ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # wait until the run has started (its folder exists), then let a few slices arrive
     deadline = time.monotonic() + 60

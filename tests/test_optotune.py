@@ -622,6 +622,7 @@ def test_emulator_cli_prints_its_port_and_serves_a_driver(drivers: list) -> None
     proc = subprocess.Popen(
         [sys.executable, "-m", "capture.emulators", "optotune"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
     )
     try:
         port = proc.stdout.readline().strip()
