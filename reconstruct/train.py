@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from capture.cli import OneLineArgumentParser, one_line_errors
 from capture.errors import ConfigError
-from reconstruct.dualfocus.checkpoint import load_checkpoint, save_checkpoint, save_weights, sha256_of
+from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
 from reconstruct.dualfocus.model import DualFocusNet
 from reconstruct.dualfocus.registry import build_model, count_parameters, model_config
@@ -49,6 +49,7 @@ class DataSection(_Strict):
     render_workers: int = Field(2, ge=1)
     procedural_share: float = Field(0.25, ge=0, le=1)
     val_width: int = Field(256, ge=32)
+    crop_px: list[int] | None = Field(None, description="training crop sizes in pixels (default: the synthesis defaults)")
 
 
 class OptimSection(_Strict):
@@ -76,6 +77,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads per process (0 = cores / processes)")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time")
+    init_weights: Path | None = Field(None, description="start from these weights (safetensors; a fine-tune), not from random")
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -99,7 +101,22 @@ def load_train_config(path: Path) -> TrainConfig:
     base = path.parent
     if cfg.data.rgbd_root is not None and not cfg.data.rgbd_root.is_absolute():
         cfg.data.rgbd_root = (base / cfg.data.rgbd_root).resolve()
+    if cfg.data.crop_px is not None and (not cfg.data.crop_px or min(cfg.data.crop_px) < 32 or any(c % 4 for c in cfg.data.crop_px)):
+        raise ConfigError(f"{path}: data.crop_px: sizes must be multiples of 4 and at least 32, got {cfg.data.crop_px}")
+    if cfg.init_weights is not None:
+        if not cfg.init_weights.is_absolute():
+            cfg.init_weights = (base / cfg.init_weights).resolve()
+        if not cfg.init_weights.is_file():
+            raise ConfigError(f"{path}: init_weights: no file at {cfg.init_weights}")
     return cfg
+
+
+def synth_ranges(cfg: TrainConfig, *, have_sources: bool) -> SynthRanges:
+    """The synthesis ranges a config asks for."""
+    extra: dict[str, Any] = {"procedural_share": cfg.data.procedural_share if have_sources else 1.0}
+    if cfg.data.crop_px is not None:
+        extra["crop_px"] = tuple(cfg.data.crop_px)
+    return SynthRanges(**extra)
 
 
 # ------------------------------------------------------------------------------ data
@@ -242,7 +259,7 @@ def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weigh
             "tuning_scenes": cfg.data.tuning_scenes,
             "report_scenes_never_used": list(REPORT_SCENES),
             "procedural_share": cfg.data.procedural_share,
-            "synthesis": SynthRanges().__dict__ | {"procedural_share": cfg.data.procedural_share},
+            "synthesis": synth_ranges(cfg, have_sources=cfg.data.rgbd_root is not None).__dict__,
         },
         "choices_not_in_the_paper": {
             "depth": "expectation over focus in normalised inverse depth (diopters), converted at the end",
@@ -250,12 +267,36 @@ def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weigh
             "loss": cfg.loss.model_dump(),
             "optimiser": {"name": "AdamW", **cfg.optim.model_dump(), "schedule": "linear warm-up, cosine decay"},
         },
+        "initialised_from": _init_record(cfg.init_weights),
         "validation": {"split": "tuning", "metrics": metrics, "best_step": state.get("best_step")},
         "config": json.loads(cfg.model_dump_json()),
     }
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def init_from_weights(model: DualFocusNet, path: Path) -> None:
+    """Copy the tensors of a weights file into ``model``; the architectures must match."""
+    src, _ = load_weights(path)
+    if src.cfg != model.cfg:
+        raise ConfigError(f"init_weights: {path} holds a different architecture ({src.cfg.to_dict()}) than this config's model ({model.cfg.to_dict()})")
+    model.load_state_dict(src.state_dict())
+    logger.info("initialised from %s", path)
+
+
+def _init_record(path: Path | None) -> dict[str, Any] | None:
+    """What a fine-tune started from: the weights file, its hash, and its own card's training record."""
+    if path is None:
+        return None
+    record: dict[str, Any] = {"weights": str(path), "weights_sha256": sha256_of(path)}
+    card = path.with_suffix(".yaml")
+    if card.is_file():
+        try:
+            record["trained"] = (yaml.safe_load(card.read_text(encoding="utf-8")) or {}).get("trained")
+        except yaml.YAMLError:
+            record["trained"] = "unreadable model card"
+    return record
 
 
 def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: bool = True) -> dict[str, Any]:
@@ -287,12 +328,14 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         exclude = tuple(REPORT_SCENES) + tuple(cfg.data.tuning_scenes)
         sources = load_middlebury(cfg.data.rgbd_root, exclude=exclude)
         val_sources = load_middlebury(cfg.data.rgbd_root, names=cfg.data.tuning_scenes)
-    ranges = SynthRanges(procedural_share=cfg.data.procedural_share if sources else 1.0)
+    ranges = synth_ranges(cfg, have_sources=bool(sources))
     val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
 
     model = build_model(cfg.model, **cfg.model_overrides).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
+    if cfg.init_weights is not None and not resume:
+        init_from_weights(model, cfg.init_weights)
     last = out / "last.safetensors"
     if resume:
         if not last.is_file():

@@ -430,3 +430,64 @@ def test_train_ddp_model_card_says_two_processes(ddp_run: dict[str, Any]) -> Non
     assert ddp_run["proc"].returncode == 0, _explain(ddp_run["proc"])
     card = yaml.safe_load((ddp_run["out"] / "dualfocus-tiny.yaml").read_text())
     assert card["trained"]["processes"] == 2
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+def test_init_from_weights_copies_every_tensor(tmp_path: Path) -> None:
+    from reconstruct.train import init_from_weights
+
+    src = _trained_tiny(seed=3)
+    path = save_weights(src, tmp_path / "w.safetensors", name="dualfocus-tiny")
+    fresh = build_model("dualfocus-tiny")
+    assert not torch.equal(fresh.state_dict()["encoder.stem.0.0.weight"], src.state_dict()["encoder.stem.0.0.weight"])
+    init_from_weights(fresh, path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_init_from_weights_refuses_other_architecture(tmp_path: Path) -> None:
+    from capture.errors import ConfigError
+    from reconstruct.train import init_from_weights
+
+    path = save_weights(build_model("dualfocus-tiny", spatial=False), tmp_path / "w.safetensors", name="x")
+    with pytest.raises(ConfigError, match="different architecture"):
+        init_from_weights(build_model("dualfocus-tiny"), path)
+
+
+def test_finetune_run_starts_from_weights_and_records_it(tmp_path: Path) -> None:
+    src = _trained_tiny(seed=5)
+    init = save_weights(src, tmp_path / "start.safetensors", name="dualfocus-tiny")
+    config = _write_config(tmp_path / "ft.yaml", tmp_path / "out", steps=2, crop_px=[64])
+    raw = yaml.safe_load(config.read_text())
+    raw["init_weights"] = "start.safetensors"  # relative to the config file
+    raw["optim"]["lr"] = 1e-9  # two steps at a negligible rate: the result stays next to the start
+    config.write_text(yaml.safe_dump(raw))
+    proc, _ = _train(config)
+    assert proc.returncode == 0, _explain(proc)
+    card = yaml.safe_load((tmp_path / "out" / "dualfocus-tiny.yaml").read_text(encoding="utf-8"))
+    assert card["initialised_from"]["weights_sha256"] == sha256_of(init)
+    assert card["data"]["synthesis"]["crop_px"] == [64]
+    tuned, _ = load_weights(tmp_path / "out" / "dualfocus-tiny.safetensors")
+    w = "encoder.stem.0.0.weight"
+    assert torch.allclose(tuned.state_dict()[w], src.state_dict()[w], atol=1e-5)
+    assert not torch.allclose(build_model("dualfocus-tiny").state_dict()[w], src.state_dict()[w], atol=1e-3)
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("init_weights", "missing.safetensors", "init_weights: no file"),
+    ("crop_px", [30], "data.crop_px"),
+    ("crop_px", [66], "data.crop_px"),
+])
+def test_finetune_bad_config_is_one_line(tmp_path: Path, key: str, value: Any, needle: str) -> None:
+    config = _write_config(tmp_path / "ft.yaml", tmp_path / "out")
+    raw = yaml.safe_load(config.read_text())
+    if key == "crop_px":
+        raw["data"]["crop_px"] = value
+    else:
+        raw[key] = value
+    config.write_text(yaml.safe_dump(raw))
+    proc, _ = _train(config)
+    assert proc.returncode == 2, _explain(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and str(config) in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
