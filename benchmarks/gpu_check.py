@@ -195,11 +195,14 @@ class _Check:
 
     def check_auto(self) -> None:
         from reconstruct.backends.select import select_backend
+        from reconstruct.dualfocus.infer import resolve_precision
 
         choice = select_backend("auto")
-        self.doc["auto"] = {"name": choice.name, "device": choice.device, "reason": choice.reason}
+        precision = resolve_precision("auto", choice)
+        self.doc["auto"] = {"name": choice.name, "device": choice.device, "reason": choice.reason, "precision": precision}
         self.doc["checks"]["auto_picks_the_gpu"] = choice.device == "cuda"
-        print(f"auto: {choice.name} on {choice.device} ({choice.reason})")
+        self.doc["checks"]["auto_precision_is_fp16_on_the_gpu"] = precision == "fp16"
+        print(f"auto: {choice.name} on {choice.device} in {precision} ({choice.reason})")
 
     def weights(self, name: str) -> Path:
         """The shipped weights, or the random-init master saved once (for the ONNX export)."""

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dualfocus-s", help="DualFocus model name (dualfocus only)")
     p.add_argument("--weights", type=Path, default=None, help="safetensors weights (dualfocus only)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="network precision (default auto: fp16 on a GPU, fp32 on the CPU)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
     p.add_argument("--focus-measure", default="modified_laplacian", choices=FOCUS_MEASURES, help="classical focus measure")
     p.add_argument("--no-preview", action="store_true", help="skip depth_preview.png")
@@ -50,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     result = reconstruct_stack(
         stack, method=args.method, focus_measure=args.focus_measure, align=args.align,
-        model=args.model, weights=args.weights, backend=args.backend,
+        model=args.model, weights=args.weights, backend=args.backend, precision=args.precision,
     )
     result.seconds = {"read": t_read, **result.seconds}
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)

@@ -31,15 +31,18 @@ def _check_method(method: str) -> None:
         raise ReconstructionError(f"method: unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
-def check_ready(method: str, *, model: str = "dualfocus-s", weights: str | Path | None = None, backend: str = "auto") -> None:
+def check_ready(
+    method: str, *, model: str = "dualfocus-s", weights: str | Path | None = None, backend: str = "auto", precision: str = "auto"
+) -> None:
     """Fail early (before a capture) if ``method`` cannot run: unknown method or model,
-    missing or non-safetensors weights, unavailable backend."""
+    missing or non-safetensors weights, unavailable backend, a precision the backend's device
+    cannot run."""
     _check_method(method)
     if method == "dualfocus":
-        from reconstruct.dualfocus.infer import resolve_weights, select_backend
+        from reconstruct.dualfocus.infer import resolve_precision, resolve_weights, select_backend
 
         resolve_weights(model, weights)
-        select_backend(backend)
+        resolve_precision(precision, select_backend(backend))
 
 
 def reconstruct_stack(
@@ -52,6 +55,7 @@ def reconstruct_stack(
     model: str = "dualfocus-s",
     weights: str | Path | None = None,
     backend: str = "auto",
+    precision: str = "auto",
 ) -> DepthResult:
     """Depth, confidence and all-in-focus image of a focal stack (any slice order).
 
@@ -61,6 +65,8 @@ def reconstruct_stack(
         focus_measure: classical focus measure (see ``reconstruct.classical.FOCUS_MEASURES``).
         model, weights, backend: the network variant, its safetensors weights (default: the
             shipped ones) and where it runs (``auto`` = GPU if there is one, else CPU).
+        precision: the network body's precision: ``auto`` (fp16 on a GPU, fp32 on the CPU),
+            ``fp32``, ``fp16`` or ``bf16`` (the last two on a GPU only).
         align: ``apply`` the stack's stored per-slice ``alignment``, ``estimate`` it (needs the
             calibration module), or ``none``.
     """
@@ -103,7 +109,7 @@ def reconstruct_stack(
         from reconstruct.dualfocus.infer import predict, resolve_weights
 
         path = resolve_weights(model, weights)
-        pred = predict(ordered.as_float(), focus, weights=path, backend=backend)
+        pred = predict(ordered.as_float(), focus, weights=path, backend=backend, precision=precision)
         focus_out, confidence = pred.depth_focus, pred.confidence
         aif = fuse_all_in_focus(ordered.images, pred.slice_position)
         model_name, sha, backend_name, device = model, pred.sha256, pred.backend, pred.device

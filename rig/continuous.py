@@ -242,7 +242,7 @@ class _Pipeline:
                     continue  # recording stopped: let capture wind down
                 t0 = time.monotonic()
                 item.result = reconstruct_stack(item.stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
-                                                model=rc.model, weights=rc.weights, backend=rc.backend)
+                                                model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
                 t1 = time.monotonic()
                 self.stats.record("reconstruct", t1 - t0)
                 self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
@@ -322,7 +322,7 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     from rig.sinks import build_sinks
 
     rc = config.reconstruct
-    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend)
+    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
     sinks = build_sinks(config.output, config.live, run_dir, **_sink_geometry(config))

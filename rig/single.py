@@ -63,7 +63,7 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
     """Capture one stack on the configured rig, reconstruct it, and write the run folder."""
     seconds: dict[str, float] = {}
     rc = config.reconstruct
-    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend)  # before any capture
+    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)  # before any capture
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
         seconds["write_stack"] = time.perf_counter() - t0
     result = reconstruct_stack(
         stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
-        model=rc.model, weights=rc.weights, backend=rc.backend,
+        model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision,
     )
     seconds["reconstruct"] = result.seconds.get("align", 0.0) + result.seconds.get("infer", 0.0)
     t0 = time.perf_counter()

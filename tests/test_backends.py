@@ -291,6 +291,48 @@ def test_unavailable_or_unknown_backends_are_refused(tiny_weights: Path, monkeyp
         select_mod.select_backend("onnxruntime")
 
 
+@pytest.mark.parametrize(("setting", "name", "device", "expected"), [
+    ("auto", "onnxruntime", "cpu", "fp32"),
+    ("auto", "torch", "cpu", "fp32"),
+    ("fp32", "torch", "cpu", "fp32"),
+    ("auto", "tensorrt", "cuda", "fp16"),
+    ("auto", "torch", "cuda", "fp16"),
+    ("fp32", "tensorrt", "cuda", "fp32"),
+    ("bf16", "torch", "cuda", "bf16"),
+])
+def test_precision_setting_resolves_per_device(setting: str, name: str, device: str, expected: str) -> None:
+    assert infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test")) == expected
+
+
+@pytest.mark.parametrize(("setting", "name", "device", "needle"), [
+    ("fp16", "onnxruntime", "cpu", "needs a CUDA GPU"),
+    ("bf16", "torch", "cpu", "needs a CUDA GPU"),
+    ("bf16", "tensorrt", "cuda", "fp32 or fp16 engines"),
+    ("int8", "torch", "cuda", "unknown precision 'int8'"),
+])
+def test_precision_setting_refused_where_it_cannot_run(setting: str, name: str, device: str, needle: str) -> None:
+    with pytest.raises(ReconstructionError, match=rf"^precision: .*{needle}"):
+        infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test"))
+
+
+def test_predict_passes_the_resolved_precision_to_the_backend(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a (stand-in) GPU choice, auto opens the backend in fp16; the CPU path opens fp32."""
+    opened: list[tuple[str, str, str]] = []
+    real_open = infer.open_backend
+
+    def spy(name: str, device: str, **kw):  # noqa: ANN003, ANN202 - mirrors open_backend
+        opened.append((name, device, kw["precision"]))
+        return real_open(name, "cpu", **{**kw, "precision": "fp32"})
+
+    monkeypatch.setattr(infer, "open_backend", spy)
+    slices = np.random.default_rng(0).random((4, 32, 48)).astype(np.float32)
+    focus = np.array([0.5, 1.0, 1.5, 2.0], np.float32)
+    infer.predict(slices, focus, weights=tiny_weights, backend="torch")
+    monkeypatch.setattr(infer, "select_backend", lambda b: select_mod.BackendChoice("torch", "cuda", "stand-in GPU"))
+    infer.predict(slices, focus, weights=tiny_weights, backend="auto")
+    assert opened == [("torch", "cpu", "fp32"), ("torch", "cuda", "fp16")]
+
+
 # ------------------------------------------------------------------------------ TensorRT, with a stand-in
 def _fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
     """A stand-in for the parts of the tensorrt module the build/load path calls; it records

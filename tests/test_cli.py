@@ -275,6 +275,15 @@ def test_rig_refuses_pickled_weights(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_rig_refuses_half_precision_on_the_cpu(tmp_path: Path) -> None:
+    """No GPU here: reconstruct.precision fp16 is one line before any capture, not a run that
+    fails after its sweep (or one that silently runs fp32)."""
+    config = _fast_config(tmp_path, reconstruct={"method": "dualfocus", "precision": "fp16"})
+    line = _assert_bad_input(rig("--config", config), "precision", "fp16")
+    assert "CPU" in line and "auto or fp32" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_rig_output_dir_under_a_file(tmp_path: Path) -> None:
     config = _fast_config(tmp_path)
     blocker = tmp_path / "a_file"

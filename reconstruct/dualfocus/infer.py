@@ -24,10 +24,15 @@ from reconstruct.dualfocus.registry import MODELS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WEIGHTS_DIR", "shipped_weights", "resolve_weights", "select_backend", "DualFocusPrediction", "predict"]
+__all__ = [
+    "WEIGHTS_DIR", "PRECISION_SETTINGS", "shipped_weights", "resolve_weights", "select_backend", "resolve_precision",
+    "DualFocusPrediction", "predict",
+]
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-_FAILED: set[tuple] = set()  # (weights, shape, backend, device) that failed to open under auto
+_FAILED: set[tuple] = set()  # (weights, shape, backend, device, precision) that failed to open under auto
+#: ``reconstruct.precision``: ``auto`` = fp16 on a GPU (TensorRT, torch or ONNX Runtime on CUDA), fp32 on the CPU
+PRECISION_SETTINGS = ("auto", "fp32", "fp16", "bf16")
 
 
 def shipped_weights(model: str) -> Path:
@@ -55,6 +60,25 @@ def select_backend(backend: str) -> BackendChoice:
     return _select(backend)
 
 
+def resolve_precision(precision: str, choice: BackendChoice) -> str:
+    """The precision the network body runs in for a ``reconstruct.precision`` setting on the
+    chosen backend: ``auto`` is fp16 on a GPU (softmax and the depth expectation stay fp32
+    in every backend) and fp32 on the CPU; half precision asked for on the CPU is refused
+    with one line (the CPU backends run fp32 only)."""
+    if precision not in PRECISION_SETTINGS:
+        raise ReconstructionError(f"precision: unknown precision {precision!r}; valid: {', '.join(PRECISION_SETTINGS)}")
+    if choice.device == "cpu":
+        if precision in ("auto", "fp32"):
+            return "fp32"
+        raise ReconstructionError(
+            f"precision: {precision} needs a CUDA GPU, and this run reconstructs on the CPU ({choice.name}, which runs fp32); "
+            "set reconstruct.precision to auto or fp32"
+        )
+    if precision == "bf16" and choice.name == "tensorrt":
+        raise ReconstructionError("precision: the TensorRT backend builds fp32 or fp16 engines; use fp16, fp32 or auto")
+    return "fp16" if precision == "auto" else precision
+
+
 @dataclass
 class DualFocusPrediction:
     """``depth_focus`` ``[H, W]`` in the stack's focus unit (diopters or focus index),
@@ -70,32 +94,36 @@ class DualFocusPrediction:
     backend: str = "torch"
 
 
-def _open(choice: BackendChoice, requested: str, weights: Path, shape: tuple[int, int, int]) -> Backend:
+def _open(choice: BackendChoice, requested: str, weights: Path, shape: tuple[int, int, int], precision: str) -> Backend:
     """The backend for ``choice``; under ``auto`` a backend that fails to open (an export the
-    exporter refuses, an engine that does not build) falls back to torch on the same device,
-    once per (weights, shape, backend), with a warning."""
-    key = (str(weights), shape, choice.name, choice.device)
+    exporter refuses, an engine that does not build) falls back to torch on the same device
+    and precision, once per (weights, shape, backend, precision), with a warning."""
+    key = (str(weights), shape, choice.name, choice.device, precision)
     if requested == "auto" and choice.name != "torch" and key in _FAILED:
-        return open_backend("torch", choice.device, weights=weights, shape=shape)
+        return open_backend("torch", choice.device, weights=weights, shape=shape, precision=precision)
     try:
-        return open_backend(choice.name, choice.device, weights=weights, shape=shape)
+        return open_backend(choice.name, choice.device, weights=weights, shape=shape, precision=precision)
     except (ReconstructionError, OSError) as exc:
         if requested != "auto" or choice.name == "torch":
             raise
         _FAILED.add(key)
         logger.warning("backend auto: %s on %s failed (%s); using torch on %s", choice.name, choice.device, exc, choice.device)
-        return open_backend("torch", choice.device, weights=weights, shape=shape)
+        return open_backend("torch", choice.device, weights=weights, shape=shape, precision=precision)
 
 
-def predict(slices: np.ndarray, focus: np.ndarray, *, weights: Path, backend: str = "auto") -> DualFocusPrediction:
+def predict(
+    slices: np.ndarray, focus: np.ndarray, *, weights: Path, backend: str = "auto", precision: str = "auto"
+) -> DualFocusPrediction:
     """Run the network on float slices ``[N, H, W]`` or ``[N, H, W, C]`` in [0, 1] with their
-    focus values ``[N]`` (diopters or focus index; any order), on ``backend``.
+    focus values ``[N]`` (diopters or focus index; any order), on ``backend`` in ``precision``
+    (:func:`resolve_precision`).
 
     The stack is padded (edge-replicated) to multiples of 4 and the outputs cropped back;
     every backend returns normalised depth (``reconstruct.backends.base``), converted here to
     focus units on the CPU in float32, so the units step is the same for all backends.
     """
     choice = select_backend(backend)
+    body_precision = resolve_precision(precision, choice)
     weights = Path(weights)
     sha, _model = weights_identity(weights)
     x = torch.from_numpy(np.ascontiguousarray(slices, np.float32))
@@ -110,7 +138,7 @@ def predict(slices: np.ndarray, focus: np.ndarray, *, weights: Path, backend: st
         x = F.pad(x.reshape(-1, 3, h, w), (0, pw, 0, ph), mode="replicate").reshape(1, -1, 3, h + ph, w + pw)
     f = torch.from_numpy(np.asarray(focus, np.float32))[None]  # [1, N]
     n = int(x.shape[1])
-    runner = _open(choice, backend, weights, (n, h + ph, w + pw))
+    runner = _open(choice, backend, weights, (n, h + ph, w + pw), body_precision)
     out = runner.run(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(f.numpy()))
     depth = DualFocusNet.to_focus_units(torch.from_numpy(out["depth"]), f)[0, :h, :w]
     return DualFocusPrediction(
