@@ -61,7 +61,10 @@ def main() -> int:
 
     for w in args.weights:
         model, meta = load_weights(w)
-        methods[f"{meta.get('model', w.stem)} ({w.name})"] = lambda st, f, model=model: predict_disparity(model, st, f)
+        label = f"{meta.get('model', w.stem)} ({w.name})"
+        if label in methods:  # two files of the same name: say which folder each came from
+            label = f"{meta.get('model', w.stem)} ({w.parent.name}/{w.name})"
+        methods[label] = lambda st, f, model=model: predict_disparity(model, st, f)
     results: dict[str, dict] = {}
     for name, fn in methods.items():
         per_scene, secs = {}, []

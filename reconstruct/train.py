@@ -289,7 +289,8 @@ def _init_record(path: Path | None) -> dict[str, Any] | None:
     """What a fine-tune started from: the weights file, its hash, and its own card's training record."""
     if path is None:
         return None
-    record: dict[str, Any] = {"weights": str(path), "weights_sha256": sha256_of(path)}
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    record: dict[str, Any] = {"weights": str(shown), "weights_sha256": sha256_of(path)}
     card = path.with_suffix(".yaml")
     if card.is_file():
         try:
