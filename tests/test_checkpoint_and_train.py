@@ -491,3 +491,15 @@ def test_finetune_bad_config_is_one_line(tmp_path: Path, key: str, value: Any, n
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and str(config) in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+TRAIN_CONFIGS = sorted([*(ROOT / "configs").glob("train_*.yaml"), *(ROOT / "configs" / "ablation").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_training_config_is_valid(path: Path) -> None:
+    from reconstruct.train import load_train_config
+
+    cfg = load_train_config(path)
+    assert cfg.data.rgbd_root is None or cfg.data.rgbd_root.name == "middlebury_2001_2006"
+    assert not set(cfg.data.tuning_scenes) & {"Art", "Books", "Dolls", "Laundry", "Moebius", "Reindeer"}
