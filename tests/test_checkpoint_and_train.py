@@ -493,7 +493,7 @@ def test_finetune_bad_config_is_one_line(tmp_path: Path, key: str, value: Any, n
     assert not (tmp_path / "out").exists()
 
 
-TRAIN_CONFIGS = sorted([*(ROOT / "configs").glob("train_*.yaml"), *(ROOT / "configs" / "ablation").glob("*.yaml")])
+TRAIN_CONFIGS = sorted([*(ROOT / "configs").glob("train_*.yaml"), *(ROOT / "configs" / "ablation").glob("*.yaml"), *(ROOT / "configs" / "tuning").glob("*.yaml")])
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
