@@ -1,6 +1,10 @@
 """DualFocus inference per backend: latency p50/p95 (warm-up excluded) and peak memory, torch
 against ONNX Runtime on the CPU in one run (plus CUDA / TensorRT where available).
 
+CPU rows: ``torch-cpu`` (fp32, channels-last weights, the backend's default), ``torch-nchw-cpu``
+(fp32 in the default layout, to show what channels-last gains), ``torch-bf16-cpu`` (bf16
+autocast; only where the CPU has native bfloat16) and ``onnxruntime-cpu`` (fp32).
+
     python benchmarks/bench_backends.py [--model dualfocus-s] [--shape 10x288x384] [--threads 2]
                                         [--repeats 20] [--warmup 2] [--backends torch-cpu onnxruntime-cpu ...]
 
@@ -34,6 +38,8 @@ from benchmarks._common import machine, save  # noqa: E402
 #: benchmark name -> (backend, device, precision)
 SPECS = {
     "torch-cpu": ("torch", "cpu", "fp32"),
+    "torch-nchw-cpu": ("torch", "cpu", "fp32"),
+    "torch-bf16-cpu": ("torch", "cpu", "bf16"),
     "onnxruntime-cpu": ("onnxruntime", "cpu", "fp32"),
     "torch-cuda": ("torch", "cuda", "fp32"),
     "torch-cuda-fp16": ("torch", "cuda", "fp16"),
@@ -41,7 +47,7 @@ SPECS = {
     "tensorrt-fp32": ("tensorrt", "cuda", "fp32"),
     "tensorrt-fp16": ("tensorrt", "cuda", "fp16"),
 }
-CPU_BACKENDS = ("torch-cpu", "onnxruntime-cpu")
+CPU_BACKENDS = ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu")
 TARGET_RATIO = 2.5
 TARGET_ORT_MS = 250.0
 
@@ -92,7 +98,12 @@ def child(args: argparse.Namespace) -> int:
     rss_imports = _rss_mb()
     stack, focus = _stack(shape)
     t0 = time.perf_counter()
-    backend = open_backend(name, device, weights=args.weights, shape=shape, precision=precision)
+    if args.child == "torch-nchw-cpu":
+        from reconstruct.backends.torch_backend import TorchBackend
+
+        backend = TorchBackend(args.weights, device=device, precision=precision, channels_last=False)
+    else:
+        backend = open_backend(name, device, weights=args.weights, shape=shape, precision=precision)
     setup_s = time.perf_counter() - t0
     times = []
     for i in range(args.warmup + args.repeats):
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from reconstruct.backends.export import parse_shape
-    from reconstruct.backends.select import onnxruntime_providers
+    from reconstruct.backends.select import cpu_bf16_native, onnxruntime_providers
     from reconstruct.dualfocus.checkpoint import save_weights
     from reconstruct.dualfocus.infer import WEIGHTS_DIR
     from reconstruct.dualfocus.registry import build_model
@@ -158,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             weights = save_weights(build_model(args.model).eval(), tmp / f"{args.model}.safetensors", name=args.model)
             weights_note = "random initialisation"
-    names = args.backends or [n for n in CPU_BACKENDS if n != "onnxruntime-cpu" or onnxruntime_providers() is not None] + _available_gpu_backends()
+    skip = set()
+    if onnxruntime_providers() is None:
+        skip.add("onnxruntime-cpu")
+    if not cpu_bf16_native():
+        skip.add("torch-bf16-cpu")
+    names = args.backends or [n for n in CPU_BACKENDS if n not in skip] + _available_gpu_backends()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     results: dict[str, dict] = {}
     depths: dict[str, np.ndarray] = {}
@@ -192,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch / onnxruntime on the CPU: {ratio:.2f}x (target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'not met'}); "
               f"onnxruntime {ort_ms:.0f} ms (target < {TARGET_ORT_MS:.0f} ms: {'met' if ort_ms <= TARGET_ORT_MS else 'not met'}); "
               f"max |depth diff| {summary['parity_max_abs_depth_diff']:.1e} of the range")
+    timed = {k: v["p50_ms"] for k, v in results.items() if k.endswith("-cpu") and "p50_ms" in v}
+    if timed:
+        fastest = min(timed, key=timed.__getitem__)
+        summary.update({"fastest_cpu": fastest, "fastest_cpu_p50_ms": timed[fastest], "fastest_cpu_ms_met": timed[fastest] <= TARGET_ORT_MS})
+        if "torch-bf16-cpu" in results:
+            summary["bf16_max_abs_depth_diff_vs_fp32"] = results["torch-bf16-cpu"].get("max_abs_depth_diff_vs_torch_cpu")
+        print(f"fastest on the CPU: {fastest} at {timed[fastest]:.0f} ms (under {TARGET_ORT_MS:.0f} ms: {'yes' if timed[fastest] <= TARGET_ORT_MS else 'no'})")
     mach = machine()
     print(f"machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs, {args.threads} threads; {args.model} ({weights_note} weights) at {args.shape}")
     common = {"what": __doc__.splitlines()[0], "machine": mach, "threads": args.threads, "model": args.model, "weights": weights_note,

@@ -5,7 +5,7 @@ inverse depth over each scene's 1-99 % disparity range, largest blur diameter 14
 sigma 0.01, slices in shuffled order (seeded). Depth = 1 / disparity (the unknown scale
 cancels in AbsRel and delta1); every pixel with known truth scored, NaN counted as error.
 
-    python benchmarks/bench_report_split.py [--weights W.safetensors ...] [--classical-only]
+    python benchmarks/bench_report_split.py [--weights W.safetensors ...] [--precision fp32 bf16]
 
 Prints a table and writes benchmarks/results/report_split.json.
 """
@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--weights", type=Path, nargs="*", default=[], help="DualFocus safetensors files to score")
     ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                    help="score each weights file in these precisions (bf16: CPU bfloat16 autocast of the network body)")
     ap.add_argument("--out", default="report_split")
     args = ap.parse_args()
     if not (args.data / "manifest.csv").is_file():
@@ -64,7 +66,9 @@ def main() -> int:
         label = f"{meta.get('model', w.stem)} ({w.name})"
         if label in methods:  # two files of the same name: say which folder each came from
             label = f"{meta.get('model', w.stem)} ({w.parent.name}/{w.name})"
-        methods[label] = lambda st, f, model=model: predict_disparity(model, st, f)
+        for precision in args.precision:
+            tag = label if precision == "fp32" else f"{label} {precision}"
+            methods[tag] = lambda st, f, model=model, bf16=precision == "bf16": predict_disparity(model, st, f, bf16=bf16)
     results: dict[str, dict] = {}
     for name, fn in methods.items():
         per_scene, secs = {}, []

@@ -42,7 +42,7 @@ def check_ready(
         from reconstruct.dualfocus.infer import resolve_precision, resolve_weights, select_backend
 
         resolve_weights(model, weights)
-        resolve_precision(precision, select_backend(backend))
+        resolve_precision(precision, select_backend(backend, precision))
 
 
 def reconstruct_stack(
@@ -65,8 +65,9 @@ def reconstruct_stack(
         focus_measure: classical focus measure (see ``reconstruct.classical.FOCUS_MEASURES``).
         model, weights, backend: the network variant, its safetensors weights (default: the
             shipped ones) and where it runs (``auto`` = GPU if there is one, else CPU).
-        precision: the network body's precision: ``auto`` (fp16 on a GPU, fp32 on the CPU),
-            ``fp32``, ``fp16`` or ``bf16`` (the last two on a GPU only).
+        precision: the network body's precision: ``auto`` (fp16 on a GPU; on the CPU bf16 in
+            torch where the CPU has native bfloat16, else fp32), ``fp32``, ``fp16`` (GPU only)
+            or ``bf16`` (a GPU, or torch on such a CPU).
         align: ``apply`` the stack's stored per-slice ``alignment``, ``estimate`` it (needs the
             calibration module), or ``none``.
     """

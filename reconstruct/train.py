@@ -17,7 +17,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from capture.cli import OneLineArgumentParser, one_line_errors
 from capture.errors import ConfigError
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
-from reconstruct.dualfocus.model import DualFocusNet
+from reconstruct.backends.select import cpu_bf16_native
+from reconstruct.dualfocus.model import DualFocusNet, DualFocusOutput, to_channels_last
 from reconstruct.dualfocus.registry import build_model, count_parameters, model_config
 from reconstruct.synth import REPORT_SCENES, RgbdSource, SynthRanges, load_middlebury, render_eval_stack, render_item
 
@@ -78,6 +79,9 @@ class TrainConfig(_Strict):
     threads: int = Field(0, ge=0, description="torch threads per process (0 = cores / processes)")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time")
     init_weights: Path | None = Field(None, description="start from these weights (safetensors; a fine-tune), not from random")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the forward pass under bfloat16 autocast (fp32 weights, optimiser and losses); "
+        "on the CPU only where it computes bfloat16 natively (AVX512-BF16 or AMX), about 2x the steps per minute")
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -188,11 +192,12 @@ def make_batch(items: list[dict[str, np.ndarray]], rng: np.random.Generator, bat
 
 
 # ------------------------------------------------------------------------------ evaluation
-def predict_disparity(model: DualFocusNet, stack_u8: np.ndarray, focus: np.ndarray) -> np.ndarray:
-    """Network prediction in the stack's focus units, ``[H, W]`` (H, W multiples of 4)."""
+def predict_disparity(model: DualFocusNet, stack_u8: np.ndarray, focus: np.ndarray, *, bf16: bool = False) -> np.ndarray:
+    """Network prediction in the stack's focus units, ``[H, W]`` (H, W multiples of 4);
+    ``bf16``: the network body under CPU bfloat16 autocast (softmax and expectation stay fp32)."""
     x = torch.from_numpy(stack_u8).permute(0, 3, 1, 2).float().div_(255.0)[None]
     f = torch.from_numpy(focus.astype(np.float32))[None]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(x, f)
         return DualFocusNet.to_focus_units(out.depth, f)[0].numpy()
 
@@ -300,6 +305,12 @@ def _init_record(path: Path | None) -> dict[str, Any] | None:
     return record
 
 
+def _as_float32(out: DualFocusOutput) -> DualFocusOutput:
+    """The network's outputs in float32, so that the losses are computed in fp32 after a
+    bf16-autocast forward pass (a no-op in fp32)."""
+    return DualFocusOutput(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in vars(out).items()})
+
+
 def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: bool = True) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -313,6 +324,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
             torch.cuda.set_device(device)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
+    if cfg.precision == "bf16" and device.type == "cpu" and not cpu_bf16_native():
+        raise ConfigError(f"{config_path}: precision: bf16 training on the CPU needs native bfloat16 (AVX512-BF16 or AMX), "
+                          "which this CPU lacks; use fp32")
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
@@ -333,6 +347,8 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
 
     model = build_model(cfg.model, **cfg.model_overrides).to(device)
+    if device.type == "cpu":
+        to_channels_last(model)  # oneDNN's NHWC kernels: ~20 % faster in fp32 on AVX-512, same numbers
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
     if cfg.init_weights is not None and not resume:
@@ -363,7 +379,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         for g in optimizer.param_groups:
             g["lr"] = _lr_at(step, cfg.optim)
         x, f, t, m = (v.to(device) for v in make_batch(pool, rng, cfg.optim.batch_size))
-        out_net = ddp_model(x, f)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out_net = ddp_model(x, f)
+        out_net = _as_float32(out_net)
         pos = DualFocusNet.normalise_focus(f)[1]
         loss, parts = total_loss(out_net, pos, t, m, weights)
         optimizer.zero_grad(set_to_none=True)

@@ -97,20 +97,21 @@ def _reference(weights: Path, slices: np.ndarray, focus: np.ndarray) -> tuple[np
 # ------------------------------------------------------------------------------ parity
 def test_torch_backend_is_the_previous_predict(tiny_weights: Path) -> None:
     slices, focus = _stack()
-    pred = infer.predict(slices, focus, weights=tiny_weights, backend="torch")
+    pred = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
     depth, conf, pos = _reference(tiny_weights, slices, focus)
     assert pred.device == "cpu (torch)" and pred.backend == "torch"
     assert pred.depth_focus.shape == (30, 45)
-    np.testing.assert_array_equal(pred.depth_focus, depth)
-    np.testing.assert_array_equal(pred.confidence, conf)
-    # the expected slice index is now summed inside the graph over the padded image: the same
-    # terms, but the reduction kernel may group them differently at vector tails (1 ulp)
+    # the backend runs channels-last weights (oneDNN's NHWC kernels), which sum the same terms
+    # in another order: equal to float32 rounding, not bit for bit
+    np.testing.assert_allclose(pred.depth_focus, depth, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pred.confidence, conf, atol=1e-5, rtol=0)
+    # the expected slice index is summed inside the graph over the padded image
     np.testing.assert_allclose(pred.slice_position, pos, atol=1e-6, rtol=0)
 
 
 def test_onnxruntime_matches_torch(tiny_weights: Path) -> None:
     slices, focus = _stack(n=5)
-    ref = infer.predict(slices, focus, weights=tiny_weights, backend="torch")
+    ref = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
     ort = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
     assert ort.device == "cpu (onnxruntime)" and ort.backend == "onnxruntime"
     depth_range = float(focus.max() - focus.min())
@@ -130,7 +131,7 @@ def test_shipped_dualfocus_s_parity_at_a_small_shape() -> None:
     slices = np.stack([F.avg_pool2d(torch.from_numpy(base)[None, None], k, 1, k // 2, count_include_pad=False)[0, 0].numpy()
                        for k in (1, 3, 5, 7, 9, 11)])
     focus = np.linspace(0.5, 2.5, 6).astype(np.float32)
-    ref = infer.predict(slices, focus, weights=weights, backend="torch")
+    ref = infer.predict(slices, focus, weights=weights, backend="torch", precision="fp32")
     ort = infer.predict(slices, focus, weights=weights, backend="onnxruntime")
     diff = float(np.abs(ort.depth_focus - ref.depth_focus).max())
     print(f"dualfocus-s 6x64x96: max |depth diff| {diff:.2e} dpt = {diff / 2.0:.2e} of the depth range")
@@ -230,7 +231,7 @@ def test_reconstruct_stack_with_onnxruntime(tiny_weights: Path) -> None:
     images = (rng.random((4, 30, 40)) * 255).astype(np.uint8)
     stack = FocalStack(images, focus_distance_m=[2.0, 0.5, 1.0, 0.7])
     check_ready("dualfocus", weights=tiny_weights, backend="onnxruntime")
-    ref = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="torch")
+    ref = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="torch", precision="fp32")
     res = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="onnxruntime")
     assert res.device == "cpu (onnxruntime)"
     assert res.depth.shape == (30, 40)
@@ -291,32 +292,99 @@ def test_unavailable_or_unknown_backends_are_refused(tiny_weights: Path, monkeyp
         select_mod.select_backend("onnxruntime")
 
 
-@pytest.mark.parametrize(("setting", "name", "device", "expected"), [
-    ("auto", "onnxruntime", "cpu", "fp32"),
-    ("auto", "torch", "cpu", "fp32"),
-    ("fp32", "torch", "cpu", "fp32"),
-    ("auto", "tensorrt", "cuda", "fp16"),
-    ("auto", "torch", "cuda", "fp16"),
-    ("fp32", "tensorrt", "cuda", "fp32"),
-    ("bf16", "torch", "cuda", "bf16"),
+@pytest.mark.parametrize(("setting", "name", "device", "native_bf16", "expected"), [
+    ("auto", "onnxruntime", "cpu", True, "fp32"),
+    ("auto", "torch", "cpu", False, "fp32"),
+    ("auto", "torch", "cpu", True, "bf16"),
+    ("fp32", "torch", "cpu", True, "fp32"),
+    ("bf16", "torch", "cpu", True, "bf16"),
+    ("auto", "tensorrt", "cuda", False, "fp16"),
+    ("auto", "torch", "cuda", True, "fp16"),
+    ("fp32", "tensorrt", "cuda", False, "fp32"),
+    ("bf16", "torch", "cuda", False, "bf16"),
 ])
-def test_precision_setting_resolves_per_device(setting: str, name: str, device: str, expected: str) -> None:
+def test_precision_setting_resolves_per_device(
+    setting: str, name: str, device: str, native_bf16: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: native_bf16)
     assert infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test")) == expected
 
 
-@pytest.mark.parametrize(("setting", "name", "device", "needle"), [
-    ("fp16", "onnxruntime", "cpu", "needs a CUDA GPU"),
-    ("bf16", "torch", "cpu", "needs a CUDA GPU"),
-    ("bf16", "tensorrt", "cuda", "fp32 or fp16 engines"),
-    ("int8", "torch", "cuda", "unknown precision 'int8'"),
+@pytest.mark.parametrize(("setting", "name", "device", "native_bf16", "needle"), [
+    ("fp16", "onnxruntime", "cpu", True, "fp16 needs a CUDA GPU"),
+    ("fp16", "torch", "cpu", True, "fp16 needs a CUDA GPU"),
+    ("bf16", "torch", "cpu", False, "bf16 needs a CUDA GPU or a CPU with native bfloat16"),
+    ("bf16", "onnxruntime", "cpu", True, "bf16 on the CPU runs in the torch backend only"),
+    ("bf16", "tensorrt", "cuda", True, "fp32 or fp16 engines"),
+    ("int8", "torch", "cuda", True, "unknown precision 'int8'"),
 ])
-def test_precision_setting_refused_where_it_cannot_run(setting: str, name: str, device: str, needle: str) -> None:
+def test_precision_setting_refused_where_it_cannot_run(
+    setting: str, name: str, device: str, native_bf16: bool, needle: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: native_bf16)
     with pytest.raises(ReconstructionError, match=rf"^precision: .*{needle}"):
         infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test"))
 
 
+def _write_latencies(cache: Path, results: dict[str, float]) -> None:
+    (cache / select_mod.LATENCY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (cache / select_mod.LATENCY_FILE).write_text(json.dumps({
+        "machine": {"cpu": "Test CPU"}, "threads": 2, "model": "dualfocus-s", "shape": [10, 288, 384],
+        "results": {k: {"p50_ms": v} for k, v in results.items()},
+    }))
+
+
+def test_auto_weighs_torch_by_its_bf16_figure_where_the_cpu_runs_bf16(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 400.0})
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
+    choice = select_mod.select_backend("auto", "auto")
+    assert choice.name == "torch" and "torch (bf16, native on this CPU)" in choice.reason and "200 ms" in choice.reason
+    # fp32 asked for: the fp32 figures decide
+    choice = select_mod.select_backend("auto", "fp32")
+    assert choice.name == "onnxruntime" and "400 ms against torch 500 ms" in choice.reason
+    # bf16 asked for: only torch runs it on the CPU
+    assert select_mod.select_backend("auto", "bf16").name == "torch"
+    # a CPU without native bf16 ignores the bf16 figure (it was measured elsewhere)
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: False)
+    assert select_mod.select_backend("auto", "auto").name == "onnxruntime"
+
+
+def test_torch_backend_runs_bf16_on_a_cpu_with_native_bfloat16(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconstruct.backends import torch_backend
+
+    slices, focus = _stack()
+    x = np.ascontiguousarray(np.repeat(slices[None, :, None], 3, axis=2)[..., :28, :44])
+    f = focus[None]
+    if select_mod.cpu_bf16_native():
+        fp32 = torch_backend.TorchBackend(tiny_weights).run(x, f)
+        bf16 = torch_backend.TorchBackend(tiny_weights, precision="bf16")
+        out = bf16.run(x, f)
+        assert bf16.describe() == "cpu (torch, bf16)"
+        assert all(v.dtype == np.float32 for v in out.values())  # outputs come back fp32
+        diff = float(np.abs(out["depth"] - fp32["depth"]).max())  # normalised depth, range 1
+        assert 0 < diff < 0.05
+    monkeypatch.setattr(torch_backend, "cpu_bf16_native", lambda: False)
+    with pytest.raises(ReconstructionError, match=r"^precision: bf16 on the CPU needs native bfloat16"):
+        torch_backend.TorchBackend(tiny_weights, precision="bf16")
+    with pytest.raises(ReconstructionError, match=r"^precision: fp16 autocast runs on a CUDA GPU"):
+        torch_backend.TorchBackend(tiny_weights, precision="fp16")
+
+
+def test_channels_last_on_the_cpu_keeps_the_numbers(tiny_weights: Path) -> None:
+    from reconstruct.backends import torch_backend
+
+    slices, focus = _stack()
+    x = np.ascontiguousarray(np.repeat(slices[None, :, None], 3, axis=2)[..., :28, :44])
+    default = torch_backend.TorchBackend(tiny_weights)
+    nchw = torch_backend.TorchBackend(tiny_weights, channels_last=False)
+    assert default.channels_last and not nchw.channels_last
+    a, b = default.run(x, focus[None]), nchw.run(x, focus[None])
+    np.testing.assert_allclose(a["depth"], b["depth"], atol=1e-5, rtol=0)
+
+
 def test_predict_passes_the_resolved_precision_to_the_backend(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a (stand-in) GPU choice, auto opens the backend in fp16; the CPU path opens fp32."""
+    """On a (stand-in) GPU choice, auto opens the backend in fp16; the CPU path opens fp32, or
+    bf16 where the CPU has native bfloat16."""
     opened: list[tuple[str, str, str]] = []
     real_open = infer.open_backend
 
@@ -327,10 +395,13 @@ def test_predict_passes_the_resolved_precision_to_the_backend(tiny_weights: Path
     monkeypatch.setattr(infer, "open_backend", spy)
     slices = np.random.default_rng(0).random((4, 32, 48)).astype(np.float32)
     focus = np.array([0.5, 1.0, 1.5, 2.0], np.float32)
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
     infer.predict(slices, focus, weights=tiny_weights, backend="torch")
-    monkeypatch.setattr(infer, "select_backend", lambda b: select_mod.BackendChoice("torch", "cuda", "stand-in GPU"))
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: True)
+    infer.predict(slices, focus, weights=tiny_weights, backend="torch")
+    monkeypatch.setattr(infer, "select_backend", lambda b, p: select_mod.BackendChoice("torch", "cuda", "stand-in GPU"))
     infer.predict(slices, focus, weights=tiny_weights, backend="auto")
-    assert opened == [("torch", "cpu", "fp32"), ("torch", "cuda", "fp16")]
+    assert opened == [("torch", "cpu", "fp32"), ("torch", "cpu", "bf16"), ("torch", "cuda", "fp16")]
 
 
 # ------------------------------------------------------------------------------ TensorRT, with a stand-in

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from capture.errors import InputError
+from reconstruct.backends.select import cpu_bf16_native
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.registry import MODELS, build_model, count_parameters
 
@@ -497,9 +499,67 @@ TRAIN_CONFIGS = sorted([*(ROOT / "configs").glob("train_*.yaml"), *(ROOT / "conf
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_training_config_is_valid(path: Path) -> None:
+def test_every_shipped_training_config_is_valid(path: Path, tmp_path: Path) -> None:
+    """Every committed recipe loads. A second stage that starts from a first stage's output
+    (``init_weights`` under ``runs/``, absent in a fresh clone) must name a folder that a
+    committed first-stage recipe writes; it is loaded with a stand-in file there."""
     from reconstruct.train import load_train_config
 
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    init = raw.get("init_weights")
+    if init is not None and "runs/" in init:
+        target = (path.parent / init).resolve()
+        stage1 = [p for p in TRAIN_CONFIGS if p != path and (ROOT / yaml.safe_load(p.read_text())["out_dir"]).resolve() == target.parent]
+        assert stage1, f"{path.name}: init_weights {init} is written by no committed recipe"
+        raw["init_weights"] = str(tmp_path / target.name)
+        (tmp_path / target.name).write_bytes(b"stand-in")
+        raw["data"]["rgbd_root"] = str((path.parent / raw["data"]["rgbd_root"]).resolve())
+        path = tmp_path / path.name
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     cfg = load_train_config(path)
     assert cfg.data.rgbd_root is None or cfg.data.rgbd_root.name == "middlebury_2001_2006"
     assert not set(cfg.data.tuning_scenes) & {"Art", "Books", "Dolls", "Laundry", "Moebius", "Reindeer"}
+
+
+@pytest.mark.skipif(not cpu_bf16_native(), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+def test_train_bf16_run(tmp_path: Path) -> None:
+    """A few bf16-autocast steps: fp32 weights come out, finite, and the card says bf16."""
+    config = _write_config(tmp_path / "bf16.yaml", tmp_path / "out", steps=2, crop_px=[64])
+    raw = yaml.safe_load(config.read_text())
+    raw["precision"] = "bf16"
+    config.write_text(yaml.safe_dump(raw))
+    proc, _ = _train(config)
+    assert proc.returncode == 0, _explain(proc)
+    model, _ = load_weights(tmp_path / "out" / "dualfocus-tiny.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    card = yaml.safe_load((tmp_path / "out" / "dualfocus-tiny.yaml").read_text(encoding="utf-8"))
+    assert card["config"]["precision"] == "bf16"
+    state = _checkpoint_state(tmp_path / "out" / "last.safetensors")
+    assert state["history"] and all(math.isfinite(h["depth"]) and math.isfinite(h["fv"]) for h in state["history"])
+
+
+def test_train_bf16_refused_on_a_cpu_without_native_bfloat16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capture.errors import ConfigError
+    from reconstruct import train as train_mod
+
+    config = _write_config(tmp_path / "bf16.yaml", tmp_path / "out", steps=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["precision"] = "bf16"
+    config.write_text(yaml.safe_dump(raw))
+    cfg = train_mod.load_train_config(config)
+    monkeypatch.setattr(train_mod, "cpu_bf16_native", lambda: False)
+    with pytest.raises(ConfigError, match=r"bf16\.yaml: precision: bf16 training on the CPU needs native bfloat16"):
+        train_mod.train(cfg, config_path=config, resume=False, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_losses_see_float32_after_a_bf16_forward() -> None:
+    from reconstruct.train import _as_float32
+
+    model = build_model("dualfocus-tiny").eval()
+    x, f = torch.rand(1, 3, 3, 32, 32), torch.tensor([[0.5, 1.0, 2.0]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, f)
+    assert out.surfaces is not None and out.surfaces.dtype == torch.bfloat16  # what the losses would have seen
+    fixed = _as_float32(out)
+    assert all(getattr(fixed, k).dtype == torch.float32 for k in ("depth", "prob", "logits_low", "surfaces", "confidence"))

@@ -6,8 +6,10 @@
 1. **tensorrt** on the GPU, when torch sees a CUDA GPU and ``tensorrt`` imports;
 2. **torch** on the GPU, when there is a CUDA GPU but no TensorRT;
 3. on the CPU, the faster of torch and onnxruntime **as measured** by
-   ``benchmarks/bench_backends.py`` on this machine (its ``backends_cpu.json``, looked for
-   in the cache folder first, then in ``benchmarks/results/``);
+   ``benchmarks/bench_backends.py`` (its ``backends_cpu.json``, looked for in the cache
+   folder first, then in ``benchmarks/results/``); where the CPU computes bfloat16 natively
+   (:func:`cpu_bf16_native`) and the precision setting allows it, torch is compared by its
+   bf16 figure, since that is how it will run;
 4. without a measurement, **onnxruntime** when it is installed: on two CPU cores a plain
    0.5M-parameter depth-from-focus network ran 4.7x faster in ONNX Runtime than in eager
    torch (shared/DUALFOCUS.md, "What we measured"), because ONNX Runtime fuses the
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS", "LATENCY_FILE", "BackendChoice", "select_backend", "available_backends", "cuda_available",
     "tensorrt_problem", "onnxruntime_providers", "latency_files", "measured_cpu_latencies", "forget_logged_choices",
+    "cpu_bf16_native",
 ]
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -62,6 +65,22 @@ def cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), where torch's
+    CPU bf16 autocast runs the network's convolutions about twice as fast as fp32. Without
+    it oneDNN emulates bf16, which is slower than fp32, so bf16 is not offered there."""
+    import torch
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # a private probe that changed: treat as absent
+            continue
+    return False
 
 
 def _gpu_name() -> str:
@@ -126,8 +145,9 @@ def latency_files() -> list[Path]:
 
 
 def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
-    """``({"torch": p50_ms, "onnxruntime": p50_ms}, file, where-measured)`` from the first
-    readable benchmark file that has both CPU figures, or None."""
+    """``({"torch": p50_ms, "onnxruntime": p50_ms[, "torch-bf16": p50_ms]}, file,
+    where-measured)`` from the first readable benchmark file that has both fp32 CPU figures,
+    or None (``torch-bf16`` only where the file has it)."""
     for path in latency_files():
         try:
             doc = json.loads(path.read_text())
@@ -135,29 +155,39 @@ def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
             figures = {name: float(results[f"{name}-cpu"]["p50_ms"]) for name in ("torch", "onnxruntime")}
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        try:
+            figures["torch-bf16"] = float(results["torch-bf16-cpu"]["p50_ms"])
+        except (KeyError, TypeError, ValueError):
+            pass
         machine = doc.get("machine", {}) if isinstance(doc.get("machine"), dict) else {}
         where = f"{machine.get('cpu', 'a CPU')}, {doc.get('threads', '?')} threads, {doc.get('model', '?')} at {'x'.join(str(s) for s in doc.get('shape', []))}"
         return figures, path, where
     return None
 
 
-def _cpu_choice() -> BackendChoice:
+def _cpu_choice(precision: str = "auto") -> BackendChoice:
+    if precision == "bf16":
+        return BackendChoice("torch", "cpu", "no CUDA GPU; precision bf16 asked for, which only torch runs on the CPU")
     providers = onnxruntime_providers()
     if providers is None:
         return BackendChoice("torch", "cpu", "no CUDA GPU; onnxruntime is not installed, so torch on the CPU")
     measured = measured_cpu_latencies()
     if measured is not None:
         figures, path, where = measured
-        fast = min(figures, key=lambda k: figures[k])
+        candidates = {"torch": (figures["torch"], "torch"), "onnxruntime": (figures["onnxruntime"], "onnxruntime")}
+        if precision == "auto" and "torch-bf16" in figures and cpu_bf16_native():
+            candidates["torch"] = (figures["torch-bf16"], "torch (bf16, native on this CPU)")
+        fast = min(candidates, key=lambda k: candidates[k][0])
         slow = "torch" if fast == "onnxruntime" else "onnxruntime"
+        (fast_ms, fast_label), (slow_ms, slow_label) = candidates[fast], candidates[slow]
         return BackendChoice(
             fast, "cpu",
-            f"no CUDA GPU; {fast} measured faster on the CPU: p50 {figures[fast]:.0f} ms against {slow} {figures[slow]:.0f} ms ({where}; {path})",
+            f"no CUDA GPU; {fast_label} measured faster on the CPU: p50 {fast_ms:.0f} ms against {slow_label} {slow_ms:.0f} ms ({where}; {path})",
         )
     return BackendChoice("onnxruntime", "cpu", f"no CUDA GPU and no CPU measurement yet (benchmarks/bench_backends.py writes one); {ORT_REASON}")
 
 
-def _choose(requested: str) -> BackendChoice:
+def _choose(requested: str, precision: str) -> BackendChoice:
     if requested not in BACKENDS:
         raise ReconstructionError(f"backend: unknown backend {requested!r}; valid: {', '.join(BACKENDS)}")
     cuda = cuda_available()
@@ -167,7 +197,7 @@ def _choose(requested: str) -> BackendChoice:
             if problem is None:
                 return BackendChoice("tensorrt", "cuda", f"CUDA GPU ({_gpu_name()}) and TensorRT found")
             return BackendChoice("torch", "cuda", f"CUDA GPU ({_gpu_name()}); no TensorRT: {problem}")
-        return _cpu_choice()
+        return _cpu_choice(precision)
     if requested == "torch":
         return BackendChoice("torch", "cuda" if cuda else "cpu", "asked for" + ("" if cuda else "; no CUDA GPU, so the CPU"))
     if requested == "onnxruntime":
@@ -191,10 +221,11 @@ def _choose(requested: str) -> BackendChoice:
     return BackendChoice("tensorrt", "cuda", "asked for")
 
 
-def select_backend(requested: str) -> BackendChoice:
-    """The backend, device and reason for a ``backend`` setting (module docstring);
+def select_backend(requested: str, precision: str = "auto") -> BackendChoice:
+    """The backend, device and reason for a ``backend`` setting (module docstring), given the
+    ``precision`` setting (it matters on the CPU only: bf16 runs in torch there);
     ReconstructionError for an unknown or unavailable one."""
-    choice = _choose(requested)
+    choice = _choose(requested, precision)
     with _LOG_LOCK:
         new = _LOGGED.get(requested) != tuple(choice)
         _LOGGED[requested] = tuple(choice)

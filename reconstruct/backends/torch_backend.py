@@ -1,6 +1,7 @@
 """The torch backend: eager PyTorch on the CPU or a CUDA GPU.
 
-* CPU: float32, eager, exactly the computation ``predict`` ran before backends existed.
+* CPU: float32, or ``bf16`` autocast for the network body where the CPU computes bfloat16
+  natively (AVX512-BF16 or AMX; :func:`reconstruct.backends.select.cpu_bf16_native`).
 * CUDA: float32, or ``fp16`` / ``bf16`` autocast for the network body. The softmax over the
   slices runs on ``logits.float()`` inside the network and the depth / slice-position
   expectations multiply float32 probabilities by float32 positions, so the parts that turn
@@ -30,24 +31,15 @@ from reconstruct.backends.base import (
     InferenceGraph,
     check_inputs,
 )
+from reconstruct.backends.select import cpu_bf16_native
 from reconstruct.dualfocus.checkpoint import load_weights
-from reconstruct.dualfocus.model import DualFocusNet
+from reconstruct.dualfocus.model import DualFocusNet, to_channels_last
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TorchBackend", "to_channels_last"]
+__all__ = ["TorchBackend"]
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def to_channels_last(net: nn.Module) -> nn.Module:
-    """Channels-last weights: ``Conv2d`` in NHWC, ``Conv3d`` in NDHWC (in place)."""
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-        elif isinstance(module, nn.Conv3d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    return net
 
 
 class TorchBackend(Backend):
@@ -56,8 +48,9 @@ class TorchBackend(Backend):
     Args:
         weights: a safetensors weights file (``load_weights``), or an already built network.
         device: ``cpu``, ``cuda`` or ``cuda:K``.
-        precision: ``fp32``; ``fp16`` / ``bf16`` (autocast) only on CUDA.
-        channels_last: default True on CUDA, False on the CPU.
+        precision: ``fp32``; ``fp16`` / ``bf16`` (autocast) on CUDA; ``bf16`` on a CPU with
+            native bfloat16.
+        channels_last: channels-last weights (default True).
         compile: wrap the graph in ``torch.compile`` (True, or a mode such as
             ``"reduce-overhead"``, which adds CUDA graphs).
     """
@@ -76,13 +69,15 @@ class TorchBackend(Backend):
         dev = torch.device(device)
         if precision not in ("fp32", *_AUTOCAST):
             raise ReconstructionError(f"precision: unknown precision {precision!r}; valid: fp32, fp16, bf16")
-        if precision != "fp32" and dev.type != "cuda":
-            raise ReconstructionError(f"precision: {precision} autocast runs on a CUDA GPU; the CPU runs fp32")
+        if dev.type == "cpu" and precision == "fp16":
+            raise ReconstructionError("precision: fp16 autocast runs on a CUDA GPU; the CPU runs fp32, or bf16 where it has native bfloat16")
+        if dev.type == "cpu" and precision == "bf16" and not cpu_bf16_native():
+            raise ReconstructionError("precision: bf16 on the CPU needs native bfloat16 (AVX512-BF16 or AMX), which this CPU lacks; use fp32")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ReconstructionError("backend: torch on cuda asked for, but torch sees no CUDA GPU")
         net = weights if isinstance(weights, DualFocusNet) else load_weights(weights)[0]
         net = net.to(dev).eval()
-        self.channels_last = dev.type == "cuda" if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
         if self.channels_last:
             to_channels_last(net)
         self.graph = InferenceGraph(net).eval()

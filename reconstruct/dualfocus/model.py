@@ -19,7 +19,7 @@ from reconstruct.dualfocus.poisson import poisson_solve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DualFocusConfig", "DualFocusNet", "DualFocusOutput"]
+__all__ = ["DualFocusConfig", "DualFocusNet", "DualFocusOutput", "to_channels_last"]
 
 IN_CHANNELS = 7  # RGB, RGB minus the stack mean, normalised focus position
 
@@ -199,3 +199,13 @@ class DualFocusNet(nn.Module):
         peak = prob.max(dim=1).values
         confidence = ((peak - 1.0 / n) / (1.0 - 1.0 / n)).clamp(0, 1) if n > 1 else torch.ones_like(peak)
         return DualFocusOutput(depth=depth, prob=prob, logits_low=logits_low, surfaces=surfaces, confidence=confidence)
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """Channels-last weights: ``Conv2d`` in NHWC, ``Conv3d`` in NDHWC (in place)."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        elif isinstance(module, nn.Conv3d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    return net
