@@ -64,10 +64,10 @@ def main() -> int:
             stack = rig.capture_stack()
         capture_s = (time.perf_counter() - t0) / args.stacks
     # 2. reconstruction alone (one warm-up: model load, ONNX export)
-    reconstruct_stack(stack, method=rc.method, align=rc.align, model=rc.model, weights=rc.weights, backend=rc.backend)
+    reconstruct_stack(stack, method=rc.method, align=rc.align, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
     t0 = time.perf_counter()
     for _ in range(args.stacks):
-        result = reconstruct_stack(stack, method=rc.method, align=rc.align, model=rc.model, weights=rc.weights, backend=rc.backend)
+        result = reconstruct_stack(stack, method=rc.method, align=rc.align, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
     reconstruct_s = (time.perf_counter() - t0) / args.stacks
     # 3. the pipeline (block: no stack is dropped, so the rate is the real throughput)
     config.continuous.when_behind = "block"

@@ -209,16 +209,32 @@ def test_export_refuses_bad_shapes(tiny_weights: Path) -> None:
     assert export_mod.parse_shape("10x288x384") == (10, 288, 384)
 
 
-def test_auto_falls_back_to_torch_when_the_export_fails(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def torch_backend_bf16_runs() -> bool:
+    """Whether the torch backend can really run bf16 here (a CPU with native bfloat16)."""
+    from reconstruct.backends import torch_backend
+
+    return torch_backend.cpu_bf16_native()
+
+
+def test_auto_falls_back_to_torch_when_the_export_fails(isolated_cache: Path, tiny_weights: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     def broken(*_a: object) -> None:
         raise RuntimeError("exporter says no")
 
     monkeypatch.setattr(export_mod, "_torch_export", broken)
+    _write_latencies(isolated_cache, {"torch-cpu": 300.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 100.0})  # auto picks ORT
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
     slices, focus = _stack(n=3)
     with caplog.at_level(logging.WARNING):
         pred = infer.predict(slices, focus, weights=tiny_weights, backend="auto")
     assert pred.device == "cpu (torch)"
     assert "exporter says no" in caplog.text and "using torch" in caplog.text
+    # where the CPU runs bf16, torch standing in runs what auto gives torch there: bf16; unless fp32 was asked for
+    if torch_backend_bf16_runs():
+        monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
+        monkeypatch.setattr(infer, "cpu_bf16_native", lambda: True)
+        assert infer.predict(slices, focus, weights=tiny_weights, backend="auto").device == "cpu (torch, bf16)"
+        assert infer.predict(slices, focus, weights=tiny_weights, backend="auto", precision="fp32").device == "cpu (torch)"
     with pytest.raises(ReconstructionError, match="backend: ONNX export"):  # asked for explicitly: no fallback
         infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
 
@@ -243,29 +259,31 @@ def test_reconstruct_stack_with_onnxruntime(tiny_weights: Path) -> None:
 
 # ------------------------------------------------------------------------------ selection
 def test_auto_picks_a_cpu_backend_and_says_why(isolated_cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
-        choice = select_mod.select_backend("auto")
-    assert choice.name == "onnxruntime" and choice.device == "cpu"
-    assert "backend auto: onnxruntime on cpu" in caplog.text and "no CUDA GPU" in caplog.text and "4.7x" in caplog.text
-    # a measurement decides
-    (isolated_cache / select_mod.LATENCY_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (isolated_cache / select_mod.LATENCY_FILE).write_text(json.dumps({
-        "machine": {"cpu": "Test CPU"}, "threads": 2, "model": "dualfocus-s", "shape": [10, 288, 384],
-        "results": {"torch-cpu": {"p50_ms": 100.0}, "onnxruntime-cpu": {"p50_ms": 150.0}},
-    }))
-    caplog.clear()
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: False)
     with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
         choice = select_mod.select_backend("auto")
     assert choice.name == "torch" and choice.device == "cpu"
-    assert "measured faster" in caplog.text and "100 ms" in caplog.text and "Test CPU" in caplog.text
+    assert "backend auto: torch on cpu" in caplog.text and "no CPU measurement yet" in caplog.text and "392 ms" in caplog.text
+    # a measurement decides
+    _write_latencies(isolated_cache, {"torch-cpu": 150.0, "onnxruntime-cpu": 100.0})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
+        choice = select_mod.select_backend("auto")
+    assert choice.name == "onnxruntime" and choice.device == "cpu"
+    assert "measured faster" in caplog.text and "100 ms against torch 150 ms" in caplog.text and "Test CPU" in caplog.text
     # a repeated choice is not logged at INFO again
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
         select_mod.select_backend("auto")
     assert caplog.text == ""
+    # on a CPU with native bf16, a measurement without a bf16 figure cannot speak against bf16 torch
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
+    choice = select_mod.select_backend("auto")
+    assert choice.name == "torch" and "has no bf16 figure" in choice.reason
+    assert select_mod.select_backend("auto", "fp32").name == "onnxruntime"  # fp32 asked for: the fp32 figures decide
     # without onnxruntime: torch
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: None)
-    assert select_mod.select_backend("auto").name == "torch"
+    assert select_mod.select_backend("auto", "fp32").name == "torch"
 
 
 def test_auto_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -378,6 +396,11 @@ def test_channels_last_on_the_cpu_keeps_the_numbers(tiny_weights: Path) -> None:
     default = torch_backend.TorchBackend(tiny_weights)
     nchw = torch_backend.TorchBackend(tiny_weights, channels_last=False)
     assert default.channels_last and not nchw.channels_last
+    conv2d = default.graph.net.encoder.stem[1][0].weight  # 3x3, many channels: the layouts differ
+    conv3d = default.graph.net.dec_in[0].weight
+    assert conv2d.is_contiguous(memory_format=torch.channels_last) and not conv2d.is_contiguous()
+    assert conv3d.is_contiguous(memory_format=torch.channels_last_3d) and not conv3d.is_contiguous()
+    assert nchw.graph.net.encoder.stem[1][0].weight.is_contiguous()
     a, b = default.run(x, focus[None]), nchw.run(x, focus[None])
     np.testing.assert_allclose(a["depth"], b["depth"], atol=1e-5, rtol=0)
 

@@ -548,6 +548,7 @@ def test_train_bf16_refused_on_a_cpu_without_native_bfloat16(tmp_path: Path, mon
     config.write_text(yaml.safe_dump(raw))
     cfg = train_mod.load_train_config(config)
     monkeypatch.setattr(train_mod, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the refusal is for CPU training
     with pytest.raises(ConfigError, match=r"bf16\.yaml: precision: bf16 training on the CPU needs native bfloat16"):
         train_mod.train(cfg, config_path=config, resume=False, show_progress=False)
     assert not (tmp_path / "out").exists()

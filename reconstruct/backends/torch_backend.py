@@ -2,15 +2,19 @@
 
 * CPU: float32, or ``bf16`` autocast for the network body where the CPU computes bfloat16
   natively (AVX512-BF16 or AMX; :func:`reconstruct.backends.select.cpu_bf16_native`).
-* CUDA: float32, or ``fp16`` / ``bf16`` autocast for the network body. The softmax over the
-  slices runs on ``logits.float()`` inside the network and the depth / slice-position
-  expectations multiply float32 probabilities by float32 positions, so the parts that turn
-  probabilities into depth stay float32 under autocast (``mul`` and ``sum`` are not autocast
-  ops). Weights are put in channels-last (2D convolutions) and channels-last-3d (3D
-  convolutions) on CUDA, where cuDNN's NHWC kernels are faster, especially in half
-  precision; on the CPU the layout stays as it was. ``compile=True`` (or a mode: ``"reduce-overhead"``
-  adds CUDA graphs) wraps the graph in ``torch.compile``; the first call compiles. The GPU
-  check measures both; ``predict`` runs eager, since compiling costs tens of seconds per shape.
+* CUDA: float32, or ``fp16`` / ``bf16`` autocast for the network body.
+* In every precision the softmax over the slices runs on ``logits.float()`` inside the
+  network and the depth / slice-position expectations multiply float32 probabilities by
+  float32 positions, so the parts that turn probabilities into depth stay float32 under
+  autocast (``mul`` and ``sum`` are not autocast ops).
+* Weights are put in channels-last (2D convolutions) and channels-last-3d (3D convolutions)
+  by default, in place (a network handed in is changed too; its values are not): cuDNN's
+  NHWC kernels are faster on CUDA, especially in half precision, and oneDNN's on the CPU
+  (10x288x384 on two AVX-512 cores, fp32: 455 -> 354 ms; ``benchmarks/bench_backends.py``
+  measures both layouts).
+* ``compile=True`` (or a mode: ``"reduce-overhead"`` adds CUDA graphs) wraps the graph in
+  ``torch.compile``; the first call compiles. The GPU check measures both; ``predict`` runs
+  eager, since compiling costs tens of seconds per shape.
 """
 
 from __future__ import annotations

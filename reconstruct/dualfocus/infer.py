@@ -80,15 +80,15 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
             return "fp32"
         if precision == "auto":
             return "bf16" if native else "fp32"
+        if precision == "bf16" and not cpu_bf16_native():
+            raise ReconstructionError(
+                "precision: bf16 needs a CUDA GPU or a CPU with native bfloat16 (AVX512-BF16 or AMX), and this CPU has neither; "
+                "set reconstruct.precision to auto or fp32"
+            )
         if precision == "bf16" and choice.name != "torch":
             raise ReconstructionError(
                 f"precision: bf16 on the CPU runs in the torch backend only, and this run uses {choice.name} (fp32 on the CPU); "
                 "set reconstruct.backend to torch or auto, or reconstruct.precision to auto or fp32"
-            )
-        if precision == "bf16" and not native:
-            raise ReconstructionError(
-                "precision: bf16 needs a CUDA GPU or a CPU with native bfloat16 (AVX512-BF16 or AMX), and this CPU has neither; "
-                "set reconstruct.precision to auto or fp32"
             )
         if precision == "bf16":
             return "bf16"
@@ -116,13 +116,24 @@ class DualFocusPrediction:
     backend: str = "torch"
 
 
-def _open(choice: BackendChoice, requested: str, weights: Path, shape: tuple[int, int, int], precision: str) -> Backend:
+def _fallback_precision(choice: BackendChoice, setting: str, resolved: str) -> str:
+    """The precision torch runs in when it stands in for ``choice`` under ``auto``: on the CPU
+    the ``reconstruct.precision`` setting resolved for torch (``auto``: bf16 where native),
+    on a GPU the precision resolved for ``choice``."""
+    if choice.device == "cpu":
+        return resolve_precision(setting, BackendChoice("torch", "cpu", "fallback"))
+    return resolved
+
+
+def _open(
+    choice: BackendChoice, requested: str, weights: Path, shape: tuple[int, int, int], precision: str, setting: str = "auto"
+) -> Backend:
     """The backend for ``choice``; under ``auto`` a backend that fails to open (an export the
     exporter refuses, an engine that does not build) falls back to torch on the same device
-    and precision, once per (weights, shape, backend, precision), with a warning."""
+    (:func:`_fallback_precision`), once per (weights, shape, backend, precision), with a warning."""
     key = (str(weights), shape, choice.name, choice.device, precision)
     if requested == "auto" and choice.name != "torch" and key in _FAILED:
-        return open_backend("torch", choice.device, weights=weights, shape=shape, precision=precision)
+        return open_backend("torch", choice.device, weights=weights, shape=shape, precision=_fallback_precision(choice, setting, precision))
     try:
         return open_backend(choice.name, choice.device, weights=weights, shape=shape, precision=precision)
     except (ReconstructionError, OSError) as exc:
@@ -130,7 +141,7 @@ def _open(choice: BackendChoice, requested: str, weights: Path, shape: tuple[int
             raise
         _FAILED.add(key)
         logger.warning("backend auto: %s on %s failed (%s); using torch on %s", choice.name, choice.device, exc, choice.device)
-        return open_backend("torch", choice.device, weights=weights, shape=shape, precision=precision)
+        return open_backend("torch", choice.device, weights=weights, shape=shape, precision=_fallback_precision(choice, setting, precision))
 
 
 def predict(
@@ -160,7 +171,7 @@ def predict(
         x = F.pad(x.reshape(-1, 3, h, w), (0, pw, 0, ph), mode="replicate").reshape(1, -1, 3, h + ph, w + pw)
     f = torch.from_numpy(np.asarray(focus, np.float32))[None]  # [1, N]
     n = int(x.shape[1])
-    runner = _open(choice, backend, weights, (n, h + ph, w + pw), body_precision)
+    runner = _open(choice, backend, weights, (n, h + ph, w + pw), body_precision, precision)
     out = runner.run(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(f.numpy()))
     depth = DualFocusNet.to_focus_units(torch.from_numpy(out["depth"]), f)[0, :h, :w]
     return DualFocusPrediction(
