@@ -63,9 +63,10 @@ def main() -> int:
 
     for w in args.weights:
         model, meta = load_weights(w)
-        label = f"{meta.get('model', w.stem)} ({w.name})"
-        if label in methods:  # two files of the same name: say which folder each came from
-            label = f"{meta.get('model', w.stem)} ({w.parent.name}/{w.name})"
+        label, depth = f"{meta.get('model', w.stem)} ({w.name})", 1
+        while label in methods and depth < len(w.parts):  # files of the same name: add folders until unique
+            depth += 1
+            label = f"{meta.get('model', w.stem)} ({'/'.join(w.parts[-depth:])})"
         for precision in args.precision:
             tag = label if precision == "fp32" else f"{label} {precision}"
             methods[tag] = lambda st, f, model=model, bf16=precision == "bf16": predict_disparity(model, st, f, bf16=bf16)
