@@ -367,12 +367,16 @@ def test_auto_weighs_torch_by_its_bf16_figure_where_the_cpu_runs_bf16(isolated_c
     assert select_mod.select_backend("auto", "auto").name == "onnxruntime"
 
 
+def _backend_input() -> tuple[np.ndarray, np.ndarray]:
+    """``_stack()`` as a backend takes it: ``[1, N, 3, H, W]`` (H, W cropped to multiples of 4), ``[1, N]``."""
+    slices, focus = _stack()
+    return np.ascontiguousarray(np.repeat(slices[None, :, None], 3, axis=2)[..., :28, :44]), focus[None]
+
+
 def test_torch_backend_runs_bf16_on_a_cpu_with_native_bfloat16(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from reconstruct.backends import torch_backend
 
-    slices, focus = _stack()
-    x = np.ascontiguousarray(np.repeat(slices[None, :, None], 3, axis=2)[..., :28, :44])
-    f = focus[None]
+    x, f = _backend_input()
     if select_mod.cpu_bf16_native():
         fp32 = torch_backend.TorchBackend(tiny_weights).run(x, f)
         bf16 = torch_backend.TorchBackend(tiny_weights, precision="bf16")
@@ -391,8 +395,7 @@ def test_torch_backend_runs_bf16_on_a_cpu_with_native_bfloat16(tiny_weights: Pat
 def test_channels_last_on_the_cpu_keeps_the_numbers(tiny_weights: Path) -> None:
     from reconstruct.backends import torch_backend
 
-    slices, focus = _stack()
-    x = np.ascontiguousarray(np.repeat(slices[None, :, None], 3, axis=2)[..., :28, :44])
+    x, f = _backend_input()
     default = torch_backend.TorchBackend(tiny_weights)
     nchw = torch_backend.TorchBackend(tiny_weights, channels_last=False)
     assert default.channels_last and not nchw.channels_last
@@ -401,7 +404,7 @@ def test_channels_last_on_the_cpu_keeps_the_numbers(tiny_weights: Path) -> None:
     assert conv2d.is_contiguous(memory_format=torch.channels_last) and not conv2d.is_contiguous()
     assert conv3d.is_contiguous(memory_format=torch.channels_last_3d) and not conv3d.is_contiguous()
     assert nchw.graph.net.encoder.stem[1][0].weight.is_contiguous()
-    a, b = default.run(x, focus[None]), nchw.run(x, focus[None])
+    a, b = default.run(x, f), nchw.run(x, f)
     np.testing.assert_allclose(a["depth"], b["depth"], atol=1e-5, rtol=0)
 
 

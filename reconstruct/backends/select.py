@@ -24,6 +24,7 @@ and the backends that are available.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -67,10 +68,12 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+@functools.cache
 def cpu_bf16_native() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), where torch's
     CPU bf16 autocast runs the network's convolutions about twice as fast as fp32. Without
-    it oneDNN emulates bf16, which is slower than fp32, so bf16 is not offered there."""
+    it oneDNN emulates bf16, which is slower than fp32, so bf16 is not offered there. Asked
+    once per process (every stack's backend choice consults it)."""
     import torch
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):

@@ -75,27 +75,26 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
     if precision not in PRECISION_SETTINGS:
         raise ReconstructionError(f"precision: unknown precision {precision!r}; valid: {', '.join(PRECISION_SETTINGS)}")
     if choice.device == "cpu":
-        native = choice.name == "torch" and cpu_bf16_native()
         if precision == "fp32":
             return "fp32"
         if precision == "auto":
-            return "bf16" if native else "fp32"
-        if precision == "bf16" and not cpu_bf16_native():
+            return "bf16" if choice.name == "torch" and cpu_bf16_native() else "fp32"
+        if precision == "fp16":
+            raise ReconstructionError(
+                f"precision: fp16 needs a CUDA GPU, and this run reconstructs on the CPU ({choice.name}); "
+                "set reconstruct.precision to auto or fp32"
+            )
+        if not cpu_bf16_native():
             raise ReconstructionError(
                 "precision: bf16 needs a CUDA GPU or a CPU with native bfloat16 (AVX512-BF16 or AMX), and this CPU has neither; "
                 "set reconstruct.precision to auto or fp32"
             )
-        if precision == "bf16" and choice.name != "torch":
+        if choice.name != "torch":
             raise ReconstructionError(
                 f"precision: bf16 on the CPU runs in the torch backend only, and this run uses {choice.name} (fp32 on the CPU); "
                 "set reconstruct.backend to torch or auto, or reconstruct.precision to auto or fp32"
             )
-        if precision == "bf16":
-            return "bf16"
-        raise ReconstructionError(
-            f"precision: {precision} needs a CUDA GPU, and this run reconstructs on the CPU ({choice.name}); "
-            "set reconstruct.precision to auto or fp32"
-        )
+        return "bf16"
     if precision == "bf16" and choice.name == "tensorrt":
         raise ReconstructionError("precision: the TensorRT backend builds fp32 or fp16 engines; use fp16, fp32 or auto")
     return "fp16" if precision == "auto" else precision
