@@ -3,7 +3,9 @@ against ONNX Runtime on the CPU in one run (plus CUDA / TensorRT where available
 
 CPU rows: ``torch-cpu`` (fp32, channels-last weights, the backend's default), ``torch-nchw-cpu``
 (fp32 in the default layout, to show what channels-last gains), ``torch-bf16-cpu`` (bf16
-autocast; only where the CPU has native bfloat16) and ``onnxruntime-cpu`` (fp32).
+autocast; only where the CPU has native bfloat16), ``onnxruntime-cpu`` (fp32) and
+``onnxruntime-int8-cpu`` (the statically quantised graph of ``reconstruct.backends.quantize``;
+it changes the numbers, so its depth difference is reported, not held to the fp32 parity).
 
     python benchmarks/bench_backends.py [--model dualfocus-s] [--shape 10x288x384] [--threads 2]
                                         [--repeats 20] [--warmup 2] [--backends torch-cpu onnxruntime-cpu ...]
@@ -41,13 +43,14 @@ SPECS = {
     "torch-nchw-cpu": ("torch", "cpu", "fp32"),
     "torch-bf16-cpu": ("torch", "cpu", "bf16"),
     "onnxruntime-cpu": ("onnxruntime", "cpu", "fp32"),
+    "onnxruntime-int8-cpu": ("onnxruntime", "cpu", "int8"),
     "torch-cuda": ("torch", "cuda", "fp32"),
     "torch-cuda-fp16": ("torch", "cuda", "fp16"),
     "onnxruntime-cuda": ("onnxruntime", "cuda", "fp32"),
     "tensorrt-fp32": ("tensorrt", "cuda", "fp32"),
     "tensorrt-fp16": ("tensorrt", "cuda", "fp16"),
 }
-CPU_BACKENDS = ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu")
+CPU_BACKENDS = ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu", "onnxruntime-int8-cpu")
 TARGET_RATIO = 2.5
 TARGET_ORT_MS = 250.0
 
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             weights_note = "random initialisation"
     skip = set()
     if onnxruntime_providers() is None:
-        skip.add("onnxruntime-cpu")
+        skip.update({"onnxruntime-cpu", "onnxruntime-int8-cpu"})
     if not cpu_bf16_native():
         skip.add("torch-bf16-cpu")
     names = args.backends or [n for n in CPU_BACKENDS if n not in skip] + _available_gpu_backends()
@@ -208,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch / onnxruntime on the CPU: {ratio:.2f}x (target >= {TARGET_RATIO}x: {'met' if ratio >= TARGET_RATIO else 'not met'}); "
               f"onnxruntime {ort_ms:.0f} ms (target < {TARGET_ORT_MS:.0f} ms: {'met' if ort_ms <= TARGET_ORT_MS else 'not met'}); "
               f"max |depth diff| {summary['parity_max_abs_depth_diff']:.1e} of the range")
+    if "p50_ms" in results.get("onnxruntime-int8-cpu", {}):
+        int8 = results["onnxruntime-int8-cpu"]
+        ratios = {f"{k}_over_onnxruntime_int8": round(results[k]["p50_ms"] / int8["p50_ms"], 2)
+                  for k in ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu") if "p50_ms" in results.get(k, {})}
+        summary.update({**ratios, "onnxruntime_int8_p50_ms": int8["p50_ms"], "int8_ms_met": int8["p50_ms"] <= TARGET_ORT_MS,
+                        "int8_max_abs_depth_diff_vs_torch_cpu": int8.get("max_abs_depth_diff_vs_torch_cpu")})
+        print(f"onnxruntime int8: {int8['p50_ms']:.0f} ms (under {TARGET_ORT_MS:.0f} ms: {'yes' if int8['p50_ms'] <= TARGET_ORT_MS else 'no'}); "
+              + ", ".join(f"{k.replace('_over_onnxruntime_int8', '')} / int8 {v:.2f}x" for k, v in ratios.items()))
     timed = {k: v["p50_ms"] for k, v in results.items() if k.endswith("-cpu") and "p50_ms" in v}
     if timed:
         fastest = min(timed, key=timed.__getitem__)

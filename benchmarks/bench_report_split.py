@@ -6,6 +6,7 @@ sigma 0.01, slices in shuffled order (seeded). Depth = 1 / disparity (the unknow
 cancels in AbsRel and delta1); every pixel with known truth scored, NaN counted as error.
 
     python benchmarks/bench_report_split.py [--weights W.safetensors ...] [--precision fp32 bf16]
+                                            [--onnx fp32 int8]
 
 Prints a table and writes benchmarks/results/report_split.json.
 """
@@ -46,6 +47,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                     help="score each weights file in these precisions (bf16: CPU bfloat16 autocast of the network body)")
+    ap.add_argument("--onnx", nargs="*", choices=("fp32", "int8"), default=[],
+                    help="also score each weights file through ONNX Runtime on the CPU in these precisions (int8: the quantised graph)")
     ap.add_argument("--out", default="report_split")
     args = ap.parse_args()
     if not (args.data / "manifest.csv").is_file():
@@ -60,6 +63,7 @@ def main() -> int:
     print(f"rendered {len(stacks)} report stacks in {time.perf_counter() - t0:.1f} s")
     methods: dict[str, callable] = {f"classical/{m}": (lambda st, f, m=m: classical_disparity(st, f, m)) for m in FOCUS_MEASURES}
     from reconstruct.dualfocus.checkpoint import load_weights
+    from reconstruct.dualfocus.infer import predict
 
     for w in args.weights:
         model, meta = load_weights(w)
@@ -70,6 +74,9 @@ def main() -> int:
         for precision in args.precision:
             tag = label if precision == "fp32" else f"{label} {precision}"
             methods[tag] = lambda st, f, model=model, bf16=precision == "bf16": predict_disparity(model, st, f, bf16=bf16)
+        for precision in args.onnx:
+            methods[f"{label} onnxruntime {precision}"] = lambda st, f, w=w, p=precision: predict(
+                st.astype(np.float32) / 255.0, f, weights=w, backend="onnxruntime", precision=p).depth_focus
     results: dict[str, dict] = {}
     for name, fn in methods.items():
         per_scene, secs = {}, []

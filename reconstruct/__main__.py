@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="dualfocus-s", help="DualFocus model name (dualfocus only)")
     p.add_argument("--weights", type=Path, default=None, help="safetensors weights (dualfocus only)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="network precision (default auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+                   help="network precision (default auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; "
+                        "int8: ONNX Runtime on the CPU, quantised)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
     p.add_argument("--focus-measure", default="modified_laplacian", choices=FOCUS_MEASURES, help="classical focus measure")
     p.add_argument("--no-preview", action="store_true", help="skip depth_preview.png")

@@ -5,7 +5,8 @@ deployment artefacts for one fixed stack shape.
   ``[1, N]``, outputs ``depth`` (normalised), ``confidence``, ``slice_position``, see
   ``reconstruct.backends.base``). ``--fp16`` exports the graph with the network body in half
   precision and the softmax/expectations in float32 (the form TensorRT's strongly typed
-  networks build fp16 engines from).
+  networks build fp16 engines from). ``--int8`` writes the statically quantised graph that
+  ONNX Runtime runs on the CPU (``reconstruct.backends.quantize``; ONNX only).
 * ``--to tensorrt``: a serialised TensorRT engine for this GPU and TensorRT version (needs
   the ``tensorrt`` package and a CUDA GPU; ``--fp16`` for an fp16 engine).
 
@@ -20,7 +21,7 @@ import logging
 from pathlib import Path
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import OutputError
+from capture.errors import OutputError, ReconstructionError
 
 logger = logging.getLogger("reconstruct.export")
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["onnx", "tensorrt"], help="artefact kind")
     p.add_argument("--out", type=Path, required=True, help="output file (.onnx or .engine)")
     p.add_argument("--fp16", action="store_true", help="network body in fp16; softmax and expectations stay fp32")
+    p.add_argument("--int8", action="store_true", help="--to onnx only: the int8 graph for ONNX Runtime on the CPU (quantised, calibrated on procedural stacks)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--debug", action="store_true", help="tracebacks on error")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -66,7 +68,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.out.is_dir():
         raise OutputError(f"{args.out}: is a folder; --out names the output file")
     weights = resolve_weights(args.model, args.weights)
-    precision = "fp16" if args.fp16 else "fp32"
+    if args.int8 and (args.fp16 or args.to != "onnx"):
+        raise ReconstructionError("--int8: an int8 graph is exported --to onnx only, and not together with --fp16")
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     n, h, w = args.shape
     if args.to == "tensorrt":
         select_backend("tensorrt")  # one clear line when the package or the GPU is missing

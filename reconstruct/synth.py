@@ -25,7 +25,7 @@ from capture.scenes import procedural_scene, srgb_to_linear
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RgbdSource", "load_middlebury", "SynthRanges", "render_item", "render_eval_stack", "REPORT_SCENES"]
+__all__ = ["RgbdSource", "load_middlebury", "SynthRanges", "render_item", "render_eval_stack", "render_calibration_stack", "REPORT_SCENES"]
 
 #: the report split: never trained or tuned on
 REPORT_SCENES = ("Art", "Books", "Dolls", "Laundry", "Moebius", "Reindeer")
@@ -210,10 +210,23 @@ def render_eval_stack(
     rgb = cv2.resize(src.rgb, (width, height), interpolation=cv2.INTER_AREA)
     disp = cv2.resize(src.disparity, (width, height), interpolation=cv2.INTER_NEAREST) * (width / w0)
     known = cv2.resize(src.known.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-    lo, hi = np.percentile(disp[known], [1, 99])
+    stack, focus = render_calibration_stack(rgb, disp, known=known, slices=slices, max_blur_px=max_blur_px, noise_sigma=noise_sigma, seed=seed)
+    return {"stack": stack, "focus": focus, "disparity": disp.astype(np.float32), "known": known}
+
+
+def render_calibration_stack(
+    rgb: np.ndarray, disp: np.ndarray, *, known: np.ndarray | None = None, slices: int = 10, max_blur_px: float = 14.0,
+    noise_sigma: float = 0.01, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation rendering of one RGB-D image (``rgb`` float ``[H, W, 3]`` linear, ``disp``
+    ``[H, W]``): focus even in ``disp`` over its 1-99 % range of ``known`` pixels, largest blur
+    ``max_blur_px``, Gaussian noise, slices in shuffled order (seeded).
+
+    Returns ``stack`` uint8 ``[N, H, W, 3]`` and ``focus`` float32 ``[N]`` (disparity units)."""
+    lo, hi = np.percentile(disp[known] if known is not None else disp, [1, 99])
     focus = np.linspace(lo, hi, slices)
     k_px = max_blur_px / (hi - lo)
     rng = np.random.default_rng(seed)
     stack = _render_slices(rgb, disp, focus, k_px, rng=rng, ranges=None, noise_sigma=noise_sigma, gamma=1.0, grey=False, jpeg_quality=None)
     order = rng.permutation(slices)
-    return {"stack": stack[order], "focus": focus[order].astype(np.float32), "disparity": disp.astype(np.float32), "known": known}
+    return stack[order], focus[order].astype(np.float32)

@@ -52,7 +52,11 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
     print("  timings:  " + ", ".join(f"{k} {v:.3f} s" for k, v in t.items()))
     rng = s.get("depth_range_m")
     print(f"  depth:    {rng[0]:.3f}-{rng[1]:.3f} m, {100 * s['valid_fraction']:.1f}% of pixels have a depth" if rng else "  depth:    none")
-    method = s["method"] + (f" ({s['model']}, {s['backend']} on {s['device'].split(' (')[0]})" if s.get("model") else "")
+    method = s["method"]
+    if s.get("model"):  # device reads e.g. "cpu (torch, bf16)": say the precision where it is not fp32
+        where, _, detail = s["device"].partition(" (")
+        precision = detail.rstrip(")").split(", ")[1:]
+        method += f" ({s['model']}, {' '.join([s['backend'], *precision])} on {where})"
     print(f"  method:   {method}")
     acc = s.get("accuracy")
     if acc:

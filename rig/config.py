@@ -306,7 +306,7 @@ class ReconstructConfig(_Strict):
     model: str = "dualfocus-s"
     weights: Path | None = None
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"  # auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; int8: ONNX Runtime on the CPU
     focus_measure: Literal["modified_laplacian", "variance_of_laplacian", "tenengrad"] = "modified_laplacian"
     align: Literal["apply", "estimate", "none"] = "apply"
 

@@ -319,6 +319,7 @@ def test_unavailable_or_unknown_backends_are_refused(tiny_weights: Path, monkeyp
     ("auto", "tensorrt", "cuda", False, "fp16"),
     ("auto", "torch", "cuda", True, "fp16"),
     ("fp32", "tensorrt", "cuda", False, "fp32"),
+    ("int8", "onnxruntime", "cpu", False, "int8"),
     ("bf16", "torch", "cuda", False, "bf16"),
 ])
 def test_precision_setting_resolves_per_device(
@@ -334,7 +335,10 @@ def test_precision_setting_resolves_per_device(
     ("bf16", "torch", "cpu", False, "bf16 needs a CUDA GPU or a CPU with native bfloat16"),
     ("bf16", "onnxruntime", "cpu", True, "bf16 on the CPU runs in the torch backend only"),
     ("bf16", "tensorrt", "cuda", True, "fp32 or fp16 engines"),
-    ("int8", "torch", "cuda", True, "unknown precision 'int8'"),
+    ("int4", "torch", "cuda", True, "unknown precision 'int4'"),
+    ("int8", "torch", "cpu", True, "int8 runs in the onnxruntime backend on the CPU only, and this run uses torch on cpu"),
+    ("int8", "onnxruntime", "cuda", True, "int8 runs in the onnxruntime backend on the CPU only, and this run uses onnxruntime on cuda"),
+    ("int8", "tensorrt", "cuda", True, "int8 runs in the onnxruntime backend on the CPU only"),
 ])
 def test_precision_setting_refused_where_it_cannot_run(
     setting: str, name: str, device: str, native_bf16: bool, needle: str, monkeypatch: pytest.MonkeyPatch

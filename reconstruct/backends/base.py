@@ -42,8 +42,9 @@ __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "PRECISIONS", "Backend", "InferenceGra
 
 INPUT_NAMES = ("stack", "focus")
 OUTPUT_NAMES = ("depth", "confidence", "slice_position")
-#: ``fp32`` everywhere; ``fp16`` / ``bf16`` for the network body on a GPU (see each backend)
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: ``fp32`` everywhere; ``fp16`` / ``bf16`` for the network body on a GPU (see each backend);
+#: ``bf16`` also in torch on a CPU with native bfloat16; ``int8`` in ONNX Runtime on the CPU
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class InferenceGraph(nn.Module):

@@ -12,6 +12,10 @@ covers the weights' sha256, model name, shape, opset, precision, torch version a
 :data:`EXPORT_FORMAT` (bump it when :class:`InferenceGraph` changes). Both files are written
 to a temporary name and renamed, so a crash or a concurrent export never leaves a half file
 under the final name; an entry whose ONNX checksum does not match its sidecar is re-exported.
+
+``precision="int8"``: the fp32 graph (from the cache or exported) quantised by
+:mod:`reconstruct.backends.quantize` for ONNX Runtime on the CPU; its key adds the fp32
+graph's sha256, the onnxruntime version and the quantisation recipe.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from capture.errors import InputError, OutputError, ReconstructionError
 from reconstruct.backends.base import (
     INPUT_NAMES,
     OUTPUT_NAMES,
-    PRECISIONS,
     InferenceGraph,
 )
 from reconstruct.dualfocus.checkpoint import load_weights, sha256_of
@@ -49,7 +52,7 @@ __all__ = [
 
 CACHE_ENV = "DUALFOCUS_CACHE_DIR"
 DEFAULT_OPSET = 17
-EXPORT_FORMAT = "dualfocus-onnx/1"
+EXPORT_FORMAT = "dualfocus-onnx/2"  # 2: slices sorted by a row Gather
 _LOCK = threading.Lock()
 _IDENTITY: dict[tuple[str, int, int], tuple[str, str]] = {}
 
@@ -171,13 +174,15 @@ def export_onnx(
     softmax, expectations and confidence in float32 (:class:`InferenceGraph`), the form a
     strongly typed TensorRT network needs; inputs and outputs stay float32.
     """
-    if precision not in ("fp32", "fp16"):
-        raise ReconstructionError(f"precision: ONNX export supports fp32 and fp16, got {precision!r} (valid: {', '.join(PRECISIONS[:2])})")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ReconstructionError(f"precision: ONNX export supports fp32, fp16 and int8, got {precision!r} (valid: fp32, fp16, int8)")
     weights = Path(weights)
     try:
         n, h, w = parse_shape("x".join(str(int(s)) for s in shape))
     except ValueError as exc:
         raise ReconstructionError(f"backend: cannot export for a {'x'.join(str(s) for s in shape)} stack: {exc}") from exc
+    if precision == "int8":
+        return _export_int8(weights, (n, h, w), opset=opset, cache=cache)
     sha, model = weights_identity(weights)
     key = export_key(weights_sha256=sha, model=model, shape=(n, h, w), opset=opset, precision=precision)
     root = (cache or cache_dir()) / "onnx"
@@ -205,6 +210,41 @@ def export_onnx(
         doc = {**key, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
         logger.info("exported %s (%dx%dx%d, %s, opset %d) to %s in %.1f s", model, n, h, w, precision, opset, final, time.perf_counter() - t0)
+        return OnnxArtifact(final, onnx_sha, key, False)
+
+
+def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cache: Path | None) -> OnnxArtifact:
+    """The int8 graph for ``shape`` (module docstring), from the cache or quantised into it."""
+    from reconstruct.backends.quantize import RECIPE, quantize_int8
+
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ReconstructionError(f"precision: int8 needs the onnxruntime package (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
+    base = export_onnx(weights, shape, precision="fp32", opset=opset, cache=cache)
+    n, h, w = shape
+    key = {**base.key, "precision": "int8", "fp32_onnx_sha256": base.sha256, "onnxruntime": onnxruntime.__version__, "recipe": RECIPE}
+    final = base.path.parent / f"{key['model']}_{n}x{h}x{w}_int8_op{opset}_{_digest(key)}.onnx"
+    sidecar = final.with_suffix(".json")
+    with _LOCK:
+        hit = _cached(final, sidecar, key)
+        if hit is not None:
+            logger.debug("ONNX cache hit: %s", final)
+            return OnnxArtifact(final, hit, key, True)
+        t0 = time.perf_counter()
+        done: dict = {}
+        try:
+            _write_atomic(final, lambda tmp: done.update(quantize_int8(base.path, tmp, shape)))
+        except OSError as exc:
+            raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
+        except ReconstructionError:
+            raise
+        except Exception as exc:  # the quantiser raises many types
+            raise ReconstructionError(f"backend: int8 quantisation of {key['model']} for {n}x{h}x{w} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        onnx_sha = sha256_of(final)
+        doc = {**key, **done, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
+        logger.info("quantised %s (%dx%dx%d) to int8 in %.1f s: %s", key["model"], n, h, w, time.perf_counter() - t0, final)
         return OnnxArtifact(final, onnx_sha, key, False)
 
 

@@ -58,7 +58,8 @@ class OnnxRuntimeBackend(Backend):
         onnx_path: the ``.onnx`` file (inputs ``stack``, ``focus``; outputs per the contract).
         device: ``cpu`` or ``cuda``.
         threads: intra-op threads; default ``torch.get_num_threads()``.
-        precision: what the graph was exported in (``fp32``, or ``fp16`` on CUDA).
+        precision: what the graph was exported in (``fp32``; ``fp16`` on CUDA; ``int8``, the
+            quantised graph of :mod:`reconstruct.backends.quantize`, on the CPU).
         ort: the onnxruntime module (tests may pass a stand-in).
     """
 

@@ -16,6 +16,9 @@
    (README, "Inference backends"). ONNX Runtime stays a choice by name, and wins ``auto``
    wherever the benchmark measured it faster.
 
+``precision: int8`` (asked for by name: it changes the numbers slightly) makes ``auto`` and
+``onnxruntime`` run ONNX Runtime's int8 graph on the CPU, GPU or not.
+
 The choice is logged at INFO with its reason the first time (and whenever it changes), at
 DEBUG on repeated calls, so a continuous run does not log it for every stack. An explicit
 backend that cannot run here raises :class:`ReconstructionError` naming ``backend``, why,
@@ -192,9 +195,21 @@ def _cpu_choice(precision: str = "auto") -> BackendChoice:
     return BackendChoice("torch", "cpu", f"no CUDA GPU; {UNMEASURED_REASON}")
 
 
+def _int8_choice(requested: str) -> BackendChoice:
+    """ONNX Runtime on the CPU, the only place int8 runs (``auto`` and ``onnxruntime``)."""
+    if onnxruntime_providers() is None:
+        raise ReconstructionError(
+            "precision: int8 runs in ONNX Runtime, and the onnxruntime package is not installed (pip install 'dualfocus-rig[onnx]')"
+        )
+    why = "precision int8 asked for, which runs in ONNX Runtime on the CPU" if requested == "auto" else "asked for; precision int8 runs on the CPU"
+    return BackendChoice("onnxruntime", "cpu", why)
+
+
 def _choose(requested: str, precision: str) -> BackendChoice:
     if requested not in BACKENDS:
         raise ReconstructionError(f"backend: unknown backend {requested!r}; valid: {', '.join(BACKENDS)}")
+    if precision == "int8" and requested in ("auto", "onnxruntime"):
+        return _int8_choice(requested)
     cuda = cuda_available()
     if requested == "auto":
         if cuda:

@@ -33,8 +33,9 @@ __all__ = [
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 _FAILED: set[tuple] = set()  # (weights, shape, backend, device, precision) that failed to open under auto
 #: ``reconstruct.precision``: ``auto`` = fp16 on a GPU (TensorRT, torch or ONNX Runtime on CUDA); on the CPU bf16 in torch
-#: where the CPU has native bfloat16, else fp32 (:func:`resolve_precision`)
-PRECISION_SETTINGS = ("auto", "fp32", "fp16", "bf16")
+#: where the CPU has native bfloat16, else fp32; ``int8`` = ONNX Runtime on the CPU, asked for by name only
+#: (:func:`resolve_precision`)
+PRECISION_SETTINGS = ("auto", "fp32", "fp16", "bf16", "int8")
 
 
 def shipped_weights(model: str) -> Path:
@@ -69,11 +70,21 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
     * on a GPU, ``auto`` is fp16 (TensorRT builds fp32 or fp16 engines only);
     * on the CPU, ``auto`` is bf16 in torch where the CPU computes bfloat16 natively
       (AVX512-BF16 or AMX: about twice as fast, report-split accuracy unchanged, README),
-      else fp32; ``bf16`` asked for needs torch and such a CPU; ``fp16`` needs a GPU.
+      else fp32; ``bf16`` asked for needs torch and such a CPU; ``fp16`` needs a GPU;
+    * ``int8`` runs in ONNX Runtime on the CPU only (a statically quantised graph,
+      :mod:`reconstruct.backends.quantize`): never chosen by ``auto``, since it changes the
+      numbers (report-split AbsRel 0.0340 against 0.0337 in fp32, README).
 
     A precision that cannot run is refused with one line naming ``precision``."""
     if precision not in PRECISION_SETTINGS:
         raise ReconstructionError(f"precision: unknown precision {precision!r}; valid: {', '.join(PRECISION_SETTINGS)}")
+    if precision == "int8":
+        if choice.name != "onnxruntime" or choice.device != "cpu":
+            raise ReconstructionError(
+                f"precision: int8 runs in the onnxruntime backend on the CPU only, and this run uses {choice.name} on {choice.device}; "
+                "set reconstruct.backend to onnxruntime or auto, or reconstruct.precision to auto or fp32"
+            )
+        return "int8"
     if choice.device == "cpu":
         if precision == "fp32":
             return "fp32"
@@ -119,8 +130,8 @@ def _fallback_precision(choice: BackendChoice, setting: str, resolved: str) -> s
     """The precision torch runs in when it stands in for ``choice`` under ``auto``: on the CPU
     the ``reconstruct.precision`` setting resolved for torch (``auto``: bf16 where native),
     on a GPU the precision resolved for ``choice``."""
-    if choice.device == "cpu":
-        return resolve_precision(setting, BackendChoice("torch", "cpu", "fallback"))
+    if choice.device == "cpu":  # int8 runs in ONNX Runtime only: torch standing in runs what auto gives it
+        return resolve_precision("auto" if setting == "int8" else setting, BackendChoice("torch", "cpu", "fallback"))
     return resolved
 
 

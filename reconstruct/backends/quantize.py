@@ -1,0 +1,167 @@
+"""int8 ONNX graphs for ONNX Runtime on the CPU: static quantisation of an exported fp32 graph.
+
+The recipe (:data:`RECIPE`), chosen by measurement on the report split and at 10x288x384 on a
+2-core AVX-512 VNNI CPU (README, "Inference backends"):
+
+* ONNX Runtime's pre-processing (symbolic shape inference, graph optimisation), then
+* every convolution that reads a tensor at more than a quarter of the input resolution stays
+  float: these see the image itself, and quantising them cost accuracy (report-split AbsRel
+  0.0350 against 0.0337 in fp32; 0.0340 with them in float);
+* every convolution with fewer than :data:`MIN_INT8_OUT_CHANNELS` output channels stays float
+  (the output heads: ONNX Runtime's int8 kernels ran them slower than fp32);
+* a quantised convolution whose input channel count is not a multiple of
+  :data:`CHANNEL_MULTIPLE` gets zero channels appended (a ``Pad`` before it and zero weights,
+  exact in fp32): the 65- and 67-channel 3D convolutions ran 3x slower in int8 than a
+  96-channel one;
+* QDQ format, weights int8 per output channel, activations uint8 with min/max ranges from
+  :data:`CALIBRATION_STACKS` procedural stacks of the same shape rendered with the project's
+  image formation (seeded: the same graph every time, no dataset needed).
+
+Softmax, the depth expectation and the confidence stay float32 (only ``Conv`` is quantised).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from capture.errors import ReconstructionError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RECIPE", "CALIBRATION_STACKS", "CHANNEL_MULTIPLE", "MIN_INT8_OUT_CHANNELS", "calibration_feeds",
+           "float_conv_names", "pad_conv_channels", "quantize_int8"]
+
+RECIPE = "int8-qdq-v1"  # part of the cache key: change it when the recipe changes
+CALIBRATION_STACKS = 4
+CHANNEL_MULTIPLE = 16
+MIN_INT8_OUT_CHANNELS = 8
+QUANTISED_OPS = ("Conv",)
+CALIBRATION_SEED = 1000
+
+
+def calibration_feeds(shape: tuple[int, int, int], count: int = CALIBRATION_STACKS, seed: int = CALIBRATION_SEED) -> list[dict[str, np.ndarray]]:
+    """``count`` seeded procedural stacks of ``shape = (N, H, W)`` as ONNX feeds: ``stack``
+    ``[1, N, 3, H, W]`` float32 in [0, 1], ``focus`` ``[1, N]`` (disparity units, even over the
+    scene's 1-99 % range), largest blur 14 px, noise sigma 0.01, like the evaluation stacks."""
+    from capture.scenes import procedural_scene
+    from reconstruct.synth import render_calibration_stack
+
+    n, h, w = (int(s) for s in shape)
+    feeds = []
+    for k in range(count):
+        scene = procedural_scene(w, h, near_m=0.3 + 0.1 * k, far_m=2.0 + k, seed=seed + k)
+        stack_u8, focus = render_calibration_stack(scene.radiance, (1.0 / scene.depth_m).astype(np.float32), slices=n, seed=seed + k)
+        feeds.append({
+            "stack": np.ascontiguousarray(stack_u8.transpose(0, 3, 1, 2)[None], np.float32) / np.float32(255.0),
+            "focus": focus[None].astype(np.float32),
+        })
+    return feeds
+
+
+def _shapes(model) -> dict[str, list[int]]:
+    """Static shapes of the graph's tensors (after shape inference), by name."""
+    out: dict[str, list[int]] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = dims
+    return out
+
+
+def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
+    """The ``Conv`` nodes the recipe keeps in float: those reading more than (H/4)x(W/4)
+    positions per plane, and those with fewer than :data:`MIN_INT8_OUT_CHANNELS` outputs."""
+    from onnx import numpy_helper
+
+    _n, h, w = shape
+    shapes = _shapes(model)
+    inits = {i.name: i for i in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        dims = shapes.get(node.input[0])
+        if dims is None or len(dims) < 3 or min(dims[-2:]) < 0:
+            raise ReconstructionError(f"backend: int8 quantisation needs static shapes, and {node.name}'s input has none")
+        weight = inits.get(node.input[1])
+        out_channels = numpy_helper.to_array(weight).shape[0] if weight is not None else MIN_INT8_OUT_CHANNELS
+        if dims[-2] * dims[-1] > (h // 4) * (w // 4) or out_channels < MIN_INT8_OUT_CHANNELS:
+            keep.append(node.name)
+    return keep
+
+
+def pad_conv_channels(model, names: set[str] | None = None, multiple: int = CHANNEL_MULTIPLE) -> list[str]:
+    """Append zero input channels to ``Conv`` nodes (all, or those in ``names``) whose input
+    channel count is not a multiple of ``multiple``: a ``Pad`` on the channel axis before the
+    convolution and zero weight columns, so the output is unchanged. Ungrouped convolutions
+    with a weight initializer only. Edits ``model`` in place; returns the names padded."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    padded, nodes = [], []
+    for node in graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight is not None and group == 1 and (names is None or node.name in names) and users.get(node.input[1], 0) == 1:
+            w = numpy_helper.to_array(weight)
+            extra = -w.shape[1] % multiple
+            if extra:
+                w = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1)
+                weight.CopyFrom(numpy_helper.from_array(w, node.input[1]))
+                pads = np.zeros(2 * w.ndim, np.int64)
+                pads[w.ndim + 1] = extra  # end of the channel axis
+                tag = f"{node.name}_channel_pad"
+                graph.initializer.append(numpy_helper.from_array(pads, f"{tag}_pads"))
+                nodes.append(helper.make_node("Pad", [node.input[0], f"{tag}_pads"], [f"{tag}_out"], name=tag, mode="constant"))
+                node.input[0] = f"{tag}_out"
+                padded.append(node.name)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return padded
+
+
+def quantize_int8(fp32_onnx: Path, out: Path, shape: tuple[int, int, int]) -> dict:
+    """Write the int8 graph of ``fp32_onnx`` (exported for ``shape``) to ``out`` by the module's
+    recipe; returns what it did (float convolutions, padded ones, calibration stacks)."""
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ReconstructionError(f"precision: int8 needs the onnx and onnxruntime packages (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
+
+    feeds = calibration_feeds(shape)
+    with tempfile.TemporaryDirectory(prefix="dualfocus-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_onnx), str(pre))
+        model = onnx.load(str(pre))
+        keep = float_conv_names(model, shape)
+        quantised = {n.name for n in model.graph.node if n.op_type == "Conv"} - set(keep)
+        padded = pad_conv_channels(model, quantised)
+        del model.graph.value_info[:]  # the padded tensors' shapes changed: let ONNX Runtime infer them again
+        padded_path = Path(tmp) / "padded.onnx"
+        onnx.save(model, str(padded_path))
+
+        class _Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(feeds)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self._it, None)
+
+        quantize_static(
+            str(padded_path), str(out), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTISED_OPS),
+            nodes_to_exclude=keep, calibrate_method=CalibrationMethod.MinMax,
+        )
+    logger.info("int8 graph of %s: %d convolutions int8, %d float (%s), %d channel-padded", fp32_onnx.name, len(quantised), len(keep), ", ".join(keep), len(padded))
+    return {"recipe": RECIPE, "float_convs": keep, "padded_convs": padded, "calibration_stacks": len(feeds), "calibration_seed": CALIBRATION_SEED}

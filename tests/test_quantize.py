@@ -1,0 +1,191 @@
+"""int8 ONNX Runtime graphs (reconstruct/backends/quantize.py and the int8 paths of the export,
+backend selection, predict and the export command line). ONNX Runtime's real quantiser and
+CPU kernels run here; the shipped ``dualfocus-s`` at small shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from capture.errors import ReconstructionError
+from reconstruct import backends
+from reconstruct.backends import export as export_mod
+from reconstruct.backends import quantize
+from reconstruct.backends import select as select_mod
+from reconstruct.dualfocus import infer
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (6, 64, 96)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(export_mod.CACHE_ENV, str(cache))
+    monkeypatch.setattr(select_mod, "latency_files", lambda: [cache / select_mod.LATENCY_FILE])
+    backends.close_backends()
+    select_mod.forget_logged_choices()
+    infer._FAILED.clear()
+    yield cache
+    backends.close_backends()
+
+
+def _session(path: Path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _conv_model(in_channels: int, rank: int) -> onnx.ModelProto:
+    """One ungrouped Conv (2D or 3D) with a bias, random weights, as an ONNX model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(in_channels)
+    spatial = [5, 6, 7][: rank - 2]
+    w = rng.standard_normal((4, in_channels, *([3] * (rank - 2)))).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1] * (2 * (rank - 2)))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_channels, *spatial])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("rank", [4, 5])
+def test_channel_padding_keeps_the_output(rank: int, tmp_path: Path) -> None:
+    model = _conv_model(5, rank)
+    x = np.random.default_rng(1).standard_normal([1, 5, 5, 6, 7][:rank]).astype(np.float32)
+    before = tmp_path / "before.onnx"
+    onnx.save(model, str(before))
+    padded = quantize.pad_conv_channels(model, multiple=8)
+    after = tmp_path / "after.onnx"
+    onnx.save(model, str(after))
+    assert padded == ["conv"]
+    weight = next(i for i in model.graph.initializer if i.name == "w")
+    assert list(weight.dims)[:2] == [4, 8]
+    assert [n.op_type for n in model.graph.node] == ["Pad", "Conv"]
+    y0 = _session(before).run(None, {"x": x})[0]
+    y1 = _session(after).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y0, y1)
+
+
+def test_channel_padding_leaves_aligned_and_unlisted_convs_alone() -> None:
+    aligned = _conv_model(8, 4)
+    assert quantize.pad_conv_channels(aligned, multiple=8) == []
+    unlisted = _conv_model(5, 4)
+    assert quantize.pad_conv_channels(unlisted, names={"another"}, multiple=8) == []
+    assert [n.op_type for n in unlisted.graph.node] == ["Conv"]
+
+
+def test_calibration_feeds_are_seeded_stacks_of_the_shape() -> None:
+    a = quantize.calibration_feeds(SHAPE, count=2)
+    b = quantize.calibration_feeds(SHAPE, count=2)
+    assert len(a) == 2
+    assert a[0]["stack"].shape == (1, *SHAPE[:1], 3, *SHAPE[1:]) and a[0]["stack"].dtype == np.float32
+    assert a[0]["focus"].shape == (1, SHAPE[0])
+    assert 0.0 <= a[0]["stack"].min() and a[0]["stack"].max() <= 1.0
+    np.testing.assert_array_equal(a[1]["stack"], b[1]["stack"])
+    assert not np.array_equal(a[0]["stack"], a[1]["stack"])
+    # the slices differ in focus: blur varies across the stack
+    assert float(np.abs(np.diff(a[0]["stack"][0], axis=0)).mean()) > 1e-3
+
+
+def _shipped_inputs(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    feed = quantize.calibration_feeds(SHAPE, count=1, seed=seed)[0]  # a seed the calibration does not use
+    slices = feed["stack"][0].transpose(0, 2, 3, 1)  # [N, H, W, 3]
+    return np.ascontiguousarray(slices), feed["focus"][0]
+
+
+def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path) -> None:
+    weights = infer.shipped_weights("dualfocus-s")
+    art = export_mod.export_onnx(weights, SHAPE, precision="int8")
+    assert not art.reused and art.path.parent == isolated_cache / "onnx" and "_int8_" in art.path.name
+    model = onnx.load(str(art.path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 5 and ops.count("DequantizeLinear") > 5
+    side = json.loads(art.path.with_suffix(".json").read_text())
+    assert side["recipe"] == quantize.RECIPE and side["precision"] == "int8"
+    assert side["calibration_stacks"] == quantize.CALIBRATION_STACKS
+    # the recipe's structural rules pick the two full- and half-resolution stem convolutions
+    # and the two heads with fewer than 8 output channels, and pad the odd-width 3D inputs
+    assert sorted(side["float_convs"]) == sorted([
+        "/net/encoder/stem/stem.0/stem.0.0/Conv", "/net/encoder/stem/stem.1/stem.1.0/Conv",
+        "/net/grad_head/grad_head.1/Conv", "/net/dec_out/dec_out.1/Conv",
+    ])
+    assert sorted(side["padded_convs"]) == ["/net/dec_in/dec_in.0/Conv", "/net/grad_head/grad_head.0/grad_head.0.0/Conv"]
+    fp32 = export_mod.export_onnx(weights, SHAPE, precision="fp32")
+    assert fp32.reused and side["fp32_onnx_sha256"] == fp32.sha256
+    again = export_mod.export_onnx(weights, SHAPE, precision="int8")
+    assert again.reused and again.sha256 == art.sha256
+
+    slices, focus = _shipped_inputs()
+    ref = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="fp32")
+    q = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="int8")
+    assert q.device == "cpu (onnxruntime, int8)" and q.backend == "onnxruntime"
+    span = float(focus.max() - focus.min())
+    diff = np.abs(q.depth_focus - ref.depth_focus) / span
+    print(f"dualfocus-s {'x'.join(map(str, SHAPE))} int8 vs fp32: mean |depth diff| {diff.mean():.2e}, max {diff.max():.2e} of the range")
+    assert not np.array_equal(q.depth_focus, ref.depth_focus)  # it did run another graph
+    assert diff.mean() < 0.01 and np.quantile(diff, 0.99) < 0.1
+
+
+def test_auto_with_int8_runs_onnxruntime_on_the_cpu_even_with_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(select_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(select_mod, "tensorrt_problem", lambda: None)
+    monkeypatch.setattr(select_mod, "_gpu_name", lambda: "Test GPU")
+    for requested in ("auto", "onnxruntime"):
+        choice = select_mod.select_backend(requested, "int8")
+        assert (choice.name, choice.device) == ("onnxruntime", "cpu")
+        assert "int8" in choice.reason
+        assert infer.resolve_precision("int8", choice) == "int8"
+    # auto without int8 still takes the GPU
+    assert select_mod.select_backend("auto", "auto").device == "cuda"
+
+
+def test_int8_without_onnxruntime_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: None)
+    with pytest.raises(ReconstructionError, match=r"^precision: int8 runs in ONNX Runtime, and the onnxruntime package is not installed"):
+        select_mod.select_backend("auto", "int8")
+
+
+def test_auto_int8_failure_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_a, **_k):
+        raise ReconstructionError("backend: int8 quantisation of dualfocus-s for 6x64x96 failed (test)")
+
+    monkeypatch.setattr(export_mod, "_export_int8", broken)
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
+    slices, focus = _shipped_inputs()
+    pred = infer.predict(slices, focus, weights=infer.shipped_weights("dualfocus-s"), backend="auto", precision="int8")
+    assert pred.backend == "torch" and pred.device == "cpu (torch)"
+    assert any("failed" in r.getMessage() and "using torch" in r.getMessage() for r in caplog.records)
+
+
+def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, export_mod.CACHE_ENV: str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_export_cli_int8(tmp_path: Path, isolated_cache: Path) -> None:
+    out = tmp_path / "s_int8.onnx"
+    proc = _run("-m", "reconstruct.export", "--shape", "4x32x48", "--to", "onnx", "--int8", "--out", str(out), cache=isolated_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "4x32x48 int8" in proc.stdout
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(out)).graph.node)
+    bad = _run("-m", "reconstruct.export", "--shape", "4x32x48", "--to", "onnx", "--int8", "--fp16", "--out", str(tmp_path / "x.onnx"),
+               cache=isolated_cache)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "--int8" in lines[0] and "--fp16" in lines[0]
+    assert not (tmp_path / "x.onnx").exists()
