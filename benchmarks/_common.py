@@ -34,9 +34,13 @@ def machine() -> dict:
     }
 
 
+RESULTS_ENV = "DUALFOCUS_BENCH_RESULTS"
+
+
 def save(name: str, doc: dict) -> Path:
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
+    """Write ``doc`` as ``<results>/<name>.json``: benchmarks/results/, or ``$DUALFOCUS_BENCH_RESULTS``."""
+    out = Path(os.environ.get(RESULTS_ENV) or Path(__file__).resolve().parent / "results")
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2))
     return path

@@ -9,6 +9,10 @@ it changes the numbers, so its depth difference is reported, not held to the fp3
 
     python benchmarks/bench_backends.py [--model dualfocus-s] [--shape 10x288x384] [--threads 2]
                                         [--repeats 20] [--warmup 2] [--backends torch-cpu onnxruntime-cpu ...]
+    python benchmarks/bench_backends.py --sweep 5x288x384 10x288x384 20x288x384 10x576x768 [...]
+
+``--sweep`` times the same CPU backends at several slice counts and resolutions and writes
+benchmarks/results/backends_cpu_sweep.json (a table per shape; ``auto`` does not read it).
 
 Each backend runs in its own child process (so peak RSS is that backend's, and thread pools
 do not mix), on the same synthetic stack, through ``reconstruct.backends.open_backend``: the
@@ -64,6 +68,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default="dualfocus-s")
     ap.add_argument("--weights", type=Path, default=None, help="safetensors weights (default: shipped, else random)")
     ap.add_argument("--shape", default="10x288x384", help="NxHxW, H and W multiples of 4")
+    ap.add_argument("--sweep", nargs="+", default=None, metavar="NxHxW", help="time the CPU backends at each of these shapes instead")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
@@ -143,17 +148,91 @@ def _available_gpu_backends() -> list[str]:
     return names
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """Each shape of ``--sweep`` in turn (children as for one shape); one JSON for all."""
+    from reconstruct.backends.export import parse_shape
+
+    for text in args.sweep:
+        try:
+            parse_shape(text)
+        except ValueError as exc:
+            print(f"error: --sweep {text}: {exc}", file=sys.stderr)
+            return 2
+    tmp = Path(tempfile.mkdtemp(prefix="bench_backends_"))
+    weights, weights_note = (args.weights, "given") if args.weights is not None else _default_weights(args.model, tmp)
+    names = args.backends or [n for n in CPU_BACKENDS if n not in _skipped()]
+    rows: dict[str, dict] = {}
+    for text in args.sweep:
+        print(f"--- {text}")
+        one = argparse.Namespace(**{**vars(args), "shape": text})
+        rows[text] = {name: _run_child(one, name, weights, tmp)[0] for name in names}
+    mach = machine()
+    print(f"p50 ms (peak RSS MB); {mach['cpu']}, {args.threads} threads, {args.model} ({weights_note} weights):")
+    print(f"{'shape':>12} " + " ".join(f"{n:>22}" for n in names))
+    for text, r in rows.items():
+        cells = [f"{r[n]['p50_ms']:.1f} ({r[n]['peak_rss_mb']:.0f})" if "p50_ms" in r[n] else "failed" for n in names]
+        print(f"{text:>12} " + " ".join(f"{c:>22}" for c in cells))
+    doc = {"what": "DualFocus CPU inference per backend and stack shape", "machine": mach, "threads": args.threads, "model": args.model,
+           "weights": weights_note, "repeats": args.repeats, "warmup": args.warmup, "results": rows}
+    print(f"wrote {save('backends_cpu_sweep', doc)}")
+    return 0 if all("error" not in v for r in rows.values() for v in r.values()) else 1
+
+
+def _skipped() -> set[str]:
+    """CPU rows that cannot run here: ONNX Runtime missing, or no native bfloat16."""
+    from reconstruct.backends.select import cpu_bf16_native, onnxruntime_providers
+
+    skip = set()
+    if onnxruntime_providers() is None:
+        skip.update({"onnxruntime-cpu", "onnxruntime-int8-cpu"})
+    if not cpu_bf16_native():
+        skip.add("torch-bf16-cpu")
+    return skip
+
+
+def _default_weights(model: str, tmp: Path) -> tuple[Path, str]:
+    """The shipped weights of ``model``, else random ones saved under ``tmp``."""
+    from reconstruct.dualfocus.checkpoint import save_weights
+    from reconstruct.dualfocus.infer import WEIGHTS_DIR
+    from reconstruct.dualfocus.registry import build_model
+
+    shipped = WEIGHTS_DIR / f"{model}.safetensors"
+    if shipped.is_file():
+        return shipped, "shipped"
+    import torch
+
+    torch.manual_seed(0)
+    return save_weights(build_model(model).eval(), tmp / f"{model}.safetensors", name=model), "random initialisation"
+
+
+def _run_child(args: argparse.Namespace, name: str, weights: Path, tmp: Path):  # noqa: ANN202
+    """One backend in its own process at ``args.shape``: (its result, or {"error": ...}; its depth or None)."""
+    import numpy as np
+
+    dump = tmp / f"{name}.npy"
+    cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--weights", str(weights), "--shape", args.shape,
+           "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dump", str(dump)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"{name}: failed ({tail})")
+        return {"error": tail}, None
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name:>16}: p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+          f"(set-up {r['setup_s']:.1f} s, {r['device']})")
+    return r, np.load(dump)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.child:
         return child(args)
+    if args.sweep:
+        return _sweep(args)
     import numpy as np
 
     from reconstruct.backends.export import parse_shape
-    from reconstruct.backends.select import cpu_bf16_native, onnxruntime_providers
-    from reconstruct.dualfocus.checkpoint import save_weights
-    from reconstruct.dualfocus.infer import WEIGHTS_DIR
-    from reconstruct.dualfocus.registry import build_model
 
     try:
         shape = parse_shape(args.shape)
@@ -161,41 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --shape: {exc}", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="bench_backends_"))
-    weights, weights_note = args.weights, "given"
-    if weights is None:
-        shipped = WEIGHTS_DIR / f"{args.model}.safetensors"
-        if shipped.is_file():
-            weights, weights_note = shipped, "shipped"
-        else:
-            import torch
-
-            torch.manual_seed(0)
-            weights = save_weights(build_model(args.model).eval(), tmp / f"{args.model}.safetensors", name=args.model)
-            weights_note = "random initialisation"
-    skip = set()
-    if onnxruntime_providers() is None:
-        skip.update({"onnxruntime-cpu", "onnxruntime-int8-cpu"})
-    if not cpu_bf16_native():
-        skip.add("torch-bf16-cpu")
-    names = args.backends or [n for n in CPU_BACKENDS if n not in skip] + _available_gpu_backends()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    weights, weights_note = (args.weights, "given") if args.weights is not None else _default_weights(args.model, tmp)
+    names = args.backends or [n for n in CPU_BACKENDS if n not in _skipped()] + _available_gpu_backends()
     results: dict[str, dict] = {}
     depths: dict[str, np.ndarray] = {}
     for name in names:
-        dump = tmp / f"{name}.npy"
-        cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--weights", str(weights), "--shape", args.shape,
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dump", str(dump)]
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            results[name] = {"error": tail}
-            print(f"{name}: failed ({tail})")
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        results[name] = r
-        depths[name] = np.load(dump)
-        print(f"{name:>16}: p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  peak RSS {r['peak_rss_mb']:6.0f} MB  "
-              f"(set-up {r['setup_s']:.1f} s, {r['device']})")
+        results[name], depth = _run_child(args, name, weights, tmp)
+        if depth is not None:
+            depths[name] = depth
     ref = depths.get("torch-cpu")
     if ref is not None:
         for name, depth in depths.items():

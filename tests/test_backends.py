@@ -696,3 +696,40 @@ def test_gpu_check_refuses_without_cuda(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CUDA" in err[0] and err[0].startswith("error:")
     assert not list(tmp_path.iterdir())
+
+
+def test_cpu_fp32_3d_convolutions_run_onednn(tiny_weights: Path) -> None:
+    """torch sends a batch-1 3D convolution with N*C*D*H <= 20480 to its slow reference kernel;
+    the CPU backend calls oneDNN for every 3D convolution instead, with the same numbers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from reconstruct.backends.torch_backend import OneDnnConv3d, TorchBackend
+
+    backend = TorchBackend(tiny_weights, device="cpu", precision="fp32")
+    convs = [m for m in backend.graph.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(type(m) is OneDnnConv3d for m in convs)
+    stack, focus = _backend_input()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = backend.run(stack, focus)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in names and "aten::slow_conv3d_forward" not in names
+    ref = TorchBackend(load_weights(tiny_weights)[0], device="cpu", precision="fp32", channels_last=False)
+    for m in ref.graph.modules():  # the stock module class, for the reference numbers
+        if type(m) is OneDnnConv3d:
+            m.__class__ = torch.nn.Conv3d
+    expected = ref.run(stack, focus)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_allclose(out[name], expected[name], atol=2e-5, rtol=0)
+
+
+def test_onednn_conv3d_leaves_autocast_to_torch() -> None:
+    from reconstruct.backends.torch_backend import OneDnnConv3d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+    conv.__class__ = OneDnnConv3d
+    x = torch.randn(1, 4, 3, 8, 8)
+    with torch.inference_mode():
+        np.testing.assert_allclose(conv(x).numpy(), F.conv3d(x, conv.weight, conv.bias, padding=1).numpy(), atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16  # autocast's conv3d, not the float32 oneDNN call

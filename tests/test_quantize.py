@@ -189,3 +189,45 @@ def test_export_cli_int8(tmp_path: Path, isolated_cache: Path) -> None:
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "--int8" in lines[0] and "--fp16" in lines[0]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bench_backends_sweep_writes_a_row_per_shape(tmp_path: Path, isolated_cache: Path) -> None:
+    env = {**os.environ, export_mod.CACHE_ENV: str(isolated_cache), "DUALFOCUS_BENCH_RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "benchmarks/bench_backends.py", "--sweep", "3x32x48", "4x32x64", "--repeats", "1", "--warmup", "0",
+           "--threads", "1", "--backends", "torch-cpu", "onnxruntime-int8-cpu"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "backends_cpu_sweep.json").read_text())
+    assert list(doc["results"]) == ["3x32x48", "4x32x64"]
+    for row in doc["results"].values():
+        assert set(row) == {"torch-cpu", "onnxruntime-int8-cpu"}
+        assert row["torch-cpu"]["p50_ms"] > 0 and row["onnxruntime-int8-cpu"]["device"] == "cpu (onnxruntime, int8)"
+    bad = subprocess.run([*cmd[:3], "3x31x48"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --sweep 3x31x48")
+
+
+def test_calibration_shape_caps_the_pixels() -> None:
+    assert quantize.calibration_shape((10, 288, 384)) == (10, 288, 384)
+    assert quantize.calibration_shape((4, 32, 48)) == (4, 32, 48)
+    n, h, w = quantize.calibration_shape((12, 1088, 1440))
+    assert n == 12 and h % 4 == 0 and w % 4 == 0
+    assert h * w <= quantize.CALIBRATION_MAX_PIXELS and h * w > 0.9 * quantize.CALIBRATION_MAX_PIXELS
+    assert abs(w / h - 1440 / 1088) < 0.02
+
+
+def test_large_stacks_are_calibrated_at_the_smaller_shape(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantize, "CALIBRATION_MAX_PIXELS", 32 * 48)
+    seen: list[tuple[int, int, int]] = []
+    real = quantize.calibration_feeds
+    monkeypatch.setattr(quantize, "calibration_feeds", lambda shape, *a, **k: seen.append(tuple(shape)) or real(shape, *a, **k))
+    weights = infer.shipped_weights("dualfocus-s")
+    art = export_mod.export_onnx(weights, SHAPE, precision="int8")
+    side = json.loads(art.path.with_suffix(".json").read_text())
+    assert side["calibration_shape"] == [6, 32, 48] and seen == [(6, 32, 48)]
+    assert any((isolated_cache / "onnx").glob("dualfocus-s_6x32x48_fp32_*.onnx"))  # the calibration graph, cached too
+    slices, focus = _shipped_inputs()
+    ref = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="fp32")
+    q = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="int8")
+    diff = np.abs(q.depth_focus - ref.depth_focus) / float(focus.max() - focus.min())
+    print(f"ranges from 6x32x48 applied at 6x64x96: mean |depth diff| {diff.mean():.2e} of the range")
+    assert diff.mean() < 0.01 and np.quantile(diff, 0.99) < 0.1
