@@ -6,7 +6,7 @@ sigma 0.01, slices in shuffled order (seeded). Depth = 1 / disparity (the unknow
 cancels in AbsRel and delta1); every pixel with known truth scored, NaN counted as error.
 
     python benchmarks/bench_report_split.py [--weights W.safetensors ...] [--precision fp32 bf16]
-                                            [--onnx fp32 int8]
+                                            [--onnx fp32 int8] [--input-scale 1.5 ...]
 
 Prints a table and writes benchmarks/results/report_split.json.
 """
@@ -49,6 +49,8 @@ def main() -> int:
                     help="score each weights file in these precisions (bf16: CPU bfloat16 autocast of the network body)")
     ap.add_argument("--onnx", nargs="*", choices=("fp32", "int8"), default=[],
                     help="also score each weights file through ONNX Runtime on the CPU in these precisions (int8: the quantised graph)")
+    ap.add_argument("--input-scale", nargs="*", type=float, default=[],
+                    help="also score each weights file with the slices resized by these factors for the network (torch fp32)")
     ap.add_argument("--out", default="report_split")
     args = ap.parse_args()
     if not (args.data / "manifest.csv").is_file():
@@ -74,6 +76,9 @@ def main() -> int:
         for precision in args.precision:
             tag = label if precision == "fp32" else f"{label} {precision}"
             methods[tag] = lambda st, f, model=model, bf16=precision == "bf16": predict_disparity(model, st, f, bf16=bf16)
+        for scale in args.input_scale:
+            methods[f"{label} input_scale {scale:g}"] = lambda st, f, w=w, sc=scale: predict(
+                st.astype(np.float32) / 255.0, f, weights=w, backend="torch", precision="fp32", input_scale=sc).depth_focus
         for precision in args.onnx:
             methods[f"{label} onnxruntime {precision}"] = lambda st, f, w=w, p=precision: predict(
                 st.astype(np.float32) / 255.0, f, weights=w, backend="onnxruntime", precision=p).depth_focus

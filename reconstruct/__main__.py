@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
                    help="network precision (default auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; "
                         "int8: ONNX Runtime on the CPU, quantised)")
+    p.add_argument("--input-scale", type=float, default=1.0,
+                   help="dualfocus: resize the slices by this factor for the network (1.5: finer depth, ~2.25x slower; <1: faster)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
     p.add_argument("--focus-measure", default="modified_laplacian", choices=FOCUS_MEASURES, help="classical focus measure")
     p.add_argument("--no-preview", action="store_true", help="skip depth_preview.png")
@@ -53,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     result = reconstruct_stack(
         stack, method=args.method, focus_measure=args.focus_measure, align=args.align,
-        model=args.model, weights=args.weights, backend=args.backend, precision=args.precision,
+        model=args.model, weights=args.weights, backend=args.backend, precision=args.precision, input_scale=args.input_scale,
     )
     result.seconds = {"read": t_read, **result.seconds}
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)

@@ -309,6 +309,7 @@ class ReconstructConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"  # auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; int8: ONNX Runtime on the CPU
     focus_measure: Literal["modified_laplacian", "variance_of_laplacian", "tenengrad"] = "modified_laplacian"
     align: Literal["apply", "estimate", "none"] = "apply"
+    input_scale: float = Field(1.0, ge=0.1, le=4.0)  # dualfocus: slices resized by this before the network (1.5: finer, ~2.25x slower)
 
 
 class OutputConfig(_Strict):

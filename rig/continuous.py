@@ -242,7 +242,8 @@ class _Pipeline:
                     continue  # recording stopped: let capture wind down
                 t0 = time.monotonic()
                 item.result = reconstruct_stack(item.stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
-                                                model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
+                                                model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision,
+                                                input_scale=rc.input_scale)
                 t1 = time.monotonic()
                 self.stats.record("reconstruct", t1 - t0)
                 self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)

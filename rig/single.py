@@ -88,7 +88,7 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
         seconds["write_stack"] = time.perf_counter() - t0
     result = reconstruct_stack(
         stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
-        model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision,
+        model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision, input_scale=rc.input_scale,
     )
     seconds["reconstruct"] = result.seconds.get("align", 0.0) + result.seconds.get("infer", 0.0)
     t0 = time.perf_counter()

@@ -733,3 +733,30 @@ def test_onednn_conv3d_leaves_autocast_to_torch() -> None:
         np.testing.assert_allclose(conv(x).numpy(), F.conv3d(x, conv.weight, conv.bias, padding=1).numpy(), atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert conv(x).dtype == torch.bfloat16  # autocast's conv3d, not the float32 oneDNN call
+
+
+@pytest.mark.parametrize("scale", [1.5, 0.5])
+def test_input_scale_resizes_for_the_network_and_back(tiny_weights: Path, scale: float) -> None:
+    slices, focus = _stack(n=4, h=40, w=60)
+    seen: list[tuple[int, ...]] = []
+    real_open = infer._open
+    def spy(choice, requested, weights, shape, *a, **k):  # noqa: ANN001, ANN202
+        seen.append(tuple(shape))
+        return real_open(choice, requested, weights, shape, *a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(infer, "_open", spy)
+        pred = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32", input_scale=scale)
+    h, w = round(40 * scale), round(60 * scale)
+    assert seen == [(4, h + (-h) % 4, w + (-w) % 4)]  # the network saw the resized (then padded) stack
+    assert pred.depth_focus.shape == pred.confidence.shape == pred.slice_position.shape == (40, 60)
+    assert focus.min() - 1e-4 <= pred.depth_focus.min() and pred.depth_focus.max() <= focus.max() + 1e-4
+    assert 0.0 <= pred.confidence.min() and pred.confidence.max() <= 1.0 + 1e-6
+    same = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
+    assert not np.allclose(pred.depth_focus, same.depth_focus)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, 5.0, float("nan"), "big"])
+def test_input_scale_out_of_range_is_one_line(tiny_weights: Path, bad: object) -> None:
+    slices, focus = _stack(n=3)
+    with pytest.raises(ReconstructionError, match=r"^input_scale: must be a number from 0.1 to 4.0"):
+        infer.predict(slices, focus, weights=tiny_weights, backend="torch", input_scale=bad)  # type: ignore[arg-type]

@@ -189,6 +189,9 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         # choices
         ("mode: sometimes\n", "mode", ["sometimes"]),
         ("reconstruct:\n  method: magic\n", "reconstruct.method", ["magic"]),
+        ("reconstruct:\n  precision: int4\n", "reconstruct.precision", ["int4"]),
+        ("reconstruct:\n  input_scale: 0\n", "reconstruct.input_scale", ["0.1"]),
+        ("reconstruct:\n  input_scale: 9\n", "reconstruct.input_scale", ["4"]),
         # drivers
         ("camera:\n  driver: foo\n", "camera.driver", ["foo", "simulated"]),
         ("focus:\n  driver: bar\n", "focus.driver", ["bar", "simulated"]),
