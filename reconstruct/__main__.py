@@ -17,6 +17,18 @@ from reconstruct.result import write_result
 logger = logging.getLogger("reconstruct")
 
 
+def _input_scale(text: str) -> float:
+    from reconstruct.dualfocus.infer import INPUT_SCALE_RANGE
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not INPUT_SCALE_RANGE[0] <= value <= INPUT_SCALE_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be a number from {INPUT_SCALE_RANGE[0]} to {INPUT_SCALE_RANGE[1]}, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
     p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml)")
@@ -28,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
                    help="network precision (default auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; "
                         "int8: ONNX Runtime on the CPU, quantised)")
-    p.add_argument("--input-scale", type=float, default=1.0,
+    p.add_argument("--input-scale", type=_input_scale, default=1.0,
                    help="dualfocus: resize the slices by this factor for the network (1.5: finer depth, ~2.25x slower; <1: faster)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
     p.add_argument("--focus-measure", default="modified_laplacian", choices=FOCUS_MEASURES, help="classical focus measure")

@@ -70,7 +70,8 @@ def reconstruct_stack(
             torch where the CPU has native bfloat16, else fp32), ``fp32``, ``fp16`` (GPU only)
             or ``bf16`` (a GPU, or torch on such a CPU), ``int8`` (ONNX Runtime on the CPU).
         input_scale: the network sees the slices resized by this factor, its outputs are
-            resized back (``predict``); 1.5 is more accurate and ~2.25x slower.
+            resized back (``predict``); 1.5 was more accurate on the report split
+            and less on the simulated scene, ~2.25x slower; below 1 is faster.
         align: ``apply`` the stack's stored per-slice ``alignment``, ``estimate`` it (needs the
             calibration module), or ``none``.
     """

@@ -709,10 +709,12 @@ def test_cpu_fp32_3d_convolutions_run_onednn(tiny_weights: Path) -> None:
     convs = [m for m in backend.graph.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(type(m) is OneDnnConv3d for m in convs)
     stack, focus = _backend_input()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         out = backend.run(stack, focus)
-    names = {e.key for e in prof.key_averages()}
-    assert "aten::mkldnn_convolution" in names and "aten::slow_conv3d_forward" not in names
+    events = prof.key_averages(group_by_input_shape=True)
+    onednn_3d = [e for e in events if e.key == "aten::mkldnn_convolution" and e.input_shapes and len(e.input_shapes[0]) == 5]
+    assert len(onednn_3d) >= 1 and sum(e.count for e in onednn_3d) == len(convs)
+    assert "aten::slow_conv3d_forward" not in {e.key for e in events}
     ref = TorchBackend(load_weights(tiny_weights)[0], device="cpu", precision="fp32", channels_last=False)
     for m in ref.graph.modules():  # the stock module class, for the reference numbers
         if type(m) is OneDnnConv3d:
@@ -760,3 +762,9 @@ def test_input_scale_out_of_range_is_one_line(tiny_weights: Path, bad: object) -
     slices, focus = _stack(n=3)
     with pytest.raises(ReconstructionError, match=r"^input_scale: must be a number from 0.1 to 4.0"):
         infer.predict(slices, focus, weights=tiny_weights, backend="torch", input_scale=bad)  # type: ignore[arg-type]
+
+
+def test_input_scale_too_small_for_the_stack_is_one_line(tiny_weights: Path) -> None:
+    slices, focus = _stack(n=3, h=30, w=45)
+    with pytest.raises(ReconstructionError, match=r"^input_scale: 0.2 makes the 30x45 slices 6x9 px; the network needs at least 8 px a side"):
+        infer.predict(slices, focus, weights=tiny_weights, backend="torch", input_scale=0.2)

@@ -534,6 +534,9 @@ def test_reconstruct_debug_shows_traceback(tmp_path: Path) -> None:
         ["STACK"],                                   # --out missing
         ["STACK", "--out", "OUT", "--align", "sideways"],
         ["STACK", "--out", "OUT", "--method", "magic"],
+        ["STACK", "--out", "OUT", "--input-scale", "nan"],
+        ["STACK", "--out", "OUT", "--input-scale", "0"],
+        ["STACK", "--out", "OUT", "--precision", "int4"],
     ],
 )
 def test_reconstruct_bad_argument_is_one_line(stack_dir: Path, tmp_path: Path, args: list[str]) -> None:

@@ -215,18 +215,21 @@ def export_onnx(
 
 def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cache: Path | None) -> OnnxArtifact:
     """The int8 graph for ``shape`` (module docstring), from the cache or quantised into it."""
-    from reconstruct.backends.quantize import RECIPE, calibration_shape, quantize_int8
+    from reconstruct.backends import quantize as q
 
     try:
+        import onnx
         import onnxruntime
     except ImportError as exc:
-        raise ReconstructionError(f"precision: int8 needs the onnxruntime package (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
+        raise ReconstructionError(f"precision: int8 needs the onnx and onnxruntime packages (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
     base = export_onnx(weights, shape, precision="fp32", opset=opset, cache=cache)
-    cal_shape = calibration_shape(shape)
+    cal_shape = q.calibration_shape(shape)
     cal = export_onnx(weights, cal_shape, precision="fp32", opset=opset, cache=cache) if cal_shape != tuple(shape) else None
     n, h, w = shape
-    key = {**base.key, "precision": "int8", "fp32_onnx_sha256": base.sha256, "onnxruntime": onnxruntime.__version__, "recipe": RECIPE,
-           "calibration_shape": list(cal_shape)}
+    key = {**base.key, "precision": "int8", "fp32_onnx_sha256": base.sha256, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+           "recipe": q.RECIPE, "calibration_shape": list(cal_shape), "calibration_stacks": q.CALIBRATION_STACKS,
+           "calibration_seed": q.CALIBRATION_SEED, "channel_multiple": q.CHANNEL_MULTIPLE,
+           "min_int8_out_channels": q.MIN_INT8_OUT_CHANNELS, "quantised_ops": list(q.QUANTISED_OPS)}
     final = base.path.parent / f"{key['model']}_{n}x{h}x{w}_int8_op{opset}_{_digest(key)}.onnx"
     sidecar = final.with_suffix(".json")
     with _LOCK:
@@ -237,7 +240,7 @@ def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cach
         t0 = time.perf_counter()
         done: dict = {}
         try:
-            _write_atomic(final, lambda tmp: done.update(quantize_int8(base.path, tmp, shape, calibration_onnx=cal.path if cal else None)))
+            _write_atomic(final, lambda tmp: done.update(q.quantize_int8(base.path, tmp, shape, calibration_onnx=cal.path if cal else None)))
         except OSError as exc:
             raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
         except ReconstructionError:

@@ -143,7 +143,7 @@ def calibration_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     if h * w <= CALIBRATION_MAX_PIXELS:
         return n, h, w
     scale = (CALIBRATION_MAX_PIXELS / (h * w)) ** 0.5
-    return n, max(4, int(h * scale) // 4 * 4), max(4, int(w * scale) // 4 * 4)
+    return n, max(8, int(h * scale) // 4 * 4), max(8, int(w * scale) // 4 * 4)
 
 
 def _prepared(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) -> tuple[Path, list[str], set[str], list[str]]:

@@ -50,14 +50,22 @@ __all__ = ["OneDnnConv3d", "TorchBackend", "use_onednn_conv3d"]
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _cpu_autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 class OneDnnConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that runs oneDNN's kernel for float32 CPU inputs outside autocast (same
-    weights, same result to float32 rounding), and the stock path otherwise."""
+    """``nn.Conv3d`` that runs oneDNN's kernel for batched float32 CPU inputs outside autocast
+    (same weights, same result to float32 rounding), and the stock path otherwise. Inference
+    only: ``mkldnn_convolution`` has no ONNX symbolic, so export a freshly loaded network."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+            x.dim() == 5 and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and not _cpu_autocast_on() and self.padding_mode == "zeros" and not isinstance(self.padding, str)
         ):
             return torch.ops.aten.mkldnn_convolution(
                 x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups
@@ -66,7 +74,8 @@ class OneDnnConv3d(nn.Conv3d):
 
 
 def use_onednn_conv3d(net: nn.Module) -> int:
-    """Make every ``nn.Conv3d`` of ``net`` a :class:`OneDnnConv3d` (in place; parameters and
+    """Make every ``nn.Conv3d`` of ``net`` a :class:`OneDnnConv3d` (in place, like the
+    channels-last weights: a network handed to :class:`TorchBackend` is changed; parameters and
     state dict unchanged) where torch has oneDNN; returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
