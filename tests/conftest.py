@@ -33,3 +33,22 @@ def small_sim_dict(tmp_path: Path) -> dict[str, Any]:
         camera={"width": 128, "height": 96, "fps": 200.0, "exposure_s": 0.004},
         sweep={"slices": 5},
     )
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 (a generator fixture)
+    """Its own export cache and no benchmark file, no open backends, no logged choice and no
+    remembered failures, before and after the test (backend and export tests use it)."""
+    from reconstruct import backends
+    from reconstruct.backends import export as export_mod
+    from reconstruct.backends import select as select_mod
+    from reconstruct.dualfocus import infer
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(export_mod.CACHE_ENV, str(cache))
+    monkeypatch.setattr(select_mod, "latency_files", lambda: [cache / select_mod.LATENCY_FILE])
+    backends.close_backends()
+    select_mod.forget_logged_choices()
+    infer._FAILED.clear()
+    yield cache
+    backends.close_backends()

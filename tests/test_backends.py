@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from capture.errors import ReconstructionError
 from capture.stack import FocalStack
-from reconstruct import backends
 from reconstruct.backends import export as export_mod
 from reconstruct.backends import select as select_mod
 from reconstruct.backends import tensorrt_backend as trt_mod
@@ -57,17 +56,9 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own export cache and no benchmark file, and starts with no open
-    backends and no logged choice."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(export_mod.CACHE_ENV, str(cache))
-    monkeypatch.setattr(select_mod, "latency_files", lambda: [cache / select_mod.LATENCY_FILE])
-    backends.close_backends()
-    select_mod.forget_logged_choices()
-    infer._FAILED.clear()
-    yield cache
-    backends.close_backends()
+def _isolated(isolated_cache: Path) -> Path:
+    """Every test in this file runs with ``isolated_cache`` (conftest)."""
+    return isolated_cache
 
 
 def _stack(n: int = 5, h: int = 30, w: int = 45, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

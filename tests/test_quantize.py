@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from capture.errors import ReconstructionError
-from reconstruct import backends
 from reconstruct.backends import export as export_mod
 from reconstruct.backends import quantize
 from reconstruct.backends import select as select_mod
@@ -30,15 +29,9 @@ SHAPE = (6, 64, 96)
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv(export_mod.CACHE_ENV, str(cache))
-    monkeypatch.setattr(select_mod, "latency_files", lambda: [cache / select_mod.LATENCY_FILE])
-    backends.close_backends()
-    select_mod.forget_logged_choices()
-    infer._FAILED.clear()
-    yield cache
-    backends.close_backends()
+def _isolated(isolated_cache: Path) -> Path:
+    """Every test in this file runs with ``isolated_cache`` (conftest)."""
+    return isolated_cache
 
 
 def _session(path: Path):

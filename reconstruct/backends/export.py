@@ -187,29 +187,46 @@ def export_onnx(
     key = export_key(weights_sha256=sha, model=model, shape=(n, h, w), opset=opset, precision=precision)
     root = (cache or cache_dir()) / "onnx"
     final = root / f"{model}_{n}x{h}x{w}_{precision}_op{opset}_{_digest(key)}.onnx"
+
+    def build(tmp: Path) -> dict:
+        try:
+            net, _meta = load_weights(weights)
+        except OSError as exc:  # not the cache's fault: say so before the cache's OSError handling
+            raise ReconstructionError(f"weights: cannot read {weights} ({exc.strerror or exc})") from exc
+        graph = InferenceGraph(net.eval(), body_dtype=torch.float16 if precision == "fp16" else torch.float32).eval()
+        if precision == "fp16":
+            graph.net.half()
+        if torch.cuda.is_available():  # tracing runs the network once: fast on a GPU, slow in CPU fp16
+            graph.to("cuda")
+        _torch_export(graph, (n, h, w), tmp, opset)
+        return {}
+
+    return _cached_or_built(final, key, build, weights=weights, what=f"ONNX export of {model} for {n}x{h}x{w} ({precision}, opset {opset})")
+
+
+def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, weights: Path, what: str) -> OnnxArtifact:
+    """The cache entry ``final`` for ``key``, or ``build(tmp)`` written atomically under it with a
+    JSON sidecar (``key``, what ``build`` returned, the ONNX sha256); errors as one line."""
     sidecar = final.with_suffix(".json")
     with _LOCK:
         hit = _cached(final, sidecar, key)
         if hit is not None:
             logger.debug("ONNX cache hit: %s", final)
             return OnnxArtifact(final, hit, key, True)
-        net, _meta = load_weights(weights)
-        graph = InferenceGraph(net.eval(), body_dtype=torch.float16 if precision == "fp16" else torch.float32).eval()
-        if precision == "fp16":
-            graph.net.half()
-        if torch.cuda.is_available():  # tracing runs the network once: fast on a GPU, slow in CPU fp16
-            graph.to("cuda")
         t0 = time.perf_counter()
+        done: dict = {}
         try:
-            _write_atomic(final, lambda tmp: _torch_export(graph, (n, h, w), tmp, opset))
+            _write_atomic(final, lambda tmp: done.update(build(tmp)))
         except OSError as exc:
-            raise OutputError(f"{root}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
-        except Exception as exc:  # the exporter raises many types
-            raise ReconstructionError(f"backend: ONNX export of {model} for {n}x{h}x{w} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+            raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
+        except ReconstructionError:
+            raise
+        except Exception as exc:  # the exporter and the quantiser raise many types
+            raise ReconstructionError(f"backend: {what} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
         onnx_sha = sha256_of(final)
-        doc = {**key, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        doc = {**key, **done, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
-        logger.info("exported %s (%dx%dx%d, %s, opset %d) to %s in %.1f s", model, n, h, w, precision, opset, final, time.perf_counter() - t0)
+        logger.info("%s: %s in %.1f s", what, final, time.perf_counter() - t0)
         return OnnxArtifact(final, onnx_sha, key, False)
 
 
@@ -231,27 +248,10 @@ def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cach
            "calibration_seed": q.CALIBRATION_SEED, "channel_multiple": q.CHANNEL_MULTIPLE,
            "min_int8_out_channels": q.MIN_INT8_OUT_CHANNELS, "quantised_ops": list(q.QUANTISED_OPS)}
     final = base.path.parent / f"{key['model']}_{n}x{h}x{w}_int8_op{opset}_{_digest(key)}.onnx"
-    sidecar = final.with_suffix(".json")
-    with _LOCK:
-        hit = _cached(final, sidecar, key)
-        if hit is not None:
-            logger.debug("ONNX cache hit: %s", final)
-            return OnnxArtifact(final, hit, key, True)
-        t0 = time.perf_counter()
-        done: dict = {}
-        try:
-            _write_atomic(final, lambda tmp: done.update(q.quantize_int8(base.path, tmp, shape, calibration_onnx=cal.path if cal else None)))
-        except OSError as exc:
-            raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
-        except ReconstructionError:
-            raise
-        except Exception as exc:  # the quantiser raises many types
-            raise ReconstructionError(f"backend: int8 quantisation of {key['model']} for {n}x{h}x{w} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-        onnx_sha = sha256_of(final)
-        doc = {**key, **done, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
-        logger.info("quantised %s (%dx%dx%d) to int8 in %.1f s: %s", key["model"], n, h, w, time.perf_counter() - t0, final)
-        return OnnxArtifact(final, onnx_sha, key, False)
+    return _cached_or_built(
+        final, key, lambda tmp: q.quantize_int8(base.path, tmp, shape, calibration_onnx=cal.path if cal else None),
+        weights=weights, what=f"int8 quantisation of {key['model']} for {n}x{h}x{w}",
+    )
 
 
 def _cached(final: Path, sidecar: Path, key: dict) -> str | None:
