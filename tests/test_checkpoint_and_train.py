@@ -115,6 +115,30 @@ def test_load_weights_refuses_corrupt_file(tmp_path: Path, kind: str) -> None:
         load_weights(path)
 
 
+@pytest.mark.parametrize("upsample", ["bilinear", "convex"])
+def test_weights_round_trip_keeps_the_upsampler(tmp_path: Path, upsample: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("dualfocus-tiny", upsample=upsample).eval()
+    if upsample == "convex":
+        torch.nn.init.normal_(model.upsampler.head[2].weight, 0.0, 0.5)
+    loaded, _ = load_weights(save_weights(model, tmp_path / "w.safetensors", name="w"))
+    assert loaded.cfg.upsample == upsample
+    x, f = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, f).depth, loaded(x, f).depth)
+
+
+def test_weights_from_before_the_upsampler_option_load_as_bilinear(tmp_path: Path) -> None:
+    """Files written before ``upsample`` existed carry no such key: they mean bilinear."""
+    model = _trained_tiny()
+    raw = model.cfg.to_dict()
+    del raw["upsample"]
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata={"model": "dualfocus-tiny", "config": json.dumps(raw)})
+    loaded, _ = load_weights(path)
+    assert loaded.cfg.upsample == "bilinear" and not hasattr(loaded, "upsampler")
+
+
 def test_load_weights_refuses_file_without_config(tmp_path: Path) -> None:
     model = _trained_tiny()
     path = tmp_path / "foreign.safetensors"
@@ -454,6 +478,33 @@ def test_init_from_weights_refuses_other_architecture(tmp_path: Path) -> None:
         init_from_weights(build_model("dualfocus-tiny"), path)
 
 
+def test_init_from_weights_may_add_a_convex_upsampler(tmp_path: Path) -> None:
+    """The one architecture change a fine-tune may make: bilinear weights into a convex-upsampling
+    model; every other tensor copied, the upsampler fresh (its last layer at zero)."""
+    from reconstruct.train import init_from_weights
+
+    src = _trained_tiny(seed=3)
+    path = save_weights(src, tmp_path / "w.safetensors", name="dualfocus-tiny")
+    model = build_model("dualfocus-tiny", upsample="convex")
+    init_from_weights(model, path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert float(model.upsampler.head[2].weight.detach().abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize(("src_overrides", "dst_overrides"), [
+    ({"upsample": "convex"}, {}),  # dropping a trained upsampler
+    ({}, {"upsample": "convex", "spatial": False}),  # adding one and changing something else
+])
+def test_init_from_weights_refuses_other_upsampler_changes(tmp_path: Path, src_overrides: dict, dst_overrides: dict) -> None:
+    from capture.errors import ConfigError
+    from reconstruct.train import init_from_weights
+
+    path = save_weights(build_model("dualfocus-tiny", **src_overrides), tmp_path / "w.safetensors", name="x")
+    with pytest.raises(ConfigError, match="different architecture"):
+        init_from_weights(build_model("dualfocus-tiny", **dst_overrides), path)
+
+
 def test_finetune_run_starts_from_weights_and_records_it(tmp_path: Path) -> None:
     src = _trained_tiny(seed=5)
     init = save_weights(src, tmp_path / "start.safetensors", name="dualfocus-tiny")
@@ -493,7 +544,7 @@ def test_finetune_bad_config_is_one_line(tmp_path: Path, key: str, value: Any, n
     assert not (tmp_path / "out").exists()
 
 
-TRAIN_CONFIGS = sorted([*(ROOT / "configs").glob("train_*.yaml"), *(ROOT / "configs" / "ablation").glob("*.yaml"), *(ROOT / "configs" / "tuning").glob("*.yaml")])
+TRAIN_CONFIGS = sorted([*(ROOT / "configs").glob("train_*.yaml"), *(ROOT / "configs").glob("ablation*/*.yaml"), *(ROOT / "configs" / "tuning").glob("*.yaml")])
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)

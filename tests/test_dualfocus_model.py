@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from capture.errors import ReconstructionError
-from reconstruct.dualfocus.model import DualFocusConfig, DualFocusNet, DualFocusOutput
+from reconstruct.dualfocus.model import ConvexUpsampler, DualFocusConfig, DualFocusNet, DualFocusOutput, conv_bn_relu_of_concat
+from reconstruct.dualfocus.model import _conv2d as _conv2d_block
+from reconstruct.dualfocus.model import _conv3d as _conv3d_block
 from reconstruct.dualfocus.registry import MODELS, build_model, count_parameters, model_config
 
 torch.set_num_threads(1)
@@ -134,8 +137,10 @@ def test_normalise_focus() -> None:
         {"spatial": False},
         {"focal_difference": "replace", "spatial": False},
         {"surface_channels": 3},
+        {"upsample": "convex"},
+        {"upsample": "convex", "spatial": False},
     ],
-    ids=["replace", "no-spatial", "replace-no-spatial", "c2=3"],
+    ids=["replace", "no-spatial", "replace-no-spatial", "c2=3", "convex", "convex-no-spatial"],
 )
 def test_variants_run(overrides: dict) -> None:
     model = _tiny(**overrides)
@@ -157,6 +162,72 @@ def test_variants_run(overrides: dict) -> None:
 def test_bad_focal_difference() -> None:
     with pytest.raises(ValueError, match="focal_difference"):
         DualFocusNet(DualFocusConfig(focal_difference="sideways"))
+
+
+def test_bad_upsample() -> None:
+    with pytest.raises(ValueError, match="upsample"):
+        DualFocusNet(DualFocusConfig(upsample="bicubic"))
+
+
+# ------------------------------------------------------------------------ convex upsampling
+def _upsampler_with_bias(bias: torch.Tensor) -> ConvexUpsampler:
+    """An upsampler whose mask logits are the constant ``bias`` ``[9, 16]`` everywhere."""
+    up = ConvexUpsampler(guide_channels=2)
+    with torch.no_grad():
+        up.head[2].bias.copy_(bias.reshape(-1))
+    return up
+
+
+def test_convex_upsampler_starts_as_uniform_3x3_mixing() -> None:
+    g = torch.Generator().manual_seed(0)
+    prob_low = torch.softmax(torch.randn(2, 4, 5, 6, generator=g), dim=1)
+    up = ConvexUpsampler(guide_channels=2)
+    out = up(prob_low, torch.randn(2, 2, 5, 6, generator=g), torch.rand(2, 3, 20, 24, generator=g))
+    assert out.shape == (2, 4, 20, 24)
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(2, 20, 24), atol=1e-6, rtol=0)
+    # zero-initialised last layer: every full-resolution pixel is the mean of the 3x3 coarse
+    # neighbourhood (edge-replicated) of its own coarse pixel
+    box = F.avg_pool2d(F.pad(prob_low, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    torch.testing.assert_close(out, F.interpolate(box, scale_factor=4, mode="nearest"), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("k", "dy", "dx"), [(4, 0, 0), (0, -1, -1), (5, 0, 1), (7, 1, 0)])
+def test_convex_upsampler_takes_the_neighbour_its_mask_picks(k: int, dy: int, dx: int) -> None:
+    """A mask that puts all weight on neighbour ``k`` copies that coarse pixel's probabilities
+    to all 16 full-resolution pixels: sharp, no averaging across an edge."""
+    g = torch.Generator().manual_seed(1)
+    prob_low = torch.softmax(torch.randn(1, 3, 4, 5, generator=g) * 3, dim=1)
+    bias = torch.full((9, 16), -60.0)
+    bias[k] = 60.0
+    out = _upsampler_with_bias(bias)(prob_low, torch.zeros(1, 2, 4, 5), torch.zeros(1, 3, 16, 20))
+    padded = F.pad(prob_low, (1, 1, 1, 1), mode="replicate")
+    shifted = padded[:, :, 1 + dy:1 + dy + 4, 1 + dx:1 + dx + 5]
+    torch.testing.assert_close(out, F.interpolate(shifted, scale_factor=4, mode="nearest"), atol=1e-6, rtol=0)
+
+
+def test_convex_upsampler_subpixel_layout() -> None:
+    """Mask channel ``j`` of the 16 drives full-resolution offset (j // 4, j % 4) in each 4x4
+    cell: the pixel-shuffle order is the one the docstring promises."""
+    prob_low = torch.zeros(1, 2, 3, 3)
+    prob_low[:, 0] = 1.0
+    prob_low[:, :, 1, 2] = torch.tensor([0.0, 1.0])  # the right-hand neighbour of the centre is plane 1
+    bias = torch.full((9, 16), -60.0)
+    bias[4] = 60.0  # every subpixel takes its own coarse pixel ...
+    bias[4, 6], bias[5, 6] = -60.0, 60.0  # ... except subpixel (1, 2), which takes the right neighbour
+    with torch.no_grad():
+        out = _upsampler_with_bias(bias)(prob_low, torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 12, 12))
+    plane1 = out[0, 1]
+    assert float(plane1[4 + 1, 4 + 2]) == pytest.approx(1.0)  # centre cell, subpixel (1, 2)
+    assert float(plane1[4:8, 4:8].sum()) == pytest.approx(1.0)  # nowhere else in the centre cell
+    assert float(plane1[4:8, 8:12].sum()) == pytest.approx(16.0)  # the right cell is plane 1 itself
+
+
+def test_convex_upsampler_learns() -> None:
+    """Gradients reach both of its layers (the zero-initialised last one first)."""
+    model = _tiny(upsample="convex").train()
+    stack, focus = _inputs(3)
+    model(stack, focus).depth.mean().backward()
+    assert model.upsampler.head[2].weight.grad is not None and float(model.upsampler.head[2].weight.grad.abs().sum()) > 0
 
 
 def test_registry_unknown_name_lists_variants() -> None:
@@ -185,6 +256,47 @@ def test_parameter_counts() -> None:
 
 
 # ----------------------------------------------------------------------------------- ONNX
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conv_bn_relu_of_concat_is_the_block_of_the_concatenation(dims: int) -> None:
+    """The export-only rewrite (one convolution per part, BatchNorm folded, summed) is the same
+    function as the block on the concatenated input, with trained-looking BatchNorm statistics."""
+    torch.manual_seed(0)
+    block = (_conv2d_block if dims == 2 else _conv3d_block)(5 + 3 + 1, 6)
+    with torch.no_grad():
+        bn = block[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    block.eval()
+    spatial = (7, 9) if dims == 2 else (4, 7, 9)
+    parts = [torch.randn(2, c, *spatial) for c in (5, 3, 1)]
+    with torch.no_grad():
+        ref = block(torch.cat(parts, dim=1))
+        got = conv_bn_relu_of_concat(block, parts)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside an export, and in training mode even inside one, the network runs its plain
+    graph; inside an eval-mode export, the rewritten graph gives the same outputs."""
+    model = _tiny(seed=2)
+    stack, focus = _inputs(4)
+    with torch.no_grad():
+        ref = model(stack, focus)
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        calls = []
+        real = conv_bn_relu_of_concat
+        monkeypatch.setattr("reconstruct.dualfocus.model.conv_bn_relu_of_concat", lambda *a: calls.append(1) or real(*a))
+        exported = model(stack, focus)
+        assert len(calls) == 1  # the encoder's fuse block
+        torch.testing.assert_close(exported.depth, ref.depth, atol=1e-5, rtol=0)
+        torch.testing.assert_close(exported.prob, ref.prob, atol=1e-6, rtol=0)
+        model.train()
+        model(stack, focus)
+        assert len(calls) == 1  # training mode: no rewrite
+
+
 class _DepthOnly(nn.Module):
     """ONNX wants tensors out, not a dataclass."""
 
@@ -197,17 +309,20 @@ class _DepthOnly(nn.Module):
         return out.depth, out.prob, out.confidence
 
 
-def _export_and_compare(tmp_path: Path, *, spatial: bool) -> None:
+def _export_and_compare(tmp_path: Path, *, spatial: bool, upsample: str = "bilinear") -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    net = _tiny(seed=1, spatial=spatial)
+    net = _tiny(seed=1, spatial=spatial, upsample=upsample)
+    if upsample == "convex":  # a non-trivial mask: the zero-initialised layer would hide layout errors
+        with torch.no_grad():
+            net.upsampler.head[2].weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
     wrapper = _DepthOnly(net).eval()  # a fresh wrapper is in training mode: eval() or BatchNorm stats change
     g = torch.Generator().manual_seed(7)
     stack = torch.rand(1, 5, 3, 32, 48, generator=g)
     focus = torch.tensor([[0.3, 1.2, 0.1, 2.0, 0.7]])  # unsorted on purpose
     with torch.no_grad():
         ref = [t.numpy() for t in wrapper(stack, focus)]
-    path = tmp_path / f"dualfocus-tiny-{'spatial' if spatial else 'plain'}.onnx"
+    path = tmp_path / f"dualfocus-tiny-{'spatial' if spatial else 'plain'}-{upsample}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         torch.onnx.export(
@@ -241,3 +356,7 @@ def test_onnx_export_spatial(tmp_path: Path) -> None:
 
 def test_onnx_export_without_spatial_branch(tmp_path: Path) -> None:
     _export_and_compare(tmp_path, spatial=False)
+
+
+def test_onnx_export_convex_upsampler(tmp_path: Path) -> None:
+    _export_and_compare(tmp_path, spatial=True, upsample="convex")

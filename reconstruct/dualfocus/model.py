@@ -19,7 +19,7 @@ from reconstruct.dualfocus.poisson import poisson_solve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DualFocusConfig", "DualFocusNet", "DualFocusOutput", "to_channels_last"]
+__all__ = ["ConvexUpsampler", "DualFocusConfig", "DualFocusNet", "DualFocusOutput", "conv_bn_relu_of_concat", "to_channels_last"]
 
 IN_CHANNELS = 7  # RGB, RGB minus the stack mean, normalised focus position
 
@@ -36,6 +36,10 @@ class DualFocusConfig:
         dec_blocks: residual 3D blocks at 1/4 resolution (plus a 1/8 branch of twice the width).
         focal_difference: "augment" (DualFocus: [V_n, V_n+1 - V_n]) or "replace" (DFV: V_n+1 - V_n only).
         spatial: use the spatial branch (surfaces from integrated gradient fields).
+        upsample: how the 1/4-resolution focus probabilities reach full resolution:
+            "bilinear" (logits interpolated) or "convex" (each full-resolution pixel a learned
+            convex combination of its 3x3 coarse neighbours' probabilities, weights predicted from
+            the features and the stack's mean image: sharp at depth edges).
     """
 
     enc_channels: tuple[int, int, int] = (24, 40, 64)
@@ -45,6 +49,7 @@ class DualFocusConfig:
     dec_blocks: int = 3
     focal_difference: str = "augment"
     spatial: bool = True
+    upsample: str = "bilinear"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -97,7 +102,80 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quarter = self.stem(x)
         deep = F.interpolate(self.deep(quarter), size=quarter.shape[-2:], mode="bilinear", align_corners=False)
+        if _exporting(self):
+            return self.fuse[1](conv_bn_relu_of_concat(self.fuse[0], [quarter, deep]))
         return self.fuse(torch.cat([quarter, deep], dim=1))
+
+
+def _exporting(module: nn.Module) -> bool:
+    """In an ONNX export of a model in eval mode: where the graph may be written differently
+    (same function, to float32 rounding) for ONNX Runtime's sake."""
+    return torch.onnx.is_in_onnx_export() and not module.training
+
+
+def conv_bn_relu_of_concat(block: nn.Sequential, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``block(cat(parts, dim=1))`` for a ``_conv2d`` / ``_conv3d`` block (bias-free conv,
+    BatchNorm in eval mode, ReLU) as one convolution per part, BatchNorm folded in, summed:
+    the same function without a ``Concat``. Used in ONNX exports only: ONNX Runtime's int8
+    graph turns each concatenation in front of a quantised convolution into layout transposes
+    and a copy (the encoder's cost ~13 ms of a 10x288x384 stack; README, "Inference backends")."""
+    conv, bn = block[0], block[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = bn.bias - bn.running_mean * scale
+    op = F.conv2d if conv.weight.dim() == 4 else F.conv3d
+    out, start = None, 0
+    for part in parts:
+        stop = start + part.shape[1]
+        term = op(part, weight[:, start:stop], bias if out is None else None, conv.stride, conv.padding)
+        out = term if out is None else out + term
+        start = stop
+    return F.relu(out)
+
+
+def _softmax_over_planes(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 of ``[B, N, H, W]``. In an ONNX export it is written out as
+    ReduceMax, Sub, Exp, ReduceSum, Div: ONNX Runtime's CPU ``Softmax`` on a non-last axis
+    transposes the tensor twice (10.6 ms of a 10x288x384 stack against 3 ms written out, same
+    numbers to float32 rounding); torch itself keeps its fused kernel."""
+    if not torch.onnx.is_in_onnx_export():
+        return torch.softmax(logits, dim=1)
+    e = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+    return e / e.sum(dim=1, keepdim=True)
+
+
+class ConvexUpsampler(nn.Module):
+    """Learned convex upsampling by 4 of per-plane probabilities (as RAFT upsamples flow).
+
+    ``forward(prob_low, guide, image)``: ``prob_low`` ``[B, N, h, w]`` (sums to 1 over N),
+    ``guide`` ``[B, C, h, w]`` features, ``image`` ``[B, 3, 4h, 4w]`` -> ``[B, N, 4h, 4w]``, still
+    summing to 1 over N: every full-resolution pixel takes a softmax-weighted mix of the 3x3
+    coarse pixels around its own, so at a depth edge it can take one side's probabilities
+    instead of an average of both. The last convolution starts at zero (uniform 3x3 weights).
+    Exports to ONNX as Pad (edge), Slice, DepthToSpace and SpaceToDepth.
+    """
+
+    FACTOR = 4
+
+    def __init__(self, guide_channels: int, hidden: int = 64) -> None:
+        super().__init__()
+        f2 = self.FACTOR * self.FACTOR
+        self.head = nn.Sequential(nn.Conv2d(guide_channels + 3 * f2, hidden, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 9 * f2, 1))
+        nn.init.zeros_(self.head[2].weight)
+        nn.init.zeros_(self.head[2].bias)
+
+    def forward(self, prob_low: torch.Tensor, guide: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        b, n, h, w = prob_low.shape
+        f = self.FACTOR
+        x = torch.cat([guide, F.pixel_unshuffle(image, f)], dim=1)
+        mask = torch.softmax(self.head(x).float().reshape(b, 9, f * f, h, w), dim=1)
+        padded = F.pad(prob_low, (1, 1, 1, 1), mode="replicate")
+        up = None
+        for k in range(9):
+            dy, dx = divmod(k, 3)
+            term = padded[:, :, None, dy:dy + h, dx:dx + w] * mask[:, None, k]  # [B, N, f*f, h, w]
+            up = term if up is None else up + term
+        return F.pixel_shuffle(up.reshape(b, n * f * f, h, w), f)
 
 
 @dataclass
@@ -133,6 +211,8 @@ class DualFocusNet(nn.Module):
         super().__init__()
         if cfg.focal_difference not in ("augment", "replace"):
             raise ValueError(f"focal_difference: 'augment' or 'replace', got {cfg.focal_difference!r}")
+        if cfg.upsample not in ("bilinear", "convex"):
+            raise ValueError(f"upsample: 'bilinear' or 'convex', got {cfg.upsample!r}")
         self.cfg = cfg
         c1 = cfg.feat_channels
         self.encoder = Encoder(cfg)
@@ -146,6 +226,10 @@ class DualFocusNet(nn.Module):
         self.dec_blocks = nn.Sequential(*[_Res3d(d) for _ in range(cfg.dec_blocks)])
         self.dec_down = nn.Sequential(_conv3d(d, 2 * d, (1, 2, 2)), _Res3d(2 * d), _Res3d(2 * d))  # 1/8
         self.dec_out = nn.Sequential(_conv3d(3 * d, d), nn.Conv3d(d, 1, 3, 1, 1))
+        if cfg.upsample == "convex":
+            # guide: slice-mean and slice-max features, decoder features averaged over planes,
+            # and the low-resolution depth and peak probability
+            self.upsampler = ConvexUpsampler(2 * c1 + d + 2)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -195,8 +279,16 @@ class DualFocusNet(nn.Module):
         low = self.dec_down(y)
         low = F.interpolate(low, size=(n, h, w), mode="trilinear", align_corners=False)
         logits_low = self.dec_out(torch.cat([y, low], dim=1))[:, 0]  # [B, N, h, w]
-        logits = F.interpolate(logits_low, size=(h_img, w_img), mode="bilinear", align_corners=False)
-        prob = torch.softmax(logits.float(), dim=1)
+        if self.cfg.upsample == "convex":
+            prob_low = torch.softmax(logits_low.float(), dim=1)
+            feat_n = feat.reshape(b, n, c1, h, w)
+            depth_low = (prob_low * pos[:, :, None, None].float()).sum(dim=1, keepdim=True)
+            guide = torch.cat([feat_n.mean(dim=1), feat_n.amax(dim=1), y.mean(dim=2),
+                               depth_low.to(feat.dtype), prob_low.amax(dim=1, keepdim=True).to(feat.dtype)], dim=1)
+            prob = self.upsampler(prob_low, guide, mean[:, 0])
+        else:
+            logits = F.interpolate(logits_low, size=(h_img, w_img), mode="bilinear", align_corners=False)
+            prob = _softmax_over_planes(logits.float())
         depth = (prob * pos[:, :, None, None].float()).sum(dim=1)
         peak = prob.max(dim=1).values
         confidence = ((peak - 1.0 / n) / (1.0 - 1.0 / n)).clamp(0, 1) if n > 1 else torch.ones_like(peak)
