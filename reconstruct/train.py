@@ -283,7 +283,8 @@ def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weigh
 
 
 def init_from_weights(model: DualFocusNet, path: Path) -> None:
-    """Copy the tensors of a weights file into ``model``; the architectures must match."""
+    """Copy the tensors of a weights file into ``model``. The architectures must match, except
+    that a convex-upsampling model may start from bilinear weights (its upsampler starts fresh)."""
     src, _ = load_weights(path)
     adds_upsampler = src.cfg.upsample == "bilinear" and model.cfg.upsample == "convex"
     if src.cfg != model.cfg and not (adds_upsampler and replace(src.cfg, upsample="convex") == model.cfg):

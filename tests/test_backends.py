@@ -141,7 +141,17 @@ def test_fp16_graph_keeps_softmax_and_expectation_fp32(tiny_weights: Path) -> No
     types_ = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.value_info, *proto.graph.input, *proto.graph.output]}
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert any(n.op_type == "Conv" and types_.get(n.input[0]) == f16 for n in proto.graph.node)  # the body is half
-    head = [n for n in proto.graph.node if n.op_type in ("Softmax", "ReduceSum")]
+    # the head: everything computed from the upsampled logits (the graph's last Resize)
+    nodes = list(proto.graph.node)
+    last_resize = max(i for i, n in enumerate(nodes) if n.op_type == "Resize")
+    reached = set(nodes[last_resize].output)
+    downstream = []
+    for n in nodes[last_resize + 1:]:
+        if reached & set(n.input):
+            reached |= set(n.output)
+            downstream.append(n)
+    head = [n for n in downstream if n.op_type in ("Softmax", "ReduceMax", "Exp", "Div", "ReduceSum")]
+    assert {"ReduceMax", "Exp", "Div", "ReduceSum"} <= {n.op_type for n in head}  # the softmax, written out, and the expectation
     assert head and all(types_.get(n.output[0]) == f32 for n in head), [(n.op_type, types_.get(n.output[0])) for n in head]
     assert all(types_[name] == f32 for name in ("stack", "focus", *OUTPUT_NAMES))
     rng = np.random.default_rng(1)

@@ -280,21 +280,34 @@ def test_conv_bn_relu_of_concat_is_the_block_of_the_concatenation(dims: int) -> 
 def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside an export, and in training mode even inside one, the network runs its plain
     graph; inside an eval-mode export, the rewritten graph gives the same outputs."""
+    import reconstruct.dualfocus.model as model_mod
+
+    convs: list[int] = []
+    softmaxes: list[bool] = []
+    real_conv, real_softmax = model_mod.conv_bn_relu_of_concat, model_mod._softmax_over_planes
+    monkeypatch.setattr(model_mod, "conv_bn_relu_of_concat", lambda *a: convs.append(1) or real_conv(*a))
+    monkeypatch.setattr(model_mod, "_softmax_over_planes", lambda x, *, written_out: softmaxes.append(written_out) or real_softmax(x, written_out=written_out))
     model = _tiny(seed=2)
     stack, focus = _inputs(4)
+    exporting = [False]
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting[0])
     with torch.no_grad():
         ref = model(stack, focus)
-        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-        calls = []
-        real = conv_bn_relu_of_concat
-        monkeypatch.setattr("reconstruct.dualfocus.model.conv_bn_relu_of_concat", lambda *a: calls.append(1) or real(*a))
+        assert convs == [] and softmaxes == [False]  # plain torch inference: no rewrite
+        exporting[0] = True
         exported = model(stack, focus)
-        assert len(calls) == 1  # the encoder's fuse block
+        assert len(convs) == 1 and softmaxes[-1] is True  # the encoder's fuse block, the softmax
         torch.testing.assert_close(exported.depth, ref.depth, atol=1e-5, rtol=0)
         torch.testing.assert_close(exported.prob, ref.prob, atol=1e-6, rtol=0)
         model.train()
         model(stack, focus)
-        assert len(calls) == 1  # training mode: no rewrite
+        assert len(convs) == 1 and softmaxes[-1] is False  # training mode: no rewrite
+
+
+def test_conv_bn_relu_of_concat_refuses_blocks_it_cannot_fold() -> None:
+    block = nn.Sequential(nn.Conv2d(4, 4, 3, 1, 1, bias=True), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match="bias-free"):
+        conv_bn_relu_of_concat(block, [torch.zeros(1, 2, 5, 5), torch.zeros(1, 2, 5, 5)])
 
 
 class _DepthOnly(nn.Module):
@@ -335,6 +348,12 @@ def _export_and_compare(tmp_path: Path, *, spatial: bool, upsample: str = "bilin
     assert not [op for op in ops if "FFT" in op.upper() or "DFT" in op.upper()], ops
     if spatial:
         assert "MatMul" in ops  # the DCT solve as matrix products
+    if upsample == "bilinear":
+        # the export rewrites happened: softmax written out, the encoder's fuse conv fed by no Concat
+        assert "Softmax" not in ops and "Exp" in ops
+        producers = {out: node for node in proto.graph.node for out in node.output}
+        fuse = [node for node in proto.graph.node if node.op_type == "Conv" and "/encoder/fuse" in node.name]
+        assert fuse and all(producers[node.input[0]].op_type != "Concat" for node in fuse if node.input[0] in producers)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1

@@ -109,7 +109,9 @@ class Encoder(nn.Module):
 
 def _exporting(module: nn.Module) -> bool:
     """In an ONNX export of a model in eval mode: where the graph may be written differently
-    (same function, to float32 rounding) for ONNX Runtime's sake."""
+    (same function, to float32 rounding) for ONNX Runtime's sake. The exporter's flag is
+    process-wide: a torch inference in another thread during an export takes the rewritten
+    path too (same numbers to float32 rounding, not bit for bit)."""
     return torch.onnx.is_in_onnx_export() and not module.training
 
 
@@ -118,8 +120,12 @@ def conv_bn_relu_of_concat(block: nn.Sequential, parts: list[torch.Tensor]) -> t
     BatchNorm in eval mode, ReLU) as one convolution per part, BatchNorm folded in, summed:
     the same function without a ``Concat``. Used in ONNX exports only: ONNX Runtime's int8
     graph turns each concatenation in front of a quantised convolution into layout transposes
-    and a copy (the encoder's cost ~13 ms of a 10x288x384 stack; README, "Inference backends")."""
+    and a copy (for the encoder's: 221 -> 203 ms per 10x288x384 stack; README, "Export rewrites").
+    The block's convolution must be bias-free, ungrouped, undilated and zero-padded (as
+    ``_conv2d`` / ``_conv3d`` make it)."""
     conv, bn = block[0], block[1]
+    if conv.bias is not None or conv.groups != 1 or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+        raise ValueError("conv_bn_relu_of_concat: the block's convolution must be bias-free, ungrouped, undilated, zero-padded")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
     bias = bn.bias - bn.running_mean * scale
@@ -133,12 +139,13 @@ def conv_bn_relu_of_concat(block: nn.Sequential, parts: list[torch.Tensor]) -> t
     return F.relu(out)
 
 
-def _softmax_over_planes(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1 of ``[B, N, H, W]``. In an ONNX export it is written out as
-    ReduceMax, Sub, Exp, ReduceSum, Div: ONNX Runtime's CPU ``Softmax`` on a non-last axis
-    transposes the tensor twice (10.6 ms of a 10x288x384 stack against 3 ms written out, same
-    numbers to float32 rounding); torch itself keeps its fused kernel."""
-    if not torch.onnx.is_in_onnx_export():
+def _softmax_over_planes(logits: torch.Tensor, *, written_out: bool) -> torch.Tensor:
+    """Softmax over dim 1 of ``[B, N, H, W]``. With ``written_out`` (in an ONNX export) it is
+    computed as ``exp(x - max) / sum`` (ONNX: ReduceMax, Sub, Exp, ReduceSum, Div): ONNX
+    Runtime's CPU ``Softmax`` on a non-last axis transposes the tensor twice (10.6 ms of a
+    10x288x384 int8 stack in its profiler; the graph's tail alone 9.0 -> 3.2 ms written out,
+    same numbers to float32 rounding); torch itself keeps its fused kernel."""
+    if not written_out:
         return torch.softmax(logits, dim=1)
     e = torch.exp(logits - logits.amax(dim=1, keepdim=True))
     return e / e.sum(dim=1, keepdim=True)
@@ -152,7 +159,9 @@ class ConvexUpsampler(nn.Module):
     summing to 1 over N: every full-resolution pixel takes a softmax-weighted mix of the 3x3
     coarse pixels around its own, so at a depth edge it can take one side's probabilities
     instead of an average of both. The last convolution starts at zero (uniform 3x3 weights).
-    Exports to ONNX as Pad (edge), Slice, DepthToSpace and SpaceToDepth.
+    Exports to ONNX as Pad (edge), Slice, Reshape/Transpose (``pixel_unshuffle``) and
+    DepthToSpace. Its softmaxes are plain ``Softmax`` nodes (not written out as the bilinear
+    path's is): it is not the shipped configuration.
     """
 
     FACTOR = 4
@@ -288,7 +297,7 @@ class DualFocusNet(nn.Module):
             prob = self.upsampler(prob_low, guide, mean[:, 0])
         else:
             logits = F.interpolate(logits_low, size=(h_img, w_img), mode="bilinear", align_corners=False)
-            prob = _softmax_over_planes(logits.float())
+            prob = _softmax_over_planes(logits.float(), written_out=_exporting(self))
         depth = (prob * pos[:, :, None, None].float()).sum(dim=1)
         peak = prob.max(dim=1).values
         confidence = ((peak - 1.0 / n) / (1.0 - 1.0 / n)).clamp(0, 1) if n > 1 else torch.ones_like(peak)
