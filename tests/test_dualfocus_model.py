@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from capture.errors import ReconstructionError
-from reconstruct.dualfocus.model import ConvexUpsampler, DualFocusConfig, DualFocusNet, DualFocusOutput, conv_bn_relu_of_concat
+from reconstruct.dualfocus.model import (
+    IN_CHANNELS,
+    ConvexUpsampler,
+    DualFocusConfig,
+    DualFocusNet,
+    DualFocusOutput,
+    conv3d_as_planes,
+    conv_bn_relu_of_concat,
+    stem_conv_of_parts,
+)
 from reconstruct.dualfocus.model import _conv2d as _conv2d_block
 from reconstruct.dualfocus.model import _conv3d as _conv3d_block
 from reconstruct.dualfocus.registry import MODELS, build_model, count_parameters, model_config
@@ -261,14 +270,7 @@ def test_conv_bn_relu_of_concat_is_the_block_of_the_concatenation(dims: int) -> 
     """The export-only rewrite (one convolution per part, BatchNorm folded, summed) is the same
     function as the block on the concatenated input, with trained-looking BatchNorm statistics."""
     torch.manual_seed(0)
-    block = (_conv2d_block if dims == 2 else _conv3d_block)(5 + 3 + 1, 6)
-    with torch.no_grad():
-        bn = block[1]
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    block.eval()
+    block = _trained_looking((_conv2d_block if dims == 2 else _conv3d_block)(5 + 3 + 1, 6))
     spatial = (7, 9) if dims == 2 else (4, 7, 9)
     parts = [torch.randn(2, c, *spatial) for c in (5, 3, 1)]
     with torch.no_grad():
@@ -277,15 +279,61 @@ def test_conv_bn_relu_of_concat_is_the_block_of_the_concatenation(dims: int) -> 
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def _trained_looking(block: nn.Sequential) -> nn.Sequential:
+    """``block`` (conv, BatchNorm, ReLU) with BatchNorm statistics away from their defaults, in eval mode."""
+    with torch.no_grad():
+        bn = block[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return block.eval()
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3d_as_planes_is_the_convolution(n: int, bias: bool) -> None:
+    """The export-only rewrite of a 3x3x3 convolution (one 2D convolution over the planes with
+    an output set per plane offset, summed shifted along N) is the same function, at the first
+    and last planes too."""
+    torch.manual_seed(n)
+    conv = nn.Conv3d(6, 4, 3, 1, 1, bias=bias)
+    x = torch.randn(2, 6, n, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(conv3d_as_planes(conv, x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_conv3d_as_planes_refuses_other_convolutions() -> None:
+    for conv in (nn.Conv3d(2, 2, 3, (1, 2, 2), 1), nn.Conv3d(2, 2, 1), nn.Conv3d(2, 2, 3, 1, 1, padding_mode="replicate")):
+        with pytest.raises(ValueError, match="3x3x3, stride 1, padding 1"):
+            conv3d_as_planes(conv, torch.zeros(1, 2, 3, 5, 5))
+
+
+def test_stem_conv_of_parts_is_the_block_of_the_seven_channel_input() -> None:
+    """The export-only rewrite of the encoder's first block (slices, stack mean and focus
+    positions convolved apart, no 7-channel input) is the same function, borders included."""
+    torch.manual_seed(0)
+    block = _trained_looking(_conv2d_block(IN_CHANNELS, 6, 2))
+    b, n = 2, 3
+    x = torch.rand(b, n, 3, 12, 16)
+    mean = x.mean(dim=1)
+    pos = torch.rand(b, n)
+    seven = torch.cat([x, x - mean[:, None], pos[:, :, None, None, None].expand(b, n, 1, 12, 16)], dim=2).reshape(b * n, IN_CHANNELS, 12, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(stem_conv_of_parts(block, x, mean, pos), block(seven), atol=1e-5, rtol=1e-5)
+
+
 def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outside an export, and in training mode even inside one, the network runs its plain
     graph; inside an eval-mode export, the rewritten graph gives the same outputs."""
     import reconstruct.dualfocus.model as model_mod
 
-    convs: list[int] = []
+    calls: list[str] = []
     softmaxes: list[bool] = []
-    real_conv, real_softmax = model_mod.conv_bn_relu_of_concat, model_mod._softmax_over_planes
-    monkeypatch.setattr(model_mod, "conv_bn_relu_of_concat", lambda *a: convs.append(1) or real_conv(*a))
+    for name in ("conv_bn_relu_of_concat", "conv3d_as_planes", "stem_conv_of_parts"):
+        real = getattr(model_mod, name)
+        monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    real_softmax = model_mod._softmax_over_planes
     monkeypatch.setattr(model_mod, "_softmax_over_planes", lambda x, *, written_out: softmaxes.append(written_out) or real_softmax(x, written_out=written_out))
     model = _tiny(seed=2)
     stack, focus = _inputs(4)
@@ -293,15 +341,18 @@ def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting[0])
     with torch.no_grad():
         ref = model(stack, focus)
-        assert convs == [] and softmaxes == [False]  # plain torch inference: no rewrite
+        assert calls == [] and softmaxes == [False]  # plain torch inference: no rewrite
         exporting[0] = True
         exported = model(stack, focus)
-        assert len(convs) == 1 and softmaxes[-1] is True  # the encoder's fuse block, the softmax
+        # the stem's first block, the encoder's fuse block, both heads; the softmax
+        assert sorted(calls) == ["conv3d_as_planes", "conv3d_as_planes", "conv_bn_relu_of_concat", "stem_conv_of_parts"]
+        assert softmaxes[-1] is True
         torch.testing.assert_close(exported.depth, ref.depth, atol=1e-5, rtol=0)
         torch.testing.assert_close(exported.prob, ref.prob, atol=1e-6, rtol=0)
+        torch.testing.assert_close(exported.surfaces, ref.surfaces, atol=1e-5, rtol=1e-5)
         model.train()
         model(stack, focus)
-        assert len(convs) == 1 and softmaxes[-1] is False  # training mode: no rewrite
+        assert len(calls) == 4 and softmaxes[-1] is False  # training mode: no rewrite
 
 
 def test_conv_bn_relu_of_concat_refuses_blocks_it_cannot_fold() -> None:
@@ -354,6 +405,15 @@ def _export_and_compare(tmp_path: Path, *, spatial: bool, upsample: str = "bilin
         producers = {out: node for node in proto.graph.node for out in node.output}
         fuse = [node for node in proto.graph.node if node.op_type == "Conv" and "/encoder/fuse" in node.name]
         assert fuse and all(producers[node.input[0]].op_type != "Concat" for node in fuse if node.input[0] in producers)
+    # every export: no convolution reads the 7-channel input (the stem's parts are convolved
+    # apart), and the two float heads are 2D convolutions over the planes
+    inferred = onnx.shape_inference.infer_shapes(proto).graph
+    dims = {init.name: list(init.dims) for init in inferred.initializer}
+    dims.update({vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in inferred.value_info})
+    conv_weights = {node.name: dims[node.input[1]] for node in proto.graph.node if node.op_type == "Conv"}
+    assert conv_weights and all(w[1] != IN_CHANNELS for w in conv_weights.values())
+    heads = [name for name in conv_weights if name in ("/net/grad_head/Conv", "/net/dec_out/Conv")]
+    assert len(heads) == (2 if spatial else 1) and all(len(conv_weights[name]) == 4 for name in heads)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1

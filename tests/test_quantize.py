@@ -83,6 +83,35 @@ def test_channel_padding_leaves_aligned_and_unlisted_convs_alone() -> None:
     assert [n.op_type for n in unlisted.graph.node] == ["Conv"]
 
 
+def test_only_sums_that_feed_a_relu_are_quantised() -> None:
+    """Residual sums (an Add of a quantised convolution and a ReLU, whose only user is a Relu)
+    are quantised; a sum of a float convolution or of anything else, or one feeding anything
+    but a single Relu, stays float."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w"], ["c0"], name="conv"),
+        helper.make_node("Add", ["r0", "c0"], ["a"], name="residual"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w"], ["c1"], name="float_conv"),
+        helper.make_node("Add", ["r", "c1"], ["f"], name="of_a_float_conv"),
+        helper.make_node("Relu", ["f"], ["rf"], name="relu_f"),
+        helper.make_node("Add", ["rf", "x"], ["b"], name="of_an_input"),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("Add", ["rb", "c0"], ["h"], name="head_sum"),
+        helper.make_node("Add", ["rb", "rf"], ["c"], name="shared"),
+        helper.make_node("Relu", ["c"], ["y1"], name="relu2"),
+        helper.make_node("Mul", ["c", "h"], ["y2"], name="mul"),
+    ]
+    spec = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
+    weight = onnx.numpy_helper.from_array(np.zeros((2, 2, 1, 1), np.float32), "w")
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [spec], outs, [weight]), opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize.float_add_names(model, ["float_conv"]) == ["of_a_float_conv", "of_an_input", "head_sum", "shared"]
+    assert quantize.float_add_names(model) == ["of_an_input", "head_sum", "shared"]
+
+
 def test_calibration_feeds_are_seeded_stacks_of_the_shape() -> None:
     a = quantize.calibration_feeds(SHAPE, count=2)
     b = quantize.calibration_feeds(SHAPE, count=2)
@@ -112,12 +141,17 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     side = json.loads(art.path.with_suffix(".json").read_text())
     assert side["recipe"] == quantize.RECIPE and side["precision"] == "int8"
     assert side["calibration_stacks"] == quantize.CALIBRATION_STACKS
-    # the recipe's structural rules pick the two full- and half-resolution stem convolutions
-    # and the two heads with fewer than 8 output channels, and pad the odd-width 3D inputs
+    # the recipe's structural rules pick the two full-resolution convolutions of the stem's first
+    # block (the slices' and the stack mean's, as the export writes it) and the two heads with
+    # fewer than 16 output channels (2D convolutions over the planes in the export), and pad the
+    # odd-width 3D inputs
     assert sorted(side["float_convs"]) == sorted([
-        "/net/encoder/stem/stem.0/stem.0.0/Conv", "/net/encoder/stem/stem.1/stem.1.0/Conv",
-        "/net/grad_head/grad_head.1/Conv", "/net/dec_out/dec_out.1/Conv",
+        "/net/encoder/Conv", "/net/encoder/Conv_1", "/net/grad_head/Conv", "/net/dec_out/Conv",
     ])
+    # the stem's first sum, those inside the float heads and the Poisson solve stay float; the
+    # residual sums do not
+    assert "/net/encoder/Add" in side["float_adds"] and any(name.startswith("/net/dec_out/") for name in side["float_adds"])
+    assert not [name for name in side["float_adds"] if any(block in name for block in ("stem.2", "/deep/", "/dec_blocks/", "/dec_down/"))]
     assert sorted(side["padded_convs"]) == ["/net/dec_in/dec_in.0/Conv", "/net/grad_head/grad_head.0/grad_head.0.0/Conv"]
     fp32 = export_mod.export_onnx(weights, SHAPE, precision="fp32")
     assert fp32.reused and side["fp32_onnx_sha256"] == fp32.sha256

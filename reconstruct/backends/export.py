@@ -52,7 +52,7 @@ __all__ = [
 
 CACHE_ENV = "DUALFOCUS_CACHE_DIR"
 DEFAULT_OPSET = 17
-EXPORT_FORMAT = "dualfocus-onnx/3"  # 2: slices sorted by a row Gather; 3: softmax written out, encoder fuse split
+EXPORT_FORMAT = "dualfocus-onnx/4"  # 2: slices sorted by a row Gather; 3: softmax written out, encoder fuse split; 4: stem, heads, volume layout rewrites
 _LOCK = threading.Lock()
 _IDENTITY: dict[tuple[str, int, int], tuple[str, str]] = {}
 

@@ -4,24 +4,35 @@ The recipe (:data:`RECIPE`), chosen by measurement on the report split and at 10
 2-core AVX-512 VNNI CPU (README, "Inference backends"):
 
 * ONNX Runtime's pre-processing (symbolic shape inference, graph optimisation), then
-* every convolution that reads a tensor at more than a quarter of the input resolution stays
-  float: these see the image itself, and quantising them cost accuracy (report-split AbsRel
-  0.0350 against 0.0337 in fp32; 0.0340 with them in float);
+* every convolution that reads a tensor at more than half the input resolution stays float:
+  these see the image itself (the stem's first block, written by the export as a convolution of
+  the slices and one of the stack mean). Recipe v1 kept the half-resolution one float as well
+  (report-split AbsRel 0.0350 with both quantised, 0.0340 with both float, 0.0337 in fp32); v2
+  quantises it: with activations fused (below) it scored 0.0338, and the stem then stays in
+  ONNX Runtime's NHWC int8 layout instead of transposing in and out of it;
 * every convolution with fewer than :data:`MIN_INT8_OUT_CHANNELS` output channels stays float
-  (the output heads: ONNX Runtime's int8 kernels ran them slower than fp32);
+  (the output heads, 4 and 1 channels, which the export writes as 2D convolutions with 12 and
+  3: ONNX Runtime's int8 kernels ran them slower than fp32);
 * a quantised convolution whose input channel count is not a multiple of
   :data:`CHANNEL_MULTIPLE` gets zero channels appended (a ``Pad`` before it and zero weights,
   exact in fp32): the 65- and 67-channel 3D convolutions ran 3x slower in int8 than a
-  96-channel one;
+  96-channel one, and 72 ran faster than 80 (multiples of 16) or 96 (of 32);
+* ``Relu`` and the residual sums (``Add`` of a quantised convolution and a ReLU) are quantised too
+  (:data:`QUANTISED_OPS`, :func:`float_add_names`): a ReLU after a convolution or a residual
+  sum becomes the quantised output's clamp, so ONNX Runtime runs convolution, sum and ReLU in
+  int8 without a dequantise/quantise pair between them (v1 had one after every convolution:
+  10 ms per 10x288x384 stack); the other sums (inside the float heads, the Poisson solve's
+  divergence) stay float;
 * QDQ format, weights int8 per output channel, activations uint8 with min/max ranges from
   :data:`CALIBRATION_STACKS` procedural stacks rendered with the project's image formation
   (seeded: the same graph every time, no dataset needed), at the graph's shape or, for stacks
   over :data:`CALIBRATION_MAX_PIXELS` per slice, at a scaled-down shape (:func:`calibration_shape`):
   ONNX Runtime's calibrator holds every activation in memory, and ranges measured at 10x288x384
-  gave the same tuning-split AbsRel at 10x668x768 as ranges measured there (0.0156 both; fp32
+  gave the same tuning-split AbsRel at 10x668x768 as ranges measured there (recipe v1: 0.0156 both; fp32
   0.0155) for 4.3 GB peak instead of 9.2 GB.
 
-Softmax, the depth expectation and the confidence stay float32 (only ``Conv`` is quantised).
+Softmax, the depth expectation and the confidence stay float32 (only ``Conv``, ``Relu`` and
+``Add`` are quantised; the Poisson solve's matrix products and the resizes stay float).
 """
 
 from __future__ import annotations
@@ -37,13 +48,13 @@ from capture.errors import ReconstructionError
 logger = logging.getLogger(__name__)
 
 __all__ = ["RECIPE", "CALIBRATION_STACKS", "CALIBRATION_MAX_PIXELS", "CHANNEL_MULTIPLE", "MIN_INT8_OUT_CHANNELS", "calibration_feeds", "calibration_shape",
-           "float_conv_names", "pad_conv_channels", "quantize_int8"]
+           "float_add_names", "float_conv_names", "pad_conv_channels", "quantize_int8"]
 
-RECIPE = "int8-qdq-v1"  # part of the cache key: change it when the recipe changes
+RECIPE = "int8-qdq-v2"  # part of the cache key: change it when the recipe changes
 CALIBRATION_STACKS = 4
-CHANNEL_MULTIPLE = 16
-MIN_INT8_OUT_CHANNELS = 8
-QUANTISED_OPS = ("Conv",)
+CHANNEL_MULTIPLE = 8
+MIN_INT8_OUT_CHANNELS = 16
+QUANTISED_OPS = ("Conv", "Relu", "Add")
 CALIBRATION_SEED = 1000
 CALIBRATION_MAX_PIXELS = 288 * 384
 
@@ -77,7 +88,7 @@ def _shapes(model) -> dict[str, list[int]]:
 
 
 def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
-    """The ``Conv`` nodes the recipe keeps in float: those reading more than (H/4)x(W/4)
+    """The ``Conv`` nodes the recipe keeps in float: those reading more than (H/2)x(W/2)
     positions per plane, and those with fewer than :data:`MIN_INT8_OUT_CHANNELS` outputs."""
     from onnx import numpy_helper
 
@@ -93,12 +104,36 @@ def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
             raise ReconstructionError(f"backend: int8 quantisation needs static shapes, and {node.name}'s input has none")
         weight = inits.get(node.input[1])
         out_channels = numpy_helper.to_array(weight).shape[0] if weight is not None else MIN_INT8_OUT_CHANNELS
-        if dims[-2] * dims[-1] > (h // 4) * (w // 4) or out_channels < MIN_INT8_OUT_CHANNELS:
+        if dims[-2] * dims[-1] > (h // 2) * (w // 2) or out_channels < MIN_INT8_OUT_CHANNELS:
             keep.append(node.name)
     return keep
 
 
-def pad_conv_channels(model, names: set[str] | None = None, multiple: int = CHANNEL_MULTIPLE) -> list[str]:
+def float_add_names(model, float_convs: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The ``Add`` nodes the recipe keeps in float: all but the residual sums, those whose
+    output only feeds a ``Relu`` and whose inputs each come from a ``Conv`` not in
+    ``float_convs`` or from a ``Relu``. The others are the stem's first block (a float
+    convolution plus the stack-mean and focus-position terms: rounding each to 8 bits before the
+    sum cost report-split AbsRel 0.0338 -> 0.0355), the sums inside the float heads (the plane
+    offsets of the export's 2D head convolutions, their bias) and the Poisson solve's
+    divergence."""
+    users: dict[str, list[str]] = {}
+    producers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.op_type)
+        for name in node.output:
+            producers[name] = node
+
+    def quantised_source(name: str) -> bool:
+        node = producers.get(name)
+        return node is not None and (node.op_type == "Relu" or (node.op_type == "Conv" and node.name not in float_convs))
+
+    return [node.name for node in model.graph.node if node.op_type == "Add"
+            and not (users.get(node.output[0], []) == ["Relu"] and all(quantised_source(i) for i in node.input))]
+
+
+def pad_conv_channels(model, names: set[str] | None = None, multiple: int | None = None) -> list[str]:
     """Append zero input channels to ``Conv`` nodes (all, or those in ``names``) whose input
     channel count is not a multiple of ``multiple``: a ``Pad`` on the channel axis before the
     convolution and zero weight columns, so the output is unchanged. Ungrouped convolutions
@@ -117,7 +152,7 @@ def pad_conv_channels(model, names: set[str] | None = None, multiple: int = CHAN
         weight = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         if weight is not None and group == 1 and (names is None or node.name in names) and users.get(node.input[1], 0) == 1:
             w = numpy_helper.to_array(weight)
-            extra = -w.shape[1] % multiple
+            extra = -w.shape[1] % (multiple or CHANNEL_MULTIPLE)
             if extra:
                 w = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1)
                 weight.CopyFrom(numpy_helper.from_array(w, node.input[1]))
@@ -146,9 +181,9 @@ def calibration_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
     return n, max(8, int(h * scale) // 4 * 4), max(8, int(w * scale) // 4 * 4)
 
 
-def _prepared(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) -> tuple[Path, list[str], set[str], list[str]]:
+def _prepared(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) -> tuple[Path, list[str], list[str], set[str], list[str]]:
     """Pre-processed and channel-padded copy of ``fp32_onnx`` in ``folder``: (its path, the
-    convolutions kept float, those to quantise, those padded)."""
+    convolutions kept float, the sums kept float, the convolutions to quantise, those padded)."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -162,7 +197,7 @@ def _prepared(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) -> tup
     del model.graph.value_info[:]  # the padded tensors' shapes changed: let ONNX Runtime infer them again
     path = folder / "padded.onnx"
     onnx.save(model, str(path))
-    return path, keep, quantised, padded
+    return path, keep, float_add_names(model, keep), quantised, padded
 
 
 def quantize_int8(
@@ -195,15 +230,15 @@ def quantize_int8(
 
     with tempfile.TemporaryDirectory(prefix="dualfocus-int8-") as tmp:
         ranges = Path(tmp) / "ranges.json"
-        target, keep, quantised, padded = _prepared(fp32_onnx, shape, Path(tmp) / "target")
+        target, keep, float_adds, quantised, padded = _prepared(fp32_onnx, shape, Path(tmp) / "target")
         if cal_shape != tuple(shape):
-            cal, cal_keep, _q, _p = _prepared(calibration_onnx, cal_shape, Path(tmp) / "calibration")
-            quantize_static(str(cal), str(Path(tmp) / "calibration" / "int8.onnx"), _Reader(), nodes_to_exclude=cal_keep,
+            cal, cal_keep, cal_adds, _q, _p = _prepared(calibration_onnx, cal_shape, Path(tmp) / "calibration")
+            quantize_static(str(cal), str(Path(tmp) / "calibration" / "int8.onnx"), _Reader(), nodes_to_exclude=cal_keep + cal_adds,
                             calibration_cache_path=ranges, **settings)
-            quantize_static(str(target), str(out), None, nodes_to_exclude=keep, calibration_cache_path=ranges, **settings)
+            quantize_static(str(target), str(out), None, nodes_to_exclude=keep + float_adds, calibration_cache_path=ranges, **settings)
         else:
-            quantize_static(str(target), str(out), _Reader(), nodes_to_exclude=keep, **settings)
-    logger.info("int8 graph of %s: %d convolutions int8, %d float (%s), %d channel-padded; ranges from %d stacks of %s",
-                fp32_onnx.name, len(quantised), len(keep), ", ".join(keep), len(padded), len(feeds), "x".join(map(str, cal_shape)))
-    return {"recipe": RECIPE, "float_convs": keep, "padded_convs": padded, "calibration_stacks": len(feeds),
+            quantize_static(str(target), str(out), _Reader(), nodes_to_exclude=keep + float_adds, **settings)
+    logger.info("int8 graph of %s: %d convolutions int8, %d float (%s), %d channel-padded, %d sums float; ranges from %d stacks of %s",
+                fp32_onnx.name, len(quantised), len(keep), ", ".join(keep), len(padded), len(float_adds), len(feeds), "x".join(map(str, cal_shape)))
+    return {"recipe": RECIPE, "float_convs": keep, "float_adds": float_adds, "padded_convs": padded, "calibration_stacks": len(feeds),
             "calibration_seed": CALIBRATION_SEED, "calibration_shape": list(cal_shape)}

@@ -99,12 +99,36 @@ class Encoder(nn.Module):
         self.deep = nn.Sequential(_conv2d(c1, c2, 2), _Res2d(c2), _Res2d(c2))  # 1/8
         self.fuse = nn.Sequential(_conv2d(c1 + c2, c1), nn.Conv2d(c1, cfg.feat_channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quarter = self.stem(x)
+    def forward(self, x: torch.Tensor | None = None, *, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``x`` the 7-channel input, or (in ONNX exports) its ``parts`` for :func:`stem_conv_of_parts`."""
+        quarter = self.stem[1:](stem_conv_of_parts(self.stem[0], *parts)) if parts is not None else self.stem(x)
         deep = F.interpolate(self.deep(quarter), size=quarter.shape[-2:], mode="bilinear", align_corners=False)
         if _exporting(self):
             return self.fuse[1](conv_bn_relu_of_concat(self.fuse[0], [quarter, deep]))
         return self.fuse(torch.cat([quarter, deep], dim=1))
+
+
+def stem_conv_of_parts(block: nn.Sequential, x: torch.Tensor, mean: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The encoder's first block (``_conv2d`` of the 7 input channels) on ``cat([x, x - mean,
+    pos plane])`` without building that input: the convolution is linear, so it is one
+    3-channel convolution of the slices, minus the stack mean's convolution (once per stack),
+    plus each slice's focus position times the convolution of a plane of ones (a constant of the
+    graph's shape). Same function to float32 rounding; used in ONNX exports (the full-resolution
+    concatenation and a 7-channel convolution cost ONNX Runtime more than the sums).
+
+    ``x`` ``[B, N, 3, H, W]`` (sorted slices), ``mean`` ``[B, 3, H, W]``, ``pos`` ``[B, N]`` ->
+    ``[B*N, C0, H/2, W/2]``."""
+    conv, bn = block[0], block[1]
+    b, n, c, h, w = x.shape
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale[:, None, None, None]
+    bias = bn.bias - bn.running_mean * scale
+    w_x, w_d, w_p = weight[:, :c], weight[:, c:2 * c], weight[:, 2 * c:]
+    own = F.conv2d(x.reshape(b * n, c, h, w), w_x + w_d, bias, conv.stride, conv.padding)  # [B*N, C0, h2, w2]
+    common = F.conv2d(mean, w_d, None, conv.stride, conv.padding)  # [B, C0, h2, w2]
+    ones = F.conv2d(torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device), w_p, None, conv.stride, conv.padding)  # [1, C0, h2, w2]
+    shift = pos[:, :, None, None, None].to(x.dtype) * ones[:, None] - common[:, None]  # [B, N, C0, h2, w2]
+    return F.relu(own + shift.reshape(own.shape))
 
 
 def _exporting(module: nn.Module) -> bool:
@@ -137,6 +161,43 @@ def conv_bn_relu_of_concat(block: nn.Sequential, parts: list[torch.Tensor]) -> t
         out = term if out is None else out + term
         start = stop
     return F.relu(out)
+
+
+def conv3d_as_planes(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 3x3x3, stride-1, zero-padded ``Conv3d`` on ``x`` ``[B, C, N, h, w]`` as one
+    2D convolution over the ``B*N`` planes with three sets of outputs (one per plane offset),
+    summed shifted along N: the same function to float32 rounding. Used in ONNX exports for the
+    two float output heads (4 and 1 output channels): ONNX Runtime runs a 2D convolution with
+    few outputs in its blocked float kernels, a 3D one through a generic im2col path (3x slower)."""
+    if (conv.kernel_size != (3, 3, 3) or conv.stride != (1, 1, 1) or conv.padding != (1, 1, 1) or conv.dilation != (1, 1, 1)
+            or conv.groups != 1 or conv.padding_mode != "zeros"):
+        raise ValueError("conv3d_as_planes: the convolution must be 3x3x3, stride 1, padding 1, undilated, ungrouped, zero-padded")
+    b, c, n, h, w = x.shape
+    k = conv.out_channels
+    planes = x.permute(0, 2, 1, 3, 4).reshape(b * n, c, h, w)
+    weight = conv.weight.permute(2, 0, 1, 3, 4).reshape(3 * k, c, 3, 3)  # [offset * k + out, c, 3, 3]
+    z = F.conv2d(planes, weight, None, 1, 1).reshape(b, n, 3, k, h, w)
+    zero = z.new_zeros(b, 1, k, h, w)
+    out = z[:, :, 1] + torch.cat([zero, z[:, :-1, 0]], dim=1) + torch.cat([z[:, 1:, 2], zero], dim=1)  # [B, N, k, h, w]
+    if conv.bias is not None:
+        out = out + conv.bias[:, None, None]
+    return out.permute(0, 2, 1, 3, 4)
+
+
+class _Head(nn.Sequential):
+    """``(_conv3d block, Conv3d)``: an output head; in ONNX exports its last convolution runs
+    as :func:`conv3d_as_planes`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3d_as_planes(self[1], self[0](x)) if _exporting(self) else super().forward(x)
+
+
+def _cat_channels(a: torch.Tensor, b: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
+    """``cat([a, b], dim=1)`` of ``[B, C, N, h, w]`` volumes; with ``channels_last`` written as a
+    concatenation along a trailing channel axis between permutes (same numbers)."""
+    if not channels_last:
+        return torch.cat([a, b], dim=1)
+    return torch.cat([a.permute(0, 2, 3, 4, 1), b.permute(0, 2, 3, 4, 1)], dim=-1).permute(0, 4, 1, 2, 3)
 
 
 def _softmax_over_planes(logits: torch.Tensor, *, written_out: bool) -> torch.Tensor:
@@ -228,13 +289,13 @@ class DualFocusNet(nn.Module):
         vol_c = 2 * c1 if cfg.focal_difference == "augment" else c1
         vol_c += 1  # normalised focus position as a channel of the volume
         if cfg.spatial:
-            self.grad_head = nn.Sequential(_conv3d(vol_c, cfg.dec_channels), nn.Conv3d(cfg.dec_channels, 2 * cfg.surface_channels, 3, 1, 1))
+            self.grad_head = _Head(_conv3d(vol_c, cfg.dec_channels), nn.Conv3d(cfg.dec_channels, 2 * cfg.surface_channels, 3, 1, 1))
             vol_c += cfg.surface_channels
         d = cfg.dec_channels
         self.dec_in = _conv3d(vol_c, d)
         self.dec_blocks = nn.Sequential(*[_Res3d(d) for _ in range(cfg.dec_blocks)])
         self.dec_down = nn.Sequential(_conv3d(d, 2 * d, (1, 2, 2)), _Res3d(2 * d), _Res3d(2 * d))  # 1/8
-        self.dec_out = nn.Sequential(_conv3d(3 * d, d), nn.Conv3d(d, 1, 3, 1, 1))
+        self.dec_out = _Head(_conv3d(3 * d, d), nn.Conv3d(d, 1, 3, 1, 1))
         if cfg.upsample == "convex":
             # guide: slice-mean and slice-max features, decoder features averaged over planes,
             # and the low-resolution depth and peak probability
@@ -267,9 +328,11 @@ class DualFocusNet(nn.Module):
         rows = (order + torch.arange(b, device=order.device)[:, None] * n).reshape(-1)
         x = stack.reshape(b * n, c, h_img, w_img).index_select(0, rows).reshape(b, n, c, h_img, w_img)
         mean = x.mean(dim=1, keepdim=True)
-        pos_plane = pos[:, :, None, None, None].expand(b, n, 1, h_img, w_img)
-        x = torch.cat([x, x - mean, pos_plane], dim=2).reshape(b * n, IN_CHANNELS, h_img, w_img)
-        feat = self.encoder(x)
+        if _exporting(self):
+            feat = self.encoder(parts=(x, mean[:, 0], pos))
+        else:
+            pos_plane = pos[:, :, None, None, None].expand(b, n, 1, h_img, w_img)
+            feat = self.encoder(torch.cat([x, x - mean, pos_plane], dim=2).reshape(b * n, IN_CHANNELS, h_img, w_img))
         _, c1, h, w = feat.shape
         vol = feat.reshape(b, n, c1, h, w).permute(0, 2, 1, 3, 4)  # [B, C1, N, h, w]
         nxt = torch.cat([vol[:, :, 1:], vol[:, :, -1:]], dim=2)
@@ -283,11 +346,17 @@ class DualFocusNet(nn.Module):
             g = self.grad_head(vol)  # [B, 2*C2, N, h, w]
             c2 = self.cfg.surface_channels
             surfaces = poisson_solve(g[:, :c2], g[:, c2:])  # [B, C2, N, h, w]
-            vol = torch.cat([vol, surfaces], dim=1)
+            vol = _cat_channels(vol, surfaces, channels_last=_exporting(self))
         y = self.dec_blocks(self.dec_in(vol))
         low = self.dec_down(y)
-        low = F.interpolate(low, size=(n, h, w), mode="trilinear", align_corners=False)
-        logits_low = self.dec_out(torch.cat([y, low], dim=1))[:, 0]  # [B, N, h, w]
+        if _exporting(self):  # same numbers: the slice axis keeps its size, so each plane is bilinear
+            cl, hl, wl = low.shape[1], low.shape[3], low.shape[4]
+            planes = low.permute(0, 2, 1, 3, 4).reshape(b * n, cl, hl, wl)
+            up = F.interpolate(planes, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(b, n, h, w, cl)
+            cat = torch.cat([y.permute(0, 2, 3, 4, 1), up], dim=-1).permute(0, 4, 1, 2, 3)
+        else:
+            cat = torch.cat([y, F.interpolate(low, size=(n, h, w), mode="trilinear", align_corners=False)], dim=1)
+        logits_low = self.dec_out(cat)[:, 0]  # [B, N, h, w]
         if self.cfg.upsample == "convex":
             prob_low = torch.softmax(logits_low.float(), dim=1)
             feat_n = feat.reshape(b, n, c1, h, w)
