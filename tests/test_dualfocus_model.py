@@ -21,6 +21,7 @@ from reconstruct.dualfocus.model import (
     DualFocusOutput,
     conv3d_as_planes,
     conv_bn_relu_of_concat,
+    planes_conv3d,
     stem_conv_of_parts,
 )
 from reconstruct.dualfocus.model import _conv2d as _conv2d_block
@@ -303,6 +304,20 @@ def test_conv3d_as_planes_is_the_convolution(n: int, bias: bool) -> None:
         torch.testing.assert_close(conv3d_as_planes(conv, x), conv(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_planes_conv3d_is_the_convolution(n: int, stride: int) -> None:
+    """One stack's 3x3x3 convolution as three 2D convolutions over its planes, the outer two
+    shifted by a plane, is the same function (first and last planes included, strided too)."""
+    torch.manual_seed(n + stride)
+    conv = nn.Conv3d(6, 5, 3, (1, stride, stride), 1)
+    x = torch.randn(1, 6, n, 8, 10)
+    with torch.no_grad():
+        ref = conv(x)[0].permute(1, 0, 2, 3)  # [N, Cout, h, w]
+        got = planes_conv3d(x[0].permute(1, 0, 2, 3), conv.weight, conv.bias, stride)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_conv3d_as_planes_refuses_other_convolutions() -> None:
     for conv in (nn.Conv3d(2, 2, 3, (1, 2, 2), 1), nn.Conv3d(2, 2, 1), nn.Conv3d(2, 2, 3, 1, 1, padding_mode="replicate")):
         with pytest.raises(ValueError, match="3x3x3, stride 1, padding 1"):
@@ -323,20 +338,22 @@ def test_stem_conv_of_parts_is_the_block_of_the_seven_channel_input() -> None:
         torch.testing.assert_close(stem_conv_of_parts(block, x, mean, pos), block(seven), atol=1e-5, rtol=1e-5)
 
 
-def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("b", [1, 2])
+def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch, b: int) -> None:
     """Outside an export, and in training mode even inside one, the network runs its plain
-    graph; inside an eval-mode export, the rewritten graph gives the same outputs."""
+    graph; inside an eval-mode export, the rewritten graph gives the same outputs (one stack:
+    every 3D convolution over the planes; a batch: the heads only)."""
     import reconstruct.dualfocus.model as model_mod
 
     calls: list[str] = []
     softmaxes: list[bool] = []
-    for name in ("conv_bn_relu_of_concat", "conv3d_as_planes", "stem_conv_of_parts"):
+    for name in ("conv_bn_relu_of_concat", "conv3d_as_planes", "stem_conv_of_parts", "planes_conv3d"):
         real = getattr(model_mod, name)
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     real_softmax = model_mod._softmax_over_planes
     monkeypatch.setattr(model_mod, "_softmax_over_planes", lambda x, *, written_out: softmaxes.append(written_out) or real_softmax(x, written_out=written_out))
     model = _tiny(seed=2)
-    stack, focus = _inputs(4)
+    stack, focus = _inputs(4, b=b)
     exporting = [False]
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting[0])
     with torch.no_grad():
@@ -344,15 +361,19 @@ def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.Mo
         assert calls == [] and softmaxes == [False]  # plain torch inference: no rewrite
         exporting[0] = True
         exported = model(stack, focus)
-        # the stem's first block, the encoder's fuse block, both heads; the softmax
-        assert sorted(calls) == ["conv3d_as_planes", "conv3d_as_planes", "conv_bn_relu_of_concat", "stem_conv_of_parts"]
+        # the stem's first block, the encoder's fuse block, both heads (and with one stack every
+        # other 3D convolution: two blocks and a residual pair per level, as the tiny config has); the softmax
+        convs3d = sum(isinstance(m, nn.Conv3d) for m in model.modules()) - 2
+        assert sorted(set(calls)) == sorted({"conv3d_as_planes", "conv_bn_relu_of_concat", "stem_conv_of_parts"} | ({"planes_conv3d"} if b == 1 else set()))
+        assert calls.count("conv3d_as_planes") == 2 and calls.count("planes_conv3d") == (convs3d if b == 1 else 0)
         assert softmaxes[-1] is True
         torch.testing.assert_close(exported.depth, ref.depth, atol=1e-5, rtol=0)
         torch.testing.assert_close(exported.prob, ref.prob, atol=1e-6, rtol=0)
         torch.testing.assert_close(exported.surfaces, ref.surfaces, atol=1e-5, rtol=1e-5)
+        done = len(calls)
         model.train()
         model(stack, focus)
-        assert len(calls) == 4 and softmaxes[-1] is False  # training mode: no rewrite
+        assert len(calls) == done and softmaxes[-1] is False  # training mode: no rewrite
 
 
 def test_conv_bn_relu_of_concat_refuses_blocks_it_cannot_fold() -> None:
@@ -414,6 +435,8 @@ def _export_and_compare(tmp_path: Path, *, spatial: bool, upsample: str = "bilin
     assert conv_weights and all(w[1] != IN_CHANNELS for w in conv_weights.values())
     heads = [name for name in conv_weights if name in ("/net/grad_head/Conv", "/net/dec_out/Conv")]
     assert len(heads) == (2 if spatial else 1) and all(len(conv_weights[name]) == 4 for name in heads)
+    if upsample == "bilinear":  # one stack: no 3D convolution is left (all over the planes)
+        assert all(len(w) == 4 for w in conv_weights.values()), {k: w for k, w in conv_weights.items() if len(w) != 4}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1

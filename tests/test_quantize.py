@@ -84,9 +84,10 @@ def test_channel_padding_leaves_aligned_and_unlisted_convs_alone() -> None:
 
 
 def test_only_sums_that_feed_a_relu_are_quantised() -> None:
-    """Residual sums (an Add of a quantised convolution and a ReLU, whose only user is a Relu)
-    are quantised; a sum of a float convolution or of anything else, or one feeding anything
-    but a single Relu, stays float."""
+    """Residual sums and the plane sums of the export's 3D convolutions (sums of quantised
+    convolutions, shifted or not, and ReLUs, feeding a Relu or another such sum) are quantised;
+    a sum of a float convolution (shifted or not) or of anything else, or one feeding anything
+    else, stays float."""
     from onnx import TensorProto, helper
 
     nodes = [
@@ -103,12 +104,22 @@ def test_only_sums_that_feed_a_relu_are_quantised() -> None:
         helper.make_node("Add", ["rb", "rf"], ["c"], name="shared"),
         helper.make_node("Relu", ["c"], ["y1"], name="relu2"),
         helper.make_node("Mul", ["c", "h"], ["y2"], name="mul"),
+        # the plane sums of the export's 3D convolutions: a conv, a shifted conv, a residual
+        helper.make_node("Pad", ["c0", "pads"], ["shifted"], name="shift"),
+        helper.make_node("Add", ["c0", "shifted"], ["s1"], name="plane_sum"),
+        helper.make_node("Add", ["s1", "r0"], ["s2"], name="plane_residual"),
+        helper.make_node("Relu", ["s2"], ["y3"], name="relu3"),
+        helper.make_node("Pad", ["c1", "pads"], ["shifted_float"], name="shift_float"),
+        helper.make_node("Add", ["c0", "shifted_float"], ["s3"], name="of_a_shifted_float_conv"),
+        helper.make_node("Relu", ["s3"], ["y4"], name="relu4"),
     ]
     spec = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
     weight = onnx.numpy_helper.from_array(np.zeros((2, 2, 1, 1), np.float32), "w")
-    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2")]
-    model = helper.make_model(helper.make_graph(nodes, "g", [spec], outs, [weight]), opset_imports=[helper.make_opsetid("", 17)])
-    assert quantize.float_add_names(model, ["float_conv"]) == ["of_a_float_conv", "of_an_input", "head_sum", "shared"]
+    pads = onnx.numpy_helper.from_array(np.array([1, 0, 0, 0, -1, 0, 0, 0], np.int64), "pads")
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2", "y3", "y4")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [spec], outs, [weight, pads]), opset_imports=[helper.make_opsetid("", 17)])
+    assert "Pad" in quantize.QUANTISED_OPS
+    assert quantize.float_add_names(model, ["float_conv"]) == ["of_a_float_conv", "of_an_input", "head_sum", "shared", "of_a_shifted_float_conv"]
     assert quantize.float_add_names(model) == ["of_an_input", "head_sum", "shared"]
 
 
@@ -143,8 +154,7 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     assert side["calibration_stacks"] == quantize.CALIBRATION_STACKS
     # the recipe's structural rules pick the two full-resolution convolutions of the stem's first
     # block (the slices' and the stack mean's, as the export writes it) and the two heads with
-    # fewer than 16 output channels (2D convolutions over the planes in the export), and pad the
-    # odd-width 3D inputs
+    # fewer than 16 output channels (2D convolutions over the planes in the export)
     assert sorted(side["float_convs"]) == sorted([
         "/net/encoder/Conv", "/net/encoder/Conv_1", "/net/grad_head/Conv", "/net/dec_out/Conv",
     ])
@@ -152,7 +162,10 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     # residual sums do not
     assert "/net/encoder/Add" in side["float_adds"] and any(name.startswith("/net/dec_out/") for name in side["float_adds"])
     assert not [name for name in side["float_adds"] if any(block in name for block in ("stem.2", "/deep/", "/dec_blocks/", "/dec_down/"))]
-    assert sorted(side["padded_convs"]) == ["/net/dec_in/dec_in.0/Conv", "/net/grad_head/grad_head.0/grad_head.0.0/Conv"]
+    # the three plane convolutions of the two 65- and 67-channel 3D convolutions are padded, each
+    # input once
+    assert sorted(side["padded_convs"]) == sorted(f"/net/{block}/{conv}" for block in ("dec_in", "grad_head/grad_head.0") for conv in ("Conv", "Conv_1", "Conv_2"))
+    assert len([n for n in model.graph.node if n.op_type == "Pad" and n.name.endswith("_channel_pad")]) == 2
     fp32 = export_mod.export_onnx(weights, SHAPE, precision="fp32")
     assert fp32.reused and side["fp32_onnx_sha256"] == fp32.sha256
     again = export_mod.export_onnx(weights, SHAPE, precision="int8")

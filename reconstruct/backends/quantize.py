@@ -7,22 +7,25 @@ The recipe (:data:`RECIPE`), chosen by measurement on the report split and at 10
 * every convolution that reads a tensor at more than half the input resolution stays float:
   these see the image itself (the stem's first block, written by the export as a convolution of
   the slices and one of the stack mean). Recipe v1 kept the half-resolution one float as well
-  (report-split AbsRel 0.0350 with both quantised, 0.0340 with both float, 0.0337 in fp32); v2
-  quantises it: with activations fused (below) it scored 0.0338, and the stem then stays in
-  ONNX Runtime's NHWC int8 layout instead of transposing in and out of it;
+  (report-split AbsRel 0.0350 with both quantised, 0.0340 with both float, 0.0337 in fp32);
+  since v2 it is quantised (with activations fused, below, 0.0338), so the stem stays in ONNX
+  Runtime's NHWC int8 layout instead of transposing in and out of it;
 * every convolution with fewer than :data:`MIN_INT8_OUT_CHANNELS` output channels stays float
   (the output heads, 4 and 1 channels, which the export writes as 2D convolutions with 12 and
   3: ONNX Runtime's int8 kernels ran them slower than fp32);
 * a quantised convolution whose input channel count is not a multiple of
-  :data:`CHANNEL_MULTIPLE` gets zero channels appended (a ``Pad`` before it and zero weights,
-  exact in fp32): the 65- and 67-channel 3D convolutions ran 3x slower in int8 than a
-  96-channel one, and 72 ran faster than 80 (multiples of 16) or 96 (of 32);
-* ``Relu`` and the residual sums (``Add`` of a quantised convolution and a ReLU) are quantised too
-  (:data:`QUANTISED_OPS`, :func:`float_add_names`): a ReLU after a convolution or a residual
-  sum becomes the quantised output's clamp, so ONNX Runtime runs convolution, sum and ReLU in
-  int8 without a dequantise/quantise pair between them (v1 had one after every convolution:
-  10 ms per 10x288x384 stack); the other sums (inside the float heads, the Poisson solve's
-  divergence) stay float;
+  :data:`CHANNEL_MULTIPLE` gets zero channels appended (one ``Pad`` per tensor before the
+  convolutions that read it, and zero weights: exact in fp32). The 65- and 67-channel inputs of
+  the gradient head and the decoder ran slower unpadded (v1, as 3D convolutions: 3x; v3, as 2D
+  convolutions over the planes: 130 against 127 ms per stack), and 72 channels ran faster than
+  80 (multiples of 16) or 96 (of 32);
+* ``Relu``, ``Pad`` and the sums between quantised tensors (:func:`float_add_names`) are
+  quantised too (:data:`QUANTISED_OPS`): a ReLU after a convolution or a residual sum becomes
+  the quantised output's clamp, and the export's plane shifts and sums of the 3D convolutions
+  (``reconstruct.dualfocus.model.planes_conv3d``) run on uint8, so ONNX Runtime has no
+  dequantise/quantise pair between one convolution and the next (v1 had one after every
+  convolution: 10 ms per 10x288x384 stack); the other sums (the stem's first block, inside the
+  float heads, the Poisson solve's divergence) stay float;
 * QDQ format, weights int8 per output channel, activations uint8 with min/max ranges from
   :data:`CALIBRATION_STACKS` procedural stacks rendered with the project's image formation
   (seeded: the same graph every time, no dataset needed), at the graph's shape or, for stacks
@@ -31,8 +34,9 @@ The recipe (:data:`RECIPE`), chosen by measurement on the report split and at 10
   gave the same tuning-split AbsRel at 10x668x768 as ranges measured there (recipe v1: 0.0156 both; fp32
   0.0155) for 4.3 GB peak instead of 9.2 GB.
 
-Softmax, the depth expectation and the confidence stay float32 (only ``Conv``, ``Relu`` and
-``Add`` are quantised; the Poisson solve's matrix products and the resizes stay float).
+Softmax, the depth expectation and the confidence stay float32 (only ``Conv``, ``Relu``,
+``Pad`` and ``Add`` are quantised; the Poisson solve's matrix products and the resizes stay
+float).
 """
 
 from __future__ import annotations
@@ -50,11 +54,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["RECIPE", "CALIBRATION_STACKS", "CALIBRATION_MAX_PIXELS", "CHANNEL_MULTIPLE", "MIN_INT8_OUT_CHANNELS", "calibration_feeds", "calibration_shape",
            "float_add_names", "float_conv_names", "pad_conv_channels", "quantize_int8"]
 
-RECIPE = "int8-qdq-v2"  # part of the cache key: change it when the recipe changes
+RECIPE = "int8-qdq-v3"  # part of the cache key: change it when the recipe changes
 CALIBRATION_STACKS = 4
 CHANNEL_MULTIPLE = 8
 MIN_INT8_OUT_CHANNELS = 16
-QUANTISED_OPS = ("Conv", "Relu", "Add")
+QUANTISED_OPS = ("Conv", "Relu", "Add", "Pad")
 CALIBRATION_SEED = 1000
 CALIBRATION_MAX_PIXELS = 288 * 384
 
@@ -110,33 +114,50 @@ def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
 
 
 def float_add_names(model, float_convs: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The ``Add`` nodes the recipe keeps in float: all but the residual sums, those whose
-    output only feeds a ``Relu`` and whose inputs each come from a ``Conv`` not in
-    ``float_convs`` or from a ``Relu``. The others are the stem's first block (a float
-    convolution plus the stack-mean and focus-position terms: rounding each to 8 bits before the
-    sum cost report-split AbsRel 0.0338 -> 0.0355), the sums inside the float heads (the plane
-    offsets of the export's 2D head convolutions, their bias) and the Poisson solve's
-    divergence."""
-    users: dict[str, list[str]] = {}
-    producers = {}
+    """The ``Add`` nodes the recipe keeps in float. An ``Add`` is quantised when each input is a
+    quantised tensor (the output of a ``Conv`` not in ``float_convs``, of a ``Relu``, of a
+    quantised ``Add``, or a ``Pad`` of one) and each user takes one (``Relu``, ``Pad``, a
+    quantised ``Conv`` or ``Add``): the residual sums and the plane sums of the export's 3D
+    convolutions. The others stay float: the stem's first block (a float convolution plus the
+    stack-mean and focus-position terms: rounding each to 8 bits before the sum cost
+    report-split AbsRel 0.0338 -> 0.0355), the sums inside the float heads and the Poisson
+    solve's divergence."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+
+    adds = [node for node in model.graph.node if node.op_type == "Add"]
+    user_nodes: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
-            users.setdefault(name, []).append(node.op_type)
-        for name in node.output:
-            producers[name] = node
+            user_nodes.setdefault(name, []).append(node)
+    quantised = {node.name for node in adds}
 
     def quantised_source(name: str) -> bool:
-        node = producers.get(name)
-        return node is not None and (node.op_type == "Relu" or (node.op_type == "Conv" and node.name not in float_convs))
+        src = producers.get(name)
+        if src is None:
+            return False
+        if src.op_type == "Pad" and "Pad" in QUANTISED_OPS:  # a shift or padding of a quantised tensor
+            return quantised_source(src.input[0])
+        return src.op_type == "Relu" or (src.op_type == "Conv" and src.name not in float_convs) or src.name in quantised
 
-    return [node.name for node in model.graph.node if node.op_type == "Add"
-            and not (users.get(node.output[0], []) == ["Relu"] and all(quantised_source(i) for i in node.input))]
+    def quantised_user(node) -> bool:
+        return node.op_type in ("Relu", "Pad") or (node.op_type == "Conv" and node.name not in float_convs) or node.name in quantised
+
+    changed = True
+    while changed:  # drop sums until every one left reads and feeds only quantised tensors
+        changed = False
+        for node in adds:
+            users = user_nodes.get(node.output[0], [])
+            if node.name in quantised and not (all(quantised_source(i) for i in node.input) and users and all(quantised_user(u) for u in users)):
+                quantised.discard(node.name)
+                changed = True
+    return [node.name for node in adds if node.name not in quantised]
 
 
 def pad_conv_channels(model, names: set[str] | None = None, multiple: int | None = None) -> list[str]:
     """Append zero input channels to ``Conv`` nodes (all, or those in ``names``) whose input
     channel count is not a multiple of ``multiple``: a ``Pad`` on the channel axis before the
-    convolution and zero weight columns, so the output is unchanged. Ungrouped convolutions
+    convolution (one per padded tensor, shared by the convolutions that read it) and zero weight
+    columns, so the output is unchanged. Ungrouped convolutions
     with a weight initializer only. Edits ``model`` in place; returns the names padded."""
     from onnx import helper, numpy_helper
 
@@ -147,6 +168,7 @@ def pad_conv_channels(model, names: set[str] | None = None, multiple: int | None
         for name in node.input:
             users[name] = users.get(name, 0) + 1
     padded, nodes = [], []
+    shared: dict[str, str] = {}
     for node in graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         weight = inits.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
@@ -156,12 +178,14 @@ def pad_conv_channels(model, names: set[str] | None = None, multiple: int | None
             if extra:
                 w = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1)
                 weight.CopyFrom(numpy_helper.from_array(w, node.input[1]))
-                pads = np.zeros(2 * w.ndim, np.int64)
-                pads[w.ndim + 1] = extra  # end of the channel axis
-                tag = f"{node.name}_channel_pad"
-                graph.initializer.append(numpy_helper.from_array(pads, f"{tag}_pads"))
-                nodes.append(helper.make_node("Pad", [node.input[0], f"{tag}_pads"], [f"{tag}_out"], name=tag, mode="constant"))
-                node.input[0] = f"{tag}_out"
+                if node.input[0] not in shared:  # one Pad per tensor, however many convolutions read it
+                    pads = np.zeros(2 * w.ndim, np.int64)
+                    pads[w.ndim + 1] = extra  # end of the channel axis
+                    tag = f"{node.name}_channel_pad"
+                    graph.initializer.append(numpy_helper.from_array(pads, f"{tag}_pads"))
+                    nodes.append(helper.make_node("Pad", [node.input[0], f"{tag}_pads"], [f"{tag}_out"], name=tag, mode="constant"))
+                    shared[node.input[0]] = f"{tag}_out"
+                node.input[0] = shared[node.input[0]]
                 padded.append(node.name)
         nodes.append(node)
     del graph.node[:]
