@@ -109,6 +109,9 @@ def test_only_sums_that_feed_a_relu_are_quantised() -> None:
         helper.make_node("Add", ["c0", "shifted"], ["s1"], name="plane_sum"),
         helper.make_node("Add", ["s1", "r0"], ["s2"], name="plane_residual"),
         helper.make_node("Relu", ["s2"], ["y3"], name="relu3"),
+        helper.make_node("Slice", ["c0", "starts", "ends"], ["sliced"], name="slice"),
+        helper.make_node("Add", ["sliced", "c0"], ["s4"], name="slice_sum"),
+        helper.make_node("Relu", ["s4"], ["y5"], name="relu5"),
         helper.make_node("Pad", ["c1", "pads"], ["shifted_float"], name="shift_float"),
         helper.make_node("Add", ["c0", "shifted_float"], ["s3"], name="of_a_shifted_float_conv"),
         helper.make_node("Relu", ["s3"], ["y4"], name="relu4"),
@@ -116,11 +119,46 @@ def test_only_sums_that_feed_a_relu_are_quantised() -> None:
     spec = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
     weight = onnx.numpy_helper.from_array(np.zeros((2, 2, 1, 1), np.float32), "w")
     pads = onnx.numpy_helper.from_array(np.array([1, 0, 0, 0, -1, 0, 0, 0], np.int64), "pads")
-    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2", "y3", "y4")]
-    model = helper.make_model(helper.make_graph(nodes, "g", [spec], outs, [weight, pads]), opset_imports=[helper.make_opsetid("", 17)])
-    assert "Pad" in quantize.QUANTISED_OPS
+    starts, ends = (onnx.numpy_helper.from_array(np.array([v], np.int64), name) for v, name in ((0, "starts"), (1, "ends")))
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2", "y3", "y4", "y5")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [spec], outs, [weight, pads, starts, ends]), opset_imports=[helper.make_opsetid("", 17)])
+    assert "Pad" in quantize.QUANTISED_OPS and "Slice" in quantize.QUANTISED_OPS
     assert quantize.float_add_names(model, ["float_conv"]) == ["of_a_float_conv", "of_an_input", "head_sum", "shared", "of_a_shifted_float_conv"]
     assert quantize.float_add_names(model) == ["of_an_input", "head_sum", "shared"]
+
+
+def _qdq_pad_model(shift: list[int], zero_point: int, q_zero_point: int) -> onnx.ModelProto:
+    """uint8 -> DequantizeLinear -> Pad (constant 0) -> QuantizeLinear -> uint8, as the quantiser writes a quantised Pad."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["f"], name="dq"),
+        helper.make_node("Pad", ["f", "pads"], ["g"], name="pad", mode="constant"),
+        helper.make_node("QuantizeLinear", ["g", "s", "qz"], ["y"], name="q"),
+    ]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(zero_point, np.uint8), "z"),
+             numpy_helper.from_array(np.array(q_zero_point, np.uint8), "qz"), numpy_helper.from_array(np.array(shift, np.int64), "pads")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [4, 3, 5, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("shift", [[1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 2, 0, 0]])
+def test_pads_in_uint8_is_exact(shift: list[int]) -> None:
+    """A dequantise -> pad -> quantise with one scale and zero point becomes a uint8 Pad filled
+    with the zero point: the same output bytes, two nodes fewer."""
+    model = _qdq_pad_model(shift, 7, 7)
+    x = np.random.default_rng(0).integers(0, 256, (4, 3, 5, 6), dtype=np.uint8)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert quantize.pads_in_uint8(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Pad"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_pads_in_uint8_leaves_requantising_pads_alone() -> None:
+    model = _qdq_pad_model([1, 0, 0, 0, 0, 0, 0, 0], 7, 9)  # another zero point after the pad
+    assert quantize.pads_in_uint8(model) == 0 and len(model.graph.node) == 3
 
 
 def test_calibration_feeds_are_seeded_stacks_of_the_shape() -> None:
@@ -166,6 +204,10 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     # input once
     assert sorted(side["padded_convs"]) == sorted(f"/net/{block}/{conv}" for block in ("dec_in", "grad_head/grad_head.0") for conv in ("Conv", "Conv_1", "Conv_2"))
     assert len([n for n in model.graph.node if n.op_type == "Pad" and n.name.endswith("_channel_pad")]) == 2
+    # every Pad (channel padding, plane shifts) runs on uint8, none between a dequantise and a quantise
+    producers = {out: node for node in model.graph.node for out in node.output}
+    pads = [n for n in model.graph.node if n.op_type == "Pad"]
+    assert side["uint8_pads"] == len(pads) > 2 and not [n.name for n in pads if n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"]
     fp32 = export_mod.export_onnx(weights, SHAPE, precision="fp32")
     assert fp32.reused and side["fp32_onnx_sha256"] == fp32.sha256
     again = export_mod.export_onnx(weights, SHAPE, precision="int8")

@@ -206,8 +206,8 @@ def _folded(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Te
 def planes_conv3d(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1) -> torch.Tensor:
     """A 3x3x3 convolution (zero padding 1, stride 1 along the planes, ``stride`` across them) of
     one stack's planes ``p`` ``[N, C, h, w]``, ``weight`` ``[Cout, C, 3, 3, 3]``, as three 2D
-    convolutions of the planes, one per plane offset, the outer two shifted by one plane (a
-    ``Pad`` that adds a zero plane at one end and drops one at the other), summed:
+    convolutions of the planes, one per plane offset, the outer two shifted by one plane (a zero
+    plane padded at one end, one plane sliced off the other), summed:
     ``[N, Cout, h/stride, w/stride]``, the same function to float32 rounding.
 
     Used in ONNX exports of one stack for every 3D convolution of the decoder and the gradient
@@ -215,9 +215,10 @@ def planes_conv3d(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     its NHWC kernels, 2.4-2.9x faster for the same work (32-channel blocks at 1/4 resolution: 6.6
     against 3 x 0.9 ms per 10x288x384 stack). A stack's planes in the 2D convolutions' NHWC
     layout are the volume's NDHWC layout, so no transposes appear between them."""
+    n = p.shape[0]
     out = F.conv2d(p, weight[:, :, 1], bias, stride, 1)
-    out = out + F.pad(F.conv2d(p, weight[:, :, 0], None, stride, 1), (0, 0, 0, 0, 0, 0, 1, -1))  # plane n-1's term to plane n
-    return out + F.pad(F.conv2d(p, weight[:, :, 2], None, stride, 1), (0, 0, 0, 0, 0, 0, -1, 1))  # plane n+1's
+    out = out + F.pad(F.conv2d(p, weight[:, :, 0], None, stride, 1), (0, 0, 0, 0, 0, 0, 1, 0))[:n]  # plane n-1's term to plane n
+    return out + F.pad(F.conv2d(p, weight[:, :, 2], None, stride, 1), (0, 0, 0, 0, 0, 0, 0, 1))[1:]  # plane n+1's
 
 
 class _Head(nn.Sequential):
