@@ -264,7 +264,7 @@ def test_auto_picks_a_cpu_backend_and_says_why(isolated_cache: Path, caplog: pyt
     with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
         choice = select_mod.select_backend("auto")
     assert choice.name == "torch" and choice.device == "cpu"
-    assert "backend auto: torch on cpu" in caplog.text and "no CPU measurement yet" in caplog.text and "328 ms" in caplog.text
+    assert "backend auto: torch on cpu" in caplog.text and "no CPU measurement yet" in caplog.text and "340-354 ms" in caplog.text
     # a measurement decides
     _write_latencies(isolated_cache, {"torch-cpu": 150.0, "onnxruntime-cpu": 100.0})
     caplog.clear()

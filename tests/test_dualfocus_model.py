@@ -280,15 +280,17 @@ def test_conv_bn_relu_of_concat_is_the_block_of_the_concatenation(dims: int) -> 
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def _trained_looking(block: nn.Sequential) -> nn.Sequential:
-    """``block`` (conv, BatchNorm, ReLU) with BatchNorm statistics away from their defaults, in eval mode."""
+def _trained_looking(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm's statistics and affine parameters away from their
+    defaults (so that folding them into a convolution is tested), in eval mode."""
     with torch.no_grad():
-        bn = block[1]
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return block.eval()
+        for bn in module.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+    return module.eval()
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
@@ -318,6 +320,17 @@ def test_planes_conv3d_is_the_convolution(n: int, stride: int) -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_planes_path_refuses_convolutions_it_cannot_run() -> None:
+    from reconstruct.dualfocus.model import _Block3d
+
+    for conv in (nn.Conv3d(2, 2, 3, (2, 1, 1), 1, bias=False), nn.Conv3d(2, 2, 3, (1, 2, 1), 1, bias=False), nn.Conv3d(2, 2, 1, bias=False)):
+        block = _Block3d(conv, nn.BatchNorm3d(2), nn.ReLU()).eval()
+        with pytest.raises(ValueError, match="planes_conv3d"):
+            block(torch.zeros(3, 2, 5, 5), planes=True)
+    with pytest.raises(ValueError, match="bias-free"):
+        _Block3d(nn.Conv3d(2, 2, 3, 1, 1, bias=True), nn.BatchNorm3d(2), nn.ReLU()).eval()(torch.zeros(3, 2, 5, 5), planes=True)
+
+
 def test_conv3d_as_planes_refuses_other_convolutions() -> None:
     for conv in (nn.Conv3d(2, 2, 3, (1, 2, 2), 1), nn.Conv3d(2, 2, 1), nn.Conv3d(2, 2, 3, 1, 1, padding_mode="replicate")):
         with pytest.raises(ValueError, match="3x3x3, stride 1, padding 1"):
@@ -338,8 +351,8 @@ def test_stem_conv_of_parts_is_the_block_of_the_seven_channel_input() -> None:
         torch.testing.assert_close(stem_conv_of_parts(block, x, mean, pos), block(seven), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("b", [1, 2])
-def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch, b: int) -> None:
+@pytest.mark.parametrize(("b", "overrides"), [(1, {}), (2, {}), (1, {"focal_difference": "replace"}), (1, {"spatial": False})])
+def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.MonkeyPatch, b: int, overrides: dict) -> None:
     """Outside an export, and in training mode even inside one, the network runs its plain
     graph; inside an eval-mode export, the rewritten graph gives the same outputs (one stack:
     every 3D convolution over the planes; a batch: the heads only)."""
@@ -352,7 +365,7 @@ def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.Mo
         monkeypatch.setattr(model_mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     real_softmax = model_mod._softmax_over_planes
     monkeypatch.setattr(model_mod, "_softmax_over_planes", lambda x, *, written_out: softmaxes.append(written_out) or real_softmax(x, written_out=written_out))
-    model = _tiny(seed=2)
+    model = _trained_looking(_tiny(seed=2, **overrides))
     stack, focus = _inputs(4, b=b)
     exporting = [False]
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting[0])
@@ -363,13 +376,16 @@ def test_export_only_rewrites_do_not_touch_the_torch_path(monkeypatch: pytest.Mo
         exported = model(stack, focus)
         # the stem's first block, the encoder's fuse block, both heads (and with one stack every
         # other 3D convolution: two blocks and a residual pair per level, as the tiny config has); the softmax
-        convs3d = sum(isinstance(m, nn.Conv3d) for m in model.modules()) - 2
+        heads = 2 if model.cfg.spatial else 1
+        convs3d = sum(isinstance(m, nn.Conv3d) for m in model.modules()) - heads
         assert sorted(set(calls)) == sorted({"conv3d_as_planes", "conv_bn_relu_of_concat", "stem_conv_of_parts"} | ({"planes_conv3d"} if b == 1 else set()))
-        assert calls.count("conv3d_as_planes") == 2 and calls.count("planes_conv3d") == (convs3d if b == 1 else 0)
+        assert calls.count("conv3d_as_planes") == heads and calls.count("planes_conv3d") == (convs3d if b == 1 else 0)
         assert softmaxes[-1] is True
         torch.testing.assert_close(exported.depth, ref.depth, atol=1e-5, rtol=0)
         torch.testing.assert_close(exported.prob, ref.prob, atol=1e-6, rtol=0)
-        torch.testing.assert_close(exported.surfaces, ref.surfaces, atol=1e-5, rtol=1e-5)
+        if model.cfg.spatial:
+            torch.testing.assert_close(exported.surfaces, ref.surfaces, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exported.logits_low, ref.logits_low, atol=1e-4, rtol=1e-5)
         done = len(calls)
         model.train()
         model(stack, focus)
@@ -397,7 +413,7 @@ class _DepthOnly(nn.Module):
 def _export_and_compare(tmp_path: Path, *, spatial: bool, upsample: str = "bilinear") -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    net = _tiny(seed=1, spatial=spatial, upsample=upsample)
+    net = _trained_looking(_tiny(seed=1, spatial=spatial, upsample=upsample))
     if upsample == "convex":  # a non-trivial mask: the zero-initialised layer would hide layout errors
         with torch.no_grad():
             net.upsampler.head[2].weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))

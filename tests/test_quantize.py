@@ -83,11 +83,12 @@ def test_channel_padding_leaves_aligned_and_unlisted_convs_alone() -> None:
     assert [n.op_type for n in unlisted.graph.node] == ["Conv"]
 
 
-def test_only_sums_that_feed_a_relu_are_quantised() -> None:
-    """Residual sums and the plane sums of the export's 3D convolutions (sums of quantised
-    convolutions, shifted or not, and ReLUs, feeding a Relu or another such sum) are quantised;
-    a sum of a float convolution (shifted or not) or of anything else, or one feeding anything
-    else, stays float."""
+def test_sums_pads_and_slices_are_quantised_only_between_quantised_tensors() -> None:
+    """Residual sums and the plane sums and shifts of the export's 3D convolutions (sums of
+    quantised convolutions, shifted or not, and ReLUs, feeding a Relu or another such node) are
+    quantised, and so is a pad feeding only int8 convolutions; a sum or shift of a float
+    convolution or of anything else, a sum feeding anything else, and a pad of a float tensor
+    read by float ops (the Poisson solve's) stay float."""
     from onnx import TensorProto, helper
 
     nodes = [
@@ -115,16 +116,22 @@ def test_only_sums_that_feed_a_relu_are_quantised() -> None:
         helper.make_node("Pad", ["c1", "pads"], ["shifted_float"], name="shift_float"),
         helper.make_node("Add", ["c0", "shifted_float"], ["s3"], name="of_a_shifted_float_conv"),
         helper.make_node("Relu", ["s3"], ["y4"], name="relu4"),
+        # a channel padding in front of an int8 convolution, and a pad of a float input read by float ops
+        helper.make_node("Pad", ["x", "pads"], ["xp"], name="channel_pad"),
+        helper.make_node("Conv", ["xp", "w"], ["y6"], name="conv_after_pad"),
+        helper.make_node("Pad", ["x", "pads"], ["xq"], name="poisson_pad"),
+        helper.make_node("Sub", ["xq", "x"], ["y7"], name="sub"),
     ]
     spec = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
     weight = onnx.numpy_helper.from_array(np.zeros((2, 2, 1, 1), np.float32), "w")
     pads = onnx.numpy_helper.from_array(np.array([1, 0, 0, 0, -1, 0, 0, 0], np.int64), "pads")
     starts, ends = (onnx.numpy_helper.from_array(np.array([v], np.int64), name) for v, name in ((0, "starts"), (1, "ends")))
-    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2", "y3", "y4", "y5")]
+    outs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y1", "y2", "y3", "y4", "y5", "y6", "y7")]
     model = helper.make_model(helper.make_graph(nodes, "g", [spec], outs, [weight, pads, starts, ends]), opset_imports=[helper.make_opsetid("", 17)])
     assert "Pad" in quantize.QUANTISED_OPS and "Slice" in quantize.QUANTISED_OPS
-    assert quantize.float_add_names(model, ["float_conv"]) == ["of_a_float_conv", "of_an_input", "head_sum", "shared", "of_a_shifted_float_conv"]
-    assert quantize.float_add_names(model) == ["of_an_input", "head_sum", "shared"]
+    assert quantize.float_sum_and_shift_names(model, ["float_conv"]) == [
+        "of_a_float_conv", "of_an_input", "head_sum", "shared", "shift_float", "of_a_shifted_float_conv", "poisson_pad"]
+    assert quantize.float_sum_and_shift_names(model) == ["of_an_input", "head_sum", "shared", "poisson_pad"]
 
 
 def _qdq_pad_model(shift: list[int], zero_point: int, q_zero_point: int) -> onnx.ModelProto:
@@ -154,6 +161,29 @@ def test_pads_in_uint8_is_exact(shift: list[int]) -> None:
     assert [n.op_type for n in model.graph.node] == ["Pad"]
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, ref)
+
+
+def test_pads_in_uint8_drops_a_dequantisation_shared_by_two_rewritten_pads() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["f"], name="dq")]
+    for k, shift in enumerate(([1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0])):
+        nodes += [helper.make_node("Pad", ["f", f"pads{k}"], [f"g{k}"], name=f"pad{k}", mode="constant"),
+                  helper.make_node("QuantizeLinear", [f"g{k}", "s", "z"], [f"q{k}"], name=f"q{k}"),
+                  helper.make_node("DequantizeLinear", [f"q{k}", "s", "z"], [f"y{k}"], name=f"out{k}")]
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z"),
+             numpy_helper.from_array(np.array([1, 0, 0, 0, 0, 0, 0, 0], np.int64), "pads0"),
+             numpy_helper.from_array(np.array([0, 0, 0, 0, 1, 0, 0, 0], np.int64), "pads1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [4, 3, 5, 6])],
+                              [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, None) for k in range(2)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).integers(0, 256, (4, 3, 5, 6), dtype=np.uint8)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert quantize.pads_in_uint8(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["Pad", "DequantizeLinear", "Pad", "DequantizeLinear"]  # the shared dq is gone
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_pads_in_uint8_leaves_requantising_pads_alone() -> None:
@@ -196,10 +226,10 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     assert sorted(side["float_convs"]) == sorted([
         "/net/encoder/Conv", "/net/encoder/Conv_1", "/net/grad_head/Conv", "/net/dec_out/Conv",
     ])
-    # the stem's first sum, those inside the float heads and the Poisson solve stay float; the
-    # residual sums do not
-    assert "/net/encoder/Add" in side["float_adds"] and any(name.startswith("/net/dec_out/") for name in side["float_adds"])
-    assert not [name for name in side["float_adds"] if any(block in name for block in ("stem.2", "/deep/", "/dec_blocks/", "/dec_down/"))]
+    # the stem's first sum, those inside the float heads and the Poisson solve's pads and sums stay
+    # float; the residual sums do not
+    assert "/net/encoder/Add" in side["float_sums_pads_slices"] and any(name.startswith("/net/dec_out/") for name in side["float_sums_pads_slices"])
+    assert not [name for name in side["float_sums_pads_slices"] if any(block in name for block in ("stem.2", "/deep/", "/dec_blocks/", "/dec_down/"))]
     # the three plane convolutions of the two 65- and 67-channel 3D convolutions are padded, each
     # input once
     assert sorted(side["padded_convs"]) == sorted(f"/net/{block}/{conv}" for block in ("dec_in", "grad_head/grad_head.0") for conv in ("Conv", "Conv_1", "Conv_2"))
@@ -207,7 +237,13 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     # every Pad (channel padding, plane shifts) runs on uint8, none between a dequantise and a quantise
     producers = {out: node for node in model.graph.node for out in node.output}
     pads = [n for n in model.graph.node if n.op_type == "Pad"]
-    assert side["uint8_pads"] == len(pads) > 2 and not [n.name for n in pads if n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"]
+    float_pads = [n.name for n in pads if n.name in side["float_sums_pads_slices"]]
+    assert len(float_pads) == 4  # the Poisson divergence's, which read the float gradient head
+    assert side["uint8_pads"] == len(pads) - 4 > 2
+    assert not [n.name for n in pads if n.name not in float_pads and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "DequantizeLinear"]
+    # and no node whose output nobody reads
+    read = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    assert not [n.name for n in model.graph.node if not any(o in read for o in n.output)]
     fp32 = export_mod.export_onnx(weights, SHAPE, precision="fp32")
     assert fp32.reused and side["fp32_onnx_sha256"] == fp32.sha256
     again = export_mod.export_onnx(weights, SHAPE, precision="int8")

@@ -19,7 +19,7 @@ The recipe (:data:`RECIPE`), chosen by measurement on the report split and at 10
   the gradient head and the decoder ran slower unpadded (v1, as 3D convolutions: 3x; v3, as 2D
   convolutions over the planes: 130 against 127 ms per stack), and 72 channels ran faster than
   80 (multiples of 16) or 96 (of 32);
-* ``Relu``, ``Pad``, ``Slice`` and the sums between quantised tensors (:func:`float_add_names`)
+* ``Relu``, ``Pad``, ``Slice`` and the sums between quantised tensors (:func:`float_sum_and_shift_names`)
   are quantised too (:data:`QUANTISED_OPS`): a ReLU after a convolution or a residual sum becomes
   the quantised output's clamp, and the export's plane shifts and sums of the 3D convolutions
   (``reconstruct.dualfocus.model.planes_conv3d``) run on uint8, so ONNX Runtime has no
@@ -37,8 +37,8 @@ The recipe (:data:`RECIPE`), chosen by measurement on the report split and at 10
   0.0155) for 4.3 GB peak instead of 9.2 GB.
 
 Softmax, the depth expectation and the confidence stay float32 (only ``Conv``, ``Relu``,
-``Pad`` and ``Add`` are quantised; the Poisson solve's matrix products and the resizes stay
-float).
+``Pad``, ``Slice`` and ``Add`` are quantised, by the rules above; the Poisson solve and the
+resizes stay float).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ from capture.errors import ReconstructionError
 logger = logging.getLogger(__name__)
 
 __all__ = ["RECIPE", "CALIBRATION_STACKS", "CALIBRATION_MAX_PIXELS", "CHANNEL_MULTIPLE", "MIN_INT8_OUT_CHANNELS", "calibration_feeds", "calibration_shape",
-           "float_add_names", "float_conv_names", "pad_conv_channels", "quantize_int8"]
+           "float_sum_and_shift_names", "float_conv_names", "pad_conv_channels", "quantize_int8"]
 
-RECIPE = "int8-qdq-v4"  # part of the cache key: change it when the recipe changes
+RECIPE = "int8-qdq-v5"  # part of the cache key: change it when the recipe changes
 CALIBRATION_STACKS = 4
 CHANNEL_MULTIPLE = 8
 MIN_INT8_OUT_CHANNELS = 16
@@ -95,12 +95,15 @@ def _shapes(model) -> dict[str, list[int]]:
 
 def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
     """The ``Conv`` nodes the recipe keeps in float: those reading more than (H/2)x(W/2)
-    positions per plane, and those with fewer than :data:`MIN_INT8_OUT_CHANNELS` outputs."""
+    positions per plane, and the output heads: fewer than :data:`MIN_INT8_OUT_CHANNELS`
+    outputs, or, written by the export as one 2D convolution with an output set per plane offset
+    (``conv3d_as_planes``, its output reshaped into the three sets), fewer per set."""
     from onnx import numpy_helper
 
     _n, h, w = shape
     shapes = _shapes(model)
     inits = {i.name: i for i in model.graph.initializer}
+    reshaped = {name for node in model.graph.node if node.op_type == "Reshape" for name in node.input[:1]}
     keep = []
     for node in model.graph.node:
         if node.op_type != "Conv":
@@ -110,49 +113,59 @@ def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
             raise ReconstructionError(f"backend: int8 quantisation needs static shapes, and {node.name}'s input has none")
         weight = inits.get(node.input[1])
         out_channels = numpy_helper.to_array(weight).shape[0] if weight is not None else MIN_INT8_OUT_CHANNELS
-        if dims[-2] * dims[-1] > (h // 2) * (w // 2) or out_channels < MIN_INT8_OUT_CHANNELS:
+        head = out_channels < MIN_INT8_OUT_CHANNELS or (
+            node.output[0] in reshaped and out_channels % 3 == 0 and out_channels // 3 < MIN_INT8_OUT_CHANNELS)
+        if dims[-2] * dims[-1] > (h // 2) * (w // 2) or head:
             keep.append(node.name)
     return keep
 
 
-def float_add_names(model, float_convs: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The ``Add`` nodes the recipe keeps in float. An ``Add`` is quantised when each input is a
-    quantised tensor (the output of a ``Conv`` not in ``float_convs``, of a ``Relu``, of a
-    quantised ``Add``, or a ``Pad`` or ``Slice`` of one) and each user takes one (``Relu``,
-    ``Pad``, ``Slice``, a quantised ``Conv`` or ``Add``): the residual sums and the plane sums of the export's 3D
-    convolutions. The others stay float: the stem's first block (a float convolution plus the
-    stack-mean and focus-position terms: rounding each to 8 bits before the sum cost
-    report-split AbsRel 0.0338 -> 0.0355), the sums inside the float heads and the Poisson
-    solve's divergence."""
+def float_sum_and_shift_names(model, float_convs: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The ``Add``, ``Pad`` and ``Slice`` nodes the recipe keeps in float (the other two ops are
+    in :data:`QUANTISED_OPS` too). An ``Add`` is quantised when each input is a quantised tensor
+    (the output of a ``Conv`` not in ``float_convs``, of a ``Relu``, or of a quantised ``Add``,
+    ``Pad`` or ``Slice``) and each user takes one (``Relu``, a quantised ``Conv``, ``Add``,
+    ``Pad`` or ``Slice``): the residual sums and the plane sums of the export's 3D convolutions.
+    A ``Pad`` or ``Slice`` is quantised when its input is a quantised tensor (the plane shifts)
+    or its users are all quantised convolutions (the channel padding). The others stay float:
+    the stem's first sum (a float convolution plus the stack-mean and focus-position terms:
+    rounding each to 8 bits before the sum cost report-split AbsRel 0.0338 -> 0.0355), the sums
+    inside the float heads, and the Poisson solve's pads and sums, which read the float
+    gradient head's output."""
     producers = {name: node for node in model.graph.node for name in node.output}
-
-    adds = [node for node in model.graph.node if node.op_type == "Add"]
     user_nodes: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
             user_nodes.setdefault(name, []).append(node)
-    quantised = {node.name for node in adds}
+    movers = ("Pad", "Slice")
+    candidates = [node for node in model.graph.node if node.op_type == "Add" or (node.op_type in movers and node.op_type in QUANTISED_OPS)]
+    quantised = {node.name for node in candidates}
+
+    def int8_conv(node) -> bool:
+        return node.op_type == "Conv" and node.name not in float_convs
 
     def quantised_source(name: str) -> bool:
         src = producers.get(name)
-        if src is None:
-            return False
-        if src.op_type in ("Pad", "Slice") and src.op_type in QUANTISED_OPS:  # a shift or padding of a quantised tensor
-            return quantised_source(src.input[0])
-        return src.op_type == "Relu" or (src.op_type == "Conv" and src.name not in float_convs) or src.name in quantised
+        return src is not None and (src.op_type == "Relu" or int8_conv(src) or src.name in quantised)
 
     def quantised_user(node) -> bool:
-        return node.op_type in ("Relu", "Pad", "Slice") or (node.op_type == "Conv" and node.name not in float_convs) or node.name in quantised
+        return node.op_type == "Relu" or int8_conv(node) or node.name in quantised
 
     changed = True
-    while changed:  # drop sums until every one left reads and feeds only quantised tensors
+    while changed:  # drop nodes until every one left reads (and, for sums, feeds) quantised tensors
         changed = False
-        for node in adds:
+        for node in candidates:
+            if node.name not in quantised:
+                continue
             users = user_nodes.get(node.output[0], [])
-            if node.name in quantised and not (all(quantised_source(i) for i in node.input) and users and all(quantised_user(u) for u in users)):
+            if node.op_type == "Add":
+                ok = all(quantised_source(i) for i in node.input) and bool(users) and all(quantised_user(u) for u in users)
+            else:
+                ok = quantised_source(node.input[0]) or (bool(users) and all(int8_conv(u) for u in users))
+            if not ok:
                 quantised.discard(node.name)
                 changed = True
-    return [node.name for node in adds if node.name not in quantised]
+    return [node.name for node in candidates if node.name not in quantised]
 
 
 def pad_conv_channels(model, names: set[str] | None = None, multiple: int | None = None) -> list[str]:
@@ -232,14 +245,17 @@ def pads_in_uint8(model) -> int:
         scales, zeros = (const(dq, 1), const(q, 1)), (const(dq, 2), const(q, 2))
         fill = const(pad, 2) if len(pad.input) > 2 and pad.input[2] else np.float32(0.0)
         if (any(v is None for v in (*scales, *zeros, fill)) or zeros[0].ndim != 0 or float(fill) != 0.0
+                or zeros[0].dtype != zeros[1].dtype
                 or not (np.array_equal(scales[0], scales[1]) and np.array_equal(zeros[0], zeros[1]))):
             continue
         pad.input[:] = [dq.input[0], pad.input[1], dq.input[2], *pad.input[3:]]
         pad.output[0] = q.output[0]
         dropped.add(id(q))
-        if len(users.get(dq.output[0], [])) == 1 and dq.output[0] not in outputs:
-            dropped.add(id(dq))
         count += 1
+    read = {name for node in graph.node if id(node) not in dropped for name in node.input}
+    for node in graph.node:  # dequantisations left without a reader (one can feed several rewritten pads)
+        if node.op_type == "DequantizeLinear" and node.output[0] not in read and node.output[0] not in outputs:
+            dropped.add(id(node))
     kept = [node for node in graph.node if id(node) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
@@ -274,7 +290,7 @@ def _prepared(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) -> tup
     del model.graph.value_info[:]  # the padded tensors' shapes changed: let ONNX Runtime infer them again
     path = folder / "padded.onnx"
     onnx.save(model, str(path))
-    return path, keep, float_add_names(model, keep), quantised, padded
+    return path, keep, float_sum_and_shift_names(model, keep), quantised, padded
 
 
 def quantize_int8(
@@ -319,7 +335,7 @@ def quantize_int8(
         model = onnx.load(str(out))
         uint8_pads = pads_in_uint8(model)
         onnx.save(model, str(out))
-    logger.info("int8 graph of %s: %d convolutions int8, %d float (%s), %d channel-padded, %d sums float, %d pads in uint8; ranges from %d stacks of %s",
+    logger.info("int8 graph of %s: %d convolutions int8, %d float (%s), %d channel-padded, %d sums, pads and slices float, %d pads in uint8; ranges from %d stacks of %s",
                 fp32_onnx.name, len(quantised), len(keep), ", ".join(keep), len(padded), len(float_adds), uint8_pads, len(feeds), "x".join(map(str, cal_shape)))
-    return {"recipe": RECIPE, "float_convs": keep, "float_adds": float_adds, "padded_convs": padded, "uint8_pads": uint8_pads, "calibration_stacks": len(feeds),
+    return {"recipe": RECIPE, "float_convs": keep, "float_sums_pads_slices": float_adds, "padded_convs": padded, "uint8_pads": uint8_pads, "calibration_stacks": len(feeds),
             "calibration_seed": CALIBRATION_SEED, "calibration_shape": list(cal_shape)}

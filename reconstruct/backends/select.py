@@ -50,8 +50,9 @@ __all__ = [
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 LATENCY_FILE = "backends_cpu.json"
 REPO_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / LATENCY_FILE
-UNMEASURED_REASON = ("no CPU measurement yet (benchmarks/bench_backends.py writes one); torch by default: in bf16 it ran this network "
-                     "fastest on a 2-core AVX-512 CPU with native bfloat16 (192 ms, against ONNX Runtime fp32 328 ms and torch fp32 384 ms)")
+UNMEASURED_REASON = ("no CPU measurement yet (benchmarks/bench_backends.py writes one); torch by default (no export step; on a 2-core "
+                     "Zen 5 with native bfloat16 its bf16 path was the fastest float one, 194-217 ms per 10x288x384 stack against "
+                     "ONNX Runtime fp32 340-354 ms and torch fp32 367-384 ms; without native bfloat16 ONNX Runtime fp32 may be the faster)")
 
 _LOGGED: dict[str, tuple[str, str, str]] = {}
 _LOG_LOCK = threading.Lock()

@@ -19,7 +19,8 @@ from reconstruct.dualfocus.poisson import poisson_solve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConvexUpsampler", "DualFocusConfig", "DualFocusNet", "DualFocusOutput", "conv_bn_relu_of_concat", "to_channels_last"]
+__all__ = ["ConvexUpsampler", "DualFocusConfig", "DualFocusNet", "DualFocusOutput", "conv3d_as_planes", "conv_bn_relu_of_concat",
+           "planes_conv3d", "stem_conv_of_parts", "to_channels_last"]
 
 IN_CHANNELS = 7  # RGB, RGB minus the stack mean, normalised focus position
 
@@ -81,7 +82,7 @@ class _Block3d(nn.Sequential):
 
     def forward(self, x: torch.Tensor, planes: bool = False) -> torch.Tensor:
         if planes:
-            return F.relu(planes_conv3d(x, *_folded(self[0], self[1]), self[0].stride[-1]))
+            return F.relu(planes_conv3d(x, *_folded(self, "planes_conv3d"), _plane_stride(self[0])))
         return super().forward(x)
 
 
@@ -93,8 +94,8 @@ class _Res3d(nn.Module):
 
     def forward(self, x: torch.Tensor, planes: bool = False) -> torch.Tensor:
         if planes:  # x: [N, C, h, w] planes of one stack (_Block3d)
-            hidden = F.relu(planes_conv3d(x, *_folded(self.body[0], self.body[1])))
-            return F.relu(x + planes_conv3d(hidden, *_folded(self.body[3], self.body[4])))
+            hidden = F.relu(planes_conv3d(x, *_folded(self.body[0:2], "planes_conv3d"), _plane_stride(self.body[0])))
+            return F.relu(x + planes_conv3d(hidden, *_folded(self.body[3:5], "planes_conv3d"), _plane_stride(self.body[3])))
         return F.relu(x + self.body(x))
 
 
@@ -121,6 +122,17 @@ class Encoder(nn.Module):
         return self.fuse(torch.cat([quarter, deep], dim=1))
 
 
+def _folded(block: nn.Sequential, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block[0]`` (a bias-free, ungrouped, undilated, zero-padded convolution, 2D or 3D)
+    followed by ``block[1]`` (BatchNorm in eval mode) as one convolution: (weight, bias). Refuses
+    (ValueError naming ``what``) a convolution the export rewrites cannot fold."""
+    conv, bn = block[0], block[1]
+    if conv.bias is not None or conv.groups != 1 or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+        raise ValueError(f"{what}: the block's convolution must be bias-free, ungrouped, undilated, zero-padded")
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))), bn.bias - bn.running_mean * scale
+
+
 def stem_conv_of_parts(block: nn.Sequential, x: torch.Tensor, mean: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The encoder's first block (``_conv2d`` of the 7 input channels) on ``cat([x, x - mean,
     pos plane])`` without building that input: the convolution is linear, so it is one
@@ -131,11 +143,11 @@ def stem_conv_of_parts(block: nn.Sequential, x: torch.Tensor, mean: torch.Tensor
 
     ``x`` ``[B, N, 3, H, W]`` (sorted slices), ``mean`` ``[B, 3, H, W]``, ``pos`` ``[B, N]`` ->
     ``[B*N, C0, H/2, W/2]``."""
-    conv, bn = block[0], block[1]
+    conv = block[0]
     b, n, c, h, w = x.shape
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale[:, None, None, None]
-    bias = bn.bias - bn.running_mean * scale
+    weight, bias = _folded(block, "stem_conv_of_parts")
+    if weight.shape[1] != 2 * c + 1:
+        raise ValueError(f"stem_conv_of_parts: the block must read {2 * c + 1} channels (slices, slices - mean, position), not {weight.shape[1]}")
     w_x, w_d, w_p = weight[:, :c], weight[:, c:2 * c], weight[:, 2 * c:]
     own = F.conv2d(x.reshape(b * n, c, h, w), w_x + w_d, bias, conv.stride, conv.padding)  # [B*N, C0, h2, w2]
     common = F.conv2d(mean, w_d, None, conv.stride, conv.padding)  # [B, C0, h2, w2]
@@ -160,12 +172,8 @@ def conv_bn_relu_of_concat(block: nn.Sequential, parts: list[torch.Tensor]) -> t
     and a copy (for the encoder's: 221 -> 203 ms per 10x288x384 stack; README, "Export rewrites").
     The block's convolution must be bias-free, ungrouped, undilated and zero-padded (as
     ``_conv2d`` / ``_conv3d`` make it)."""
-    conv, bn = block[0], block[1]
-    if conv.bias is not None or conv.groups != 1 or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
-        raise ValueError("conv_bn_relu_of_concat: the block's convolution must be bias-free, ungrouped, undilated, zero-padded")
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
-    bias = bn.bias - bn.running_mean * scale
+    conv = block[0]
+    weight, bias = _folded(block, "conv_bn_relu_of_concat")
     op = F.conv2d if conv.weight.dim() == 4 else F.conv3d
     out, start = None, 0
     for part in parts:
@@ -197,10 +205,12 @@ def conv3d_as_planes(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 2, 1, 3, 4)
 
 
-def _folded(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``conv`` (bias-free) followed by ``bn`` in eval mode as one convolution: (weight, bias)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return conv.weight * scale[:, None, None, None, None], bn.bias - bn.running_mean * scale
+def _plane_stride(conv: nn.Conv3d) -> int:
+    """The across-plane stride of a 3x3x3 convolution :func:`planes_conv3d` can run (padding 1,
+    stride 1 along the planes, one stride across them), or ValueError."""
+    if conv.kernel_size != (3, 3, 3) or conv.padding != (1, 1, 1) or conv.stride[0] != 1 or conv.stride[1] != conv.stride[2]:
+        raise ValueError("planes_conv3d: the convolution must be 3x3x3 with padding 1, stride 1 along the planes and one stride across them")
+    return conv.stride[1]
 
 
 def planes_conv3d(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int = 1) -> torch.Tensor:
@@ -210,8 +220,8 @@ def planes_conv3d(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     plane padded at one end, one plane sliced off the other), summed:
     ``[N, Cout, h/stride, w/stride]``, the same function to float32 rounding.
 
-    Used in ONNX exports of one stack for every 3D convolution of the decoder and the gradient
-    head: ONNX Runtime runs a 3D int8 convolution through a generic im2col path and a 2D one in
+    Used in float32 ONNX exports of one stack for every 3D convolution of the decoder and the
+    gradient head but the heads' last ones (:func:`conv3d_as_planes`): ONNX Runtime runs a 3D int8 convolution through a generic im2col path and a 2D one in
     its NHWC kernels, 2.4-2.9x faster for the same work (32-channel blocks at 1/4 resolution: 6.6
     against 3 x 0.9 ms per 10x288x384 stack). A stack's planes in the 2D convolutions' NHWC
     layout are the volume's NDHWC layout, so no transposes appear between them."""
@@ -436,7 +446,11 @@ class DualFocusNet(nn.Module):
             pos_plane = pos[:, :, None, None, None].expand(b, n, 1, h_img, w_img)
             feat = self.encoder(torch.cat([x, x - mean, pos_plane], dim=2).reshape(b * n, IN_CHANNELS, h_img, w_img))
         _, c1, h, w = feat.shape
-        if _exporting(self) and b == 1 and self.cfg.upsample == "bilinear":
+        if _exporting(self) and b == 1 and self.cfg.upsample == "bilinear" and feat.dtype == torch.float32:
+            # the traced graph is fixed to one stack (the exports are fixed-shape, B = 1): a graph
+            # traced here must not be run with B > 1, whose planes it would mix. fp16 exports
+            # (TensorRT's source) keep the 3D convolutions: the rewrite was measured for ONNX
+            # Runtime on the CPU only
             logits_low, surfaces, y = self._decode_planes(self._volume_planes(feat, pos))
         else:
             logits_low, surfaces, y = self._decode(self._volume(feat, pos, b, n), b, n, h, w)
