@@ -120,6 +120,16 @@ def float_conv_names(model, shape: tuple[int, int, int]) -> list[str]:
     return keep
 
 
+def _links(model) -> tuple[dict, dict[str, list]]:
+    """The graph's producer of each tensor, and the nodes reading each tensor, by name."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return producers, users
+
+
 def float_sum_and_shift_names(model, float_convs: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The ``Add``, ``Pad`` and ``Slice`` nodes the recipe keeps in float (the other two ops are
     in :data:`QUANTISED_OPS` too). An ``Add`` is quantised when each input is a quantised tensor
@@ -132,11 +142,7 @@ def float_sum_and_shift_names(model, float_convs: list[str] | tuple[str, ...] = 
     rounding each to 8 bits before the sum cost report-split AbsRel 0.0338 -> 0.0355), the sums
     inside the float heads, and the Poisson solve's pads and sums, which read the float
     gradient head's output."""
-    producers = {name: node for node in model.graph.node for name in node.output}
-    user_nodes: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            user_nodes.setdefault(name, []).append(node)
+    producers, user_nodes = _links(model)
     movers = ("Pad", "Slice")
     candidates = [node for node in model.graph.node if node.op_type == "Add" or (node.op_type in movers and node.op_type in QUANTISED_OPS)]
     quantised = {node.name for node in candidates}
@@ -220,11 +226,7 @@ def pads_in_uint8(model) -> int:
 
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    producers = {name: node for node in graph.node for name in node.output}
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    producers, users = _links(model)
     outputs = {out.name for out in graph.output}
 
     def const(node, k: int) -> np.ndarray | None:
@@ -276,7 +278,8 @@ def calibration_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def _prepared(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) -> tuple[Path, list[str], list[str], set[str], list[str]]:
     """Pre-processed and channel-padded copy of ``fp32_onnx`` in ``folder``: (its path, the
-    convolutions kept float, the sums kept float, the convolutions to quantise, those padded)."""
+    convolutions kept float, the sums, pads and slices kept float, the convolutions to quantise,
+    those padded)."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -324,18 +327,18 @@ def quantize_int8(
 
     with tempfile.TemporaryDirectory(prefix="dualfocus-int8-") as tmp:
         ranges = Path(tmp) / "ranges.json"
-        target, keep, float_adds, quantised, padded = _prepared(fp32_onnx, shape, Path(tmp) / "target")
+        target, keep, float_sums_pads_slices, quantised, padded = _prepared(fp32_onnx, shape, Path(tmp) / "target")
         if cal_shape != tuple(shape):
-            cal, cal_keep, cal_adds, _q, _p = _prepared(calibration_onnx, cal_shape, Path(tmp) / "calibration")
-            quantize_static(str(cal), str(Path(tmp) / "calibration" / "int8.onnx"), _Reader(), nodes_to_exclude=cal_keep + cal_adds,
+            cal, cal_keep, cal_sums_pads_slices, _q, _p = _prepared(calibration_onnx, cal_shape, Path(tmp) / "calibration")
+            quantize_static(str(cal), str(Path(tmp) / "calibration" / "int8.onnx"), _Reader(), nodes_to_exclude=cal_keep + cal_sums_pads_slices,
                             calibration_cache_path=ranges, **settings)
-            quantize_static(str(target), str(out), None, nodes_to_exclude=keep + float_adds, calibration_cache_path=ranges, **settings)
+            quantize_static(str(target), str(out), None, nodes_to_exclude=keep + float_sums_pads_slices, calibration_cache_path=ranges, **settings)
         else:
-            quantize_static(str(target), str(out), _Reader(), nodes_to_exclude=keep + float_adds, **settings)
+            quantize_static(str(target), str(out), _Reader(), nodes_to_exclude=keep + float_sums_pads_slices, **settings)
         model = onnx.load(str(out))
         uint8_pads = pads_in_uint8(model)
         onnx.save(model, str(out))
     logger.info("int8 graph of %s: %d convolutions int8, %d float (%s), %d channel-padded, %d sums, pads and slices float, %d pads in uint8; ranges from %d stacks of %s",
-                fp32_onnx.name, len(quantised), len(keep), ", ".join(keep), len(padded), len(float_adds), uint8_pads, len(feeds), "x".join(map(str, cal_shape)))
-    return {"recipe": RECIPE, "float_convs": keep, "float_sums_pads_slices": float_adds, "padded_convs": padded, "uint8_pads": uint8_pads, "calibration_stacks": len(feeds),
+                fp32_onnx.name, len(quantised), len(keep), ", ".join(keep), len(padded), len(float_sums_pads_slices), uint8_pads, len(feeds), "x".join(map(str, cal_shape)))
+    return {"recipe": RECIPE, "float_convs": keep, "float_sums_pads_slices": float_sums_pads_slices, "padded_convs": padded, "uint8_pads": uint8_pads, "calibration_stacks": len(feeds),
             "calibration_seed": CALIBRATION_SEED, "calibration_shape": list(cal_shape)}

@@ -242,6 +242,16 @@ class _Head(nn.Sequential):
         return conv3d_as_planes(self[1], self[0](x)) if _exporting(self) else super().forward(x)
 
 
+def _focal_difference(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """The focal difference along the slice axis ``dim``: ``V_n+1 - V_n`` for n < N and
+    ``V_N - V_N-1`` for the last (DualFocus's ``V*_n = [V_n, V_n+1 - V_n]`` takes it beside
+    ``V``; DFV takes it alone)."""
+    n = v.shape[dim]
+    nxt = torch.cat([v.narrow(dim, 1, n - 1), v.narrow(dim, n - 1, 1)], dim=dim)
+    prv = torch.cat([v.narrow(dim, 0, 1), v.narrow(dim, 0, n - 1)], dim=dim)
+    return torch.cat([(nxt - v).narrow(dim, 0, n - 1), (v - prv).narrow(dim, n - 1, 1)], dim=dim)
+
+
 def _cat_channels(a: torch.Tensor, b: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
     """``cat([a, b], dim=1)`` of ``[B, C, N, h, w]`` volumes; with ``channels_last`` written as a
     concatenation along a trailing channel axis between permutes (same numbers)."""
@@ -373,10 +383,7 @@ class DualFocusNet(nn.Module):
         """``feat`` ``[B*N, C1, h, w]``, ``pos`` ``[B, N]`` -> the focal volume ``[B, C, N, h, w]``."""
         _, c1, h, w = feat.shape
         vol = feat.reshape(b, n, c1, h, w).permute(0, 2, 1, 3, 4)  # [B, C1, N, h, w]
-        nxt = torch.cat([vol[:, :, 1:], vol[:, :, -1:]], dim=2)
-        prv = torch.cat([vol[:, :, :1], vol[:, :, :-1]], dim=2)
-        # V*_n = [V_n, V_n+1 - V_n] for n < N, and [V_N, V_N - V_N-1] for the last
-        diff = torch.cat([(nxt - vol)[:, :, :-1], (vol - prv)[:, :, -1:]], dim=2)
+        diff = _focal_difference(vol, dim=2)
         vol = torch.cat([vol, diff], dim=1) if self.cfg.focal_difference == "augment" else diff
         return torch.cat([vol, pos[:, None, :, None, None].expand(b, 1, n, h, w)], dim=1)
 
@@ -404,9 +411,7 @@ class DualFocusNet(nn.Module):
         """The focal volume of one stack as planes: ``feat`` ``[N, C1, h, w]``, ``pos`` ``[1, N]`` ->
         ``[N, C, h, w]`` (the 5D volume's planes, same numbers)."""
         n, _c1, h, w = feat.shape
-        nxt = torch.cat([feat[1:], feat[-1:]], dim=0)
-        prv = torch.cat([feat[:1], feat[:-1]], dim=0)
-        diff = torch.cat([(nxt - feat)[:-1], (feat - prv)[-1:]], dim=0)
+        diff = _focal_difference(feat, dim=0)
         parts = [feat, diff] if self.cfg.focal_difference == "augment" else [diff]
         return torch.cat([*parts, pos.reshape(n, 1, 1, 1).expand(n, 1, h, w)], dim=1)
 
