@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -32,6 +31,7 @@ import cv2
 import numpy as np
 import yaml
 
+from capture.atomic import make_sibling, move_into_place
 from capture.errors import InputError, OutputError, StackFormatError
 from capture.imageio import decode_image_file
 
@@ -559,7 +559,7 @@ class FocalStack:
             if blocker is not None:
                 reason = f"{blocker} is a file, not a folder"
             raise OutputError(f"{parent}: cannot create the output folder ({reason})") from err
-        tmp = self._make_sibling(final, "tmp")
+        tmp = make_sibling(final, "tmp")
         try:
             for name, image in zip(names, self.images):
                 try:
@@ -575,57 +575,12 @@ class FocalStack:
                     os.fsync(fh.fileno())
             except OSError as err:
                 raise OutputError(f"{final / STACK_YAML}: cannot write ({err.strerror or err})") from err
-            self._move_into_place(tmp, final, overwrite=overwrite)
+            move_into_place(tmp, final, overwrite=overwrite, what="stack")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(parent)
         logger.debug("wrote %s (%d slices)", final, self.n_slices)
         return final
-
-    @staticmethod
-    def _make_sibling(final: Path, tag: str) -> Path:
-        """Create (or, for ``tag='old'``, just name) a fresh hidden sibling of ``final``."""
-        for _ in range(100):
-            candidate = final.parent / f".{final.name}.{tag}-{secrets.token_hex(4)}"
-            if tag != "tmp":
-                if not os.path.lexists(candidate):
-                    return candidate
-                continue
-            try:
-                os.mkdir(candidate)  # honours the umask, unlike tempfile.mkdtemp's 0700
-                return candidate
-            except FileExistsError:
-                continue
-            except OSError as err:
-                raise OutputError(
-                    f"{final.parent}: cannot create a folder there ({err.strerror or err})"
-                ) from err
-        raise OutputError(f"{final.parent}: cannot find a free temporary name")
-
-    @classmethod
-    def _move_into_place(cls, tmp: Path, final: Path, *, overwrite: bool) -> None:
-        """Rename ``tmp`` to ``final``; with ``overwrite``, move an old ``final`` aside first."""
-        aside: Path | None = None
-        if overwrite and os.path.lexists(final):
-            aside = cls._make_sibling(final, "old")
-            try:
-                os.rename(final, aside)
-            except OSError as err:
-                raise OutputError(f"{final}: cannot move the old stack aside ({err.strerror or err})") from err
-        try:
-            os.rename(tmp, final)
-        except OSError as err:
-            if aside is not None:
-                try:
-                    os.rename(aside, final)
-                except OSError:
-                    logger.error("%s: the previous stack was left at %s", final, aside)
-            if os.path.lexists(final) and aside is None:
-                raise OutputError(f"{final}: already exists (created meanwhile)") from err
-            raise OutputError(f"{final}: cannot rename the new stack into place ({err.strerror or err})") from err
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
 
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> FocalStack:
@@ -734,18 +689,6 @@ class FocalStack:
             raise StackFormatError(f"{yaml_path}: {err}") from err
 
 
-def _fsync_dir(path: Path) -> None:
-    """Best effort: make a rename in ``path`` durable (not possible on every platform)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_stack(folder: str | os.PathLike[str]) -> FocalStack:

@@ -118,6 +118,7 @@ def reconstruct_stack(
         focus_out, confidence = pred.depth_focus, pred.confidence
         aif = fuse_all_in_focus(ordered.images, pred.slice_position)
         model_name, sha, backend_name, device = model, pred.sha256, pred.backend, pred.device
+        extra["precision"] = pred.precision
         extra["weights"] = path.name
         extra["input_scale"] = float(input_scale)
     else:

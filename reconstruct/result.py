@@ -1,14 +1,15 @@
 """The reconstruction result and its folder (FOCAL_STACK_FORMAT.md, "Reconstruction output").
 
-Written atomically: into a temporary sibling folder, then renamed into place, so a crash
-or a full disk never leaves half a result under the final name.
+Written atomically: every file fsynced in a temporary sibling folder, then renamed into place,
+so a crash or a full disk never leaves half a result under the final name. ``depth.png`` holds
+millimetres up to 65.535 m; a pixel beyond (or at infinity, from a slice focused there) is 0
+("no depth") in it and keeps its value in ``depth.npy``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ import cv2
 import numpy as np
 import yaml
 
+from capture.atomic import fsync_file, make_sibling, move_into_place
 from capture.errors import OutputError
 from reconstruct.preview import depth_preview
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DepthResult", "write_result", "RESULT_FORMAT", "PNG16_SCALE_M"]
+__all__ = ["DepthResult", "write_result", "png16_millimetres", "RESULT_FORMAT", "PNG16_SCALE_M"]
 
 RESULT_FORMAT = "depth-result/1"
 PNG16_SCALE_M = 0.001
@@ -99,50 +101,75 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OutputError(f"{path}: PNG encoding failed")
-    buf.tofile(str(path))
+    with open(path, "wb") as fh:
+        fh.write(buf.tobytes())
+
+
+def _to_bgr(image: np.ndarray) -> np.ndarray:
+    """RGB(A) ``[H, W, 3|4]`` in OpenCV's BGR(A) order; grey ``[H, W]`` / ``[H, W, 1]`` as is."""
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_RGBA2BGRA)
+    return image
+
+
+def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
+    """``depth.png``'s pixels: depth in millimetres as uint16, 0 for no depth; and how many
+    pixels had a depth the format cannot hold (beyond 65.535 m, or at infinity), also written
+    as 0 rather than as a wrong distance (``depth.npy`` keeps their values)."""
+    mm = np.rint(np.where(np.isfinite(depth_m), depth_m, 0.0) / PNG16_SCALE_M)
+    beyond = np.isinf(depth_m) | (mm > 65535)
+    return np.where(beyond | (mm < 0), 0, mm).astype(np.uint16), int(beyond.sum())
 
 
 def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16: bool = True, preview: bool = True, overwrite: bool = False) -> Path:
     """Write ``depth.npy``, ``confidence.npy``, ``all_in_focus.png``, ``depth_preview.png``,
     ``result.yaml`` (and ``depth.png``, 16-bit millimetres, when ``png16`` and the depth is
-    metric) into ``out_dir``, atomically.
+    metric) into ``out_dir``, atomically: every file fsynced in a hidden sibling folder that is
+    then renamed into place; with ``overwrite``, an old result there is moved aside and removed
+    only once the new one is in place.
 
     Raises:
-        OutputError: the folder exists (and not ``overwrite``) or cannot be written.
+        OutputError: the folder exists (and not ``overwrite``, or it is not a result folder:
+            no ``result.yaml``, and not empty) or cannot be written.
     """
     final = Path(out_dir)
-    if final.exists() and not overwrite:
-        raise OutputError(f"{final}: already exists (choose another --out, or remove it)")
+    if os.path.lexists(final):
+        if not overwrite:
+            raise OutputError(f"{final}: already exists (choose another --out, or remove it)")
+        if not final.is_dir() or final.is_symlink():
+            raise OutputError(f"{final}: exists and is not a folder; refusing to replace it")
+        if not (final / "result.yaml").is_file() and any(final.iterdir()):
+            raise OutputError(f"{final}: exists and is not a reconstruction result (no result.yaml); refusing to replace it")
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{parent}: cannot create the output folder ({exc.strerror})") from exc
-    tmp = parent / f".{final.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()
-    except OSError as exc:
-        raise OutputError(f"{parent}: cannot write there ({exc.strerror})") from exc
+    tmp = make_sibling(final, "tmp")
     t_start = time.perf_counter()
     metric = result.depth_unit == "metre"
     write_png16 = png16 and metric
     try:
         np.save(tmp / "depth.npy", result.depth.astype(np.float32))
         np.save(tmp / "confidence.npy", result.confidence.astype(np.float32))
-        aif = result.all_in_focus
-        _write_png(tmp / "all_in_focus.png", cv2.cvtColor(aif, cv2.COLOR_RGB2BGR) if aif.ndim == 3 and aif.shape[2] == 3 else aif)
+        _write_png(tmp / "all_in_focus.png", _to_bgr(result.all_in_focus))
         if preview:
             _write_png(tmp / "depth_preview.png", depth_preview(result.depth, unit="m" if metric else "focus index")[..., ::-1])
         if write_png16:
-            mm = np.where(np.isfinite(result.depth), np.rint(result.depth / PNG16_SCALE_M), 0)
-            _write_png(tmp / "depth.png", np.clip(mm, 0, 65535).astype(np.uint16))
+            mm, beyond = png16_millimetres(result.depth)
+            if beyond:
+                logger.warning("%s: %d pixels lie beyond depth.png's 65.535 m (or at infinity) and are 0 there; depth.npy has them", final, beyond)
+                result.extra["png16_beyond_range_pixels"] = beyond
+            _write_png(tmp / "depth.png", mm)
         # result.yaml is written last; its write time covers everything before it
         result.seconds["write"] = time.perf_counter() - t_start
         doc = result.to_yaml_dict(png16=write_png16)
         (tmp / "result.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        for path in tmp.iterdir():
+            fsync_file(path)
+        move_into_place(tmp, final, overwrite=overwrite, what="result")
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"{final}: cannot write the result ({exc.strerror or exc})") from exc

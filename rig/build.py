@@ -17,12 +17,12 @@ import numpy as np
 
 from calibration.focus_model import FocusModel, LiquidLensFocusModel, load_focus_model
 from capture.devices import Camera, FocusActuator
-from capture.errors import ConfigError
+from capture.errors import ConfigError, DeviceError
 from capture.optics import SensorModel, ThinLens
 from capture.scenes import Scene, procedural_scene, rgbd_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
 from capture.stack import FocalStack
-from capture.sweep import plan_focus_distances, sweep
+from capture.sweep import SweepInterrupted, plan_focus_distances, sweep
 from rig.config import RigConfig, RgbdSceneConfig
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,11 @@ class Rig:
         if self.wave is None:
             guard_s = min(3.0 * lag_s, 0.1 / s.frequency_hz)  # the turns outside the range, at most 40 % of a ramp
             lower, upper = triangle_bounds(self.focus_map, range_m, frequency_hz=s.frequency_hz, guard_s=guard_s, limits=self.actuator.limits)
-            self.wave = start_triangle_sweep(self.actuator, lower, upper, s.frequency_hz)
+            try:
+                self.wave = start_triangle_sweep(self.actuator, lower, upper, s.frequency_hz)
+            except DeviceError as exc:  # a sweep cut short before its first slice: reconnectable like any other
+                raise SweepInterrupted(f"{self.actuator.name}: could not start the triangle sweep ({exc})", cause=exc,
+                                       frames=[], distances_m=[], slice_meta=[]) from exc
         return capture_continuous_stack(
             self.camera, self.actuator, self.focus_map, wave=self.wave, lag_s=lag_s, n_slices=len(distances),
             direction="either", range_m=range_m, timeout_s=2.0 / s.frequency_hz + 2.0, meta=meta,

@@ -53,10 +53,9 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
     rng = s.get("depth_range_m")
     print(f"  depth:    {rng[0]:.3f}-{rng[1]:.3f} m, {100 * s['valid_fraction']:.1f}% of pixels have a depth" if rng else "  depth:    none")
     method = s["method"]
-    if s.get("model"):  # device reads e.g. "cpu (torch, bf16)": say the precision where it is not fp32
-        where, _, detail = s["device"].partition(" (")
-        precision = detail.rstrip(")").split(", ")[1:]
-        method += f" ({s['model']}, {' '.join([s['backend'], *precision])} on {where})"
+    if s.get("model"):  # say the precision where it is not fp32
+        precision = [p for p in [s.get("precision", "fp32")] if p != "fp32"]
+        method += f" ({s['model']}, {' '.join([s['backend'], *precision])} on {s['device']})"
     print(f"  method:   {method}")
     acc = s.get("accuracy")
     if acc:
@@ -118,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
         s = cont.summary
         lat = s["latency_s"] or {}
         print(f"run folder: {cont.run_dir}")
-        print(f"  stacks:   {s['stacks_written']} written, {s['stacks_dropped']} dropped, {s['stacks_captured']} captured "
+        raw = f" ({s['stacks_written_without_depth']} without depth)" if s.get("stacks_written_without_depth") else ""
+        print(f"  stacks:   {s['stacks_written']} written{raw}, {s['stacks_dropped']} dropped, {s['stacks_captured']} captured "
               f"({s['stacks_per_s']:.2f} stacks/s over {s['seconds']:.1f} s); stopped by {s['stopped_by']}")
         if lat:
             print(f"  latency:  p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s (first exposure to depth ready)")

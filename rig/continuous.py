@@ -9,11 +9,16 @@ While stack k is reconstructed, stack k+1 is captured. When reconstruction falls
 waiting stack (counted and logged; capture never waits), ``block`` makes capture wait. Every
 stack is accounted for: captured = written + dropped + lost to an error (reported).
 
-Stopping: ``--count``, ``--duration`` or Ctrl-C. Ctrl-C lets the stack in flight finish, drains
-the queues, parks the lens (the devices close), and writes ``summary.yaml``. A full disk stops
-recording with one line (``DiskFull``) and never leaves a half-written stack (the writers are
-atomic). A device error triggers up to ``continuous.reconnect_attempts`` reopenings of the rig;
-after that the run ends cleanly with exit code 3; a cut-short sweep is kept as ``.incomplete``.
+Stopping: ``--count``, ``--duration``, Ctrl-C or SIGTERM (treated as Ctrl-C). Ctrl-C lets the
+stack in flight finish, reconstructs and writes the stacks already queued, parks the lens (the
+devices close), and writes ``summary.yaml``; a second Ctrl-C hurries that up: the queued stacks
+are written without depth (raw, to reconstruct later with ``python -m reconstruct``), and the
+summary still follows. A full disk stops recording with one line (``DiskFull``) and never
+leaves a half-written stack (the writers are atomic). A device error triggers up to
+``continuous.reconnect_attempts`` reopenings of the rig; after that the run ends with exit code
+3, and a cut-short sweep is kept as ``.incomplete``. A failed reconstruction also ends the run
+(exit code 3). Only a failure to write stops the writing: whatever else ends a run, the stacks
+already captured are still written, those without depth as raw stacks under ``stacks/``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
@@ -39,6 +45,7 @@ from reconstruct.result import DepthResult
 from rig.build import Rig, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
+from rig.sinks import StackSink, build_sinks, folder_name
 from rig.single import save_incomplete
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,10 @@ __all__ = ["ContinuousRun", "ContinuousStats", "run_continuous"]
 _STOP = object()  # end-of-stream marker between stages
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the run stops as on Ctrl-C."""
+
+
 @dataclass
 class ContinuousStats:
     """Counters and timings of a continuous run (thread-safe updates through ``lock``)."""
@@ -55,6 +66,7 @@ class ContinuousStats:
     captured: int = 0
     reconstructed: int = 0
     written: int = 0
+    written_without_depth: int = 0
     dropped: int = 0
     failed: int = 0
     reconnects: int = 0
@@ -95,6 +107,7 @@ class ContinuousStats:
             lat = list(self.latency_s)
             return {
                 "stacks_captured": self.captured, "stacks_reconstructed": self.reconstructed, "stacks_written": self.written,
+                "stacks_written_without_depth": self.written_without_depth,
                 "stacks_dropped": self.dropped, "stacks_failed": self.failed, "reconnects": self.reconnects,
                 "seconds": round(self.elapsed_s(), 3), "stacks_per_s": round(self.rate_per_s(), 4),
                 "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4)} if lat else None,
@@ -128,6 +141,7 @@ class _Pipeline:
         self.q1: queue.Queue = queue.Queue(maxsize=c.queue_size)
         self.q2: queue.Queue = queue.Queue(maxsize=c.queue_size)
         self.stop = threading.Event()
+        self.hurry = threading.Event()  # a second Ctrl-C: write what is queued without reconstructing it
         self.stats = ContinuousStats()
         self.fatal: BaseException | None = None
         self._fatal_lock = threading.Lock()
@@ -149,13 +163,8 @@ class _Pipeline:
 
     def _put_for_reconstruction(self, item: _Item) -> None:
         if self.config.continuous.when_behind == "block":
-            while True:
-                try:
-                    self.q1.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    if self.fatal is not None:
-                        return
+            self.q1.put(item)  # the reconstruct stage takes from q1 until the end marker, whatever happens
+            return
         while True:
             try:
                 self.q1.put_nowait(item)
@@ -233,17 +242,29 @@ class _Pipeline:
 
     def reconstruct_stage(self) -> None:
         rc = self.config.reconstruct
+        failed = False
         try:
             while True:
                 item = self.q1.get()
                 if item is _STOP:
                     break
-                if self.fatal is not None and isinstance(self.fatal, DiskFull):
+                if isinstance(self.fatal, DiskFull):
                     continue  # recording stopped: let capture wind down
+                if failed or self.hurry.is_set():
+                    self.q2.put(item)  # written raw: nothing captured is lost
+                    continue
                 t0 = time.monotonic()
-                item.result = reconstruct_stack(item.stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
-                                                model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision,
-                                                input_scale=rc.input_scale)
+                try:
+                    item.result = reconstruct_stack(item.stack, method=rc.method, focus_measure=rc.focus_measure, align=rc.align,
+                                                    model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision,
+                                                    input_scale=rc.input_scale)
+                except Exception as exc:
+                    # the run ends; this stack and those queued behind it are written raw
+                    logger.error("reconstruction of stack %06d failed (%s); stopping, the queued stacks are written without depth", item.index, exc)
+                    failed = True
+                    self._fail(exc)
+                    self.q2.put(item)
+                    continue
                 t1 = time.monotonic()
                 self.stats.record("reconstruct", t1 - t0)
                 self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
@@ -251,27 +272,50 @@ class _Pipeline:
                 self.q2.put(item)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
-            self._drain(self.q1)
+            self._forward_raw()
         finally:
             self.q2.put(_STOP)
 
+    def _forward_raw(self) -> None:
+        """Pass every stack left in q1 to the writer without depth, up to the end marker."""
+        while True:
+            item = self.q1.get()
+            if item is _STOP:
+                return
+            self.q2.put(item)
+
     def write_stage(self) -> None:
+        # Only a failure here stops the writing: a device or reconstruction error elsewhere ends
+        # the run, but what was captured before it is still written.
         try:
             while True:
                 item = self.q2.get()
                 if item is _STOP:
                     break
-                if self.fatal is not None:
-                    continue
                 t0 = time.monotonic()
                 check_free_space(self.run_dir, min_free_gb=self.config.output.min_free_gb)
-                for sink in self.sinks:
-                    sink.write(item.index, item.stack, item.result)
+                if item.result is not None:
+                    for sink in self.sinks:
+                        sink.write(item.index, item.stack, item.result)
+                else:
+                    self._write_raw(item)
                 self.stats.record("write", time.monotonic() - t0)
                 self.stats.add("written")
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
             self._drain(self.q2)
+
+    def _write_raw(self, item: _Item) -> None:
+        """A stack without depth: the sinks that need none, and the stack folder in any case."""
+        kept = False
+        for sink in self.sinks:
+            if not getattr(sink, "needs_result", False):
+                wrote = sink.write(item.index, item.stack, None)
+                kept = kept or (wrote and isinstance(sink, StackSink))
+        if not kept:  # not recorded by the config (or not this index): keep it all the same
+            item.stack.write(self.run_dir / "stacks" / folder_name(item.index))
+        self.stats.add("written_without_depth")
+        logger.warning("stack %06d written without depth: %s", item.index, self.run_dir / "stacks" / folder_name(item.index))
 
     @staticmethod
     def _drain(q: queue.Queue) -> None:
@@ -303,13 +347,19 @@ class _Pipeline:
                 if self.status is not None and time.monotonic() - last_status >= 0.5:
                     self.status(self.stats.status_line())
                     last_status = time.monotonic()
-        except KeyboardInterrupt:
-            logger.warning("Ctrl-C: finishing the stack in flight, then stopping")
+        except KeyboardInterrupt as exc:
+            logger.warning("%s: finishing the stack in flight and the %d queued, then stopping (Ctrl-C again: write them without depth)",
+                           "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C", self.q1.qsize() + self.q2.qsize())
             self.stop.set()
             while not all(done.is_set() for done in finished):
-                time.sleep(0.05)
+                try:
+                    time.sleep(0.05)
+                except KeyboardInterrupt:
+                    if not self.hurry.is_set():
+                        logger.warning("Ctrl-C again: writing the queued stacks without depth, then the summary")
+                    self.hurry.set()
             if self.fatal is None:
-                self.fatal = KeyboardInterrupt()
+                self.fatal = exc
 
 
 def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: float | None = None, show_status: bool = True,
@@ -320,8 +370,6 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
         capture: how one stack is captured from the open rig (default ``Rig.capture_stack``; the
             continuous sweep style plugs in here).
     """
-    from rig.sinks import build_sinks
-
     rc = config.reconstruct
     check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
@@ -329,9 +377,12 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     sinks = build_sinks(config.output, config.live, run_dir, **_sink_geometry(config))
     status = (lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)) if show_status else None
     pipeline = _Pipeline(config, run_dir, sinks, count=count, duration_s=duration_s, capture=capture, status=status)
+    previous_term = _sigterm_as_ctrl_c()
     try:
         pipeline.run()
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         for sink in sinks:
             try:
                 sink.close()
@@ -344,13 +395,13 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     fatal = pipeline.fatal
     exit_code = 0
     if isinstance(fatal, KeyboardInterrupt):
-        summary["stopped_by"] = "user (Ctrl-C)"
+        summary["stopped_by"] = "SIGTERM" if isinstance(fatal, Terminated) else "user (Ctrl-C)"
         exit_code = 130
     elif fatal is not None:
         summary["stopped_by"] = f"error: {fatal}"
         exit_code = getattr(fatal, "exit_code", 3) if isinstance(fatal, RigError) else 3
     else:
-        summary["stopped_by"] = "count" if count is not None else "duration"
+        summary["stopped_by"] = "count" if count is not None and summary["stacks_captured"] + summary["stacks_failed"] >= count else "duration"
     accounted = summary["stacks_written"] + summary["stacks_dropped"]
     summary["stacks_unaccounted"] = summary["stacks_captured"] - accounted
     try:
@@ -360,6 +411,19 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     if fatal is not None and not isinstance(fatal, KeyboardInterrupt):
         raise fatal if isinstance(fatal, RigError) else RigError(str(fatal))
     return ContinuousRun(run_dir=run_dir, summary=summary, exit_code=exit_code)
+
+
+def _sigterm_as_ctrl_c() -> Any:
+    """Make SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) stop the run as Ctrl-C does:
+    the lens parks and the summary is written. Returns the previous handler (None where this is
+    not the main thread, which alone may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _sink_geometry(config: RigConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from capture.atomic import fsync_dir, fsync_file
 from capture.errors import DiskFull, OutputError
 
 logger = logging.getLogger(__name__)
@@ -71,11 +72,13 @@ def create_run_folder(base: Path, rig_name: str, *, min_free_gb: float, now: dt.
 
 
 def write_yaml_atomic(path: Path, doc: Any) -> None:
-    """Write YAML to a temporary sibling, then rename over ``path``."""
+    """Write YAML to a temporary sibling, fsync it, then rename over ``path`` (durable)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({exc.strerror})") from exc

@@ -107,6 +107,8 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
         "backend": result.backend,
         "device": result.device,
     }
+    if "precision" in result.extra:
+        summary["precision"] = result.extra["precision"]
     if truth is not None and result.depth_unit == "metre":
         accuracy = depth_metrics(result.depth, truth.depth_m, truth_valid=truth.truth_valid)
         summary["accuracy"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in accuracy.items()}

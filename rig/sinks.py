@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Self
 import cv2
 import numpy as np
 
+from capture.atomic import fsync_dir, fsync_file
 from capture.errors import ConfigError, DiskFull, OutputError
 from capture.stack import FocalStack
 from reconstruct.preview import depth_preview
@@ -109,20 +110,6 @@ def _disk_full_cause(exc: BaseException) -> OSError | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    """Best effort: make a rename in ``path`` durable (not possible on every platform)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` to write; on success fsync it and rename it to
@@ -131,11 +118,7 @@ def _atomic_file(final: Path) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}.tmp-{secrets.token_hex(4)}")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         try:
@@ -143,7 +126,7 @@ def _atomic_file(final: Path) -> Iterator[Path]:
         except OSError:
             logger.warning("%s: could not remove the temporary file", tmp)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_torch_backend_is_the_previous_predict(tiny_weights: Path) -> None:
     slices, focus = _stack()
     pred = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
     depth, conf, pos = _reference(tiny_weights, slices, focus)
-    assert pred.device == "cpu (torch)" and pred.backend == "torch"
+    assert pred.device == "cpu" and pred.describe() == "cpu (torch)" and pred.backend == "torch"
     assert pred.depth_focus.shape == (30, 45)
     # the backend runs channels-last weights (oneDNN's NHWC kernels), which sum the same terms
     # in another order: equal to float32 rounding, not bit for bit
@@ -104,7 +104,7 @@ def test_onnxruntime_matches_torch(tiny_weights: Path) -> None:
     slices, focus = _stack(n=5)
     ref = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
     ort = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
-    assert ort.device == "cpu (onnxruntime)" and ort.backend == "onnxruntime"
+    assert ort.device == "cpu" and ort.describe() == "cpu (onnxruntime)" and ort.backend == "onnxruntime"
     depth_range = float(focus.max() - focus.min())
     diff = float(np.abs(ort.depth_focus - ref.depth_focus).max())
     print(f"tiny 5x32x48: max |depth diff| {diff:.2e} = {diff / depth_range:.2e} of the depth range")
@@ -228,14 +228,14 @@ def test_auto_falls_back_to_torch_when_the_export_fails(isolated_cache: Path, ti
     slices, focus = _stack(n=3)
     with caplog.at_level(logging.WARNING):
         pred = infer.predict(slices, focus, weights=tiny_weights, backend="auto")
-    assert pred.device == "cpu (torch)"
+    assert pred.describe() == "cpu (torch)"
     assert "exporter says no" in caplog.text and "using torch" in caplog.text
     # where the CPU runs bf16, torch standing in runs what auto gives torch there: bf16; unless fp32 was asked for
     if torch_backend_bf16_runs():
         monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
         monkeypatch.setattr(infer, "cpu_bf16_native", lambda: True)
-        assert infer.predict(slices, focus, weights=tiny_weights, backend="auto").device == "cpu (torch, bf16)"
-        assert infer.predict(slices, focus, weights=tiny_weights, backend="auto", precision="fp32").device == "cpu (torch)"
+        assert infer.predict(slices, focus, weights=tiny_weights, backend="auto").describe() == "cpu (torch, bf16)"
+        assert infer.predict(slices, focus, weights=tiny_weights, backend="auto", precision="fp32").describe() == "cpu (torch)"
     with pytest.raises(ReconstructionError, match="backend: ONNX export"):  # asked for explicitly: no fallback
         infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
 
@@ -250,7 +250,7 @@ def test_reconstruct_stack_with_onnxruntime(tiny_weights: Path) -> None:
     check_ready("dualfocus", weights=tiny_weights, backend="onnxruntime")
     ref = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="torch", precision="fp32")
     res = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="onnxruntime")
-    assert res.device == "cpu (onnxruntime)"
+    assert res.device == "cpu" and res.backend == "onnxruntime" and res.extra["precision"] == "fp32"
     assert res.depth.shape == (30, 40)
     dpt_range = 1 / 0.5 - 1 / 2.0
     diff = float(np.nanmax(np.abs(1.0 / res.depth - 1.0 / ref.depth)))  # compare in diopters

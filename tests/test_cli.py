@@ -554,9 +554,8 @@ def test_rig_with_the_network_records_model_and_backend(tmp_path: Path) -> None:
     assert result["method"] == "dualfocus" and result["model"] == "dualfocus-s"
     assert result["backend"] in ("torch", "onnxruntime")
     # bf16 only in torch, and only where the CPU computes it natively (auto precision)
-    expected = {f"cpu ({result['backend']})"}
-    if result["backend"] == "torch" and cpu_bf16_native():
-        expected = {"cpu (torch, bf16)"}
-    assert result["device"] in expected
+    # result.yaml's device is the device alone (the contract: cpu | cuda:0 | ...), the precision its own key
+    assert result["device"] == "cpu"
+    assert result["precision"] == ("bf16" if result["backend"] == "torch" and cpu_bf16_native() else "fp32")
     assert len(result["model_sha256"]) == 64
     assert "classical on the same stack" in proc.stdout

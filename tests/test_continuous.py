@@ -193,3 +193,160 @@ def test_continuous_sweep_style_through_the_pipeline(tmp_path: Path) -> None:
     stack = FocalStack.read(run.run_dir / "stacks" / "000002")
     assert stack.meta["sweep"]["style"] == "continuous" and stack.n_slices == 6
     assert run.summary["stacks_per_s"] > 1.0  # one ramp (0.25 s) per stack, well above a stepped sweep
+
+
+def _stays_gone_after(monkeypatch, good: int):  # noqa: ANN202
+    """A capture function that gives ``good`` stacks, then loses the lens for good (reopening fails)."""
+    real_open = cont_mod.open_rig
+    opened = {"n": 0}
+
+    def open_once(config):  # noqa: ANN001
+        opened["n"] += 1
+        if opened["n"] > 1:
+            raise DeviceError("lens: /dev/ttyACM0 not found")
+        return real_open(config)
+
+    monkeypatch.setattr(cont_mod, "open_rig", open_once)
+    calls = {"n": 0}
+
+    def capture(rig):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] > good:
+            raise SweepInterrupted("sweep stopped: cable pulled", cause=DeviceError("lens: port vanished"), frames=[], distances_m=[], slice_meta=[])
+        return rig.capture_stack()
+
+    return capture
+
+
+@pytest.mark.parametrize("when_behind", ["block", "drop_oldest"])
+def test_stacks_queued_when_the_device_is_lost_for_good_are_still_written(tmp_path: Path, monkeypatch, when_behind) -> None:
+    _slow_reconstruction(monkeypatch, 0.3)  # stacks wait in the queues when the cable is pulled
+    doc = _doc(tmp_path, when_behind=when_behind, reconnect_attempts=1)
+    doc["continuous"]["queue_size"] = 2
+    with pytest.raises(DeviceError, match="not found"):
+        run_continuous(parse_config(doc), count=20, show_status=False, capture=_stays_gone_after(monkeypatch, 5))
+    run_dir = next(tmp_path.iterdir())
+    s = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert s["stacks_captured"] == 5 and s["stacks_unaccounted"] == 0
+    assert s["stacks_written"] + s["stacks_dropped"] == 5 and s["stacks_written_without_depth"] == 0
+    written = [p.name for p in _stack_folders(run_dir) if not p.name.endswith(".incomplete")]
+    assert len(written) == s["stacks_written"] and written == sorted(p.name for p in (run_dir / "depth").iterdir())
+    if when_behind == "block":
+        assert written == [f"{k:06d}" for k in range(5)]
+
+
+def test_a_failed_reconstruction_ends_the_run_but_keeps_every_captured_stack(tmp_path: Path, monkeypatch) -> None:
+    real = cont_mod.reconstruct_stack
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls["n"] += 1
+        time.sleep(0.2)
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cont_mod, "reconstruct_stack", flaky)
+    doc = _doc(tmp_path, when_behind="block")
+    doc["continuous"]["queue_size"] = 2
+    with pytest.raises(Exception, match="out of memory"):
+        run_continuous(parse_config(doc), count=20, show_status=False)
+    run_dir = next(tmp_path.iterdir())
+    s = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert s["stacks_unaccounted"] == 0 and s["stacks_written"] == s["stacks_captured"] >= 3
+    assert s["stacks_written_without_depth"] == s["stacks_captured"] - 2  # the failed one and those queued behind it
+    assert [p.name for p in _stack_folders(run_dir)] == [f"{k:06d}" for k in range(s["stacks_captured"])]
+    for folder in _stack_folders(run_dir):
+        FocalStack.read(folder)  # raw stacks are whole stacks, to reconstruct later
+    assert sorted(p.name for p in (run_dir / "depth").iterdir()) == ["000000", "000001"]
+
+
+def test_a_lens_error_when_the_triangle_restarts_is_reconnected(tmp_path: Path, monkeypatch) -> None:
+    from capture.simulated import SimulatedLiquidLens
+
+    real_start = SimulatedLiquidLens.start_triangle
+    starts = {"n": 0}
+
+    def flaky_start(self, *args):  # noqa: ANN001, ANN002
+        starts["n"] += 1
+        if starts["n"] == 2:  # the first command after a reconnect
+            raise DeviceError("lens: serial write failed (I/O error)")
+        return real_start(self, *args)
+
+    monkeypatch.setattr(SimulatedLiquidLens, "start_triangle", flaky_start)
+    calls = {"n": 0}
+
+    def capture(rig):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SweepInterrupted("cable pulled", cause=DeviceError("lens: port vanished"), frames=[], distances_m=[], slice_meta=[])
+        return rig.capture_stack()
+
+    doc = _doc(tmp_path, when_behind="block", reconnect_attempts=3)
+    doc["camera"].update(fps=120, exposure_s=0.008)
+    doc["focus"]["time_constant_s"] = 0.015
+    doc["sweep"].update(style="continuous", frequency_hz=2.0, slices=6)
+    run = run_continuous(parse_config(doc), count=5, show_status=False, capture=capture)
+    s = run.summary
+    assert run.exit_code == 0 and s["stopped_by"] == "count"
+    assert s["reconnects"] == 2 and s["stacks_failed"] == 2 and s["stacks_written"] == 3
+
+
+def test_stopped_by_names_the_limit_that_stopped_the_run(tmp_path: Path) -> None:
+    run = run_continuous(parse_config(_doc(tmp_path, when_behind="block")), count=10_000, duration_s=1.0, show_status=False)
+    assert run.summary["stopped_by"] == "duration" and run.summary["stacks_written"] < 10_000
+
+
+_SLOW_CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from rig import continuous
+real = continuous.reconstruct_stack
+def slow(*a, **k):
+    time.sleep(1.0)  # reconstruction as slow as the network on a small CPU
+    return real(*a, **k)
+continuous.reconstruct_stack = slow
+from rig.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="POSIX signals to a child process")
+@pytest.mark.parametrize("signals", [("SIGTERM",), ("SIGINT", "SIGINT")])
+def test_sigterm_and_a_second_ctrl_c_still_write_every_stack_and_the_summary(tmp_path: Path, signals) -> None:
+    doc = _doc(tmp_path / "runs", when_behind="block")
+    doc["continuous"]["queue_size"] = 2
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    child = tmp_path / "child.py"
+    child.write_text(_SLOW_CHILD.format(root=str(ROOT)), encoding="utf-8")
+    err_path = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as out_f, open(err_path, "w") as err_f:
+        proc = subprocess.Popen([sys.executable, str(child), "--config", str(path), "--mode", "continuous"], cwd=ROOT, stdout=out_f, stderr=err_f,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/depth/000001")):
+                assert proc.poll() is None, err_path.read_text()
+                time.sleep(0.05)
+            for k, name in enumerate(signals):
+                if k:
+                    time.sleep(0.5)
+                proc.send_signal(getattr(signal, name))
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                pytest.fail("run_rig.py did not stop:\n" + err_path.read_text()[-3000:])
+    err = err_path.read_text()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    run_dir = next((tmp_path / "runs").iterdir())
+    s = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert s["stopped_by"] == ("SIGTERM" if signals == ("SIGTERM",) else "user (Ctrl-C)")
+    assert s["stacks_unaccounted"] == 0 and s["stacks_written"] == s["stacks_captured"]
+    assert [p.name for p in _stack_folders(run_dir)] == [f"{k:06d}" for k in range(s["stacks_captured"])]
+    if len(signals) == 2:  # hurried: the queued stacks went out without depth
+        assert s["stacks_written_without_depth"] >= 1 and "Ctrl-C again" in err
+    else:
+        assert s["stacks_written_without_depth"] == 0

@@ -252,7 +252,7 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     slices, focus = _shipped_inputs()
     ref = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="fp32")
     q = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="int8")
-    assert q.device == "cpu (onnxruntime, int8)" and q.backend == "onnxruntime"
+    assert q.describe() == "cpu (onnxruntime, int8)" and q.device == "cpu" and q.precision == "int8" and q.backend == "onnxruntime"
     span = float(focus.max() - focus.min())
     diff = np.abs(q.depth_focus - ref.depth_focus) / span
     print(f"dualfocus-s {'x'.join(map(str, SHAPE))} int8 vs fp32: mean |depth diff| {diff.mean():.2e}, max {diff.max():.2e} of the range")
@@ -287,7 +287,7 @@ def test_auto_int8_failure_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
     slices, focus = _shipped_inputs()
     pred = infer.predict(slices, focus, weights=infer.shipped_weights("dualfocus-s"), backend="auto", precision="int8")
-    assert pred.backend == "torch" and pred.device == "cpu (torch)"
+    assert pred.backend == "torch" and pred.describe() == "cpu (torch)"
     assert any("failed" in r.getMessage() and "using torch" in r.getMessage() for r in caplog.records)
 
 

@@ -38,13 +38,19 @@ from reconstruct.dualfocus.model import DualFocusNet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "PRECISIONS", "Backend", "InferenceGraph"]
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "PRECISIONS", "Backend", "InferenceGraph", "describe_run"]
 
 INPUT_NAMES = ("stack", "focus")
 OUTPUT_NAMES = ("depth", "confidence", "slice_position")
 #: ``fp32`` everywhere; ``fp16`` / ``bf16`` for the network body on a GPU (see each backend);
 #: ``bf16`` also in torch on a CPU with native bfloat16; ``int8`` in ONNX Runtime on the CPU
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def describe_run(device: str, backend: str, precision: str) -> str:
+    """``cpu (torch)``, ``cpu (onnxruntime, int8)``, ``cuda:0 (tensorrt, fp16)``: fp32 goes unsaid."""
+    extra = "" if precision == "fp32" else f", {precision}"
+    return f"{device} ({backend}{extra})"
 
 
 class InferenceGraph(nn.Module):
@@ -106,9 +112,8 @@ class Backend(abc.ABC):
         :data:`OUTPUT_NAMES` arrays, each ``[1, H, W]`` float32."""
 
     def describe(self) -> str:
-        """What :class:`DualFocusPrediction.device` shows, e.g. ``cpu (onnxruntime)``."""
-        extra = "" if self.precision == "fp32" else f", {self.precision}"
-        return f"{self.device} ({self.name}{extra})"
+        """Where and with what this backend runs, for people: ``cpu (onnxruntime)``."""
+        return describe_run(self.device, self.name, self.precision)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"

@@ -23,7 +23,7 @@ from reconstruct.backends.base import INPUT_NAMES, OUTPUT_NAMES, Backend, check_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnnxRuntimeBackend", "import_onnxruntime", "providers_for"]
+__all__ = ["OnnxRuntimeBackend", "cuda_index", "import_onnxruntime", "providers_for"]
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -40,15 +40,26 @@ def import_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def providers_for(device: str, available: list[str]) -> list[str]:
-    """The provider list for ``device`` (``cpu`` or ``cuda[:K]``) given the installed ones."""
+def providers_for(device: str, available: list[str]) -> list:
+    """The provider list for ``device`` (``cpu`` or ``cuda[:K]``) given the installed ones; the
+    CUDA provider with its ``device_id`` option set to K (0 for plain ``cuda``)."""
     if device.startswith("cuda"):
         if CUDA_PROVIDER not in available:
             raise ReconstructionError(
                 f"backend: onnxruntime on cuda needs {CUDA_PROVIDER} (the onnxruntime-gpu package); installed: {', '.join(available)}"
             )
-        return [CUDA_PROVIDER, CPU_PROVIDER]
+        return [(CUDA_PROVIDER, {"device_id": cuda_index(device)}), CPU_PROVIDER]
     return [CPU_PROVIDER]
+
+
+def cuda_index(device: str) -> int:
+    """K of ``cuda:K`` (0 for ``cuda``); ReconstructionError naming ``device`` otherwise."""
+    _, _, index = device.partition(":")
+    if not index:
+        return 0
+    if not index.isdigit():
+        raise ReconstructionError(f"device: {device!r} is not cpu, cuda or cuda:K")
+    return int(index)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -94,7 +105,7 @@ class OnnxRuntimeBackend(Backend):
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(INPUT_NAMES):
             raise ReconstructionError(f"backend: {onnx_path} has inputs {names}, expected {list(INPUT_NAMES)}")
-        self.device = "cuda" if device.startswith("cuda") else "cpu"
+        self.device = f"cuda:{cuda_index(device)}" if device.startswith("cuda") else "cpu"
         self.precision = precision
         self.threads = int(threads)
         self.path = Path(onnx_path)

@@ -134,7 +134,8 @@ class TorchBackend(Backend):
             self._fn = self.graph
         self.compiled = bool(compile)
         self.torch_device = dev
-        self.device = str(dev)
+        # result.yaml's device: cpu or cuda:K (torch.device('cuda') has no index until asked)
+        self.device = f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}" if dev.type == "cuda" else "cpu"
         self.precision = precision
         self._lock = threading.Lock()
 

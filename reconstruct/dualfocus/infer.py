@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from capture.errors import ReconstructionError
 from reconstruct.backends import Backend, BackendChoice, open_backend
+from reconstruct.backends.base import describe_run
 from reconstruct.backends.export import weights_identity
 from reconstruct.backends.select import cpu_bf16_native
 from reconstruct.backends.select import select_backend as _select
@@ -118,8 +119,8 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
 class DualFocusPrediction:
     """``depth_focus`` ``[H, W]`` in the stack's focus unit (diopters or focus index),
     ``confidence`` ``[H, W]``, ``slice_position`` ``[H, W]`` (expected sorted-slice index);
-    ``device`` says where and with what it ran (``cpu (torch)``, ``cpu (onnxruntime)``,
-    ``cuda:0 (tensorrt, fp16)``), ``backend`` the backend's name."""
+    ``device`` where it ran (``cpu``, ``cuda:0``: result.yaml's ``device``), ``backend`` the
+    backend's name, ``precision`` the network body's (``fp32``, ``bf16``, ``fp16``, ``int8``)."""
 
     depth_focus: np.ndarray
     confidence: np.ndarray
@@ -127,6 +128,11 @@ class DualFocusPrediction:
     device: str
     sha256: str
     backend: str = "torch"
+    precision: str = "fp32"
+
+    def describe(self) -> str:
+        """Where and with what it ran, for people: ``cpu (torch)``, ``cuda:0 (tensorrt, fp16)``."""
+        return describe_run(self.device, self.backend, self.precision)
 
 
 def _fallback_precision(choice: BackendChoice, setting: str, resolved: str) -> str:
@@ -238,5 +244,5 @@ def predict(
         depth_focus=depth.numpy().astype(np.float32, copy=False),
         confidence=np.ascontiguousarray(out["confidence"][0, :h, :w], np.float32),
         slice_position=np.ascontiguousarray(out["slice_position"][0, :h, :w], np.float32),
-        device=runner.describe(), sha256=sha, backend=runner.name,
+        device=runner.device, sha256=sha, backend=runner.name, precision=runner.precision,
     )

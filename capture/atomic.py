@@ -1,0 +1,89 @@
+"""Atomic folders and durable renames: write into a hidden sibling, rename it into place.
+
+Used by every writer of a folder that outside tools read (focal stacks, reconstruction
+results, the continuous mode's records), so that a crash or a full disk never leaves half a
+folder under its final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from capture.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["fsync_dir", "fsync_file", "make_sibling", "move_into_place"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Best effort: make a rename in ``path`` durable (not possible on every platform)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (OSError if the disk refuses, e.g. when full)."""
+    fd = os.open(path, os.O_RDWR)  # Windows flushes only through a handle that may write
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_sibling(final: Path, tag: str) -> Path:
+    """A fresh hidden sibling of ``final``: ``tag='tmp'`` creates it as a folder, any other tag
+    only names it (for moving the old ``final`` aside)."""
+    for _ in range(100):
+        candidate = final.parent / f".{final.name}.{tag}-{secrets.token_hex(4)}"
+        if tag != "tmp":
+            if not os.path.lexists(candidate):
+                return candidate
+            continue
+        try:
+            os.mkdir(candidate)  # honours the umask, unlike tempfile.mkdtemp's 0700
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise OutputError(f"{final.parent}: cannot create a folder there ({err.strerror or err})") from err
+    raise OutputError(f"{final.parent}: cannot find a free temporary name")
+
+
+def move_into_place(tmp: Path, final: Path, *, overwrite: bool, what: str) -> None:
+    """Rename the finished folder ``tmp`` to ``final``; with ``overwrite``, the old ``final`` is
+    moved aside first and removed only once the new one is in place (if the rename fails, the
+    old one is put back). ``what`` names the content in errors (``stack``, ``result``)."""
+    aside: Path | None = None
+    if overwrite and os.path.lexists(final):
+        aside = make_sibling(final, "old")
+        try:
+            os.rename(final, aside)
+        except OSError as err:
+            raise OutputError(f"{final}: cannot move the old {what} aside ({err.strerror or err})") from err
+    try:
+        os.rename(tmp, final)
+    except OSError as err:
+        if aside is not None:
+            try:
+                os.rename(aside, final)
+            except OSError:
+                logger.error("%s: the previous %s was left at %s", final, what, aside)
+        if os.path.lexists(final) and aside is None:
+            raise OutputError(f"{final}: already exists (created meanwhile)") from err
+        raise OutputError(f"{final}: cannot rename the new {what} into place ({err.strerror or err})") from err
+    fsync_dir(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

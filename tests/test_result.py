@@ -1,0 +1,98 @@
+"""The reconstruction output folder (FOCAL_STACK_FORMAT.md, "Reconstruction output"): channel
+order of all_in_focus.png, depth.png's millimetres and what it cannot hold, result.yaml's
+device, and --overwrite replacing only a result folder."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from capture.errors import OutputError
+from reconstruct.result import DepthResult, png16_millimetres, write_result
+
+H, W = 12, 16
+
+
+def _result(depth_m: np.ndarray | None = None, *, aif: np.ndarray | None = None) -> DepthResult:
+    depth = np.linspace(0.5, 2.0, H * W, dtype=np.float32).reshape(H, W) if depth_m is None else depth_m
+    return DepthResult(
+        depth=depth.astype(np.float32),
+        confidence=np.full((H, W), 0.9, np.float32),
+        all_in_focus=np.zeros((H, W, 3), np.uint8) if aif is None else aif,
+        depth_unit="metre",
+        method="classical",
+        backend="numpy",
+        device="cpu",
+        slices=4,
+        aligned=False,
+    )
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_all_in_focus_png_keeps_rgb_order_with_and_without_alpha(tmp_path, channels):
+    aif = np.zeros((H, W, channels), np.uint8)
+    aif[..., 0], aif[..., 2] = 200, 10  # red high, blue low
+    if channels == 4:
+        aif[..., 3] = 255
+    out = write_result(_result(aif=aif), tmp_path / "r")
+    back = cv2.imread(str(out / "all_in_focus.png"), cv2.IMREAD_UNCHANGED)  # OpenCV reads BGR(A)
+    assert back.shape == (H, W, channels)
+    assert back[0, 0, 2] == 200 and back[0, 0, 0] == 10
+
+
+def test_depth_png_writes_unrepresentable_depth_as_no_depth_and_counts_it(tmp_path):
+    depth = np.full((H, W), 1.25, np.float32)
+    depth[0, :4] = np.inf  # a slice focused at infinity answered here
+    depth[1, :3] = 100.0  # beyond 65.535 m
+    depth[2, :2] = np.nan  # no answer
+    mm, beyond = png16_millimetres(depth)
+    assert beyond == 7
+    assert (mm[0, :4] == 0).all() and (mm[1, :3] == 0).all() and (mm[2, :2] == 0).all()
+    assert (mm[3:] == 1250).all()
+    out = write_result(_result(depth), tmp_path / "r")
+    png = cv2.imread(str(out / "depth.png"), cv2.IMREAD_UNCHANGED)
+    assert png.dtype == np.uint16 and (png == mm).all()
+    doc = yaml.safe_load((out / "result.yaml").read_text())
+    assert doc["png16_beyond_range_pixels"] == 7 and doc["png16_scale_m"] == 0.001
+    npy = np.load(out / "depth.npy")
+    assert np.isinf(npy[0, :4]).all() and (npy[1, :3] == 100.0).all()  # depth.npy keeps the values
+
+
+def test_result_yaml_device_is_the_device_alone(tmp_path):
+    doc = yaml.safe_load((write_result(_result(), tmp_path / "r") / "result.yaml").read_text())
+    assert doc["device"] == "cpu" and doc["backend"] == "numpy"
+
+
+def test_overwrite_replaces_a_result_but_refuses_any_other_folder(tmp_path):
+    out = write_result(_result(), tmp_path / "r")
+    with pytest.raises(OutputError, match="already exists"):
+        write_result(_result(), out)
+    write_result(_result(np.full((H, W), 3.0, np.float32)), out, overwrite=True)
+    assert float(np.load(out / "depth.npy")[0, 0]) == 3.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary or old folder left
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("lab notebook")
+    with pytest.raises(OutputError, match="not a reconstruction result"):
+        write_result(_result(), notes, overwrite=True)
+    assert (notes / "notes.txt").read_text() == "lab notebook"
+    (tmp_path / "empty").mkdir()
+    write_result(_result(), tmp_path / "empty", overwrite=True)  # an empty folder is fine
+    assert (tmp_path / "empty" / "result.yaml").is_file()
+
+
+def test_a_failed_overwrite_keeps_the_old_result(tmp_path, monkeypatch):
+    out = write_result(_result(), tmp_path / "r")
+    import reconstruct.result as result_mod
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(result_mod, "fsync_file", full_disk)
+    with pytest.raises(OutputError, match="No space left"):
+        write_result(_result(np.full((H, W), 3.0, np.float32)), out, overwrite=True)
+    assert float(np.load(out / "depth.npy")[0, 0]) == 0.5  # the old result, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
