@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from capture.errors import CalibrationError, ConfigError
+from capture.errors import CalibrationError, ConfigError, yaml_problem
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def load_focus_model(path: str | Path) -> FocusModel:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read calibration file ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML {yaml_problem(exc)}") from exc
     section = doc.get("focus_model") if isinstance(doc, dict) else None
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: focus_model: missing (expected a mapping with kind, offset_dpt, dpt_per_ma)")

@@ -15,6 +15,11 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one ``error:`` line and exit code 2
     (INTERFACES.md), instead of a usage block followed by the message."""
 
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        # no prefixes of options: --resum must not quietly mean --resume
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see --help)\n")
 

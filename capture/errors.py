@@ -37,6 +37,15 @@ class RigError(Exception):
     exit_code: int = EXIT_BAD_INPUT
 
 
+def yaml_problem(exc: Exception) -> str:
+    """One line for a PyYAML parse error: ``at line L, column C: <problem>`` (PyYAML's own
+    message spans several lines, with a copy of the offending text)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split()) or "invalid YAML"
+    return where + problem
+
+
 class ConfigError(RigError):
     """A config file is missing, unreadable or invalid (names file and field path)."""
 

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from capture.atomic import make_sibling, move_into_place
-from capture.errors import InputError, OutputError, StackFormatError
+from capture.errors import InputError, OutputError, StackFormatError, yaml_problem
 from capture.imageio import decode_image_file
 
 __all__ = ["FORMAT", "FocalStack", "read_stack", "write_stack"]
@@ -600,8 +600,7 @@ class FocalStack:
         except (OSError, UnicodeDecodeError) as err:
             raise StackFormatError(f"{yaml_path}: cannot read ({err})") from err
         except yaml.YAMLError as err:
-            detail = " ".join(str(err).split())
-            raise StackFormatError(f"{yaml_path}: not valid YAML: {detail}") from err
+            raise StackFormatError(f"{yaml_path}: not valid YAML {yaml_problem(err)}") from err
 
         def fail(key: str, msg: str) -> StackFormatError:
             return StackFormatError(f"{yaml_path}: {key}: {msg}")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import ConfigError
+from capture.errors import ConfigError, yaml_problem
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
 from reconstruct.backends.select import cpu_bf16_native
@@ -94,7 +94,7 @@ def load_train_config(path: Path) -> TrainConfig:
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{path}: not valid YAML {yaml_problem(exc)}") from exc
     try:
         cfg = TrainConfig.model_validate(raw or {})
     except ValidationError as exc:

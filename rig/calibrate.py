@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from calibration.report import calibration_document, write_calibration, write_report
 from calibration.session import STATE_FILE, CalibrationSession, SessionPlan
-from capture.errors import ConfigError
+from capture.errors import ConfigError, InputError, yaml_problem
 from capture.simulated import SimulatedCamera
 from capture.sweep import plan_focus_distances
 from rig.build import Rig, open_rig
@@ -36,7 +36,14 @@ class HumanPlacer:
     """Asks the person at the bench to place the target, and waits for Enter."""
 
     def __init__(self, ask: Callable[[str], str] = input) -> None:
-        self.ask = ask
+        self._ask = ask
+
+    def ask(self, prompt: str) -> str:
+        try:
+            return self._ask(prompt)
+        except EOFError as exc:  # stdin closed or not a terminal (a script, ssh without a tty, Ctrl-D)
+            raise InputError("calibrate: standard input closed while waiting for Enter; run it in a terminal "
+                             "(the session resumes where it stopped), or with --non-interactive on the simulated rig") from exc
 
     def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
         self.ask(f"[{step}/{total}] Place the textured target at {distance_m:.3f} m from the lens datum, "
@@ -124,7 +131,13 @@ def _find_unfinished(config: RigConfig) -> Path | None:
     for run_dir in candidates:
         state = run_dir / "calibration_session" / STATE_FILE
         if state.is_file():
-            doc = yaml.safe_load(state.read_text(encoding="utf-8")) or {}
+            try:
+                doc = yaml.safe_load(state.read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise InputError(f"{state}: not a readable calibration session ({yaml_problem(exc)}); "
+                                 "move that run folder away to start a new session") from exc
+            if not isinstance(doc, dict):
+                raise InputError(f"{state}: not a calibration session (expected a mapping); move that run folder away to start a new session")
             if not doc.get("complete"):
                 return run_dir
     return None

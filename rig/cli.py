@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import ConfigError
+from capture.errors import ConfigError, RigError
 
 logger = logging.getLogger("rig")
 
@@ -70,7 +71,57 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
-    return one_line_errors(lambda: _run(args), debug=args.debug)
+    return one_line_errors(lambda: _run_saying_where(args), debug=args.debug)
+
+
+def _run_saying_where(args: argparse.Namespace) -> int:
+    """:func:`_run`; a run that fails after making its run folder still prints the folder's path,
+    and a bad-input error that names a field but not the config file gets the file (and the
+    ``reconstruct.`` section, or the command-line flag, for the reconstruction's own fields)."""
+    try:
+        return _run(args)
+    except RigError as exc:
+        run_dir = getattr(exc, "run_dir", None)
+        error = _naming_the_config(exc, args)
+        if run_dir is not None:
+            print(f"run folder: {run_dir}", flush=True)
+        if error is not exc:
+            raise error from exc
+        raise
+    except BaseException as exc:
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is not None:
+            print(f"run folder: {run_dir}", flush=True)
+        raise
+
+
+_FIELD_FIRST = re.compile(r"^([a-z_]+)((?:\.[a-z_0-9]+)*): ")
+_RECONSTRUCT_FIELDS = {"method", "model", "weights", "backend", "precision", "input_scale", "focus_measure", "align"}
+
+
+def _naming_the_config(exc: RigError, args: argparse.Namespace) -> RigError:
+    """``exc`` with the config file in front where it starts with a bare field name (exit 2 only)."""
+    from rig.config import RigConfig
+
+    message = str(exc)
+    m = _FIELD_FIRST.match(message)
+    if exc.exit_code != 2 or m is None or args.list_devices or str(args.config) in message:
+        return exc
+    first = m.group(1)
+    if first not in _RECONSTRUCT_FIELDS and first not in {*RigConfig.model_fields, "camera", "focus"}:
+        return exc  # a field of some other file (a calibration file names itself)
+    if first in _RECONSTRUCT_FIELDS and not m.group(2):
+        flag = f"--{first}"
+        if getattr(args, first, None) is not None:  # the value came from the command line
+            return exc if message.startswith(flag) else _same_kind(exc, f"{flag}{message[len(first):]}")
+        return _same_kind(exc, f"{args.config}: reconstruct.{message}")
+    return _same_kind(exc, f"{args.config}: {message}")
+
+
+def _same_kind(exc: RigError, message: str) -> RigError:
+    new = type(exc)(message)
+    new.exit_code = exc.exit_code
+    return new
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -122,6 +173,10 @@ def _run(args: argparse.Namespace) -> int:
               f"({s['stacks_per_s']:.2f} stacks/s over {s['seconds']:.1f} s); stopped by {s['stopped_by']}")
         if lat:
             print(f"  latency:  p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s (first exposure to depth ready)")
+        acc = s.get("accuracy")
+        if acc:
+            print(f"  accuracy: AbsRel {acc['abs_rel']:.4f}, delta<1.25 {100 * acc['delta_1_25']:.1f}% "
+                  f"(mean over {acc['stacks_scored']} stacks, vs the simulator's truth)")
         return cont.exit_code
     if config.mode != "single":
         where = "--mode" if args.mode else f"{args.config}: mode"

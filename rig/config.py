@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from capture.errors import ConfigError
+from capture.errors import ConfigError, yaml_problem
 
 logger = logging.getLogger(__name__)
 
@@ -424,10 +424,7 @@ def load_config(path: str | Path) -> RigConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
+        raise ConfigError(f"{path}: not valid YAML {yaml_problem(exc)}") from exc
     config = parse_config(raw, source=str(path))
     # relative file paths in a config are relative to the config file's folder
     base = path.parent

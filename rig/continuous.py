@@ -41,6 +41,7 @@ from capture.errors import DeviceError, DiskFull, RigError
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
 from reconstruct.api import check_ready, reconstruct_stack
+from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
 from rig.build import Rig, open_rig
 from rig.config import RigConfig, config_to_dict
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ContinuousRun", "ContinuousStats", "run_continuous"]
 
 _STOP = object()  # end-of-stream marker between stages
+_ACCURACY_KEYS = ("abs_rel", "rmse_m", "delta_1_25", "valid_fraction")
 
 
 class Terminated(KeyboardInterrupt):
@@ -75,6 +77,15 @@ class ContinuousStats:
     started_host_s: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     errors: list[str] = field(default_factory=list)
+    accuracy_sums: dict[str, float] = field(default_factory=dict)  # over the stacks scored against a known truth
+    accuracy_stacks: int = 0
+
+    def score(self, metrics: dict[str, float]) -> None:
+        """Add one stack's accuracy (running sums: a run of hours keeps no per-stack list)."""
+        with self.lock:
+            for k in _ACCURACY_KEYS:
+                self.accuracy_sums[k] = self.accuracy_sums.get(k, 0.0) + float(metrics[k])
+            self.accuracy_stacks += 1
 
     def add(self, counter: str, n: int = 1) -> None:
         with self.lock:
@@ -112,7 +123,16 @@ class ContinuousStats:
                 "seconds": round(self.elapsed_s(), 3), "stacks_per_s": round(self.rate_per_s(), 4),
                 "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4)} if lat else None,
                 "stages": stages, "errors": list(self.errors),
+                **self._accuracy(),
             }
+
+    def _accuracy(self) -> dict[str, Any]:
+        """Mean accuracy over the stacks scored against the simulator's truth (none on hardware)."""
+        if not self.accuracy_stacks:
+            return {}
+        mean = {k: round(v / self.accuracy_stacks, 6) for k, v in self.accuracy_sums.items()}
+        return {"accuracy": {**mean, "stacks_scored": self.accuracy_stacks,
+                             "note": "mean over the stacks, against the simulator's true depth; a pixel without depth counts as relative error 1"}}
 
 
 @dataclass
@@ -121,6 +141,7 @@ class _Item:
     stack: FocalStack
     t_first_exposure_host_s: float
     result: DepthResult | None = None
+    truth: Any = None  # the simulator's scene (true depth) where the rig knows it
 
 
 @dataclass
@@ -204,7 +225,7 @@ class _Pipeline:
                     continue
                 self.stats.record("capture", time.monotonic() - t0)
                 self.stats.add("captured")
-                self._put_for_reconstruction(_Item(index=index, stack=stack, t_first_exposure_host_s=t0))
+                self._put_for_reconstruction(_Item(index=index, stack=stack, t_first_exposure_host_s=t0, truth=rig.truth()))
                 index += 1
                 attempts_left = self.config.continuous.reconnect_attempts  # a good stack restores the budget
         except BaseException as exc:  # noqa: BLE001 (the main thread reports it)
@@ -269,6 +290,8 @@ class _Pipeline:
                 self.stats.record("reconstruct", t1 - t0)
                 self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
                 self.stats.add("reconstructed")
+                if item.truth is not None and item.result.depth_unit == "metre":
+                    self.stats.score(depth_metrics(item.result.depth, item.truth.depth_m, truth_valid=item.truth.truth_valid))
                 self.q2.put(item)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
@@ -409,7 +432,9 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     except RigError as exc:  # a full disk may refuse even the summary
         logger.error("could not write the run summary: %s", exc)
     if fatal is not None and not isinstance(fatal, KeyboardInterrupt):
-        raise fatal if isinstance(fatal, RigError) else RigError(str(fatal))
+        error = fatal if isinstance(fatal, RigError) else RigError(str(fatal))
+        error.run_dir = run_dir  # the command line prints it
+        raise error
     return ContinuousRun(run_dir=run_dir, summary=summary, exit_code=exit_code)
 
 

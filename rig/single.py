@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from capture.errors import RigError
 from capture.imageio import write_image
 from capture.scenes import texture_poor_mask
 from capture.stack import FocalStack
@@ -65,6 +66,21 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
     rc = config.reconstruct
     check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)  # before any capture
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
+    try:
+        return _capture_and_reconstruct(config, run_dir, seconds, show_progress=show_progress)
+    except BaseException as exc:
+        # the run folder stays: say where it is and why it holds no depth
+        if not (run_dir / "summary.yaml").exists():
+            try:
+                write_yaml_atomic(run_dir / "summary.yaml", {"stacks": 0, "error": str(exc) or "interrupted by the user"})
+            except RigError as write_exc:
+                logger.error("could not write the run summary: %s", write_exc)
+        exc.run_dir = run_dir  # the command line prints it (INTERFACES.md: the path is printed at the end)
+        raise
+
+
+def _capture_and_reconstruct(config: RigConfig, run_dir: Path, seconds: dict[str, float], *, show_progress: bool) -> SingleRun:
+    rc = config.reconstruct
     write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
     t0 = time.perf_counter()
     with open_rig(config) as rig:

@@ -559,3 +559,51 @@ def test_rig_with_the_network_records_model_and_backend(tmp_path: Path) -> None:
     assert result["precision"] == ("bf16" if result["backend"] == "torch" and cpu_bf16_native() else "fp32")
     assert len(result["model_sha256"]) == 64
     assert "classical on the same stack" in proc.stdout
+
+
+def test_rig_calibrate_with_stdin_closed_is_one_line(tmp_path: Path) -> None:
+    # the prompt for a person at the bench meets a closed stdin (a script, ssh without a tty, Ctrl-D)
+    line = _assert_bad_input(rig("--config", _fast_config(tmp_path), "--mode", "calibrate", "--no-progress"))
+    assert "standard input closed" in line and "--non-interactive" in line
+
+
+@pytest.mark.parametrize("content", ["complete: [\n", "- a\n"])
+def test_rig_calibrate_with_a_corrupt_session_file_names_it(tmp_path: Path, content: str) -> None:
+    config = _fast_config(tmp_path)
+    state = tmp_path / "runs" / "2026-01-01T00-00-00Z_sim" / "calibration_session" / "session.yaml"
+    state.parent.mkdir(parents=True)
+    state.write_text(content, encoding="utf-8")
+    _assert_bad_input(rig("--config", config, "--mode", "calibrate", "--non-interactive", "--no-progress"), state)
+
+
+def test_rig_failure_after_the_run_folder_prints_it_and_a_summary(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path, focus={"driver": "optotune", "port": str(tmp_path / "ttyNOPE0")})
+    doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    doc["camera"] = {"driver": "genicam", "producer": "viky"}
+    doc["focus"] = {"driver": "optotune", "port": str(tmp_path / "ttyNOPE0"), "nominal": {"offset_dpt": 0.0, "dpt_per_ma": 0.05}}
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    proc = rig("--config", config, "-q")  # -q: the camera's warnings aside, stderr is the error line
+    if proc.returncode == 2 and "harvesters" in proc.stderr:
+        pytest.skip("harvesters/genicam not installed")
+    assert proc.returncode == 3 and len(proc.stderr.splitlines()) == 1 and "ttyNOPE0" in proc.stderr, proc.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert f"run folder: {run_dir}" in proc.stdout
+    summary = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert summary["stacks"] == 0 and "ttyNOPE0" in summary["error"]
+
+
+def test_rig_reconstruct_field_errors_name_the_config_file_and_section(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path, reconstruct={"method": "dualfocus", "model": "dualfocus-xxl"})
+    line = _assert_bad_input(rig("--config", config), config)
+    assert f"{config}: reconstruct.model: unknown model 'dualfocus-xxl'" in line
+
+
+def test_train_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "train.yaml"
+    bad.write_text("model: dualfocus-s\noptim: {lr: [0.1\n", encoding="utf-8")
+    line = _assert_bad_input(_run("-m", "reconstruct.train", "--config", bad), bad)
+    assert "line" in line
+
+
+def test_option_prefixes_are_refused(tmp_path: Path) -> None:
+    _assert_bad_input(rig("--config", _fast_config(tmp_path), "--non-inter"))

@@ -49,6 +49,8 @@ def test_count_runs_every_stack_through_every_stage(tmp_path: Path) -> None:
         assert FocalStack.read(run.run_dir / "stacks" / f"{k:06d}").n_slices == 5
         assert (run.run_dir / "depth" / f"{k:06d}" / "depth.npy").is_file()
     assert s["latency_s"]["p50"] > 0 and set(s["stages"]) == {"capture", "reconstruct", "write"}
+    # the simulator knows the true depth: the summary scores every stack against it
+    assert s["accuracy"]["stacks_scored"] == 4 and 0 < s["accuracy"]["abs_rel"] < 0.5 and 0 < s["accuracy"]["delta_1_25"] <= 1
     assert yaml.safe_load((run.run_dir / "summary.yaml").read_text(encoding="utf-8"))["stacks_written"] == 4
 
 
