@@ -39,7 +39,8 @@ Known limits:
   which is why ``lag_s`` must be calibrated with a target at the frequency used. The driver's
   oscillator and the host clock also differ by some ppm: over long runs the phase drifts
   (50 ppm at 2 Hz is 0.1 period after ~17 min), so restart the triangle (a new wave) or
-  re-calibrate the phase periodically.
+  re-calibrate the phase periodically (the rig restarts it every
+  ``rig.build.TRIANGLE_RESTART_S``, a minute).
 
 Clock mapping (:class:`CameraClock`), in order of preference:
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,12 @@ from capture.sweep import SweepInterrupted, plan_focus_distances, sweep
 from rig.config import RigConfig, RgbdSceneConfig
 
 logger = logging.getLogger(__name__)
+
+#: The continuous sweep style restarts the actuator's triangle this often (seconds): the phase of
+#: a running triangle is known from the host time its start was acknowledged, and the driver's
+#: oscillator drifts against the host clock (50 ppm at 2 Hz is 0.1 period after ~17 min);
+#: restarting re-synchronises it (at 50 ppm, 60 s is at most 3 ms of drift, about 1 % of a ramp).
+TRIANGLE_RESTART_S = 60.0
 
 __all__ = ["Rig", "open_rig", "build_scene"]
 
@@ -173,6 +180,9 @@ class Rig:
             raise ConfigError(f"sweep.lag_s: {self.actuator.name} has no lag estimate of its own; measure the lens lag and set sweep.lag_s")
         distances = self.planned_distances_m()
         range_m = (float(np.min(distances)), float(np.max(distances)))
+        if self.wave is not None and time.monotonic() - self.wave.t0_host_s > TRIANGLE_RESTART_S:
+            logger.debug("restarting the triangle sweep (phase re-synchronised every %.0f s)", TRIANGLE_RESTART_S)
+            self.wave = None
         if self.wave is None:
             guard_s = min(3.0 * lag_s, 0.1 / s.frequency_hz)  # the turns outside the range, at most 40 % of a ramp
             lower, upper = triangle_bounds(self.focus_map, range_m, frequency_hz=s.frequency_hz, guard_s=guard_s, limits=self.actuator.limits)

@@ -352,3 +352,27 @@ def test_sigterm_and_a_second_ctrl_c_still_write_every_stack_and_the_summary(tmp
         assert s["stacks_written_without_depth"] >= 1 and "Ctrl-C again" in err
     else:
         assert s["stacks_written_without_depth"] == 0
+
+
+def test_the_continuous_sweep_restarts_its_triangle_to_resynchronise_the_phase(tmp_path: Path, monkeypatch) -> None:
+    import rig.build as build_mod
+    from capture.simulated import SimulatedLiquidLens
+
+    starts = {"n": 0}
+    real_start = SimulatedLiquidLens.start_triangle
+
+    def counting(self, *args):  # noqa: ANN001, ANN002
+        starts["n"] += 1
+        return real_start(self, *args)
+
+    monkeypatch.setattr(SimulatedLiquidLens, "start_triangle", counting)
+    monkeypatch.setattr(build_mod, "TRIANGLE_RESTART_S", 0.6)  # the real interval is a minute
+    doc = _doc(tmp_path, when_behind="block")
+    doc["camera"].update(fps=120, exposure_s=0.008)
+    doc["focus"]["time_constant_s"] = 0.015
+    doc["sweep"].update(style="continuous", frequency_hz=2.0, slices=6)
+    run = run_continuous(parse_config(doc), count=8, show_status=False)
+    assert run.summary["stacks_written"] == 8 and run.summary["stacks_failed"] == 0
+    assert starts["n"] >= 2  # restarted at least once over ~2 s of ramps
+    for k in range(8):
+        assert FocalStack.read(run.run_dir / "stacks" / f"{k:06d}").n_slices == 6
