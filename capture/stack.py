@@ -169,7 +169,11 @@ def _describe(image: np.ndarray) -> str:
 
 def _plain(value: Any, where: str) -> Any:
     """Convert numpy scalars/arrays, tuples and paths to plain YAML-safe Python values."""
-    if value is None or isinstance(value, (bool, str, _dt.datetime, _dt.date)):
+    if isinstance(value, _dt.datetime):  # ISO 8601 as it was read (YAML parses an unquoted one)
+        if value.tzinfo is not None and value.utcoffset() == _dt.timedelta(0):
+            return value.replace(tzinfo=None).isoformat() + "Z"
+        return value.isoformat()
+    if value is None or isinstance(value, (bool, str, _dt.date)):
         return value
     if isinstance(value, np.bool_):
         return bool(value)
@@ -651,7 +655,11 @@ class FocalStack:
         lowered = [n.replace("\\", "/").casefold() for n in names]
         for i, n in enumerate(lowered):
             if n in lowered[:i]:
-                raise fail(f"slices[{i}].image", f"{names[i]!r} is listed twice")
+                k = lowered.index(n)
+                if names[k].replace("\\", "/") == names[i].replace("\\", "/"):
+                    raise fail(f"slices[{i}].image", f"{names[i]!r} is listed twice")
+                raise fail(f"slices[{i}].image", f"{names[i]!r} differs from slices[{k}].image {names[k]!r} only in case "
+                                                 "(one file on Windows and macOS); rename one")
 
         images: list[np.ndarray] = []
         for i, name in enumerate(names):

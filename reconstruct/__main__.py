@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import OutputError
+from capture.errors import OutputError, ReconstructionError
 from capture.stack import FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
 from reconstruct.classical import FOCUS_MEASURES
@@ -65,10 +65,15 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     stack = FocalStack.read(args.stack_dir)
     t_read = time.perf_counter() - t0
-    result = reconstruct_stack(
-        stack, method=args.method, focus_measure=args.focus_measure, align=args.align,
-        model=args.model, weights=args.weights, backend=args.backend, precision=args.precision, input_scale=args.input_scale,
-    )
+    try:
+        result = reconstruct_stack(
+            stack, method=args.method, focus_measure=args.focus_measure, align=args.align,
+            model=args.model, weights=args.weights, backend=args.backend, precision=args.precision, input_scale=args.input_scale,
+        )
+    except ReconstructionError as exc:
+        if str(exc).startswith("stack: "):  # a property of the stack file: name it
+            raise ReconstructionError(f"{args.stack_dir / 'stack.yaml'}: {str(exc).removeprefix('stack: ')}") from exc
+        raise
     result.seconds = {"read": t_read, **result.seconds}
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
     rng = result.depth_range()

@@ -85,7 +85,10 @@ def reconstruct_stack(
     ordered = stack.sorted_by_focus()
     focus = ordered.focus_dpt
     if np.any(np.diff(focus) <= 0):
-        raise ReconstructionError("stack: two slices share the same focus; each slice needs its own focus distance or index")
+        key = "focus_distance_m" if stack.has_distances else "focus_index"
+        values = stack.focus_dpt
+        i, j = next(((i, j) for j in range(len(values)) for i in range(j) if values[i] == values[j]), (0, 1))
+        raise ReconstructionError(f"stack: slices[{i}].{key} and slices[{j}].{key} are the same focus; each slice needs its own")
     aligned = False
     if align == "apply" and ordered.has_alignment:
         ordered = ordered.aligned()

@@ -607,3 +607,15 @@ def test_train_invalid_yaml_is_one_line(tmp_path: Path) -> None:
 
 def test_option_prefixes_are_refused(tmp_path: Path) -> None:
     _assert_bad_input(rig("--config", _fast_config(tmp_path), "--non-inter"))
+
+
+def test_reconstruct_two_slices_at_one_focus_names_the_file_and_slices(stack_dir: Path, tmp_path: Path) -> None:
+    moved = _copy_stack(stack_dir, tmp_path / "stack")
+
+    def edit(doc: dict) -> None:
+        doc["slices"][3]["focus_distance_m"] = doc["slices"][1]["focus_distance_m"]
+
+    _edit_stack_yaml(moved, edit)
+    line = _assert_bad_input(reconstruct(moved, "--out", tmp_path / "out", "--method", "classical"), moved / "stack.yaml")
+    assert "slices[1].focus_distance_m and slices[3].focus_distance_m" in line
+    _no_leftovers(tmp_path / "out")

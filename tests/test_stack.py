@@ -513,3 +513,30 @@ def test_files_hold_colour_in_file_order(tmp_path: Path) -> None:
     assert raw.dtype == np.uint16
     assert raw[..., 2].min() == 50000 and raw[..., 0].max() == 0  # cv2 gives BGR
     np.testing.assert_array_equal(FocalStack.read(out).images, imgs)
+
+
+def test_an_unquoted_iso_timestamp_keeps_its_text_through_a_rewrite(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    img = np.random.default_rng(0).integers(0, 255, (8, 8), dtype=np.uint8)
+    cv2.imwrite(str(src / "a.png"), img)
+    cv2.imwrite(str(src / "b.png"), img)
+    (src / "stack.yaml").write_text(
+        "format: focal-stack/1\n"
+        "slices:\n- {image: a.png, focus_distance_m: 1.0}\n- {image: b.png, focus_distance_m: 2.0}\n"
+        "capture:\n  started_utc: 2026-11-26T12:00:00Z\n  local: 2026-11-26T13:00:00+01:00\n", encoding="utf-8")
+    FocalStack.read(src).write(tmp_path / "out")
+    capture = yaml.safe_load((tmp_path / "out" / "stack.yaml").read_text(encoding="utf-8"))["capture"]
+    assert capture["started_utc"] == "2026-11-26T12:00:00Z" and capture["local"] == "2026-11-26T13:00:00+01:00"
+
+
+@pytest.mark.parametrize(("second", "says"), [("a.png", "listed twice"), ("A.png", "only in case")])
+def test_a_slice_image_named_twice_is_refused_with_the_reason(tmp_path: Path, second: str, says: str) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.zeros((8, 8), np.uint8))
+    (src / "stack.yaml").write_text(
+        f"format: focal-stack/1\nslices:\n- {{image: a.png, focus_distance_m: 1.0}}\n- {{image: {second}, focus_distance_m: 2.0}}\n",
+        encoding="utf-8")
+    with pytest.raises(StackFormatError, match=rf"slices\[1\]\.image: .*{says}"):
+        FocalStack.read(src)
