@@ -276,6 +276,8 @@ def _check_units(focus_map: FocusModel, actuator: FocusActuator) -> None:
 
 def open_rig(config: RigConfig) -> Rig:
     """Build and open the camera and focus actuator the config names."""
+    if config.camera.driver == "simulated" and config.focus.driver != "simulated":  # before the focus model's own checks
+        raise ConfigError(f"focus.driver: the simulated camera needs the simulated focus (it renders the lens's focus); got {config.focus.driver!r}")
     focus_map = _focus_map(config)
     breathing = _breathing(config)
     camera, actuator = _build_devices(config)

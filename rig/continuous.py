@@ -458,11 +458,14 @@ def _sink_geometry(config: RigConfig) -> dict[str, Any]:
     if cal is not None:
         import yaml
 
+        from calibration.intrinsics import Intrinsics
+
         doc = yaml.safe_load(Path(cal).read_text(encoding="utf-8")) or {}
         if isinstance(doc, dict) and doc.get("intrinsics"):
-            from calibration.intrinsics import Intrinsics
-
-            geometry["intrinsics"] = Intrinsics.from_dict(doc["intrinsics"])
+            try:
+                geometry["intrinsics"] = Intrinsics.from_dict(doc["intrinsics"])
+            except RigError as exc:  # name the file the entry is in
+                raise type(exc)(f"{cal}: {exc}".replace("fix calibration.yaml", "fix this file")) from exc
     optics = getattr(config.camera, "optics", None)
     if optics is not None and "intrinsics" not in geometry:
         from capture.optics import ThinLens
