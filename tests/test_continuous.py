@@ -97,19 +97,7 @@ def test_a_device_that_fails_and_comes_back(tmp_path: Path) -> None:
 
 
 def test_a_device_that_stays_gone_ends_the_run_cleanly(tmp_path: Path, monkeypatch) -> None:
-    def broken(rig):  # noqa: ANN001
-        raise SweepInterrupted("sweep stopped: lens gone", cause=DeviceError("lens: port vanished"), frames=[], distances_m=[], slice_meta=[])
-
-    real_open = cont_mod.open_rig
-    opened = {"n": 0}
-
-    def open_once(config):  # noqa: ANN001
-        opened["n"] += 1
-        if opened["n"] > 1:
-            raise DeviceError("lens: /dev/ttyACM0 not found")
-        return real_open(config)
-
-    monkeypatch.setattr(cont_mod, "open_rig", open_once)
+    broken, opened = _stays_gone_after(monkeypatch, 0)
     t0 = time.monotonic()
     with pytest.raises(DeviceError, match="not found"):
         run_continuous(parse_config(_doc(tmp_path, reconnect_attempts=2)), count=3, show_status=False, capture=broken)
@@ -198,7 +186,8 @@ def test_continuous_sweep_style_through_the_pipeline(tmp_path: Path) -> None:
 
 
 def _stays_gone_after(monkeypatch, good: int):  # noqa: ANN202
-    """A capture function that gives ``good`` stacks, then loses the lens for good (reopening fails)."""
+    """A capture function that gives ``good`` stacks, then loses the lens for good (reopening
+    fails), and the count of rig openings."""
     real_open = cont_mod.open_rig
     opened = {"n": 0}
 
@@ -217,7 +206,7 @@ def _stays_gone_after(monkeypatch, good: int):  # noqa: ANN202
             raise SweepInterrupted("sweep stopped: cable pulled", cause=DeviceError("lens: port vanished"), frames=[], distances_m=[], slice_meta=[])
         return rig.capture_stack()
 
-    return capture
+    return capture, opened
 
 
 @pytest.mark.parametrize("when_behind", ["block", "drop_oldest"])
@@ -226,7 +215,7 @@ def test_stacks_queued_when_the_device_is_lost_for_good_are_still_written(tmp_pa
     doc = _doc(tmp_path, when_behind=when_behind, reconnect_attempts=1)
     doc["continuous"]["queue_size"] = 2
     with pytest.raises(DeviceError, match="not found"):
-        run_continuous(parse_config(doc), count=20, show_status=False, capture=_stays_gone_after(monkeypatch, 5))
+        run_continuous(parse_config(doc), count=20, show_status=False, capture=_stays_gone_after(monkeypatch, 5)[0])
     run_dir = next(tmp_path.iterdir())
     s = yaml.safe_load((run_dir / "summary.yaml").read_text(encoding="utf-8"))
     assert s["stacks_captured"] == 5 and s["stacks_unaccounted"] == 0
