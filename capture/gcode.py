@@ -20,7 +20,18 @@ Life cycle of :meth:`GcodeFocusStage.open`:
    when the caller asks;
 4. home if ``home_on_start`` (``$H`` / ``G28 <axis>``, waiting up to ``move_timeout_s``);
 5. ``G21`` and ``G90`` (Marlin builds without inch support answer "Unknown command" to
-   ``G21``; they are always in millimetres, so that is accepted).
+   ``G21``; they are always in millimetres, so that is accepted);
+6. the travel: GRBL's ``$$`` (max travel ``$130..$135``, homing ``$22``, homing direction
+   ``$23``) and the build options of ``$I`` (``Z``: ``HOMING_FORCE_SET_ORIGIN``) give the axis's
+   machine travel: ``[-max_travel, 0]`` (stock GRBL: homing leaves the machine position at
+   ``-pulloff``, and soft limits allow ``[-max_travel, 0]`` whatever the homing direction), or
+   ``[0, max_travel]`` when the origin is forced and the axis homes toward negative. Given
+   ``limits_mm`` must lie inside it (in work coordinates), or the open fails naming the
+   travel: a stage told ``[0, 50]`` on a stock GRBL would drive past its home switch. Without
+   ``limits_mm`` the limits are that travel, up to the homed position at the switch's end.
+   Marlin: ``M211`` reports the soft endstops, used the same way (Marlin homes to its
+   minimum, travel ``[0, max]``). A controller that reports no travel (homing off, or no
+   ``M211``) needs ``limits_mm``.
 
 Moves are absolute ``G1 <axis><mm> F<feed>``. Settling: GRBL polls the real-time ``?``
 status until ``Idle`` and then confirms with ``G4 P0`` (GRBL can still report ``Idle`` for
@@ -148,7 +159,8 @@ class GcodeFocusStage(FocusActuator):
         axis: the axis letter the focus rail is on.
         home_on_start: home during :meth:`open` (required when GRBL boots locked).
         limits_mm: soft limits checked before any line is sent, mm (absolute, work
-            coordinates; a GRBL machine homed to its top has negative travel).
+            coordinates; a stock GRBL machine's travel is negative, ``[-max_travel, 0]``).
+            None: the controller's own travel, read on open (see the module doc).
         feed_mm_min: feed rate of every move, mm/min.
         timeout_s: longest wait for the reply to an ordinary line.
         move_timeout_s: longest wait for homing or for a move to finish.
@@ -165,7 +177,7 @@ class GcodeFocusStage(FocusActuator):
         flavor: Literal["grbl", "marlin"] = "grbl",
         axis: str = "Z",
         home_on_start: bool = True,
-        limits_mm: tuple[float, float] = (0.0, 50.0),
+        limits_mm: tuple[float, float] | None = None,
         feed_mm_min: float = 600.0,
         timeout_s: float = 2.0,
         move_timeout_s: float = 30.0,
@@ -178,9 +190,10 @@ class GcodeFocusStage(FocusActuator):
         allowed_axes = _AXES if flavor == "grbl" else "XYZ"
         if len(axis) != 1 or axis not in allowed_axes:
             raise InputError(f"gcode stage: axis must be one of {', '.join(allowed_axes)}, got {axis!r}")
-        lo, hi = (float(v) for v in limits_mm)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise InputError(f"gcode stage: limits_mm must be finite with low < high, got {limits_mm}")
+        if limits_mm is not None:
+            lo, hi = (float(v) for v in limits_mm)
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise InputError(f"gcode stage: limits_mm must be finite with low < high, got {limits_mm}")
         for what, value in (("feed_mm_min", feed_mm_min), ("timeout_s", timeout_s), ("move_timeout_s", move_timeout_s)):
             if not (math.isfinite(value) and value > 0):
                 raise InputError(f"gcode stage: {what} must be finite and > 0, got {value}")
@@ -193,7 +206,10 @@ class GcodeFocusStage(FocusActuator):
         self.flavor = flavor
         self.axis = axis
         self.home_on_start = bool(home_on_start)
-        self._limits = (lo, hi)
+        #: the limits given, or None: the controller's travel, read on open
+        self.limits_given: tuple[float, float] | None = None if limits_mm is None else (lo, hi)
+        self._limits = self.limits_given or (0.0, 0.0)
+        self._force_origin = False  # GRBL built with HOMING_FORCE_SET_ORIGIN ($I option Z)
         self.feed_mm_min = float(feed_mm_min)
         self.timeout_s = float(timeout_s)
         self.move_timeout_s = float(move_timeout_s)
@@ -206,7 +222,7 @@ class GcodeFocusStage(FocusActuator):
         self._serial = None
         self._rx = bytearray()
         self._io_lock = threading.RLock()
-        self._target_mm = lo
+        self._target_mm = self._limits[0]
         self._synced = True  # no move since the last confirmed sync
         self._sync: tuple[str, float] | None = None  # (sync line, deadline) awaiting its ok
         self._settled_at_s: float | None = None
@@ -217,6 +233,9 @@ class GcodeFocusStage(FocusActuator):
     # ------------------------------------------------------------------ role properties
     @property
     def limits(self) -> tuple[float, float]:
+        """The soft limits in force, mm: those given, or (once open) the controller's travel."""
+        if self.limits_given is None and not self.is_open:
+            raise DeviceError(f"{self._label()}: the limits come from the controller's travel, read on open; open the stage first")
         return self._limits
 
     @property
@@ -242,6 +261,7 @@ class GcodeFocusStage(FocusActuator):
             self._serial = self._open_serial()
             self._rx.clear()
             self._synced, self._sync, self._dirty, self._wco_mm = True, None, False, None
+            homed = False
             if self.flavor == "grbl":
                 self._wake_grbl()
                 state = self._status().state
@@ -253,13 +273,16 @@ class GcodeFocusStage(FocusActuator):
                     )
                 if self.home_on_start:
                     self._home()
+                    homed = True
             else:
                 self._wake_marlin()
                 if self.home_on_start:
                     self._home()
-            self._transact("G21")
+                    homed = True
+            self._millimetres()
             self._transact("G90")
             self._target_mm = self._do_position()
+            self._limits = self._checked_limits(self._travel_mm(), homed=homed)
             logger.info("%s: open (%s), %s at %.4f mm", self._label(), self.firmware or self.flavor, self.axis, self._target_mm)
         except BaseException:
             self._release()
@@ -267,6 +290,79 @@ class GcodeFocusStage(FocusActuator):
 
     def _do_close(self) -> None:
         self._release()
+
+    def _millimetres(self) -> None:
+        """``G21``; a Marlin built without inch support answers "Unknown command" (it is always
+        in millimetres), which is accepted."""
+        try:
+            self._transact("G21")
+        except ProtocolError as exc:
+            if self.flavor != "marlin" or "unknown command" not in str(exc).lower():
+                raise
+            logger.info("%s: no G21 in this Marlin build (millimetres only)", self._label())
+
+    # ------------------------------------------------------------------ travel
+    def _travel_mm(self) -> tuple[float, float] | None:
+        """The axis's travel in work coordinates as the controller reports it, or None."""
+        if self.flavor == "marlin":
+            try:
+                lines = self._transact("M211")
+            except ProtocolError as exc:
+                logger.info("%s: no soft endstops report (M211): %s", self._label(), exc)
+                return None
+            for text in lines:
+                match = re.search(r"Min:\s*(.*?)\s+Max:\s*(.*)$", text)
+                if match:
+                    ends = [re.search(self.axis + r"\s*(-?[\d.]+)", part) for part in match.groups()]
+                    if all(ends):
+                        return float(ends[0].group(1)), float(ends[1].group(1))
+            logger.info("%s: M211 did not report the %s soft endstops", self._label(), self.axis)
+            return None
+        settings = self._grbl_settings()
+        index = _AXES.index(self.axis)
+        max_travel = settings.get(130 + index)
+        if not settings.get(22) or not max_travel:
+            logger.info("%s: GRBL reports no travel for %s (homing $22=%s, $%d=%s)", self._label(), self.axis,
+                        settings.get(22), 130 + index, max_travel)
+            return None
+        status = self._status()
+        offset = status.machine_mm[index] - status.position_mm  # the work coordinate offset
+        toward_negative = int(settings.get(23, 0)) >> index & 1
+        lo_m, hi_m = (0.0, max_travel) if self._force_origin and toward_negative else (-max_travel, 0.0)
+        return lo_m - offset, hi_m - offset
+
+    def _grbl_settings(self) -> dict[int, float]:
+        settings: dict[int, float] = {}
+        for text in self._transact("$$"):
+            match = re.match(r"^\$(\d+)=(-?[\d.]+)", text)
+            if match:
+                settings[int(match.group(1))] = float(match.group(2))
+        return settings
+
+    def _checked_limits(self, travel: tuple[float, float] | None, *, homed: bool) -> tuple[float, float]:
+        """The limits to use: those given, checked against ``travel``; or the travel itself."""
+        eps = 1e-3
+        if self.limits_given is not None:
+            lo, hi = self.limits_given
+            if travel is not None and (lo < travel[0] - eps or hi > travel[1] + eps):
+                raise InputError(
+                    f"{self._label()}: limits_mm [{lo:g}, {hi:g}] lie outside the controller's {self.axis} travel "
+                    f"[{travel[0]:g}, {travel[1]:g}] mm (work coordinates{'; stock GRBL travel is negative' if self.flavor == 'grbl' else ''}); "
+                    f"a move there would hit an end of the rail: set limits_mm inside it, or leave it out to use the travel"
+                )
+            return lo, hi
+        if travel is None:
+            raise InputError(
+                f"{self._label()}: limits_mm not given and the controller reports no travel for {self.axis} "
+                f"({'homing is off ($22=0) or no max travel' if self.flavor == 'grbl' else 'no M211 soft endstops'}); set limits_mm"
+            )
+        lo, hi = travel
+        if homed:  # stay on the rail's side of the homed position (the switch is beyond it)
+            here = self._target_mm
+            if travel[0] <= here <= travel[1]:
+                lo, hi = (lo, here) if hi - here < here - lo else (here, hi)
+        logger.info("%s: limits %g..%g mm from the controller's travel", self._label(), lo, hi)
+        return lo, hi
 
     def _release(self) -> None:
         """Close the port and stop our emulator; never raises, never waits long."""
@@ -342,6 +438,8 @@ class GcodeFocusStage(FocusActuator):
             version = next((t for t in info if t.startswith("[VER:")), "")
             if version:
                 self.firmware = f"{self.firmware} ({version[1:-1]})"
+            options = next((t for t in info if t.startswith("[OPT:")), "")
+            self._force_origin = "Z" in options[5:-1].split(",")[0]
         logger.info("%s: firmware %s", self._label(), self.firmware)
 
     def _wake_marlin(self) -> None:
@@ -640,6 +738,12 @@ class GcodeFocusStage(FocusActuator):
                 raise DeviceError(f"{self._label()}: {text} ({self._alarm_meaning(text)}) after sending {line!r}")
             if text.startswith("<") and text.endswith(">"):
                 return "status"
+            if text.startswith(">"):  # a startup block ($N) executed after reset or homing: ">G54:ok"
+                if ":error:" in text:
+                    logger.warning("%s: GRBL startup block failed: %s", self._label(), text)
+                else:
+                    logger.info("%s: GRBL startup block: %s", self._label(), text)
+                return "info"
             if text.startswith("[") and text.endswith("]"):
                 if text.startswith("[MSG:"):
                     logger.info("%s: %s", self._label(), text)
@@ -660,6 +764,8 @@ class GcodeFocusStage(FocusActuator):
             lower = text.lower()
             if lower.startswith(("echo:busy", "busy:")):
                 return "info"
+            if lower.startswith("echo:soft endstops"):  # M211's report
+                return "data"
             if lower.startswith("echo:unknown command") or re.match(r"echo:\s*home .* first", lower):
                 return "refused"
             if text.startswith(("Error:", "!!")):

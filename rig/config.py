@@ -206,7 +206,8 @@ class GcodeFocusConfig(_Strict):
     flavor: Literal["grbl", "marlin"] = "grbl"
     axis: Literal["X", "Y", "Z"] = "Z"
     home_on_start: bool = True
-    limits_mm: tuple[float, float] = (0.0, 50.0)
+    limits_mm: tuple[float, float] | None = Field(
+        None, description="soft limits in work coordinates, mm; null: the controller's travel ($13x on GRBL, M211 on Marlin)")
     feed_mm_min: float = Field(600.0, gt=0)
     timeout_s: float = Field(2.0, gt=0, le=60)
     move_timeout_s: float = Field(30.0, gt=0, le=600)
@@ -214,8 +215,8 @@ class GcodeFocusConfig(_Strict):
 
     @field_validator("limits_mm")
     @classmethod
-    def _limits(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not v[0] < v[1]:
+    def _limits(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
             raise ValueError(f"need [low, high] with low < high, got {list(v)}")
         return v
 

@@ -122,7 +122,7 @@ def _gcode_factory(created: list, flavor: str) -> Callable[[], FocusActuator]:
 
     def make() -> FocusActuator:
         # short travel and a fast feed keep the full-range move of the tests near 0.5 s
-        device = GcodeFocusStage("emulator", flavor=flavor, feed_mm_min=1200, limits_mm=(0.0, 10.0), timeout_s=1.0)
+        device = GcodeFocusStage("emulator", flavor=flavor, feed_mm_min=1200, limits_mm=(-10.0, 0.0) if flavor == "grbl" else (0.0, 10.0), timeout_s=1.0)
         created.append(device)
         return device
 

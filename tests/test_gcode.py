@@ -33,6 +33,17 @@ TIMEOUT_S = 0.3
 HOMING_S = 0.05
 
 
+def mm(flavor: str, value: float) -> float:
+    """A rail position ``value`` mm from the home end: stock GRBL's travel is negative
+    (``[-max_travel, 0]``), Marlin's positive (``[0, max_travel]``)."""
+    return -value if flavor == "grbl" else value
+
+
+def g1(flavor: str, value: float, feed: int = 600) -> str:
+    """The line the driver sends for a move to ``mm(flavor, value)``."""
+    return f"G1 Z{mm(flavor, value):.4f} F{feed}"
+
+
 def lines_sent(emulator: GcodeEmulator) -> list[bytes]:
     """The G-code lines the emulator received, without GRBL's real-time bytes."""
     return [r for r in emulator.received if r not in REALTIME]
@@ -69,34 +80,38 @@ def make(started: list, flavor: str, *, emulator_kw: dict | None = None, **stage
 def test_open_home_move_settle_position_round_trip(started, flavor: str) -> None:
     emulator, stage = make(started, flavor)
     stage.open()
-    assert stage.is_open and stage.unit == "mm" and stage.limits == (0.0, 50.0)
+    # no limits given: the controller's travel, up to the homed position (GRBL homes to -pulloff)
+    home = -GcodeEmulator.PULLOFF_MM if flavor == "grbl" else 0.0
+    assert stage.is_open and stage.unit == "mm" and stage.limits == ((-50.0, home) if flavor == "grbl" else (0.0, 50.0))
     assert emulator.homed if flavor == "grbl" else "Z" in emulator._homed_axes
-    assert stage.target == pytest.approx(0.0)
+    assert stage.target == pytest.approx(home)
     assert stage.firmware.startswith("Grbl 1.1h" if flavor == "grbl" else "Marlin 2.1.2")
 
+    target = home + mm(flavor, 3.0)
     t0 = time.monotonic()
-    stage.move_to(3.0)  # 3 mm at 600 mm/min: 0.3 s
+    stage.move_to(target)  # 3 mm at 600 mm/min: 0.3 s
     assert time.monotonic() - t0 < 0.1, "move_to must return once the line is queued"
-    assert 0.0 <= emulator.position_mm[2] < 3.0  # still on its way
+    assert min(home, target) <= emulator.position_mm[2] <= max(home, target) and emulator.position_mm[2] != pytest.approx(target)
     settled_s = stage.wait_settled(timeout_s=2.0)
     elapsed_s = settled_s - t0
     assert 0.3 - 0.01 <= elapsed_s <= 0.3 + 0.15, elapsed_s
     assert time.monotonic() - t0 >= 0.29
-    assert emulator.position_mm[2] == pytest.approx(3.0)
-    assert stage.position() == pytest.approx(3.0, abs=0.01)
-    assert stage.target == pytest.approx(3.0)
+    assert emulator.position_mm[2] == pytest.approx(target)
+    assert stage.position() == pytest.approx(target, abs=0.01)
+    assert stage.target == pytest.approx(target)
     status = stage.status()
-    assert isinstance(status, StageStatus) and status.state == "Idle" and status.position_mm == pytest.approx(3.0, abs=0.01)
+    assert isinstance(status, StageStatus) and status.state == "Idle" and status.position_mm == pytest.approx(target, abs=0.01)
     stage.wait_settled(timeout_s=0.5)  # already settled: returns at once
 
+    move = f"G1 Z{target:.4f} F600".encode()
     if flavor == "grbl":
-        expected = [b"$I", b"$H", b"G21", b"G90", b"G1 Z3.0000 F600", b"G4 P0"]
+        expected = [b"$I", b"$H", b"G21", b"G90", b"$$", move, b"G4 P0"]
         assert emulator.received[0] == b"\x18"  # woken with a soft reset
         received = emulator.received
-        polls = received[received.index(b"G1 Z3.0000 F600") + 1 : received.index(b"G4 P0")]
+        polls = received[received.index(move) + 1 : received.index(b"G4 P0")]
         assert polls and set(polls) == {b"?"}  # polled the real-time status until Idle, then synced
     else:
-        expected = [b"M115", b"G28 Z", b"G21", b"G90", b"M114", b"G1 Z3.0000 F600", b"M400", b"M114", b"M114"]
+        expected = [b"M115", b"G28 Z", b"G21", b"G90", b"M114", b"M211", move, b"M400", b"M114", b"M114"]
     assert lines_sent(emulator) == expected
     stage.close()
     stage.close()  # idempotent
@@ -108,13 +123,13 @@ def test_settle_time_follows_distance_and_feed(started, flavor: str) -> None:
     emulator, stage = make(started, flavor, feed_mm_min=1200.0, home_on_start=False)
     emulator.BUSY_INTERVAL_S = 0.03  # Marlin: "echo:busy: processing" keepalives during M400 are ignored
     stage.open()
-    for target_mm, expected_s in ((2.0, 0.1), (6.0, 0.2)):  # 20 mm/s
+    for target_mm, expected_s in ((mm(flavor, 2.0), 0.1), (mm(flavor, 6.0), 0.2)):  # 20 mm/s
         t0 = time.monotonic()
         stage.move_to(target_mm)
         elapsed_s = stage.wait_settled(timeout_s=2.0) - t0
         assert expected_s - 0.01 <= elapsed_s <= expected_s + 0.12, (target_mm, elapsed_s)
         assert emulator.position_mm[2] == pytest.approx(target_mm)
-    assert b"G1 Z6.0000 F1200" in lines_sent(emulator)
+    assert g1(flavor, 6.0, 1200).encode() in lines_sent(emulator)
     assert not any(line in (b"$H", b"G28 Z") for line in lines_sent(emulator))
 
 
@@ -123,18 +138,18 @@ def test_wait_settled_timeout_then_the_pending_sync_is_honoured(started, flavor:
     emulator, stage = make(started, flavor, home_on_start=False)
     stage.open()
     t0 = time.monotonic()
-    stage.move_to(5.0)  # 0.5 s
+    stage.move_to(mm(flavor, 5.0))  # 0.5 s
     with pytest.raises(DeviceTimeout, match="not settled"):
         stage.wait_settled(timeout_s=0.1)
     assert time.monotonic() - t0 < 0.1 + 0.1
     settled_s = stage.wait_settled(timeout_s=2.0)
     assert 0.5 - 0.01 <= settled_s - t0 <= 0.5 + 0.15
-    assert stage.position() == pytest.approx(5.0, abs=0.01)
+    assert stage.position() == pytest.approx(mm(flavor, 5.0), abs=0.01)
     sync = b"G4 P0" if flavor == "grbl" else b"M400"
     assert lines_sent(emulator).count(sync) == 1  # the outstanding sync line was awaited, not re-sent
-    stage.move_to(6.0)  # the stream is still in step: the next line gets its own ok
+    stage.move_to(mm(flavor, 6.0))  # the stream is still in step: the next line gets its own ok
     stage.wait_settled(timeout_s=2.0)
-    assert emulator.position_mm[2] == pytest.approx(6.0)
+    assert emulator.position_mm[2] == pytest.approx(mm(flavor, 6.0))
 
 
 def test_port_emulator_starts_and_stops_an_in_process_emulator(started) -> None:
@@ -156,36 +171,71 @@ def test_port_emulator_starts_and_stops_an_in_process_emulator(started) -> None:
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_soft_limit_is_refused_before_anything_is_sent(started, flavor: str) -> None:
-    emulator, stage = make(started, flavor, limits_mm=(0.0, 40.0), home_on_start=False)
+    limits = tuple(sorted((mm(flavor, 0.0), mm(flavor, 40.0))))
+    emulator, stage = make(started, flavor, limits_mm=limits, home_on_start=False)
     stage.open()
     before = list(emulator.received)
-    for bad in (40.5, -0.1, float("nan")):
+    for bad in (limits[1] + 0.5, limits[0] - 0.1, float("nan")):
         with pytest.raises(InputError, match="outside the device limits"):
             stage.move_to(bad)
     assert emulator.received == before
 
 
-def test_grbl_soft_limit_alarm_is_a_device_error_then_locked(started) -> None:
-    emulator, stage = make(started, "grbl", limits_mm=(0.0, 100.0), emulator_kw={"max_travel_mm": 50.0})
+def test_grbl_limits_outside_the_travel_are_refused_at_open(started) -> None:
+    # stock GRBL's travel is [-max_travel, 0]: limits written for a positive rail would drive past the home switch
+    emulator, stage = make(started, "grbl", limits_mm=(0.0, 40.0))
+    with pytest.raises(InputError, match=r"limits_mm \[0, 40\] lie outside the controller's Z travel \[-50, 0\] mm") as info:
+        stage.open()
+    assert emulator.port in str(info.value) and not stage.is_open
+    assert not any(line.startswith(b"G1") for line in lines_sent(emulator))
+
+
+def test_grbl_travel_follows_a_work_offset_and_a_forced_origin() -> None:
+    stage = GcodeFocusStage("/dev/null", axis="Z", limits_mm=(5.0, 45.0))
+    stage._parse_grbl_status("<Idle|MPos:0.000,0.000,-49.000|FS:0,0|WCO:0.000,0.000,-50.000>")  # work Z = machine Z + 50
+    assert stage._checked_limits((0.0, 50.0), homed=True) == (5.0, 45.0)
+    with pytest.raises(InputError, match="outside the controller's Z travel"):
+        stage._checked_limits((0.0, 40.0), homed=True)
+    free = GcodeFocusStage("/dev/null", axis="Z")
+    free._target_mm = 0.0  # homed toward negative with the origin forced: the switch is at the low end
+    assert free._checked_limits((0.0, 50.0), homed=True) == (0.0, 50.0)
+    free._target_mm = -1.0  # stock: homed at -pulloff, the switch beyond the high end
+    assert free._checked_limits((-50.0, 0.0), homed=True) == (-50.0, -1.0)
+    with pytest.raises(InputError, match="set limits_mm"):
+        free._checked_limits(None, homed=False)
+
+
+def test_grbl_startup_blocks_echoed_after_homing_are_accepted(started) -> None:
+    emulator, stage = make(started, "grbl")
+    emulator.startup_echo = b">G54:ok\r\n"  # a user's $N0=G54, run after reset and after $H
     stage.open()
+    assert stage.is_open and emulator.homed
+
+
+def test_grbl_soft_limit_alarm_is_a_device_error_then_locked(started) -> None:
+    emulator, stage = make(started, "grbl", limits_mm=(-100.0, 0.0), emulator_kw={"max_travel_mm": 50.0}, home_on_start=False)
+    stage.limits_given = None  # past the open-time check, as on a controller that reports no travel
+    stage.open()
+    stage._limits = (-100.0, 0.0)
     with pytest.raises(DeviceError, match="soft limit") as info:
-        stage.move_to(60.0)  # inside the driver's limits, outside the machine's travel
-    assert "ALARM:2" in str(info.value) and emulator.port in str(info.value) and "G1 Z60.0000 F600" in str(info.value)
+        stage.move_to(-60.0)  # inside the driver's limits, outside the machine's travel
+    assert "ALARM:2" in str(info.value) and emulator.port in str(info.value) and "G1 Z-60.0000 F600" in str(info.value)
     assert not isinstance(info.value, ProtocolError)
     assert stage.status().state == "Alarm"
-    with pytest.raises(ProtocolError, match=r"'G1 Z10.0000 F600' refused with error:9 \(G-code locked out during an alarm") as info:
-        stage.move_to(10.0)
+    with pytest.raises(ProtocolError, match=r"'G1 Z-10.0000 F600' refused with error:9 \(G-code locked out during an alarm") as info:
+        stage.move_to(-10.0)
     assert emulator.port in str(info.value)
     stage.unlock()
     assert lines_sent(emulator)[-1] == b"$X"
-    stage.move_to(1.0)
+    stage.move_to(-1.0)
     stage.wait_settled(timeout_s=2.0)
-    assert stage.position() == pytest.approx(1.0)
+    assert stage.position() == pytest.approx(-1.0)
 
 
 def test_marlin_soft_endstops_clamp_silently(started) -> None:
-    _, stage = make(started, "marlin", limits_mm=(0.0, 100.0), feed_mm_min=1200.0, emulator_kw={"max_travel_mm": 2.0})
+    _, stage = make(started, "marlin", limits_mm=(0.0, 1.0), feed_mm_min=1200.0, emulator_kw={"max_travel_mm": 2.0})
     stage.open()
+    stage._limits = (0.0, 100.0)  # wider than the travel M211 reported (the open refuses that)
     stage.move_to(3.0)  # Marlin clamps to its travel and says ok (documented: the driver's limits protect)
     stage.wait_settled(timeout_s=2.0)
     assert stage.position() == pytest.approx(2.0, abs=0.01)
@@ -203,9 +253,9 @@ def test_error_reply_is_a_protocol_error_naming_the_line(started, flavor: str, l
     with pytest.raises(ProtocolError, match=pattern) as info:
         stage.command(line)
     assert emulator.port in str(info.value)
-    stage.move_to(1.0)  # the exchange stays in step after a refusal
+    stage.move_to(mm(flavor, 1.0))  # the exchange stays in step after a refusal
     stage.wait_settled(timeout_s=2.0)
-    assert stage.position() == pytest.approx(1.0, abs=0.01)
+    assert stage.position() == pytest.approx(mm(flavor, 1.0), abs=0.01)
 
 
 def test_raw_command_returns_the_lines_before_ok(started) -> None:
@@ -256,10 +306,10 @@ def test_stall_is_a_timeout_naming_port_and_line(started, flavor: str) -> None:
     emulator.inject("stall")
     t0 = time.monotonic()
     with pytest.raises(DeviceTimeout) as info:
-        stage.move_to(5.0)
+        stage.move_to(mm(flavor, 5.0))
     elapsed_s = time.monotonic() - t0
     assert TIMEOUT_S - 0.01 <= elapsed_s <= TIMEOUT_S + 0.25, elapsed_s
-    assert emulator.port in str(info.value) and "'G1 Z5.0000 F600'" in str(info.value)
+    assert emulator.port in str(info.value) and f"'{g1(flavor, 5.0)}'" in str(info.value)
     t0 = time.monotonic()
     stage.close()
     assert time.monotonic() - t0 < 0.5
@@ -270,8 +320,8 @@ def test_garbled_reply_is_a_protocol_error(started, flavor: str) -> None:
     emulator, stage = make(started, flavor, home_on_start=False)
     stage.open()
     emulator.inject("corrupt_crc")
-    with pytest.raises(ProtocolError, match=r"unparseable reply 'nk' to 'G1 Z5.0000 F600'") as info:
-        stage.move_to(5.0)
+    with pytest.raises(ProtocolError, match=rf"unparseable reply 'nk' to '{g1(flavor, 5.0)}'") as info:
+        stage.move_to(mm(flavor, 5.0))
     assert emulator.port in str(info.value)
 
 
@@ -287,7 +337,7 @@ def test_garbled_status_report_is_a_protocol_error(started) -> None:
 def test_disconnect_mid_move_is_a_device_error_without_hanging(started, flavor: str) -> None:
     emulator, stage = make(started, flavor, home_on_start=False)
     stage.open()
-    stage.move_to(20.0)  # 2 s of motion
+    stage.move_to(mm(flavor, 20.0))  # 2 s of motion
     time.sleep(0.05)
     emulator.disconnect()
     t0 = time.monotonic()
@@ -360,8 +410,8 @@ def test_grbl_emulator_models_hold_resume_and_dwell_sync(started) -> None:
     with serial.Serial(emulator.port, 115200, timeout=0.01) as port:
         assert _exchange(port, b"G21 G90\n") == b"ok\r\n"
         t0 = time.monotonic()
-        assert _exchange(port, b"G1 Z1 F600\n") == b"ok\r\n"  # 0.1 s of motion
-        assert _exchange(port, b"?").startswith(b"<Run|MPos:0.000,0.000,0.")
+        assert _exchange(port, b"G1 Z-1 F600\n") == b"ok\r\n"  # 0.1 s of motion
+        assert _exchange(port, b"?").startswith(b"<Run|MPos:0.000,0.000,-0.")
         time.sleep(0.03)
         port.write(b"!")
         time.sleep(0.01)
@@ -373,9 +423,9 @@ def test_grbl_emulator_models_hold_resume_and_dwell_sync(started) -> None:
         reply = _exchange(port, b"", until=b"ok\r\n", timeout_s=1.0)
         elapsed_s = time.monotonic() - t0
         assert reply == b"ok\r\n" and 0.2 <= elapsed_s <= 0.35, elapsed_s  # 0.1 s of motion + ~0.11 s held
-        assert _exchange(port, b"?") == b"<Idle|MPos:0.000,0.000,1.000|FS:0,0>\r\n"
+        assert _exchange(port, b"?") == b"<Idle|MPos:0.000,0.000,-1.000|FS:0,0>\r\n"
         assert _exchange(port, b"\x18", until=b"help]\r\n") == b"\r\nGrbl 1.1h ['$' for help]\r\n"
-        assert _exchange(port, b"G1 Z2\n") == b"error:22\r\n"  # the reset forgot the feed rate
+        assert _exchange(port, b"G1 Z-2\n") == b"error:22\r\n"  # the reset forgot the feed rate
     assert emulator.requests_served == len(emulator.received) >= 10
 
 
@@ -391,9 +441,9 @@ def test_emulator_command_line_prints_the_port_first(flavor: str) -> None:
         port = proc.stdout.readline().strip()
         assert port.startswith("/dev/"), port
         with GcodeFocusStage(port, flavor=flavor, home_on_start=False, timeout_s=1.0, feed_mm_min=1200.0) as stage:
-            stage.move_to(1.0)
+            stage.move_to(mm(flavor, 1.0))
             stage.wait_settled(timeout_s=2.0)
-            assert stage.position() == pytest.approx(1.0, abs=0.01)
+            assert stage.position() == pytest.approx(mm(flavor, 1.0), abs=0.01)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -402,3 +452,10 @@ def test_emulator_command_line_prints_the_port_first(flavor: str) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_marlin_without_inch_support_opens(started) -> None:
+    emulator, stage = make(started, "marlin", home_on_start=False)
+    emulator.inch_support = False  # Marlin 1.1 without INCH_MODE_SUPPORT: "Unknown command" to G21
+    stage.open()
+    assert stage.is_open and b"G21" in lines_sent(emulator)

@@ -20,11 +20,14 @@ GRBL flavour:
   soft reset (a reset during motion or homing raises ``ALARM:3`` / ``ALARM:6`` and locks; the
   banner is printed again; the parser state returns to its defaults, feed rate unset);
 - an empty line gets ``ok``, like GRBL 1.1 (so a client should end lines with LF only);
-- soft limits are on: a target outside ``[0, max_travel_mm]`` on any axis stops the motion
+- machine coordinates as stock GRBL 1.1 keeps them (no ``HOMING_FORCE_SET_ORIGIN``): the
+  position is 0 at power-up, ``$H`` leaves it at ``-pulloff`` (``$27``, 1 mm) and the travel
+  is ``[-max_travel_mm, 0]``;
+- soft limits are on: a target outside ``[-max_travel_mm, 0]`` on any axis stops the motion
   and answers ``ALARM:2`` *instead of* ``ok``; the controller then stays locked: G-code lines
   get ``error:9`` until ``$X`` (``[MSG:Caution: Unlocked]``) or ``$H``. (Real GRBL 1.1 also
   waits for a soft reset after a limit alarm; here the reset is optional.)
-- ``$H`` homes all axes in ``homing_time_s`` (position 0, alarm cleared), ``$$`` lists a few
+- ``$H`` homes all axes in ``homing_time_s`` (position ``-pulloff``, alarm cleared), ``$$`` lists a few
   settings, ``$I`` the build info, ``$G`` the parser state, ``$X`` unlocks, ``$<n>=<v>`` stores
   a setting; an unknown ``$`` command gets ``error:3``, ``$$``/``$H`` while moving ``error:8``;
 - G-code subset: ``G0 G1 G4 G17 G20 G21 G54 G90 G91 G94``, ``M5 M9``, words ``X Y Z F P N``;
@@ -40,7 +43,8 @@ Marlin flavour:
   ``ok``, as Marlin does), ``G4 P<ms>/S<s>``, ``G20/G21``, ``G90/G91``, ``G28 [X Y Z]``
   (blocking, ``ok`` after ``homing_time_s``), ``M400`` (``ok`` once the moves are done),
   ``M114`` (``X:.. Y:.. Z:.. E:0.00 Count X:.. Y:.. Z:..``, the interpolated position),
-  ``M115`` (``FIRMWARE_NAME:...``), ``M17 M18 M84 M110``; anything else gets
+  ``M115`` (``FIRMWARE_NAME:...``), ``M211`` (the soft endstops, ``[0, max_travel_mm]``),
+  ``M17 M18 M84 M110``; anything else gets
   ``echo:Unknown command: "<line>"`` then ``ok``;
 - with ``needs_homing`` a move of an axis that was never homed gets ``echo:Home Z First``
   then ``ok`` and does not move (Marlin's ``NO_MOTION_BEFORE_HOMING``);
@@ -108,7 +112,8 @@ class GcodeEmulator(PtyEmulator):
     Args:
         fault, fault_after: see :class:`~capture.emulators.pty_server.PtyEmulator`.
         flavor: ``"grbl"`` or ``"marlin"``.
-        max_travel_mm: machine travel of every axis, ``[0, max_travel_mm]``.
+        max_travel_mm: machine travel of every axis: ``[-max_travel_mm, 0]`` (GRBL), ``[0,
+            max_travel_mm]`` (Marlin).
         max_rate_mm_min: the fastest feed (and the ``G0`` rate), mm/min.
         homing_time_s: how long ``$H`` / ``G28`` takes.
         needs_homing: GRBL starts locked in the alarm state until ``$H`` (or ``$X``); Marlin
@@ -123,6 +128,8 @@ class GcodeEmulator(PtyEmulator):
     STEPS_PER_MM = 800.0
     #: Marlin's host keepalive interval while a command blocks, s
     BUSY_INTERVAL_S = 2.0
+    #: GRBL's homing pull-off (``$27``): where ``$H`` leaves the machine position, negated, mm
+    PULLOFF_MM = 1.0
 
     def __init__(
         self,
@@ -158,6 +165,11 @@ class GcodeEmulator(PtyEmulator):
         self._homing_until_s: float | None = None
         self._homing_axes = ""
         self._homed_axes: set[str] = set()
+        #: GRBL: what the user's startup blocks (``$N0=...``) print after a reset and after homing,
+        #: e.g. ``b">G54:ok\r\n"`` (none by default)
+        self.startup_echo = b""
+        #: Marlin: False answers G20/G21 with "Unknown command" (a build without INCH_MODE_SUPPORT)
+        self.inch_support = True
         self._locked = flavor == "grbl" and self.needs_homing
         self.alarm_code: int | None = None  # the last GRBL alarm raised (None = none)
         self._blocked: _Pending | None = None
@@ -167,6 +179,8 @@ class GcodeEmulator(PtyEmulator):
             20: 1.0,  # soft limits on
             21: 0.0,  # hard limits off
             22: 1.0,  # homing on
+            23: 0.0,  # homing direction mask: every axis homes toward positive (the stock default)
+            27: self.PULLOFF_MM,
             100: self.STEPS_PER_MM,
             101: self.STEPS_PER_MM,
             102: self.STEPS_PER_MM,
@@ -287,12 +301,13 @@ class GcodeEmulator(PtyEmulator):
         start_s = self._motion_end_s(now_s)
         self._homing_until_s = start_s + self.homing_time_s
         self._homing_axes = axes
-        self._block(_Pending(b"ok" + self._eol, after_motion=False, until_s=self._homing_until_s), now_s)
+        echo = self.startup_echo if self.flavor == "grbl" else b""  # GRBL runs its startup blocks after homing
+        self._block(_Pending(echo + b"ok" + self._eol, after_motion=False, until_s=self._homing_until_s), now_s)
 
     def _finish_homing(self) -> None:
         self._moves.clear()
         for axis in self._homing_axes:
-            self._rest_mm[AXES.index(axis)] = 0.0
+            self._rest_mm[AXES.index(axis)] = -self.PULLOFF_MM if self.flavor == "grbl" else 0.0
             self._homed_axes.add(axis)
         self._homing_until_s = None
         self._homing_axes = ""
@@ -423,7 +438,7 @@ class GcodeEmulator(PtyEmulator):
         self._held.clear()
         self._buffer.clear()
         self._reset_parser()
-        out += _GRBL_BANNER
+        out += _GRBL_BANNER + self.startup_echo
         if self._locked:
             out += _GRBL_UNLOCK_MSG
         return bytes(out)
@@ -555,7 +570,7 @@ class GcodeEmulator(PtyEmulator):
                 for i, a in enumerate(AXES)
             )
             eps = 1e-6
-            if any(not (-eps <= v <= self.max_travel_mm + eps) for v in target):
+            if any(not (-self.max_travel_mm - eps <= v <= eps) for v in target):
                 self._stop_motion(now_s)
                 self._locked = True
                 self.alarm_code = 2
@@ -596,6 +611,8 @@ class GcodeEmulator(PtyEmulator):
             dwell_s = (params.get("P") or 0.0) / 1000.0 + (params.get("S") or 0.0)
             self._block(_Pending(ok, after_motion=True, dwell_s=max(0.0, dwell_s)), now_s)
             return b""
+        if command in ("G20", "G21") and not self.inch_support:  # Marlin 1.1 without INCH_MODE_SUPPORT
+            return f'echo:Unknown command: "{line}"\n'.encode() + ok
         if command in ("G20", "G21"):
             self._mm_per_unit = 25.4 if command == "G20" else 1.0
             return ok
@@ -618,6 +635,9 @@ class GcodeEmulator(PtyEmulator):
                 b"FIRMWARE_NAME:Marlin 2.1.2 (DualFocus emulator) SOURCE_CODE_URL:none PROTOCOL_VERSION:1.0 "
                 b"MACHINE_TYPE:focus rail EXTRUDER_COUNT:0\nCap:EMERGENCY_PARSER:0\nCap:AUTOREPORT_POS:0\n" + ok
             )
+        if command == "M211":
+            m = self.max_travel_mm
+            return (f"echo:Soft endstops: On   Min:  X0.00 Y0.00 Z0.00   Max:  X{m:.2f} Y{m:.2f} Z{m:.2f}\n").encode() + ok
         if command in ("M17", "M18", "M84", "M110"):
             return ok
         return f'echo:Unknown command: "{line}"\n'.encode() + ok
