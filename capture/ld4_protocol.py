@@ -49,12 +49,14 @@ __all__ = [
     "get_device_id",
     "get_firmware_type",
     "get_firmware_version",
+    "get_firmware_version_short",
     "get_focal_power",
     "get_lower_limit",
     "get_max_current",
     "get_serial_number",
     "get_status",
     "get_temperature",
+    "get_temperature_ta",
     "get_upper_limit",
     "handshake",
     "parse_active_mode",
@@ -134,6 +136,7 @@ FRAME_LENGTHS: dict[bytes, int] = {
     b"CwUA": 8,
     b"CwLA": 8,
     b"TCA": 5,
+    b"TA": 4,
     b"H": 3,
     b"F": 3,
     b"J": 3,
@@ -349,6 +352,13 @@ def get_temperature() -> Command:
     return _cmd("TCA", "get temperature", b"", 5)
 
 
+def get_temperature_ta() -> Command:
+    """``TA`` -> ``xxx h``: the lens temperature in 1/16 °C, the form the St Andrews MATLAB
+    class sends (HARDWARE_NOTES §1.4, uncertain); it reads the value at the same offset as the
+    ``TCA`` reply, so :func:`parse_temperature_c` decodes it. A fallback for ``TCA``."""
+    return _cmd("TA", "get temperature, TA form", b"", 5)
+
+
 def get_firmware_type() -> Command:
     """``H`` -> ``x c``: firmware type letter ('A', 'B', ...; sets the focal-power scaling)."""
     return _cmd("H", "get firmware type", b"", 2)
@@ -357,6 +367,13 @@ def get_firmware_type() -> Command:
 def get_firmware_version() -> Command:
     """``V`` + 00 -> ``x B B H H``: major, minor, build, revision."""
     return _cmd("V", "get firmware version", b"\x00", 7)
+
+
+def get_firmware_version_short() -> Command:
+    """``V`` alone (``56 80 3E``, the ``opto`` package's form) -> the same reply as
+    :func:`get_firmware_version`; which form is canonical is uncertain (HARDWARE_NOTES §1.4),
+    so the driver falls back to this one."""
+    return _cmd("V", "get firmware version, short form", b"", 7)
 
 
 def get_serial_number() -> Command:
@@ -518,7 +535,7 @@ def parse_limit_raw(data: bytes) -> int:
 
 
 def parse_temperature_c(data: bytes) -> float:
-    """``TCA`` reply -> lens temperature in °C (raw * 0.0625)."""
+    """``TCA`` (or ``TA``) reply -> lens temperature in °C (raw * 0.0625)."""
     return raw_to_temperature(_unpack(">xxxh", payload_of(data, get_temperature().reply_len))[0])
 
 

@@ -21,7 +21,14 @@ Set commands (``Aw``, ``PwDA``) have no reply, and the LD4 cannot report when th
 settled: :meth:`OptotuneLensDriver.wait_settled` returns once ``settle_time_s`` has passed
 since the last write (measure your lens; EL-10-30-class lenses settle in ~15 ms). An error
 the LD4 reports for a set command arrives unsolicited; it is picked up while waiting for
-settling, or before the next query, and raised as a ProtocolError naming that command.
+settling, before the next query, or (when it arrives late, after that query was sent) ahead
+of the query's own reply, and raised as a ProtocolError naming that set command.
+
+The firmware version (``V`` + 00, else the short ``V``) and the lens temperature (``TCA``,
+else ``TA``) are informational: HARDWARE_NOTES §1.4 lists two forms of each as in use, so
+``open()`` tries both and, when neither answers, logs one warning and records the value as
+unknown (``identity["firmware_version"]`` None, :meth:`OptotuneLensDriver.temperature_c`
+None) instead of failing.
 
 ``port="emulator"`` runs an in-process :class:`~capture.emulators.optotune.OptotuneEmulator`
 on a pseudo-terminal (Linux/macOS), for tests and demos.
@@ -67,7 +74,11 @@ def _port_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-class _Refused(Exception):
+class _Unanswered(Exception):
+    """Internal: an optional query got no usable answer (see ``_informational_ask``)."""
+
+
+class _Refused(_Unanswered):
     """Internal: an optional command the firmware does not offer (E2/E3)."""
 
 
@@ -89,8 +100,9 @@ class OptotuneLensDriver(FocusActuator):
         name: for messages and logs; default ``"optotune LD4 on <port>"``.
 
     Attributes:
-        identity: after open: ``serial_number``, ``firmware_type``, ``firmware_version``,
-            ``device_id`` (None where the firmware lacks ``IR``) and ``max_current_ma``.
+        identity: after open: ``serial_number``, ``firmware_type``, ``firmware_version``
+            (None where neither ``V`` form answers), ``device_id`` (None where the firmware
+            lacks ``IR``) and ``max_current_ma``.
         emulator: the in-process emulator when ``port == "emulator"`` (else None).
         port_path: the path actually opened (the pseudo-terminal for the emulator).
     """
@@ -149,7 +161,9 @@ class OptotuneLensDriver(FocusActuator):
         self._sweep: dict[str, float] | None = None
         self._port_error_types = _port_errors()
         self._handshake_ok = False
-        self._refusable = False
+        self._refusable = False  # E2/E3 raise _Refused instead of failing (optional queries)
+        self._informational = False  # any unanswered query raises _Unanswered, logged quietly
+        self._temperature_command: ld4.Command | None = None  # the TCA/TA form that answered at open
 
     # ------------------------------------------------------------------ properties
     @property
@@ -221,10 +235,14 @@ class OptotuneLensDriver(FocusActuator):
         self._handshake_ok = True
         i_max = self._max_current_ma = self._ask(ld4.get_max_current(), ld4.parse_max_current_ma)
         self._firmware_type = self._ask(ld4.get_firmware_type(), ld4.parse_firmware_type)
-        version = self._ask(ld4.get_firmware_version(), ld4.parse_firmware_version)
+        version, _ = self._informational_ask(
+            (ld4.get_firmware_version(), ld4.get_firmware_version_short()), ld4.parse_firmware_version, "firmware version"
+        )
         serial_number = self._ask(ld4.get_serial_number(), ld4.parse_serial_number)
         device_id = self._optional_ask(ld4.get_device_id(), ld4.parse_device_id)
-        temperature_c = self._ask(ld4.get_temperature(), ld4.parse_temperature_c)
+        temperature_c, self._temperature_command = self._informational_ask(
+            (ld4.get_temperature(), ld4.get_temperature_ta()), ld4.parse_temperature_c, "temperature"
+        )
         self.identity = {
             "serial_number": serial_number,
             "firmware_type": self._firmware_type,
@@ -255,8 +273,9 @@ class OptotuneLensDriver(FocusActuator):
         if not park_lo <= self.park_current_ma <= park_hi:
             raise InputError(f"{self.name}: park_current_ma {self.park_current_ma:g} mA is outside the current limits [{park_lo:g}, {park_hi:g}] mA")
         logger.info(
-            "%s: lens %s, firmware type %s version %s, device id %s, I_max %.2f mA, %.2f C, %s mode, limits [%g, %g] %s",
-            self._where(), serial_number, self._firmware_type, version, device_id, i_max, temperature_c,
+            "%s: lens %s, firmware type %s version %s, device id %s, I_max %.2f mA, %s C, %s mode, limits [%g, %g] %s",
+            self._where(), serial_number, self._firmware_type, version or "unknown", device_id, i_max,
+            "unknown" if temperature_c is None else f"{temperature_c:.2f}",
             self.mode, self._limits[0], self._limits[1], self.unit,
         )
 
@@ -271,6 +290,34 @@ class OptotuneLensDriver(FocusActuator):
             return None
         finally:
             self._refusable = saved
+
+    def _informational_ask(self, commands: tuple[ld4.Command, ...], parser: Any, what: str) -> tuple[Any, ld4.Command | None]:
+        """A query whose answer is only informational, so it must not make ``open()`` fail.
+
+        ``commands`` are alternative forms of it (HARDWARE_NOTES §1.4), tried in order; the
+        first that answers gives ``(value, command)``. A form the firmware refuses (E2/E3),
+        or that gets no valid reply within the retries (a firmware that frames it differently
+        answers E1), is skipped; per-try messages go to the debug log. When no form answers,
+        one warning names the port and the forms tried, and the result is ``(None, None)``.
+        A port failure, or another error reply (E4), still fails as usual.
+        """
+        saved = self._refusable, self._informational
+        self._refusable = self._informational = True
+        reasons: list[str] = []
+        try:
+            for command in commands:
+                try:
+                    value = self._ask(command, parser)
+                except _Unanswered as exc:
+                    reasons.append(f"{command.description}: {exc}")
+                    continue
+                if reasons:
+                    logger.info("%s: %s answered by %s (after %s)", self._where(), what, command.description, "; ".join(reasons))
+                return value, command
+        finally:
+            self._refusable, self._informational = saved
+        logger.warning("%s: no answer to the %s query (%s); recorded as unknown, carrying on", self._where(), what, "; ".join(reasons))
+        return None, None
 
     def _focal_power_range(self, command: ld4.Command) -> tuple[float, float]:
         """Send ``PwTA``/``MwCA``; warn on status bits; return (FPmin, FPmax) in dpt."""
@@ -363,10 +410,11 @@ class OptotuneLensDriver(FocusActuator):
         return ld4.raw_to_focal_power(self._ask(ld4.get_focal_power(), ld4.parse_focal_power_raw), self._firmware_type)
 
     def temperature_c(self) -> float | None:
-        """The lens temperature from ``TCA``, °C; None while closed."""
-        if not self.is_open:
+        """The lens temperature from ``TCA`` (or ``TA``, whichever answered at open), °C;
+        None while closed or when neither answered at open."""
+        if not self.is_open or self._temperature_command is None:
             return None
-        return self._ask(ld4.get_temperature(), ld4.parse_temperature_c)
+        return self._ask(self._temperature_command, ld4.parse_temperature_c)
 
     # ------------------------------------------------------------------ extras
     def active_mode(self) -> str:
@@ -456,6 +504,8 @@ class OptotuneLensDriver(FocusActuator):
         try:
             return parser(data, *args)
         except ld4.LD4ReplyError as exc:
+            if self._informational:
+                raise _Unanswered(str(exc)) from exc
             self._fail(ProtocolError(f"{self._where()}: command {command.description}: {exc}"), exc)
 
     def _query(self, command: ld4.Command) -> bytes:
@@ -463,45 +513,96 @@ class OptotuneLensDriver(FocusActuator):
 
         A corrupt, short or missing reply (or the LD4's own "CRC failed") is retried
         ``retries`` times; each try waits at most ``timeout_s`` for its reply.
+
+        A set command's error reply can arrive after the drain that precedes this query (USB
+        latency), ahead of the query's own reply. So when a set command was written at most
+        ``timeout_s`` before this query, with no reply read since (the LD4 answers in order,
+        so the first reply read after the set is the only place its error can land), and that
+        first reply is an error reply, the query's own reply is awaited too (up to
+        ``timeout_s``): if a valid one follows, the error was the set command's and is raised
+        as a ProtocolError naming it (the LD4 did not apply it, so :attr:`target` is wrong).
+        If none follows, the error was this query's own and is handled as above (retried for
+        E1/N); such a query error right after a set thus costs one extra ``timeout_s`` wait.
         """
         with self._io_lock:
             ser = self._live_port(command)
             tries = self.retries + 1
             problem = ""
             got_bytes = False
+            log_level = logging.DEBUG if self._informational else logging.WARNING
             for attempt in range(1, tries + 1):
                 try:
                     self._drain(ser)
+                    pending_set = self._recent_set()
                     self._last_set = None
                     ser.write(command.frame)
                     ser.flush()
                     data = self._read_reply(ser, command, time.monotonic() + self.timeout_s)
+                    if pending_set is not None:
+                        self._raise_late_set_error(ser, command, pending_set, data)
                 except self._port_error_types as exc:
                     self._fail(DeviceError(f"{self._where()}: command {command.description}: port failed: {exc}"), exc)
                 got_bytes = got_bytes or bool(data)
                 try:
-                    if command.opcode == "Start":
-                        ld4.check_handshake(data)
-                    else:
-                        ld4.payload_of(data, command.reply_len)
+                    self._check_reply(command, data)
                 except ld4.LD4ReplyError as exc:
                     if data and not exc.retryable:
                         if self._refusable and isinstance(exc, ld4.LD4ErrorReply) and exc.code in (2, 3):
                             raise _Refused(str(exc)) from exc
                         self._fail(ProtocolError(f"{self._where()}: command {command.description}: {exc}"), exc)
                     problem = str(exc) if data else "no reply"
-                    logger.warning("%s: command %s: %s (try %d of %d)", self._where(), command.description, problem, attempt, tries)
+                    logger.log(log_level, "%s: command %s: %s (try %d of %d)", self._where(), command.description, problem, attempt, tries)
                     continue
                 if attempt > 1:
                     logger.info("%s: command %s succeeded on try %d of %d", self._where(), command.description, attempt, tries)
                 return data
             if not got_bytes:
+                if self._informational:
+                    raise _Unanswered(f"no reply within {self.timeout_s:g} s, {tries} tries")
                 hint = " (is this an Optotune LD4, and is it powered?)" if command.opcode == "Start" else ""
                 self._fail(DeviceTimeout(
                     f"{self._where()}: command {command.description}: no reply within {self.timeout_s:g} s, {tries} tries{hint}"
                 ), None)
+            if self._informational:
+                raise _Unanswered(f"{problem} after {tries} tries")
             self._fail(ProtocolError(f"{self._where()}: command {command.description}: {problem} after {tries} tries"), None)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _check_reply(command: ld4.Command, data: bytes) -> None:
+        """Raise :class:`~capture.ld4_protocol.LD4ReplyError` unless ``data`` is a complete,
+        CRC-checked reply to ``command``."""
+        if command.opcode == "Start":
+            ld4.check_handshake(data)
+        else:
+            ld4.payload_of(data, command.reply_len)
+
+    def _recent_set(self) -> ld4.Command | None:
+        """The last set command, if no reply has been read since it was written and it was
+        written at most ``timeout_s`` ago (later, its error reply would have been drained)."""
+        if self._last_set is not None and time.monotonic() - self._written_at_s <= self.timeout_s:
+            return self._last_set
+        return None
+
+    def _raise_late_set_error(self, ser: serial.Serial, command: ld4.Command, set_command: ld4.Command, data: bytes) -> None:
+        """``data`` is the first reply read after ``set_command``, in answer to the query
+        ``command``. If it is an error reply followed by a valid reply to ``command``, the
+        error was ``set_command``'s: raise it as a ProtocolError naming that command."""
+        error = ld4.parse_error_reply(data)
+        if error is None:
+            return
+        follow = self._read_reply(ser, command, time.monotonic() + self.timeout_s)
+        try:
+            self._check_reply(command, follow)
+        except ld4.LD4ReplyError:
+            if follow:
+                logger.warning("%s: discarded %d byte(s) after an error reply to %s: %s",
+                               self._where(), len(follow), command.description, follow.hex(" "))
+            return  # no valid reply of its own followed: the error was the query's
+        self._fail(ProtocolError(
+            f"{self._where()}: command {set_command.description}: {error} (the error reply arrived late, "
+            f"after the next command {command.description} had been sent; the set command was not applied)"
+        ), error)
 
     def _live_port(self, command: ld4.Command) -> serial.Serial:
         if self._ser is None:
@@ -526,7 +627,8 @@ class OptotuneLensDriver(FocusActuator):
         error = next((e for e in (ld4.parse_error_reply(stale[-n:]) for n in (6, 4, 3)) if e is not None), None)
         if error is not None and self._last_set is not None:
             self._fail(ProtocolError(f"{self._where()}: command {self._last_set.description}: {error}"), error)
-        logger.warning("%s: discarded %d stale byte(s): %s", self._where(), len(stale), stale.hex(" "))
+        logger.log(logging.DEBUG if self._informational else logging.WARNING,
+                   "%s: discarded %d stale byte(s): %s", self._where(), len(stale), stale.hex(" "))
 
     def _check_unsolicited(self) -> None:
         """Raise an error reply that arrived for the last set command (does not block)."""

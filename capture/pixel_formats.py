@@ -56,7 +56,10 @@ def to_image(data: np.ndarray, *, width: int, height: int, pixel_format: str, co
         components_per_pixel: samples per pixel (harvesters gives a float).
 
     Returns:
-        ``(image, significant_bits)``: ``[H, W]`` or ``[H, W, 3]`` RGB, uint8 or uint16.
+        ``(image, significant_bits)``: ``[H, W]`` or ``[H, W, 3]`` RGB, uint8 or uint16,
+        C-contiguous and never sharing memory with ``data``: harvesters builds component data
+        on the GenTL buffer itself (``numpy.frombuffer``), and the producer overwrites that
+        once the buffer is requeued (HARDWARE_NOTES §3.1).
     """
     if pixel_format not in SUPPORTED_FORMATS:
         raise DeviceError(f"pixel format {pixel_format!r} is not supported; supported: {', '.join(SUPPORTED_FORMATS)}")
@@ -64,18 +67,24 @@ def to_image(data: np.ndarray, *, width: int, height: int, pixel_format: str, co
     dtype = np.uint8 if bits <= 8 else np.uint16
     channels = int(round(components_per_pixel))
     expected = width * height * max(channels, 1)
-    flat = np.asarray(data)
-    if flat.size != expected:
-        raise DeviceError(f"pixel format {pixel_format}: buffer has {flat.size} samples, expected {width}x{height}x{channels} = {expected}")
-    flat = flat.astype(dtype, copy=False)
+    source = np.asarray(data)
+    if source.size != expected:
+        raise DeviceError(f"pixel format {pixel_format}: buffer has {source.size} samples, expected {width}x{height}x{channels} = {expected}")
+    flat = source.astype(dtype, copy=False)
     if pixel_format.startswith("Mono"):
-        return flat.reshape(height, width).copy(), bits
-    if pixel_format.startswith("Bayer"):
-        code = _BAYER_TO_RGB[pixel_format[:7]]
-        return cv2.cvtColor(flat.reshape(height, width), code), bits
-    image = flat.reshape(height, width, channels)
-    if pixel_format.startswith("BGR"):
-        image = image[..., 2::-1]
+        image = flat.reshape(height, width)
+    elif pixel_format.startswith("Bayer"):
+        image = cv2.cvtColor(flat.reshape(height, width), _BAYER_TO_RGB[pixel_format[:7]])
     else:
-        image = image[..., :3]
-    return np.ascontiguousarray(image), bits
+        image = flat.reshape(height, width, channels)
+        image = image[..., 2::-1] if pixel_format.startswith("BGR") else image[..., :3]
+    return _owned(image, source), bits
+
+
+def _owned(image: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``image`` as a C-contiguous array of its own: copied when it may alias ``source`` (a
+    reshape, slice or no-op ``astype``/``ascontiguousarray`` of the camera buffer is a view)
+    or is not contiguous; returned as is when it is already a fresh array (e.g. from OpenCV)."""
+    if np.may_share_memory(image, source) or not image.flags.c_contiguous:
+        return np.array(image, order="C", copy=True)
+    return image

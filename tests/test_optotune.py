@@ -596,6 +596,136 @@ def test_optional_identity_query_may_be_refused(emulator: OptotuneEmulator, driv
     assert lens.is_open
 
 
+class _ShortVOnlyEmulator(OptotuneEmulator):
+    """Firmware that frames ``V`` only as ``V`` + CRC (3 bytes, the ``opto`` form): it takes
+    ``56 00 3F`` of the 4-byte form for a V frame with a bad CRC (E1), then ``A0`` for an unknown
+    opcode (E3)."""
+
+    def _frame_length(self, buf: bytes) -> int | None:
+        if buf[:1] == b"V":
+            return 3 if len(buf) >= 3 else None
+        return super()._frame_length(buf)
+
+
+def _warnings_about(caplog, what: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "capture.optotune" and r.levelname == "WARNING" and what in r.getMessage()]
+
+
+@needs_pty
+def test_firmware_version_and_temperature_are_optional(emulator: OptotuneEmulator, drivers: list, caplog) -> None:
+    """A firmware that refuses both forms of V and of the temperature query still opens:
+    one warning each, naming the port and the query; the values are recorded as unknown."""
+    for opcode in (b"V", b"TCA", b"TA"):
+        emulator.error_replies[opcode] = 3
+    lens = make_driver(drivers, emulator.port)
+    with caplog.at_level("DEBUG", logger="capture.optotune"):
+        lens.open()
+    assert lens.is_open
+    assert lens.identity["firmware_version"] is None and lens.identity["serial_number"] == "EMU00001"
+    assert lens.temperature_c() is None
+    for what in ("firmware version", "temperature"):
+        warnings = _warnings_about(caplog, f"no answer to the {what} query")
+        assert len(warnings) == 1 and emulator.port in warnings[0], warnings
+    # both documented forms were tried, once each (refusals are not retried)
+    for frame in (h("56 00 3F A0"), h("56 80 3E"), h("54 43 41 B0 D0"), h("54 41 FE F0")):
+        assert emulator.received.count(frame) == 1, frame.hex(" ")
+    lens.move_to(40.0)
+    assert lens.position() == pytest.approx(40.0, abs=STEP_MA)
+
+
+@needs_pty
+def test_firmware_version_falls_back_to_the_short_v_form(drivers: list, caplog) -> None:
+    emu = _ShortVOnlyEmulator()
+    emu.start()
+    try:
+        lens = make_driver(drivers, emu.port)
+        with caplog.at_level("DEBUG", logger="capture.optotune"):
+            lens.open()
+        assert lens.is_open and lens.identity["firmware_version"] == "1.2.3.4"
+        assert h("56 80 3E") in emu.received
+        assert not _warnings_about(caplog, "firmware version")
+        assert lens.temperature_c() == 31.5
+        lens.close()
+    finally:
+        emu.stop()
+
+
+@needs_pty
+def test_temperature_falls_back_to_ta(emulator: OptotuneEmulator, drivers: list) -> None:
+    emulator.error_replies[b"TCA"] = 2
+    lens = make_driver(drivers, emulator.port)
+    lens.open()
+    assert lens.is_open
+    emulator.temperature_c = 36.0
+    n_before = len(emulator.received)
+    assert lens.temperature_c() == 36.0
+    assert emulator.received[n_before:] == [h("54 41 FE F0")]  # TA, the form that answered at open
+
+
+class _LateSetErrorEmulator(OptotuneEmulator):
+    """Sends the error reply to a set command a little late (USB latency), so it lands after the
+    driver's drain before the next query; ``query_errors_once`` answers a query E1 once."""
+
+    late_s = 0.02
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query_errors_once: set[bytes] = set()
+
+    def _answer(self, request: bytes) -> bytes:
+        opcode = next((op for op in ld4.FRAME_LENGTHS if request.startswith(op)), b"")
+        if opcode in self.query_errors_once:
+            self.query_errors_once.discard(opcode)
+            return ld4.error_reply(1)
+        return super()._answer(request)
+
+    def handle(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        out = super().handle(data)
+        if any(request.startswith(b"Aw") and reply for request, reply in out):
+            time.sleep(self.late_s)
+        return out
+
+
+@needs_pty
+def test_late_error_reply_to_a_set_command_is_not_taken_for_the_next_query(drivers: list) -> None:
+    emu = _LateSetErrorEmulator()
+    emu.start()
+    try:
+        lens = make_driver(drivers, emu.port)
+        lens.open()
+        emu.error_replies[b"Aw"] = 1  # the LD4 saw the Aw frame corrupted and did not apply it
+        lens.move_to(50.0)
+        with pytest.raises(ProtocolError) as info:
+            lens.position()  # the next query, at once: its drain finds nothing yet
+        message = str(info.value)
+        assert "Aw (set current)" in message and "E1" in message and emu.port in message
+        assert "Ar (get current)" in message  # named only as the command the error arrived after
+        assert emu.received.count(h("41 72 00 00 B4 27")) == 2  # one at open, one here: not retried
+        assert not lens.is_open and emu.current_ma == 0.0
+    finally:
+        emu.stop()
+
+
+@needs_pty
+def test_a_query_error_right_after_a_set_command_is_still_retried(drivers: list) -> None:
+    emu = _LateSetErrorEmulator()
+    emu.start()
+    try:
+        lens = make_driver(drivers, emu.port, retries=2)
+        lens.open()
+        lens.move_to(50.0)
+        sync(emu, ld4.set_current(ld4.current_to_raw(50.0, I_MAX_MA)).frame)
+        emu.query_errors_once.add(b"Ar")  # the LD4 saw the Ar frame corrupted (no set error)
+        n_before = len(emu.received)
+        assert lens.position() == pytest.approx(50.0, abs=STEP_MA)
+        assert emu.received[n_before:] == [h("41 72 00 00 B4 27")] * 2
+        assert lens.is_open
+        lens.close()
+    finally:
+        emu.stop()
+
+
 def test_missing_port_is_a_device_error_naming_it(drivers: list) -> None:
     pytest.importorskip("serial")
     missing = "/dev/ttyACM_does_not_exist_42" if os.name == "posix" else "COM250"

@@ -14,7 +14,8 @@ current, readable with :meth:`OptotuneEmulator.optical_current_ma`; like the rea
 
 Choices where the real device is not documented (see HARDWARE_NOTES open questions):
 reply header bytes repeat the opcode letters without the ``r``/``w`` (``Ar`` -> ``A``,
-``CrMA`` -> ``CMA``, ``PwTA`` -> ``PT``, ``PrDA`` -> ``PD``, ``MwCA`` -> ``MCA``); error replies carry a
+``CrMA`` -> ``CMA``, ``PwTA`` -> ``PT``, ``PrDA`` -> ``PD``, ``MwCA`` -> ``MCA``; ``TA``, the St Andrews
+form of ``TCA``, is answered exactly like ``TCA``); error replies carry a
 CRC (``E`` + code + CRC + CRLF); ``Sr`` answers ``S`` + a 32-bit bitfield (always 0 here);
 ``Start`` also returns the driver to current mode; ``Aw`` is ignored outside current mode
 and clamped to the software limits; ``PrUA``/``PrLA``/``PrFA`` are not emulated.
@@ -276,6 +277,11 @@ class OptotuneEmulator(PtyEmulator):
 
     def _op_TCA(self, data: bytes) -> bytes:
         return ld4.reply(b"TCA" + struct.pack(">h", ld4.temperature_to_raw(self.temperature_c)))
+
+    def _op_TA(self, data: bytes) -> bytes:
+        # the St Andrews form of TCA (HARDWARE_NOTES §1.4 [?]); the real header is not
+        # documented, so it answers exactly like TCA (3 header bytes, then the value)
+        return self._op_TCA(data)
 
     def _op_H(self, data: bytes) -> bytes:
         return ld4.reply(b"H" + self.firmware_type.encode("ascii"))
