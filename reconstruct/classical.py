@@ -279,7 +279,8 @@ def fuse_all_in_focus(slices: np.ndarray, slice_position: np.ndarray) -> np.ndar
         float32 ``[H, W]`` or ``[H, W, C]`` in the input's value scale.
     """
     n = slices.shape[0]
-    pos = np.clip(slice_position, 0, n - 1)
+    # a non-finite position (a network that returned NaN) takes the first slice, not an invalid index
+    pos = np.clip(np.nan_to_num(slice_position, nan=0.0, posinf=n - 1, neginf=0.0), 0, n - 1)
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
     t = (pos - lo).astype(np.float32)

@@ -769,3 +769,85 @@ def test_input_scale_too_small_for_the_stack_is_one_line(tiny_weights: Path) -> 
     slices, focus = _stack(n=3, h=30, w=45)
     with pytest.raises(ReconstructionError, match=r"^input_scale: 0.2 makes the 30x45 slices 6x9 px; the network needs at least 8 px a side"):
         infer.predict(slices, focus, weights=tiny_weights, backend="torch", input_scale=0.2)
+
+
+# ------------------------------------------------------------------------------ failure paths
+def test_auto_falls_back_to_torch_when_the_export_cache_cannot_be_written(
+    isolated_cache: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_latencies(isolated_cache, {"torch-cpu": 300.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 100.0})  # auto picks ORT
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv(export_mod.CACHE_ENV, str(blocker))  # as a full or read-only disk would
+    slices, focus = _stack(n=3)
+    pred = infer.predict(slices, focus, weights=tiny_weights, backend="auto")
+    assert pred.describe() == "cpu (torch)" and np.isfinite(pred.depth_focus).all()
+
+
+def test_a_sidecar_that_cannot_be_written_leaves_no_orphan_graph(tiny_weights: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capture.errors import OutputError
+
+    real = export_mod._write_atomic
+
+    def json_fails(final: Path, write) -> None:  # noqa: ANN001
+        if final.suffix == ".json":
+            raise OSError(28, "No space left on device")
+        real(final, write)
+
+    monkeypatch.setattr(export_mod, "_write_atomic", json_fails)
+    with pytest.raises(OutputError, match="No space left"):
+        export_mod.export_onnx(tiny_weights, (3, 32, 48))
+    assert not list((isolated_cache / "onnx").glob("*.onnx"))
+
+
+def test_nan_from_the_network_gives_nan_depth_not_a_crash(tiny_weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from reconstruct.api import reconstruct_stack
+
+    net, _meta = load_weights(tiny_weights)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))  # weights of a training run that diverged
+    nan_weights = save_weights(net, tmp_path / "nan.safetensors", name="dualfocus-tiny")
+    rng = np.random.default_rng(3)
+    stack = FocalStack((rng.random((4, 24, 32)) * 255).astype(np.uint8), focus_distance_m=[2.0, 0.5, 1.0, 0.7])
+    with caplog.at_level(logging.WARNING):
+        result = reconstruct_stack(stack, method="dualfocus", weights=nan_weights, backend="torch", precision="fp32")
+    assert np.isnan(result.depth).all() and result.all_in_focus.shape == (24, 32)
+    assert "no finite depth" in caplog.text
+
+
+def test_a_weights_file_replaced_with_its_old_modification_time_is_hashed_again(tiny_weights: Path, tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(tiny_weights.read_bytes())
+    first, _ = export_mod.weights_identity(path)
+    st = path.stat()
+    other = save_weights(_tiny_net(1), tmp_path / "other.safetensors", name="dualfocus-tiny")
+    os.replace(other, path)  # same size, and (as cp -p or rsync -t do) the old modification time
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    assert export_mod.weights_identity(path)[0] != first
+
+
+def test_auto_with_bf16_on_a_gpu_runs_torch_not_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(select_mod, "cuda_available", lambda: True)
+    monkeypatch.setattr(select_mod, "tensorrt_problem", lambda: None)
+    choice = select_mod.select_backend("auto", "bf16")
+    assert (choice.name, choice.device) == ("torch", "cuda") and "bf16" in choice.reason
+
+
+def test_running_out_of_memory_is_one_line_naming_the_stack(tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Starved:
+        name, device, precision = "torch", "cpu", "fp32"
+
+        def describe(self) -> str:
+            return "cpu (torch)"
+
+        def run(self, stack: np.ndarray, focus: np.ndarray) -> dict:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 12884901888 bytes.")
+
+    monkeypatch.setattr(infer, "_open", lambda *a, **k: Starved())
+    slices, focus = _stack(n=3, h=30, w=45)
+    with pytest.raises(ReconstructionError, match=r"out of memory for a 3x32x48 stack on cpu \(torch\).*--input-scale 0.5"):
+        infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")

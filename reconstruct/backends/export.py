@@ -64,13 +64,15 @@ def cache_dir() -> Path:
 
 
 def weights_identity(weights: Path) -> tuple[str, str]:
-    """``(sha256, model name)`` of a weights file; memoised per (path, mtime, size), so a
-    changed file is hashed again and an unchanged one is not hashed on every stack."""
+    """``(sha256, model name)`` of a weights file; memoised per (path, inode, mtime, ctime,
+    size), so a changed file is hashed again (also one replaced with ``cp -p`` or ``rsync -t``,
+    which keep the modification time: the inode or change time differ) and an unchanged one is
+    not hashed on every stack."""
     try:
         st = weights.stat()
     except OSError as exc:
         raise InputError(f"{weights}: weights file not readable ({exc.strerror or exc})") from exc
-    key = (str(weights.resolve()), st.st_mtime_ns, st.st_size)
+    key = (str(weights.resolve()), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
     if key not in _IDENTITY:
         from safetensors import SafetensorError, safe_open
 
@@ -225,7 +227,11 @@ def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, w
             raise ReconstructionError(f"backend: {what} failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
         onnx_sha = sha256_of(final)
         doc = {**key, **done, "onnx_sha256": onnx_sha, "weights_file": str(weights), "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
+        try:
+            _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
+        except OSError as exc:  # a graph without its sidecar is never used: remove it too
+            final.unlink(missing_ok=True)
+            raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
         logger.info("%s: %s in %.1f s", what, final, time.perf_counter() - t0)
         return OnnxArtifact(final, onnx_sha, key, False)
 

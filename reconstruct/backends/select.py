@@ -214,7 +214,7 @@ def _choose(requested: str, precision: str) -> BackendChoice:
     cuda = cuda_available()
     if requested == "auto":
         if cuda:
-            problem = tensorrt_problem()
+            problem = tensorrt_problem() if precision != "bf16" else "TensorRT engines here are fp32 or fp16, and bf16 was asked for"
             if problem is None:
                 return BackendChoice("tensorrt", "cuda", f"CUDA GPU ({_gpu_name()}) and TensorRT found")
             return BackendChoice("torch", "cuda", f"CUDA GPU ({_gpu_name()}); no TensorRT: {problem}")

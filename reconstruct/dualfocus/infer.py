@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capture.errors import ReconstructionError
+from capture.errors import OutputError, ReconstructionError
 from reconstruct.backends import Backend, BackendChoice, open_backend
 from reconstruct.backends.base import describe_run
 from reconstruct.backends.export import weights_identity
@@ -155,7 +155,7 @@ def _open(
         return open_backend("torch", choice.device, weights=weights, shape=shape, precision=_fallback_precision(choice, setting, precision))
     try:
         return open_backend(choice.name, choice.device, weights=weights, shape=shape, precision=precision)
-    except (ReconstructionError, OSError) as exc:
+    except (ReconstructionError, OutputError, OSError) as exc:  # OutputError: an unwritable export cache
         if requested != "auto" or choice.name == "torch":
             raise
         _FAILED.add(key)
@@ -238,8 +238,19 @@ def predict(
     f = torch.from_numpy(np.asarray(focus, np.float32))[None]  # [1, N]
     n = int(x.shape[1])
     runner = _open(choice, backend, weights, (n, h + ph, w + pw), body_precision, precision)
-    out = runner.run(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(f.numpy()))
+    try:
+        out = runner.run(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(f.numpy()))
+    except (MemoryError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not isinstance(exc, MemoryError) and "allocate" not in message and "out of memory" not in message.lower():
+            raise
+        raise ReconstructionError(
+            f"backend: out of memory for a {n}x{h + ph}x{w + pw} stack on {runner.describe()} ({message}); "
+            "use --input-scale 0.5, fewer slices, or --method classical") from exc
     depth = DualFocusNet.to_focus_units(torch.from_numpy(out["depth"]), f)[0, :h, :w]
+    bad = int((~torch.isfinite(depth)).sum())
+    if bad:
+        logger.warning("the network gave no finite depth at %d of %d pixels (diverged or overflowing weights?): NaN there", bad, h * w)
     return DualFocusPrediction(
         depth_focus=depth.numpy().astype(np.float32, copy=False),
         confidence=np.ascontiguousarray(out["confidence"][0, :h, :w], np.float32),
