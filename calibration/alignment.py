@@ -59,6 +59,9 @@ __all__ = [
 
 #: Motion models, fewest parameters first.
 MOTIONS = ("translation", "scale_shift", "similarity", "affine")
+#: A breathing table's default overshoot allowance beyond its range (fraction of its span); a
+#: calibration session sets the focus model's tolerance instead (calibration.session).
+DEFAULT_TOLERANCE_FRAC = 0.005
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float64)
 
@@ -563,7 +566,10 @@ class BreathingModel:
         actuator_unit: e.g. ``"mA"``, ``"dpt"``, ``"mm"``.
         motion: the motion model fitted.
         correlations: optional ``[K]`` pair correlations (NaN at the reference), for reports.
-        tolerance_frac: allowed overshoot beyond the range, as a fraction of its span.
+        tolerance_frac: allowed overshoot beyond the range, as a fraction of its span. A
+            calibration session sets it to the focus model's ``tolerance_dpt`` in actuator units
+            (:meth:`~calibration.focus_model.PolynomialFocusModel.value_tolerance`), so that the
+            table accepts every actuator value the focus model accepts.
     """
 
     kind = "breathing_affine_table"
@@ -578,7 +584,7 @@ class BreathingModel:
         actuator_unit: str = "",
         motion: str = "scale_shift",
         correlations: Sequence[float] | None = None,
-        tolerance_frac: float = 0.005,
+        tolerance_frac: float = DEFAULT_TOLERANCE_FRAC,
     ) -> None:
         values = np.asarray(actuator_values, dtype=np.float64).reshape(-1)
         try:
@@ -638,9 +644,10 @@ class BreathingModel:
         lo, hi = self.value_range
         tol = self.tolerance_frac * (hi - lo) + 1e-12 * max(1.0, abs(lo), abs(hi))
         if not (lo - tol <= value <= hi + tol):
+            unit = f" {self.actuator_unit}" if self.actuator_unit else ""
             raise CalibrationError(
-                f"breathing model: {what} {value:g} {self.actuator_unit} is outside the calibrated range "
-                f"{lo:g}..{hi:g} {self.actuator_unit}; calibrate breathing over the range the sweep uses"
+                f"breathing model: {what} {value:g}{unit} is outside the calibrated range "
+                f"{lo:g}..{hi:g}{unit}; calibrate breathing over the range the sweep uses"
             )
         return value
 
@@ -721,7 +728,7 @@ class BreathingModel:
                 actuator_unit=str(data.get("actuator_unit", "")),
                 motion=str(data.get("motion", "scale_shift")),
                 correlations=correlations,
-                tolerance_frac=float(data.get("tolerance_frac", 0.005)),
+                tolerance_frac=float(data.get("tolerance_frac", DEFAULT_TOLERANCE_FRAC)),
             )
         except (TypeError, ValueError) as err:
             raise CalibrationError(f"breathing model: malformed entry ({err})") from err
@@ -734,6 +741,7 @@ def fit_breathing(
     reference_value: float | None = None,
     motion: str = "scale_shift",
     actuator_unit: str = "",
+    tolerance_frac: float = DEFAULT_TOLERANCE_FRAC,
     **pair_kwargs: Any,
 ) -> BreathingModel:
     """Calibrate focus breathing from frames of a textured target at several focus settings.
@@ -751,6 +759,7 @@ def fit_breathing(
             node); must lie inside the swept range.
         motion: one of :data:`MOTIONS` (``scale_shift`` is the breathing model).
         actuator_unit: stored with the model.
+        tolerance_frac: the model's overshoot allowance (see :class:`BreathingModel`).
         **pair_kwargs: passed to :func:`estimate_pair`.
 
     Raises:
@@ -790,13 +799,14 @@ def fit_breathing(
     model = BreathingModel(
         sorted_values, np.stack(affines), image_hw=(int(hw[0]), int(hw[1])),
         reference_value=float(sorted_values[ref_pos]), actuator_unit=actuator_unit, motion=motion, correlations=rhos,
+        tolerance_frac=tolerance_frac,
     )
     if ref_value != float(sorted_values[ref_pos]):
         back = _invert(model.affine_at(ref_value))
         renorm = np.stack([_project(_compose(back, a), motion, model.image_hw) for a in affines])
         model = BreathingModel(
             sorted_values, renorm, image_hw=model.image_hw, reference_value=ref_value,
-            actuator_unit=actuator_unit, motion=motion, correlations=rhos,
+            actuator_unit=actuator_unit, motion=motion, correlations=rhos, tolerance_frac=tolerance_frac,
         )
     logger.info("breathing calibrated: %r", model)
     return model

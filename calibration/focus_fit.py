@@ -28,10 +28,24 @@ from capture.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "fit_focus_model"]
+__all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "NonMonotonicPeaks", "fit_focus_model"]
 
 #: a curve whose maximum is less than this many times its median shows no usable peak
 MIN_PEAK_CONTRAST = 1.25
+#: a point is suspect when its leave-one-out error exceeds this many times the typical
+#: leave-one-out error of the other points (fitted without it; see _loo_outliers) ...
+LOO_OUTLIER_RATIO = 5.0
+#: ... and this many diopters: the focus model's own tolerance (PolynomialFocusModel.tolerance_dpt)
+LOO_OUTLIER_MIN_DPT = 0.02
+
+
+class NonMonotonicPeaks(CalibrationError):
+    """The focused actuator values do not change monotonically with distance;
+    ``distances_m`` are the targets whose peaks are out of order (repeat those steps)."""
+
+    def __init__(self, message: str, *, distances_m: list[float]) -> None:
+        super().__init__(message)
+        self.distances_m = distances_m
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -160,6 +174,8 @@ class FocusFit:
     residuals_dpt: list[float]
     loo_errors_dpt: list[float]
     temperatures_c: list[float | None] = field(default_factory=list)
+    #: points far off the fit of the others (a mistyped distance?): distance_m, loo_error_dpt, ratio (to the others')
+    suspects: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def rms_dpt(self) -> float:
@@ -182,6 +198,7 @@ class FocusFit:
                 "loo_errors_dpt": [float(e) for e in self.loo_errors_dpt],
                 "loo_rms_dpt": self.loo_rms_dpt,
                 "temperature_range_c": [min(temps), max(temps)] if temps else None,
+                "suspect_points": [{k: float(v) for k, v in p.items()} for p in self.suspects],
             },
         }
 
@@ -235,10 +252,14 @@ def fit_focus_model(
     order = np.argsort(dpt)
     steps = np.diff(v[order])
     if not (np.all(steps > 0) or np.all(steps < 0)):
-        bad = int(np.argmin(np.abs(np.sign(steps) - np.sign(np.median(steps)))) if steps.size else 0)
-        raise CalibrationError(
-            "focus calibration: the focused actuator values do not change monotonically with distance "
-            f"(around {d[order][bad]:.3f} m); check each target distance and repeat that step"
+        bad = sorted(_out_of_order(v[order], steps), key=lambda i: -d[order][i])
+        where = ", ".join(f"{d[order][i]:.3f} m ({v[order][i]:.4g} {unit})" for i in bad)
+        one = len(bad) == 1
+        raise NonMonotonicPeaks(
+            "focus calibration: the focused actuator values do not change monotonically with distance: "
+            f"the peak{'' if one else 's'} at {where} {'is' if one else 'are'} out of order; "
+            f"check {'that target distance' if one else 'those target distances'} and repeat {'that step' if one else 'those steps'}",
+            distances_m=[float(d[order][i]) for i in bad],
         )
     temps = np.asarray([t if t is not None else np.nan for t in temps_list], np.float64) if use_temp else None
     t_ref = float(np.mean(known)) if known else None
@@ -250,14 +271,80 @@ def fit_focus_model(
         keep = np.arange(d.size) != k
         ck, *_ = np.linalg.lstsq(A[keep], dpt[keep], rcond=None)
         loo.append(float(dpt[k] - A[k] @ ck))
+    suspects = _loo_outliers(A, dpt, d)
     c = [float(coef[0]), float(coef[1]), float(coef[2]) if degree == 2 else 0.0]
     t_coef = float(coef[-1]) if use_temp else 0.0
     model = PolynomialFocusModel(
         coefficients_dpt=(c[0], c[1], c[2]), unit=unit, temperature_dpt_per_c=t_coef,
         reference_temperature_c=t_ref, valid_dpt=(float(dpt.min()), float(dpt.max())),
+        valid_values=(float(v.min()), float(v.max())),
     )
     fit = FocusFit(model=model, distances_m=d.tolist(), peak_values=v.tolist(), residuals_dpt=residuals.tolist(),
-                   loo_errors_dpt=loo, temperatures_c=temps_list)
+                   loo_errors_dpt=loo, temperatures_c=temps_list, suspects=suspects)
+    for p in suspects:
+        logger.warning(
+            "focus fit: the target at %.3f m is %.1f mdpt off the fit of the other points (%.1fx their typical "
+            "leave-one-out error); check that distance (mistyped?) and repeat that step",
+            p["distance_m"], 1000 * p["loo_error_dpt"], p["ratio"],
+        )
     logger.info("focus fit (%d distances, degree %d%s): rms %.4f dpt, leave-one-out rms %.4f dpt",
                 d.size, degree, ", temperature term" if use_temp else "", fit.rms_dpt, fit.loo_rms_dpt)
     return fit
+
+
+def _loo(A: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out errors of a least-squares fit and the points' leverages (hat diagonal)."""
+    H = A @ np.linalg.pinv(A)
+    h = np.clip(np.diag(H), 0.0, 1.0 - 1e-12)
+    return (y - H @ y) / (1.0 - h), h
+
+
+def _loo_outliers(A: np.ndarray, dpt: np.ndarray, d: np.ndarray) -> list[dict[str, float]]:
+    """Points whose leave-one-out error is far above the other points': the error, scaled by
+    ``sqrt(1 - leverage)`` (the ends of the range are extrapolated when left out, so their
+    errors run larger), exceeds :data:`LOO_OUTLIER_RATIO` times the median of the same figure
+    over the other points in a fit without the point (so a bad point does not inflate the
+    yardstick it is measured by), and :data:`LOO_OUTLIER_MIN_DPT`. Needs at least three points
+    more than the parameters; fewer give no verdict."""
+    n, p = A.shape
+    if n < p + 3:
+        return []
+    loo, h = _loo(A, dpt)
+    score = np.abs(loo) * np.sqrt(1.0 - h)
+    out = []
+    for k in np.flatnonzero(score > LOO_OUTLIER_MIN_DPT):
+        keep = np.arange(n) != k
+        loo_k, h_k = _loo(A[keep], dpt[keep])
+        typical = float(np.median(np.abs(loo_k) * np.sqrt(1.0 - h_k)))
+        if score[k] > LOO_OUTLIER_RATIO * typical:
+            out.append({"distance_m": float(d[k]), "loo_error_dpt": float(loo[k]),
+                        "ratio": float(score[k] / max(typical, 1e-12))})
+    return out
+
+
+def _out_of_order(values: np.ndarray, steps: np.ndarray) -> list[int]:
+    """Indices (into ``values``, sorted by diopter) of the peaks that break monotonicity: those
+    outside some longest strictly monotone subsequence (in the direction most steps take)."""
+    n = values.size
+    best: list[int] | None = None
+    up_first = not (np.median(steps) < 0) if steps.size else True
+    for sign in ((1.0, -1.0) if up_first else (-1.0, 1.0)):
+        x = sign * values
+        end = [1] * n  # longest increasing run of x ending at i
+        for i in range(n):
+            for j in range(i):
+                if x[j] < x[i]:
+                    end[i] = max(end[i], end[j] + 1)
+        start = [1] * n  # ... starting at i
+        for i in range(n - 1, -1, -1):
+            for j in range(i + 1, n):
+                if x[j] > x[i]:
+                    start[i] = max(start[i], start[j] + 1)
+        length = max(end)
+        on = [i for i in range(n) if end[i] + start[i] - 1 == length]
+        levels = [end[i] for i in on]
+        sure = {i for i in on if levels.count(end[i]) == 1}  # on every longest subsequence
+        bad = [i for i in range(n) if i not in sure]
+        if best is None or len(bad) < len(best):
+            best = bad
+    return best or []

@@ -48,16 +48,17 @@ class LiquidLensFocusModel:
     def base_dpt(self) -> float:
         return 0.0 if math.isinf(self.base_focus_m) else 1.0 / self.base_focus_m
 
-    def focus_dpt(self, current_ma: float) -> float:
-        """Focus in diopters at a lens current."""
+    def focus_dpt(self, current_ma: float, *, temperature_c: float | None = None) -> float:
+        """Focus in diopters at a lens current (``temperature_c`` is accepted for a uniform
+        interface with :class:`PolynomialFocusModel`; this nominal model has no temperature term)."""
         return self.base_dpt + self.offset_dpt + self.dpt_per_ma * current_ma
 
-    def focus_distance_m(self, current_ma: float) -> float:
+    def focus_distance_m(self, current_ma: float, *, temperature_c: float | None = None) -> float:
         d = self.focus_dpt(current_ma)
         return math.inf if d <= 0 else 1.0 / d
 
-    def actuator_value(self, focus_distance_m: float) -> float:
-        """The lens current (mA) that focuses at ``focus_distance_m``."""
+    def actuator_value(self, focus_distance_m: float, *, temperature_c: float | None = None) -> float:
+        """The lens current (mA) that focuses at ``focus_distance_m`` (no temperature term)."""
         if not focus_distance_m > 0:
             raise CalibrationError(f"focus model: focus distance must be > 0 m, got {focus_distance_m}")
         target_dpt = 0.0 if math.isinf(focus_distance_m) else 1.0 / focus_distance_m
@@ -75,7 +76,10 @@ class PolynomialFocusModel:
     For a liquid lens (v in mA, or dpt in focal-power mode) the linear form is the physics;
     for a motorised stage (v in mm) the polynomial is a local thin-lens approximation. The
     inverse map refuses distances outside the calibrated range (with ``tolerance_dpt``) and
-    current/position outside the calibrated actuator span, because a fit says nothing there.
+    current/position outside the calibrated actuator span ``valid_values`` (with the same
+    tolerance, converted to actuator units by the slope at each end of the span:
+    :meth:`value_tolerance`), because a fit says nothing there. Of the two roots of a degree-2
+    model the one on the calibrated span's branch is taken.
 
     >>> m = PolynomialFocusModel(coefficients_dpt=(-0.5, 0.0165, 0.0), unit="mA", valid_dpt=(0.4, 2.6))
     >>> round(m.actuator_value(1.0), 3)
@@ -89,6 +93,9 @@ class PolynomialFocusModel:
     valid_dpt: tuple[float, float] | None = None
     tolerance_dpt: float = 0.02
     kind: str = "polynomial"
+    #: (lowest, highest) calibrated actuator value: the fitted peaks, widened to the values of
+    #: the ``valid_dpt`` ends by the model; None: unknown (a model made in code without it)
+    valid_values: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         c = tuple(float(x) for x in self.coefficients_dpt)
@@ -97,6 +104,18 @@ class PolynomialFocusModel:
         if c[1] == 0 and c[2] == 0:
             raise CalibrationError("focus model: the power does not depend on the actuator value (c1 = c2 = 0)")
         object.__setattr__(self, "coefficients_dpt", c)
+        if self.valid_values is not None:
+            lo, hi = sorted(float(x) for x in self.valid_values)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise CalibrationError(f"focus model: valid_values must be two finite numbers, got {self.valid_values}")
+            object.__setattr__(self, "valid_values", (lo, hi))
+            if self.valid_dpt is not None:  # the span covers the calibrated distance range (the fit's residuals
+                ends = [lo, hi]             # put its ends a little off the outermost peaks)
+                for target in self.valid_dpt:
+                    value = self._inverse(float(target) - c[0])
+                    if value is not None:
+                        ends.append(value)
+                object.__setattr__(self, "valid_values", (min(ends), max(ends)))
 
     def _thermal_dpt(self, temperature_c: float | None) -> float:
         if temperature_c is None or self.reference_temperature_c is None:
@@ -122,8 +141,13 @@ class PolynomialFocusModel:
     def actuator_value(self, focus_distance_m: float, *, temperature_c: float | None = None) -> float:
         """The actuator value that focuses at ``focus_distance_m``.
 
+        Args:
+            temperature_c: the lens temperature now, for the fitted temperature term (None:
+                the reference temperature).
+
         Raises:
-            CalibrationError: the distance lies outside the calibrated range.
+            CalibrationError: the distance lies outside the calibrated range, or the actuator
+                value it needs lies outside the calibrated span (both with ``tolerance_dpt``).
         """
         if not focus_distance_m > 0:
             raise CalibrationError(f"focus model: focus distance must be > 0 m, got {focus_distance_m}")
@@ -136,17 +160,64 @@ class PolynomialFocusModel:
                     f"focus distance {focus_distance_m:.4g} m is outside the calibrated range {near:.4g}-{far:.4g} m; "
                     "calibrate over a wider range or narrow sweep.range_m"
                 )
-        c0, c1, c2 = self.coefficients_dpt
-        rhs = target - c0 - self._thermal_dpt(temperature_c)
+        c0 = self.coefficients_dpt[0]
+        value = self._inverse(target - c0 - self._thermal_dpt(temperature_c))
+        if value is None:
+            raise CalibrationError(f"focus model: no actuator value reaches {focus_distance_m:.4g} m")
+        self._check_span(value, focus_distance_m, temperature_c)
+        return value
+
+    def _inverse(self, rhs: float) -> float | None:
+        """The actuator value v with ``c1 * v + c2 * v**2 == rhs`` (None: none)."""
+        _c0, c1, c2 = self.coefficients_dpt
         if abs(c2) < 1e-15:
             return rhs / c1
         disc = c1 * c1 + 4 * c2 * rhs
         if disc < 0:
-            raise CalibrationError(f"focus model: no actuator value reaches {focus_distance_m:.4g} m")
+            return None
         roots = [(-c1 + sgn * math.sqrt(disc)) / (2 * c2) for sgn in (1.0, -1.0)]
-        # the root on the monotonic branch that holds the linear solution
+        return self._calibrated_root(roots, rhs)
+
+    def _calibrated_root(self, roots: list[float], rhs: float) -> float:
+        """The root of a degree-2 model on the branch of the calibrated span: the one inside
+        it, else the nearer to it. Without a known span (a model made in code without
+        ``valid_values``) the root nearest the linear solution ``rhs / c1``."""
+        if self.valid_values is not None:
+            lo, hi = self.valid_values
+            mid = 0.5 * (lo + hi)
+            return min(roots, key=lambda r: (max(lo - r, 0.0, r - hi), abs(r - mid)))
+        c1 = self.coefficients_dpt[1]
         linear = rhs / c1 if c1 != 0 else 0.0
         return min(roots, key=lambda r: abs(r - linear))
+
+    def value_tolerance(self) -> tuple[float, float] | None:
+        """How far (actuator units) a value may lie below / above the calibrated span: the
+        distance tolerance ``tolerance_dpt`` divided by the model's slope at that end of the
+        span. None without a known span. The breathing table of a calibration uses the same."""
+        if self.valid_values is None:
+            return None
+        _c0, c1, c2 = self.coefficients_dpt
+        out = []
+        for end in self.valid_values:
+            slope = abs(c1 + 2.0 * c2 * end)
+            out.append(self.tolerance_dpt / slope if slope > 0 else 0.0)
+        return out[0], out[1]
+
+    def _check_span(self, value: float, focus_distance_m: float, temperature_c: float | None) -> None:
+        tol = self.value_tolerance()
+        if tol is None or self.valid_values is None:
+            return
+        lo, hi = self.valid_values
+        eps = 1e-9 * max(1.0, abs(lo), abs(hi))
+        if lo - tol[0] - eps <= value <= hi + tol[1] + eps:
+            return
+        thermal = ""
+        if temperature_c is not None and self.reference_temperature_c is not None and self.temperature_dpt_per_c:
+            thermal = f" at a lens temperature of {temperature_c:.1f} °C (calibrated at {self.reference_temperature_c:.1f} °C)"
+        raise CalibrationError(
+            f"focus distance {focus_distance_m:.4g} m needs {value:.4g} {self.unit}{thermal}, outside the calibrated "
+            f"actuator span {lo:.4g}..{hi:.4g} {self.unit}; calibrate over a wider range or narrow sweep.range_m"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -157,6 +228,7 @@ class PolynomialFocusModel:
             "reference_temperature_c": self.reference_temperature_c,
             "valid_dpt": None if self.valid_dpt is None else [float(x) for x in self.valid_dpt],
             "tolerance_dpt": float(self.tolerance_dpt),
+            "valid_values": None if self.valid_values is None else [float(x) for x in self.valid_values],
         }
         return doc
 
@@ -204,6 +276,7 @@ def _polynomial_from(section: dict[str, Any], path: Path) -> PolynomialFocusMode
     try:
         valid = section.get("valid_dpt")
         return PolynomialFocusModel(
+            valid_values=_valid_values(section),
             coefficients_dpt=tuple(float(x) for x in section["coefficients_dpt"]),  # type: ignore[arg-type]
             unit=str(section.get("unit", "mA")),
             temperature_dpt_per_c=float(section.get("temperature_dpt_per_c", 0.0)),
@@ -217,3 +290,17 @@ def _polynomial_from(section: dict[str, Any], path: Path) -> PolynomialFocusMode
         raise ConfigError(f"{path}: focus_model: expected numbers ({exc})") from exc
     except CalibrationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _valid_values(section: dict[str, Any]) -> tuple[float, float] | None:
+    """The calibrated actuator span: ``valid_values``, or for files written before it was
+    stored, the lowest and highest fitted peak (``fit.peak_values``); else None (unknown)."""
+    span = section.get("valid_values")
+    if span is not None:
+        return (float(span[0]), float(span[1]))
+    fit = section.get("fit")
+    peaks = fit.get("peak_values") if isinstance(fit, dict) else None
+    if isinstance(peaks, list) and len(peaks) >= 2:
+        values = [float(v) for v in peaks]
+        return (min(values), max(values))
+    return None

@@ -148,6 +148,8 @@ def write_report(result: Any, folder: Path, *, doc: dict[str, Any], calibration_
         f"valid range {near:.3f}–{'∞' if math.isinf(far) else f'{far:.3f}'} m",
         f"- residuals: rms {fit.rms_dpt * 1000:.2f} mdpt, max {np.max(np.abs(fit.residuals_dpt)) * 1000:.2f} mdpt; "
         f"leave-one-out rms {fit.loo_rms_dpt * 1000:.2f} mdpt",
+        *[f"- **check the target at {p['distance_m']:.3f} m**: {abs(p['loo_error_dpt']) * 1000:.1f} mdpt off the fit of the "
+          f"other points ({p['ratio']:.1f}x their typical leave-one-out error); a mistyped distance? repeat that step" for p in getattr(fit, "suspects", [])],
         f"- lens temperature: {doc['temperature_range_c'] or 'not logged'} °C"
         + (f"; temperature term {model.temperature_dpt_per_c:.4f} dpt/°C" if model.temperature_dpt_per_c else ""),
         "",

@@ -4,6 +4,9 @@ The session drives an open camera and focus actuator and asks a :class:`TargetPl
 the target where it is needed: a person at the bench (prompted in the terminal), or the
 simulated rig, which moves its virtual target itself. Progress is saved to ``session.yaml``
 in the session folder after every step, so an interrupted session resumes where it stopped.
+The state records the plan it was started with (distances, actuator, focus mode); a session is
+resumed only with the same plan. A fit that fails because some peaks are out of order drops
+those measurements, so running the session again re-measures them.
 
 Steps:
 1. for each known distance: place a textured target, sweep the actuator coarsely over the
@@ -27,10 +30,10 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from calibration.focus_fit import FocusFit, SharpnessCurve, fit_focus_model, refine_peak, sharpness
+from calibration.focus_fit import FocusFit, NonMonotonicPeaks, SharpnessCurve, fit_focus_model, refine_peak, sharpness
 from calibration.focus_model import FocusModel
 from capture.devices import Camera, FocusActuator
-from capture.errors import CalibrationError
+from capture.errors import CalibrationError, InputError
 from capture.imageio import read_image, write_image
 
 logger = logging.getLogger(__name__)
@@ -68,6 +71,13 @@ class SessionPlan:
     board_rows: int = 6
     board_square_m: float = 0.025
     board_views: int = 10
+    #: the lens or stage measured: its serial number where it reports one, else driver and
+    #: port (None: taken from the actuator: serial number, else its name)
+    actuator_identity: str | None = None
+
+
+def _same_distance(a: float, b: float) -> bool:
+    return round(float(a), 9) == round(float(b), 9)
 
 
 @dataclass
@@ -76,15 +86,18 @@ class SessionState:
     breathing: dict[str, Any] | None = None
     board_views_done: int = 0
     complete: bool = False
+    #: what the session was started with: distances_m, actuator, focus_mode (None: an older session file)
+    plan: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"curves": [c.to_dict() for c in self.curves], "breathing": self.breathing,
+        return {"plan": self.plan, "curves": [c.to_dict() for c in self.curves], "breathing": self.breathing,
                 "board_views_done": self.board_views_done, "complete": self.complete}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SessionState:
         return cls(curves=[SharpnessCurve.from_dict(c) for c in doc.get("curves") or []], breathing=doc.get("breathing"),
-                   board_views_done=int(doc.get("board_views_done", 0)), complete=bool(doc.get("complete", False)))
+                   board_views_done=int(doc.get("board_views_done", 0)), complete=bool(doc.get("complete", False)),
+                   plan=doc.get("plan") if isinstance(doc.get("plan"), dict) else None)
 
 
 @dataclass
@@ -99,8 +112,15 @@ class SessionResult:
 class CalibrationSession:
     """Runs (or resumes) a session in ``folder`` on an open camera and actuator.
 
+    A new session writes its state (with the plan) at once, so the folder is resumable from
+    the start. An unfinished session in ``folder`` is resumed only with the same plan.
+
     Args:
         progress: called as ``progress(done, total, label)`` after each frame.
+
+    Raises:
+        InputError: ``folder`` holds an unfinished session started with another plan (other
+            distances, another lens or stage, another focus mode).
     """
 
     def __init__(
@@ -114,14 +134,57 @@ class CalibrationSession:
         self.state = self._load_state()
 
     # ------------------------------------------------------------------ state
+    def plan_identity(self) -> dict[str, Any]:
+        """What a resumed session must share with the one it continues."""
+        identity = self.plan.actuator_identity
+        if identity is None:
+            ident = getattr(self.actuator, "identity", None) or {}
+            serial = ident.get("serial_number") if isinstance(ident, dict) else None
+            identity = f"serial number {serial}" if serial not in (None, "") else self.actuator.name
+        mode = getattr(self.actuator, "mode", None)
+        return {
+            "distances_m": [float(d) for d in self.plan.distances_m],
+            "actuator": str(identity),
+            "focus_mode": f"{mode} ({self.actuator.unit})" if isinstance(mode, str) else self.actuator.unit,
+        }
+
     def _load_state(self) -> SessionState:
         path = self.folder / STATE_FILE
+        plan = self.plan_identity()
         if not path.is_file():
-            return SessionState()
+            state = SessionState(plan=plan)
+            self.state = state
+            self._save_state()  # resumable from the start
+            return state
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         state = SessionState.from_dict(doc)
+        self._check_plan(state, plan)
+        if state.plan is None:  # an older session file: from now on it carries the plan
+            state.plan = plan
         logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))
         return state
+
+    def _check_plan(self, state: SessionState, plan: dict[str, Any]) -> None:
+        """Refuse to resume a session started with another plan (one line, naming the folder)."""
+        diffs = []
+        old = state.plan or {}
+        if "distances_m" in old:
+            was = sorted(round(float(d), 9) for d in old["distances_m"])
+            now = sorted(round(float(d), 9) for d in plan["distances_m"])
+            if was != now:
+                diffs.append(f"distances_m {was} m, now {now} m")
+        else:  # an older session file: at least its measured distances must be planned
+            stray = [c.distance_m for c in state.curves if not any(_same_distance(c.distance_m, d) for d in plan["distances_m"])]
+            if stray:
+                diffs.append(f"measured distances {sorted(stray)} m that the plan {sorted(plan['distances_m'])} m lacks")
+        for key, label in (("actuator", "actuator"), ("focus_mode", "focus mode")):
+            if key in old and str(old[key]) != str(plan[key]):
+                diffs.append(f"{label} {old[key]}, now {plan[key]}")
+        if diffs:
+            raise InputError(
+                f"{self.folder}: this unfinished calibration session was started with another plan ({'; '.join(diffs)}); "
+                "move that folder away to start a new session, or restore the plan it was started with"
+            )
 
     def _save_state(self) -> None:
         path = self.folder / STATE_FILE
@@ -165,9 +228,8 @@ class CalibrationSession:
     def run(self) -> SessionResult:
         plan = self.plan
         done = {round(c.distance_m, 9) for c in self.state.curves}
-        todo = [d for d in plan.distances_m if round(d, 9) not in done]
         for k, distance_m in enumerate(plan.distances_m):
-            if distance_m not in todo:
+            if round(distance_m, 9) in done:
                 continue
             self.placer.place_texture(distance_m, step=k + 1, total=len(plan.distances_m))
             curve = self.measure_distance(distance_m)
@@ -175,10 +237,21 @@ class CalibrationSession:
             self._save_state()
             logger.info("target at %.3f m: focused at %.4f %s", distance_m, curve.peak_value, self.actuator.unit)
         curves = sorted(self.state.curves, key=lambda c: c.distance_m)
-        fit = fit_focus_model(
-            [c.distance_m for c in curves], [float(c.peak_value) for c in curves], unit=self.actuator.unit,
-            degree=plan.degree, temperatures_c=[c.temperature_c for c in curves],
-        )
+        try:
+            fit = fit_focus_model(
+                [c.distance_m for c in curves], [float(c.peak_value) for c in curves], unit=self.actuator.unit,
+                degree=plan.degree, temperatures_c=[c.temperature_c for c in curves],
+            )
+        except NonMonotonicPeaks as exc:
+            # drop the out-of-order measurements, so that running the session again re-measures them
+            self.state.curves = [c for c in self.state.curves if not any(_same_distance(c.distance_m, d) for d in exc.distances_m)]
+            self._save_state()
+            which = ", ".join(f"{d:.3f} m" for d in exc.distances_m)
+            raise NonMonotonicPeaks(
+                f"{exc}; the session in {self.folder} dropped the measurement at {which}: "
+                "place the target again and run the calibration again to re-measure it",
+                distances_m=exc.distances_m,
+            ) from exc
         breathing = self._breathing(fit.model) if plan.breathing else None
         intrinsics = self._intrinsics(fit.model) if plan.intrinsics else None
         self.state.complete = True
@@ -194,14 +267,18 @@ class CalibrationSession:
         near, far = model.valid_range_m  # type: ignore[union-attr]
         middle_m = 2.0 / (1.0 / near + (0.0 if math.isinf(far) else 1.0 / far))
         self.placer.place_texture(middle_m, step=1, total=1)
-        lo_v, hi_v = sorted((model.actuator_value(near), model.actuator_value(far)))
+        # the table covers whatever the focus model accepts: its calibrated range and its span
+        ends = [model.actuator_value(near), model.actuator_value(far), *(getattr(model, "valid_values", None) or ())]
+        lim_lo, lim_hi = self.actuator.limits
+        lo_v, hi_v = float(np.clip(min(ends), lim_lo, lim_hi)), float(np.clip(max(ends), lim_lo, lim_hi))
         values = np.linspace(lo_v, hi_v, self.plan.breathing_steps)
         frames = []
         for i, v in enumerate(values):
             frames.append(self._frame_at(float(v)))
             if self.progress is not None:
                 self.progress(i + 1, len(values), "breathing")
-        breathing = fit_breathing(frames, [float(v) for v in values])
+        breathing = fit_breathing(frames, [float(v) for v in values], actuator_unit=self.actuator.unit,
+                                  tolerance_frac=_breathing_tolerance(model, hi_v - lo_v))
         self.state.breathing = breathing.to_dict()
         self._save_state()
         return breathing
@@ -230,3 +307,16 @@ class CalibrationSession:
                 self.progress(view + 1, total, "chessboard views")
         images = [read_image(p) for p in sorted(views_dir.glob("view_*.png"))]
         return calibrate_intrinsics(images, cols=self.plan.board_cols, rows=self.plan.board_rows, square_m=self.plan.board_square_m)
+
+
+def _breathing_tolerance(model: FocusModel, span: float) -> float:
+    """The breathing table's overshoot allowance (a fraction of its span) that matches the focus
+    model's: its ``tolerance_dpt`` in actuator units at the ends of the calibrated span
+    (:meth:`~calibration.focus_model.PolynomialFocusModel.value_tolerance`)."""
+    from calibration.alignment import DEFAULT_TOLERANCE_FRAC
+
+    value_tolerance = getattr(model, "value_tolerance", None)
+    tol = value_tolerance() if callable(value_tolerance) else None
+    if tol is None or not span > 0:
+        return DEFAULT_TOLERANCE_FRAC
+    return float(min(0.5, max(DEFAULT_TOLERANCE_FRAC, 1.001 * max(tol) / span)))

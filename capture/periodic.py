@@ -81,7 +81,7 @@ import numpy as np
 from capture.devices import Camera, FocusActuator, Frame
 from capture.errors import CalibrationError, DeviceTimeout, InputError, RigError
 from capture.stack import FocalStack
-from capture.sweep import SweepInterrupted
+from capture.sweep import SweepInterrupted, thermal_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +311,9 @@ class CameraClock:
 class PeriodicFocusMap(Protocol):
     """What the continuous sweep needs from calibration: both directions of the focus map
     (e.g. :class:`~calibration.focus_model.LiquidLensFocusModel`); an optional
-    ``valid_dpt`` = (lowest, highest) calibrated diopters limits the usable frames."""
+    ``valid_dpt`` = (lowest, highest) calibrated diopters limits the usable frames. A map with a
+    temperature term also takes a keyword ``temperature_c`` in both directions (the capture
+    passes the lens temperature, read once per stack, where the actuator reports one)."""
 
     unit: str
 
@@ -343,6 +345,7 @@ def triangle_bounds(
     frequency_hz: float,
     guard_s: float = 0.0,
     limits: tuple[float, float] | None = None,
+    temperature_c: float | None = None,
 ) -> tuple[float, float]:
     """Lower and upper actuator values of a triangle that covers the planned focus range and runs
     ``guard_s`` seconds beyond each end of it, so the lens's rounded turning points (a few lags
@@ -352,6 +355,7 @@ def triangle_bounds(
     triangle's span is the range's span divided by ``1 - 4 f g``.
     For a first-order lens with ``lag_s = tau`` the focus error left at the range's ends is
     ``~2 * slope * tau * exp(-(guard_s + tau) / tau)``: 4 % of ``slope * tau`` with ``guard_s = 3 tau``.
+    ``temperature_c``: the lens temperature, for a focus map with a temperature term.
 
     Raises:
         InputError: an empty range, a guard too long for the frequency, or a planned range
@@ -363,7 +367,8 @@ def triangle_bounds(
     guard_s = _finite("continuous sweep guard_s", guard_s)
     if not frequency_hz > 0 or guard_s < 0:
         raise InputError(f"continuous sweep: need frequency_hz > 0 and guard_s >= 0, got {frequency_hz:g} Hz, {guard_s:g} s")
-    a, b = (float(focus_map.actuator_value(float(d))) for d in range_m)
+    thermal = thermal_kwargs(focus_map.actuator_value, temperature_c)
+    a, b = (float(focus_map.actuator_value(float(d), **thermal)) for d in range_m)
     lo, hi = min(a, b), max(a, b)
     if not hi > lo:
         raise InputError(f"continuous sweep: range_m {list(range_m)} maps to a single actuator value {lo:g}")
@@ -434,8 +439,11 @@ def lag_estimate_s(actuator: FocusActuator) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _value_window(wave: TriangleWave, focus_map: PeriodicFocusMap, range_m: Sequence[float] | None) -> tuple[float, float]:
-    """The actuator values of the usable range (planned and calibrated) within the wave."""
+def _value_window(
+    wave: TriangleWave, focus_map: PeriodicFocusMap, range_m: Sequence[float] | None, temperature_c: float | None = None
+) -> tuple[float, float]:
+    """The actuator values of the usable range (planned and calibrated) within the wave, at
+    the lens temperature ``temperature_c`` (where the focus map has a temperature term)."""
     lo_dpt, hi_dpt = -math.inf, math.inf
     if range_m is not None:
         if len(range_m) != 2 or not all(float(d) > 0 for d in range_m):
@@ -450,7 +458,8 @@ def _value_window(wave: TriangleWave, focus_map: PeriodicFocusMap, range_m: Sequ
         if not hi_dpt > lo_dpt:
             raise InputError("continuous sweep: the planned range lies outside the focus map's calibrated range")
         try:
-            values = sorted(float(focus_map.actuator_value(_distance(max(dpt, 0.0)))) for dpt in (lo_dpt, hi_dpt))
+            thermal = thermal_kwargs(focus_map.actuator_value, temperature_c)
+            values = sorted(float(focus_map.actuator_value(_distance(max(dpt, 0.0)), **thermal)) for dpt in (lo_dpt, hi_dpt))
         except CalibrationError as exc:
             raise InputError(f"continuous sweep: the planned range is not reachable: {exc}") from exc
     lo_v, hi_v = max(values[0], wave.lower), min(values[1], wave.upper)
@@ -549,7 +558,13 @@ def capture_continuous_stack(
         if (abs(running.get("lower_ma", wave.lower) - wave.lower) > tol or abs(running.get("upper_ma", wave.upper) - wave.upper) > tol
                 or abs(running.get("frequency_hz", wave.frequency_hz) - wave.frequency_hz) > 1e-3):
             raise InputError(f"{actuator.name}: runs {running}, not the wave given ({wave})")
-    v_lo, v_hi = _value_window(wave, focus_map, range_m)
+    try:  # once per stack, before planning: the focus map's temperature term compensates it
+        temperature = actuator.temperature_c()
+    except (RigError, KeyboardInterrupt) as exc:
+        what = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        raise SweepInterrupted(f"continuous sweep stopped before its first frame: {what}", cause=exc,
+                               frames=[], distances_m=[], slice_meta=[]) from exc
+    v_lo, v_hi = _value_window(wave, focus_map, range_m, temperature)
     clock = clock if clock is not None else CameraClock.for_camera(camera)
     exposure_s = float(camera.exposure_s or 0.0)
 
@@ -589,9 +604,8 @@ def capture_continuous_stack(
             if start_host + 0.5 * (frame.exposure_s or exposure_s) > t_b:
                 break
             request = start_host + 1e-4  # the next frame
-        temperature = actuator.temperature_c()
     except (RigError, KeyboardInterrupt) as exc:
-        kept, distances, entries = _records(frames, clock, wave, lag_s, ramp, v_lo, v_hi, focus_map, unit, exposure_s, None)
+        kept, distances, entries = _records(frames, clock, wave, lag_s, ramp, v_lo, v_hi, focus_map, unit, exposure_s, temperature)
         what = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
         raise SweepInterrupted(
             f"continuous sweep stopped after {len(frames)} frames: {what}",
@@ -671,8 +685,8 @@ def _records(
     exposure_s: float,
     temperature_c: float | None,
 ) -> tuple[list[Frame], list[float], list[dict[str, Any]]]:
-    """The frames in range on ``ramp``, their focus distances and slice metadata (the three
-    lists have one entry per kept frame)."""
+    """The frames in range on ``ramp``, their focus distances (at the lens temperature
+    ``temperature_c``) and slice metadata (the three lists have one entry per kept frame)."""
     kept: list[Frame] = []
     distances: list[float] = []
     entries: list[dict[str, Any]] = []
@@ -680,6 +694,7 @@ def _records(
         return kept, distances, entries
     eps = 1e-9 * wave.span
     calibrated = _calibrated_dpt(focus_map)
+    thermal = thermal_kwargs(focus_map.focus_distance_m, temperature_c)
     for frame in frames:
         if frame.timestamp_source != "host" and clock.offset_s is None:
             continue
@@ -690,7 +705,7 @@ def _records(
         value = float(wave.value_at(t_lens))
         if not v_lo - eps <= value <= v_hi + eps:
             continue
-        distance_m = float(focus_map.focus_distance_m(value))
+        distance_m = float(focus_map.focus_distance_m(value, **thermal))
         if not distance_m > 0:
             continue
         if calibrated is not None and not calibrated[0] <= _dpt(distance_m) <= calibrated[1]:

@@ -3,11 +3,12 @@ that starts after settling, copy it out, and assemble a :class:`FocalStack`."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,15 +18,31 @@ from capture.stack import FocalStack
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "sweep"]
+__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "sweep", "thermal_kwargs"]
 
 
 class FocusMap(Protocol):
-    """What a sweep needs from calibration: metres -> actuator value."""
+    """What a sweep needs from calibration: metres -> actuator value. A map with a
+    temperature term also takes a keyword ``temperature_c`` (the lens temperature, °C), which
+    the sweep passes where the actuator reports one (:func:`thermal_kwargs`)."""
 
     unit: str
 
     def actuator_value(self, focus_distance_m: float) -> float: ...
+
+
+def thermal_kwargs(method: Callable[..., Any], temperature_c: float | None) -> dict[str, float]:
+    """``{"temperature_c": temperature_c}`` where a temperature is known and the focus map's
+    ``method`` takes that keyword; else ``{}`` (a map without a temperature term)."""
+    if temperature_c is None:
+        return {}
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "temperature_c" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {"temperature_c": float(temperature_c)}
+    return {}
 
 
 def plan_focus_distances(
@@ -87,10 +104,11 @@ def sweep(
 ) -> FocalStack:
     """Capture one focal stack.
 
-    For each distance: convert to an actuator value, move, wait until the actuator reports
-    settled (finite timeout), then take the first frame whose exposure starts after that
-    moment. With ``wait_settled=False`` the frame is the first that starts after the move
-    command, as a careless rig would take it.
+    The lens temperature is read once, before planning; for each distance: convert to an
+    actuator value (at that temperature, where the focus map has a temperature term), move,
+    wait until the actuator reports settled (finite timeout), then take the first frame whose
+    exposure starts after that moment. With ``wait_settled=False`` the frame is the first that
+    starts after the move command, as a careless rig would take it.
 
     Raises:
         SweepInterrupted: on any device error or Ctrl-C, carrying the frames captured so far.
@@ -102,8 +120,10 @@ def sweep(
     slice_meta: list[dict] = []
     n = len(distances_m)
     try:
+        # once per stack, before planning: the focus map's temperature term compensates it
+        thermal = thermal_kwargs(focus_map.actuator_value, actuator.temperature_c())
         for i, distance_m in enumerate(distances_m):
-            value = float(focus_map.actuator_value(float(distance_m)))
+            value = float(focus_map.actuator_value(float(distance_m), **thermal))
             actuator.move_to(value)
             t_cmd = time.monotonic()
             t_ready = actuator.wait_settled(timeout_s=settle_timeout_s) if wait_settled else t_cmd

@@ -18,7 +18,7 @@ import numpy as np
 
 from calibration.focus_model import FocusModel, LiquidLensFocusModel, load_focus_model
 from capture.devices import Camera, FocusActuator
-from capture.errors import ConfigError, DeviceError
+from capture.errors import CalibrationError, ConfigError, DeviceError
 from capture.optics import SensorModel, ThinLens
 from capture.scenes import Scene, procedural_scene, rgbd_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
@@ -156,6 +156,8 @@ class Rig:
             identity = getattr(device, "identity", None)
             if identity:
                 meta["capture"][role] = {str(k): str(v) for k, v in identity.items()}
+        if self.breathing is not None:  # before the sweep: a size mismatch is known without moving
+            self._check_breathing_size(self.camera.image_hw)
         if s.style == "continuous":
             stack = self._capture_continuous(meta)
             if progress is not None:
@@ -166,9 +168,21 @@ class Rig:
                 wait_settled=s.wait_settled, settle_timeout_s=s.settle_timeout_s, progress=progress, meta=meta,
             )
         if self.breathing is not None:
-            # per-slice affines from the calibrated breathing; images stay as captured
-            stack = stack.with_alignment([self.breathing.affine_at(float(m["actuator_value"])) for m in stack.slice_meta])
+            # per-slice affines from the calibrated breathing, through its checked path; images stay as captured
+            self._check_breathing_size(stack.image_hw)
+            stack = self.breathing.align_stack(stack)
         return stack
+
+    def _check_breathing_size(self, image_hw: tuple[int, int]) -> None:
+        """The breathing table's affines are in pixels of its calibration images: refuse
+        another image size (a scale about another centre is a shift here)."""
+        h, w = (int(x) for x in image_hw)
+        ch, cw = self.breathing.image_hw
+        if h > 0 and w > 0 and (h, w) != (ch, cw):
+            raise CalibrationError(
+                f"{self.config.calibration.file}: its breathing table was calibrated at {cw}x{ch} px (width x height), "
+                f"the camera delivers {w}x{h} px; recalibrate at this size, or set the camera's size back"
+            )
 
     def _capture_continuous(self, meta: dict[str, Any]) -> FocalStack:
         """One stack from one ramp of the actuator's triangle sweep (started on first use)."""
@@ -185,8 +199,10 @@ class Rig:
             self.wave = None
         if self.wave is None:
             guard_s = min(3.0 * lag_s, 0.1 / s.frequency_hz)  # the turns outside the range, at most 40 % of a ramp
-            lower, upper = triangle_bounds(self.focus_map, range_m, frequency_hz=s.frequency_hz, guard_s=guard_s, limits=self.actuator.limits)
             try:
+                temperature_c = self.actuator.temperature_c()  # the focus map's temperature term
+                lower, upper = triangle_bounds(self.focus_map, range_m, frequency_hz=s.frequency_hz, guard_s=guard_s,
+                                               limits=self.actuator.limits, temperature_c=temperature_c)
                 self.wave = start_triangle_sweep(self.actuator, lower, upper, s.frequency_hz)
             except DeviceError as exc:  # a sweep cut short before its first slice: reconnectable like any other
                 raise SweepInterrupted(f"{self.actuator.name}: could not start the triangle sweep ({exc})", cause=exc,

@@ -2,8 +2,10 @@
 
 A person at the bench is prompted for each target placement; the simulated rig moves its
 virtual target itself (``--non-interactive``). An unfinished session of the same rig in the
-output folder is resumed. The result is ``calibration.yaml`` and a ``report/`` folder in the
-run folder; set ``calibration.file`` to that file to use it.
+output folder is resumed, provided it was started with the same plan (distances, lens or
+stage, focus mode). The result is ``calibration.yaml`` and a ``report/`` folder in the
+run folder; set ``calibration.file`` to that file to use it. A calibration file the config
+already names plays no part in a new calibration.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from calibration.focus_model import FocusModel
 from calibration.report import calibration_document, write_calibration, write_report
 from calibration.session import STATE_FILE, CalibrationSession, SessionPlan
 from capture.errors import ConfigError, InputError, yaml_problem
 from capture.simulated import SimulatedCamera
 from capture.sweep import plan_focus_distances
-from rig.build import Rig, open_rig
+from rig.build import Rig, _focus_map, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import create_run_folder, write_yaml_atomic
 
@@ -109,18 +112,46 @@ def _session_distances(config: RigConfig) -> list[float]:
     return [float(d) for d in plan_focus_distances(range_m=config.sweep.range_m, slices=7)]
 
 
-def _actuator_span(rig: Rig, distances_m: list[float], margin: float = 0.3) -> tuple[float, float]:
-    """Actuator values covering the distances in diopters, widened by ``margin`` of the span
-    on each side (the nominal map may be off), within the actuator's limits."""
+def _without_calibration_file(config: RigConfig) -> RigConfig:
+    return config.model_copy(update={"calibration": config.calibration.model_copy(update={"file": None})})
+
+
+def _nominal_model(config: RigConfig) -> FocusModel | None:
+    """The config's nominal focus model (never its calibration file), or None where it has none."""
+    try:
+        return _focus_map(_without_calibration_file(config))
+    except ConfigError as exc:
+        logger.warning("no nominal focus model (%s): the coarse sweeps span the actuator's limits", exc)
+        return None
+
+
+def _actuator_span(rig: Rig, nominal: FocusModel | None, distances_m: list[float], margin: float = 0.3) -> tuple[float, float]:
+    """Actuator values covering the distances in diopters by the *nominal* focus model (never an
+    older calibration file: it refuses what it was not calibrated for), widened by ``margin`` of
+    the span on each side (the nominal map may be off), within the actuator's limits; the whole
+    of the limits without a nominal model."""
+    lo, hi = rig.actuator.limits
+    if nominal is None:
+        return float(lo), float(hi)
     dpt = [1.0 / d for d in distances_m]
     lo_d, hi_d = min(dpt), max(dpt)
     pad = margin * (hi_d - lo_d)
     ends = []
     for d in (max(lo_d - pad, 1e-3), hi_d + pad):
-        ends.append(rig.focus_map.actuator_value(1.0 / d))
-    lo, hi = rig.actuator.limits
+        ends.append(nominal.actuator_value(1.0 / d))
     a, b = sorted(ends)
     return float(np.clip(a, lo, hi)), float(np.clip(b, lo, hi))
+
+
+def _actuator_identity(config: RigConfig, rig: Rig) -> str:
+    """The lens or stage a session measures: its serial number where it reports one, else its
+    driver and port (else its name)."""
+    ident = getattr(rig.actuator, "identity", None) or {}
+    serial = ident.get("serial_number") if isinstance(ident, dict) else None
+    if serial not in (None, ""):
+        return f"serial number {serial}"
+    port = getattr(config.focus, "port", None)
+    return f"{config.focus.driver} on {port}" if port else rig.actuator.name
 
 
 def _find_unfinished(config: RigConfig) -> Path | None:
@@ -152,13 +183,13 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         )
     s = config.calibration.session
     distances = _session_distances(config)
-    run_dir = _find_unfinished(config)
-    resumed = run_dir is not None
+    found = _find_unfinished(config)
+    resumed = found is not None
     if resumed:
-        logger.warning("resuming the unfinished calibration session in %s", run_dir)
-    else:
-        run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
-        write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
+        logger.warning("resuming the unfinished calibration session in %s", found)
+    # the session needs no calibration file (an old one is not opened: it may be what is being replaced)
+    nominal = _nominal_model(config)
+    rig_config = _without_calibration_file(config) if nominal is not None else config
     bar = tqdm(total=0, disable=not show_progress, leave=False, unit="frame")
 
     def progress(done: int, total: int, label: str) -> None:
@@ -168,24 +199,29 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         bar.n = done
         bar.refresh()
 
-    with open_rig(config) as rig:
+    with bar, open_rig(rig_config) as rig:
         if isinstance(rig.camera, SimulatedCamera) and not interactive:
             middle_m = 2.0 / (1.0 / min(distances) + 1.0 / max(distances))
             placer = SimulatedPlacer(rig.camera, board_cols=s.board.cols, board_rows=s.board.rows, board_distance_m=middle_m, views=s.board_views)
         else:
             placer = HumanPlacer(ask)
         plan = SessionPlan(
-            distances_m=distances, actuator_span=_actuator_span(rig, distances), coarse_steps=s.coarse_steps,
+            distances_m=distances, actuator_span=_actuator_span(rig, nominal, distances), coarse_steps=s.coarse_steps,
             fine_steps=s.fine_steps, roi_fraction=s.roi_fraction, degree=s.degree, settle_timeout_s=config.sweep.settle_timeout_s,
             breathing=s.breathing, breathing_steps=s.breathing_steps, intrinsics=s.intrinsics,
             board_cols=s.board.cols, board_rows=s.board.rows, board_views=s.board_views,
             board_square_m=getattr(placer, "board_square_m", s.board.square_mm / 1000.0),
+            actuator_identity=_actuator_identity(config, rig),
         )
+        # the run folder only now, with the plan made: a failure before leaves none behind; from
+        # here on the session folder holds its state at once, so the run folder is resumable
+        if found is None:
+            run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
+            write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
+        else:
+            run_dir = found
         session = CalibrationSession(rig.camera, rig.actuator, placer, plan, run_dir / "calibration_session", progress=progress)
-        try:
-            result = session.run()
-        finally:
-            bar.close()
+        result = session.run()
         identity = {
             "name": config.name, "camera": rig.camera.name, "focus": rig.actuator.name,
             "camera_identity": {str(k): str(v) for k, v in (getattr(rig.camera, "identity", None) or {}).items()},

@@ -302,3 +302,19 @@ def test_estimated_alignment_lowers_depth_error_under_strong_breathing(seed):
     err_est = depth_metrics(estimated.depth, scene.depth_m)["abs_rel"]
     assert err_est < 0.95 * err_plain, (err_plain, err_est)
     assert math.isfinite(err_est)
+
+
+def test_fit_breathing_keeps_the_tolerance_it_is_given(texture):
+    """A calibration session gives the table the focus model's tolerance (in actuator units)."""
+    rng = np.random.default_rng(6)
+    values = [50.0, 100.0, 150.0]
+    frames = [_target_frame(texture, v, rng, b=0.004) for v in values]
+    model = fit_breathing(frames, values, actuator_unit="mA", tolerance_frac=0.02)
+    assert model.tolerance_frac == 0.02
+    model.affine_at(151.9)  # 2 % of the 100 mA span beyond its end
+    with pytest.raises(CalibrationError, match=r"actuator value 152\.1 mA is outside the calibrated range 50\.\.150 mA"):
+        model.affine_at(152.1)
+    assert BreathingModel.from_dict(yaml.safe_load(yaml.safe_dump(model.to_dict()))).tolerance_frac == 0.02
+    bare = BreathingModel([0.0, 1.0], np.stack([np.eye(2, 3)] * 2), image_hw=(8, 8), reference_value=0.5)
+    with pytest.raises(CalibrationError, match=r"actuator value 2 is outside the calibrated range 0\.\.1;"):  # no unit: no blank
+        bare.affine_at(2.0)

@@ -254,3 +254,163 @@ def test_calibrate_mode_from_the_command_line(tmp_path: Path) -> None:
     config.calibration.file = cal_path
     with open_rig(config) as rig:
         assert isinstance(rig.focus_map, PolynomialFocusModel)
+
+
+# ---- the fit's checks --------------------------------------------------------------------------------
+
+
+def test_non_monotonic_peaks_name_the_step_out_of_order() -> None:
+    from calibration.focus_fit import NonMonotonicPeaks
+
+    d = [2.0, 1.2, 0.857, 0.667, 0.545, 0.462, 0.4]
+    peaks = [(1 / x + 0.506) / 0.0165 for x in d]
+    peaks[3] = peaks[1] - 1.0  # the target for 0.667 m was placed beyond 1.2 m
+    with pytest.raises(NonMonotonicPeaks, match=r"the peak at 0\.667 m \(80\.\d+ mA\) is out of order") as info:
+        fit_focus_model(d, peaks, unit="mA")
+    assert info.value.distances_m == [0.667]
+    # two neighbours swapped: either may be the wrong one, both are named
+    with pytest.raises(NonMonotonicPeaks, match=r"the peaks at 0\.700 m .*, 0\.500 m .* are out of order") as info:
+        fit_focus_model([2.0, 1.0, 0.7, 0.5, 0.4], [60.0, 90.0, 130.0, 110.0, 150.0], unit="mA")
+    assert info.value.distances_m == [0.7, 0.5]
+
+
+def test_a_mistyped_distance_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    d_true = np.array([2.0, 1.2, 0.857, 0.667, 0.545, 0.462, 0.4])
+    peaks = (1 / d_true + 0.506) / 0.0165 + np.random.default_rng(0).normal(0, 0.3, d_true.size)  # 5 mdpt of peak noise
+    clean = fit_focus_model(list(d_true), list(peaks), unit="mA")
+    assert clean.suspects == [] and clean.to_dict()["fit"]["suspect_points"] == []
+    typed = d_true.copy()
+    typed[1] = 1.1  # 1.2 m entered as 1.1 m: still monotonic, leave-one-out rms 37 mdpt (under the 50 mdpt warning)
+    with caplog.at_level("WARNING", logger="calibration.focus_fit"):
+        fit = fit_focus_model(list(typed), list(peaks), unit="mA")
+    assert [p["distance_m"] for p in fit.suspects] == [1.1]
+    assert "the target at 1.100 m is 76.9 mdpt off the fit of the other points" in caplog.text
+    (point,) = fit.to_dict()["fit"]["suspect_points"]
+    assert point["distance_m"] == 1.1 and point["loo_error_dpt"] == pytest.approx(0.0769, abs=1e-4) and point["ratio"] > 5
+
+
+# ---- resuming: only the same plan; a failed fit re-measures the bad step -----------------------------
+
+
+def _interrupt_after(config, n_steps: int) -> None:
+    from rig import calibrate as cal_mod
+
+    calls = {"n": 0}
+    real = cal_mod.SimulatedPlacer.place_texture
+
+    def flaky(self, distance_m, *, step, total):
+        calls["n"] += 1
+        if calls["n"] > n_steps:
+            raise KeyboardInterrupt
+        return real(self, distance_m, step=step, total=total)
+
+    cal_mod.SimulatedPlacer.place_texture = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_calibration(config, interactive=False, show_progress=False)
+    finally:
+        cal_mod.SimulatedPlacer.place_texture = real
+
+
+def test_a_session_resumes_only_with_the_same_plan(tmp_path: Path) -> None:
+    from capture.errors import InputError
+
+    first = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[1.8, 1.0, 0.7, 0.5, 0.4]), source="a")
+    _interrupt_after(first, 2)
+    (session_dir,) = tmp_path.glob("*_sim/calibration_session")
+    state = yaml.safe_load((session_dir / "session.yaml").read_text(encoding="utf-8"))
+    assert state["plan"]["distances_m"] == [1.8, 1.0, 0.7, 0.5, 0.4] and state["plan"]["actuator"] and state["plan"]["focus_mode"] == "mA"
+    other = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4]), source="b")
+    with pytest.raises(InputError, match="started with another plan") as info:
+        run_calibration(other, interactive=False, show_progress=False)
+    message = str(info.value)
+    assert "\n" not in message and str(session_dir) in message and "move that folder away" in message
+    assert "[0.4, 0.5, 0.7, 1.0, 1.8]" in message and "[0.4, 0.6, 0.8, 1.2, 2.0]" in message
+    # an older session file (no plan): refused where its measured distances are not planned
+    del state["plan"]
+    (session_dir / "session.yaml").write_text(yaml.safe_dump(state), encoding="utf-8")
+    with pytest.raises(InputError, match=r"measured distances \[1\.0, 1\.8\] m that the plan .* lacks"):
+        run_calibration(other, interactive=False, show_progress=False)
+    assert len(list(tmp_path.glob("*_sim"))) == 1
+
+
+def test_a_failed_fit_re_measures_the_bad_step(tmp_path: Path) -> None:
+    from calibration.focus_fit import NonMonotonicPeaks
+    from rig import calibrate as cal_mod
+
+    config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4]), source="bad")
+    real = cal_mod.SimulatedPlacer.place_texture
+    placed: list[float] = []
+
+    def misplaced(self, distance_m, *, step, total):  # the 0.6 m target stood at 1.5 m
+        placed.append(distance_m)
+        return real(self, 1.5 if distance_m == 0.6 else distance_m, step=step, total=total)
+
+    cal_mod.SimulatedPlacer.place_texture = misplaced
+    try:
+        with pytest.raises(NonMonotonicPeaks, match=r"the peak at 0\.600 m .* is out of order.*dropped the measurement at 0\.600 m"):
+            run_calibration(config, interactive=False, show_progress=False)
+    finally:
+        cal_mod.SimulatedPlacer.place_texture = real
+    state = yaml.safe_load(next(tmp_path.glob("*_sim/calibration_session/session.yaml")).read_text(encoding="utf-8"))
+    assert sorted(c["distance_m"] for c in state["curves"]) == [0.4, 0.8, 1.2, 2.0] and not state["complete"]
+    placed.clear()
+    cal_mod.SimulatedPlacer.place_texture = lambda self, distance_m, *, step, total: (placed.append(distance_m), real(self, distance_m, step=step, total=total))[1]
+    try:
+        second = run_calibration(config, interactive=False, show_progress=False)
+    finally:
+        cal_mod.SimulatedPlacer.place_texture = real
+    assert second.resumed and placed == [0.6]  # only the dropped step again
+    fit = second.document["focus_model"]["fit"]
+    assert sorted(fit["distances_m"]) == [0.4, 0.6, 0.8, 1.2, 2.0] and fit["rms_dpt"] < 0.01
+
+
+# ---- using and replacing a calibration file --------------------------------------------------------
+
+
+def test_recalibrating_with_a_calibration_file_set(calibrated: dict, tmp_path: Path) -> None:
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
+    doc["calibration"]["file"] = str(calibrated["run"].calibration_path)  # its range: 0.4-2 m
+    run = run_calibration(parse_config(doc, source="recal"), interactive=False, show_progress=False)
+    assert run.document["session"]["actuator_span"][0] < 40.0  # the nominal map's span, wider than the old file's range
+    assert len(list(tmp_path.glob("*_sim"))) == 1
+
+
+def test_a_failure_before_the_session_leaves_no_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rig import calibrate as cal_mod
+
+    def broken(*args, **kwargs):
+        raise CalibrationError("no span")
+
+    monkeypatch.setattr(cal_mod, "_actuator_span", broken)
+    config = parse_config(_config_dict(tmp_path / "runs", breathing=False, intrinsics=False), source="early")
+    with pytest.raises(CalibrationError, match="no span"):
+        run_calibration(config, interactive=False, show_progress=False)
+    assert not list((tmp_path / "runs").glob("*_sim"))
+
+
+def test_the_breathing_table_accepts_what_the_focus_model_accepts(calibrated: dict) -> None:
+    from calibration.alignment import BreathingModel
+
+    doc = yaml.safe_load(calibrated["run"].calibration_path.read_text(encoding="utf-8"))
+    model = load_focus_model(calibrated["run"].calibration_path)
+    breathing = BreathingModel.from_dict(doc["breathing"])
+    assert breathing.actuator_unit == "mA"
+    lo, hi = model.valid_dpt
+    for dpt in (lo - 0.99 * model.tolerance_dpt, hi + 0.99 * model.tolerance_dpt):  # just inside the focus model's tolerance
+        breathing.affine_at(model.actuator_value(1.0 / dpt))
+    with pytest.raises(CalibrationError, match=r"breathing model: actuator value 300 mA is outside"):
+        breathing.affine_at(300.0)
+
+
+def test_a_breathing_table_of_another_image_size_is_refused_before_the_sweep(calibrated: dict) -> None:
+    doc = yaml.safe_load(SIM_YAML.read_text(encoding="utf-8"))
+    doc["camera"].update(width=256, height=192)  # the calibration: 512x384
+    doc["calibration"] = {"file": str(calibrated["run"].calibration_path)}
+    with open_rig(parse_config(doc, source="roi")) as rig:
+        target = rig.actuator.target
+        with pytest.raises(CalibrationError) as info:
+            rig.capture_stack()
+        assert rig.actuator.target == target  # nothing moved
+    message = str(info.value)
+    assert str(calibrated["run"].calibration_path) in message and "512x384" in message and "256x192" in message

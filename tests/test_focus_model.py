@@ -110,3 +110,63 @@ def test_load_zero_gain_is_a_config_error_naming_the_file(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="calibration.yaml") as info:
         load_focus_model(path)
     assert "dpt_per_ma" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The calibrated (polynomial) model: its calibrated actuator span
+# --------------------------------------------------------------------------------------------
+
+
+def _stage_fit(offset_mm: float):
+    """A G-code stage (thin lens f = 25 mm, image distance 25 + x mm) whose controller reports
+    x + ``offset_mm``; fitted with the degree-2 model. Returns (fit, distances, positions)."""
+    import numpy as np
+
+    from calibration.focus_fit import fit_focus_model
+
+    x = np.linspace(0.35, 1.6, 7)
+    z = 1.0 / (1000.0 * (1.0 / 25.0 - 1.0 / (25.0 + x)))  # 1.8 .. 0.4 m
+    pos = x + offset_mm
+    return fit_focus_model(list(z), list(pos), unit="mm", degree=2), z, pos
+
+
+@pytest.mark.parametrize("offset_mm", [0.0, 10.0, -60.0, 40.0])
+def test_degree2_inverse_takes_the_root_on_the_calibrated_span(offset_mm: float) -> None:
+    fit, z, pos = _stage_fit(offset_mm)
+    m = fit.model
+    assert m.valid_values == pytest.approx((pos.min(), pos.max()), abs=1e-3)
+    for zz, p in zip(z, pos, strict=True):
+        assert m.actuator_value(float(zz)) == pytest.approx(p, abs=1e-3)  # not the mirror root (-33 mm at offset -60)
+
+
+def test_an_older_file_without_the_span_takes_it_from_the_fitted_peaks(tmp_path: Path) -> None:
+    import yaml
+
+    fit, z, pos = _stage_fit(-60.0)
+    section = fit.to_dict()
+    assert section["valid_values"] == pytest.approx([pos.min(), pos.max()], abs=1e-3)
+    del section["valid_values"]  # as written before the span was stored
+    m = load_focus_model(_write(tmp_path, yaml.safe_dump({"focus_model": section})))
+    assert m.valid_values == pytest.approx((pos.min(), pos.max()), abs=1e-3)
+    assert m.actuator_value(float(z[3])) == pytest.approx(pos[3], abs=1e-3)
+    del section["fit"]  # nothing to take it from: no span, no span check (the older behaviour)
+    (tmp_path / "b").mkdir()
+    assert load_focus_model(_write(tmp_path / "b", yaml.safe_dump({"focus_model": section}))).valid_values is None
+
+
+def test_an_actuator_value_outside_the_calibrated_span_is_refused() -> None:
+    from calibration.focus_model import PolynomialFocusModel
+
+    span = (0.5 / 0.0165 + 0.5 / 0.0165, 3.0 / 0.0165)  # 2 m .. 0.4 m at 25 C
+    m = PolynomialFocusModel(coefficients_dpt=(-0.5, 0.0165, 0.0), unit="mA", temperature_dpt_per_c=-0.003,
+                             reference_temperature_c=25.0, valid_dpt=(0.5, 2.5), valid_values=span)
+    assert m.value_tolerance() == pytest.approx((0.02 / 0.0165, 0.02 / 0.0165))  # tolerance_dpt in mA
+    assert m.actuator_value(0.4) == pytest.approx(span[1])
+    # 5 C warmer: 0.015 dpt more, within the tolerance
+    assert m.actuator_value(0.4, temperature_c=30.0) == pytest.approx(span[1] + 0.015 / 0.0165)
+    # 10 C warmer: 0.03 dpt beyond the calibrated span
+    with pytest.raises(CalibrationError, match=r"focus distance 0\.4 m needs 183\.6 mA at a lens temperature of 35\.0 °C "
+                                               r"\(calibrated at 25\.0 °C\), outside the calibrated actuator span 60\.61\.\.181\.8 mA"):
+        m.actuator_value(0.4, temperature_c=35.0)
+    again = PolynomialFocusModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in m.to_dict().items()})
+    assert again == m

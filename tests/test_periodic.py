@@ -375,3 +375,26 @@ def test_optotune_triangle_and_continuous_capture() -> None:
             assert 0.5 - 1e-6 <= d <= 1.5 + 1e-6
         lens.stop_signal()
         assert lens.active_mode() == "current"
+
+
+def test_continuous_capture_uses_the_lens_temperature() -> None:
+    """A lens 20 C above the calibration's reference: the triangle's bounds, the usable range
+    and every recorded focus distance use the model's temperature term."""
+    from calibration.focus_model import PolynomialFocusModel
+
+    warm = TrueLensModel(offset_dpt=-0.5, dpt_per_ma=0.0165, drift_dpt_per_c=-0.003, temperature_c=45.0)
+    model = PolynomialFocusModel(coefficients_dpt=(-0.5, 0.0165, 0.0), unit="mA", temperature_dpt_per_c=-0.003,
+                                 reference_temperature_c=25.0)
+    lens = SimulatedLiquidLens(true_model=warm, time_constant_s=TAU_S, settle_tolerance_ma=0.05)
+    cam = HostCamera(fps=200.0)
+    lower, upper = triangle_bounds(model, RANGE_M, frequency_hz=FREQUENCY_HZ, limits=(-290.0, 290.0), temperature_c=45.0)
+    assert (lower, upper) == pytest.approx(sorted(model.actuator_value(d, temperature_c=45.0) for d in RANGE_M))
+    with lens, cam:
+        wave = start_triangle_sweep(lens, *triangle_bounds(model, RANGE_M, frequency_hz=FREQUENCY_HZ, guard_s=3 * TAU_S,
+                                                           limits=(-290.0, 290.0), temperature_c=45.0), FREQUENCY_HZ)
+        stack = capture_continuous_stack(cam, lens, model, wave=wave, lag_s=TAU_S, n_slices=6, range_m=RANGE_M, timeout_s=3.0)
+    assert stack.n_slices == 6
+    for m, d in zip(stack.slice_meta, stack.focus_distance_m, strict=True):
+        assert d == pytest.approx(1.0 / warm.power_dpt(m["actuator_value"]), rel=1e-3)  # the warm lens's true focus
+        assert RANGE_M[0] - 1e-6 <= d <= RANGE_M[1] + 1e-6
+        assert m["lens_temperature_c"] == 45.0

@@ -176,3 +176,36 @@ def test_sweep_needs_at_least_two_distances(rig, distances: list) -> None:
     with pytest.raises(InputError, match="distances_m"):
         sweep(cam, lens, NOMINAL, distances)
     assert grabbed == []
+
+
+def test_sweep_compensates_the_lens_temperature(scene) -> None:
+    """A lens 20 C above the calibration's reference: the model's temperature term sets the
+    currents sent, so the lens really focuses at the distances the stack records."""
+    from calibration.focus_model import PolynomialFocusModel
+
+    warm = TrueLensModel(offset_dpt=-0.5, dpt_per_ma=0.0165, drift_dpt_per_c=-0.003, temperature_c=45.0)
+    model = PolynomialFocusModel(coefficients_dpt=(-0.5, 0.0165, 0.0), unit="mA", temperature_dpt_per_c=-0.003,
+                                 reference_temperature_c=25.0)
+    lens = SimulatedLiquidLens(true_model=warm, time_constant_s=0.005, settle_tolerance_ma=0.05)
+    cam = SimulatedCamera(scene=scene, lens=ThinLens(focal_length_mm=12.0, f_number=2.0, pixel_pitch_um=7.0),
+                          focus_dpt_at=lens.true_focus_dpt_at, fps=200.0, exposure_s=0.002, pixel_format="Mono8")
+    planned = plan_focus_distances(range_m=(0.4, 2.0), slices=4)
+    with lens, cam:
+        stack = sweep(cam, lens, model, planned)
+    for entry, d in zip(stack.slice_meta, stack.focus_distance_m, strict=True):
+        assert entry["actuator_value"] == pytest.approx(model.actuator_value(d, temperature_c=45.0), abs=1e-3)
+        assert 1.0 / warm.power_dpt(entry["actuator_value"]) == pytest.approx(d, rel=1e-4)
+        assert entry["lens_temperature_c"] == 45.0
+
+
+def test_sweep_takes_a_focus_map_without_a_temperature_term(rig) -> None:
+    cam, lens, _grabbed = rig
+
+    class Plain:  # a user's own map: no temperature_c keyword
+        unit = "mA"
+
+        def actuator_value(self, focus_distance_m: float) -> float:
+            return NOMINAL.actuator_value(focus_distance_m)
+
+    stack = sweep(cam, lens, Plain(), [2.0, 0.5])
+    assert [m["actuator_value"] for m in stack.slice_meta] == pytest.approx([NOMINAL.actuator_value(2.0), NOMINAL.actuator_value(0.5)], abs=1e-4)
