@@ -851,3 +851,9 @@ def test_running_out_of_memory_is_one_line_naming_the_stack(tiny_weights: Path, 
     slices, focus = _stack(n=3, h=30, w=45)
     with pytest.raises(ReconstructionError, match=r"out of memory for a 3x32x48 stack on cpu \(torch\).*--input-scale 0.5"):
         infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
+
+
+def test_a_stack_a_few_pixels_wide_runs_in_onnxruntime(tiny_weights: Path) -> None:
+    slices, focus = _stack(n=3, h=40, w=4)
+    pred = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
+    assert pred.depth_focus.shape == (40, 4) and np.isfinite(pred.depth_focus).all()

@@ -209,7 +209,7 @@ def predict(
     0.0337 -> 0.0323, but worse on the simulated rig's scene, README); below 1 it trades depth
     detail for speed on large sensors. A resized side under 8 px is refused.
 
-    The stack is padded (edge-replicated) to multiples of 4 and the outputs cropped back;
+    The stack is padded (edge-replicated) to multiples of 4, at least 8 px, and the outputs cropped back;
     every backend returns normalised depth (``reconstruct.backends.base``), converted here to
     focus units on the CPU in float32, so the units step is the same for all backends.
     """
@@ -232,7 +232,7 @@ def predict(
         x = x.expand(*x.shape[:-1], 3)
     x = x[..., :3].permute(0, 3, 1, 2)[None]  # [1, N, 3, H, W]
     h, w = x.shape[-2:]
-    ph, pw = (-h) % 4, (-w) % 4
+    ph, pw = max((-h) % 4, 8 - h), max((-w) % 4, 8 - w)  # multiples of 4, at least 8 px (what an export takes)
     if ph or pw:
         x = F.pad(x.reshape(-1, 3, h, w), (0, pw, 0, ph), mode="replicate").reshape(1, -1, 3, h + ph, w + pw)
     f = torch.from_numpy(np.asarray(focus, np.float32))[None]  # [1, N]
