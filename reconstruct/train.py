@@ -4,16 +4,33 @@ Trains a DualFocus variant on stacks synthesised on the fly from RGB-D scenes an
 scenes, validates on the tuning split every epoch, writes safetensors checkpoints and, for the
 best epoch, the weights and a model card (YAML next to them). Runs the same under ``torchrun``
 (DDP; gloo on CPU, NCCL on GPU): each process renders its own share of the data.
+
+``max_minutes`` is the budget of one invocation: a run stopped by it and continued with
+``--resume`` gets ``max_minutes`` again. The total over all invocations is kept in the
+checkpoint's state (``wall_s``) and in the model card (``trained.wall_minutes``). Under DDP the
+stop is decided together: when any process's budget is spent, all stop after the same step.
+
+A resumed run continues as the uninterrupted run would have: the checkpoint carries every
+process's random generator states (batch sampling: numpy; also torch, numpy's global and
+python's), the epoch whose seed rendered the current training pool, and the loss averages.
+
+On disk the checkpoint (``last.safetensors``) is written first, then the best weights and their
+card as a pair (both written under temporary names, then renamed); ``--resume`` repairs a pair
+that a kill left out of step with the checkpoint, so the card always describes the weights
+beside it. Without ``--resume`` an out_dir that already holds a run is refused.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
 import datetime as dt
 import json
 import logging
 import math
 import multiprocessing as mp
 import os
+import random
 import subprocess
 import time
 from dataclasses import replace
@@ -25,10 +42,11 @@ import torch
 import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import ConfigError, yaml_problem
+from capture.errors import ConfigError, RigError, yaml_problem
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
 from reconstruct.backends.select import cpu_bf16_native
@@ -44,8 +62,9 @@ class _Strict(BaseModel):
 
 
 class DataSection(_Strict):
-    rgbd_root: Path | None = Field(None, description="a Middlebury-layout folder; null = procedural scenes only")
-    tuning_scenes: list[str] = Field(default_factory=lambda: ["Aloe", "Flowerpots", "Rocks1"])
+    rgbd_root: Path | None = Field(None, description="a Middlebury-layout folder (relative to the config file); null = procedural scenes only")
+    tuning_scenes: list[str] = Field(default_factory=lambda: ["Aloe", "Flowerpots", "Rocks1"],
+                                     description="validation scenes; never a report scene (REPORT_SCENES)")
     pool_size: int = Field(4000, ge=8, description="stacks rendered per refresh (split over processes)")
     refresh_every_epochs: int = Field(0, ge=0, description="render a fresh pool every K epochs (0 = never)")
     render_workers: int = Field(2, ge=1)
@@ -78,7 +97,8 @@ class TrainConfig(_Strict):
     out_dir: Path = Path("runs/train")
     seed: int = 0
     threads: int = Field(0, ge=0, description="torch threads per process (0 = cores / processes)")
-    max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time")
+    max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time in this "
+                                      "invocation; a --resume gets it again (the total is the card's trained.wall_minutes)")
     init_weights: Path | None = Field(None, description="start from these weights (safetensors; a fine-tune), not from random")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: the forward pass under bfloat16 autocast (fp32 weights, optimiser and losses); "
@@ -102,10 +122,18 @@ def load_train_config(path: Path) -> TrainConfig:
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         raise ConfigError(f"{path}: {loc}: {msg}") from exc
-    model_config(cfg.model, **cfg.model_overrides)  # unknown model names fail here, listing the valid ones
+    try:
+        model_config(cfg.model)  # unknown model names fail here, listing the valid ones
+    except RigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        model_config(cfg.model, **cfg.model_overrides)  # unknown fields and values the network cannot take
+    except RigError as exc:
+        raise ConfigError(f"{path}: model_overrides.{exc}") from exc
     base = path.parent
+    check_scene_lists(cfg, path)
     if cfg.data.rgbd_root is not None and not cfg.data.rgbd_root.is_absolute():
-        cfg.data.rgbd_root = (base / cfg.data.rgbd_root).resolve()
+        cfg.data.rgbd_root = (base / cfg.data.rgbd_root).resolve()  # the folder itself is checked by train()
     if cfg.data.crop_px is not None and (not cfg.data.crop_px or min(cfg.data.crop_px) < 32 or any(c % 4 for c in cfg.data.crop_px)):
         raise ConfigError(f"{path}: data.crop_px: sizes must be multiples of 4 and at least 32, got {cfg.data.crop_px}")
     if cfg.init_weights is not None:
@@ -114,6 +142,38 @@ def load_train_config(path: Path) -> TrainConfig:
         if not cfg.init_weights.is_file():
             raise ConfigError(f"{path}: init_weights: no file at {cfg.init_weights}")
     return cfg
+
+
+def check_scene_lists(cfg: TrainConfig, path: Path) -> None:
+    """The report scenes (REPORT_SCENES, the 2005 Middlebury scenes) are never tuned or trained
+    on: a config that lists one is refused, naming the file and the field."""
+    report = {r.lower() for r in REPORT_SCENES}
+    named = [s for s in cfg.data.tuning_scenes if s.lower() in report]
+    if named:
+        raise ConfigError(f"{path}: data.tuning_scenes: {', '.join(named)} {'is a report scene' if len(named) == 1 else 'are report scenes'} "
+                          f"({', '.join(REPORT_SCENES)}: never used for tuning or training); choose others")
+
+
+def check_rgbd_root(cfg: TrainConfig, path: Path) -> None:
+    """``data.rgbd_root`` is a Middlebury-layout folder holding the tuning scenes; checked by
+    :func:`train` before anything is written (a config loads without its data, for checks)."""
+    root = cfg.data.rgbd_root
+    if root is None:
+        return
+    where = f"data.rgbd_root: {root} (a relative rgbd_root is relative to the config file's folder, {path.resolve().parent})"
+    if not root.is_dir():
+        raise ConfigError(f"{path}: {where}: no such folder")
+    manifest = root / "manifest.csv"
+    try:
+        with manifest.open(newline="", encoding="utf-8") as fh:
+            scenes = {row["scene"] for row in csv.DictReader(fh)}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: {where}: no manifest.csv there (not a Middlebury-layout folder)") from exc
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {where}: manifest.csv unreadable or without a 'scene' column") from exc
+    unknown = [s for s in cfg.data.tuning_scenes if s not in scenes]
+    if unknown:
+        raise ConfigError(f"{path}: data.tuning_scenes: not in {manifest}: {', '.join(unknown)} (scene names are case-sensitive)")
 
 
 def synth_ranges(cfg: TrainConfig, *, have_sources: bool) -> SynthRanges:
@@ -160,7 +220,8 @@ def render_pool(sources: list[RgbdSource], count: int, *, seed: int, ranges: Syn
         # spawn, not fork: forking a process whose torch/OpenMP threads already run can deadlock
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(sources,)) as pool:
-            for item in pool.imap_unordered(_render_one, seeds, chunksize=8):
+            # in seed order (not as finished): the batches drawn from the pool must not depend on timing
+            for item in pool.imap(_render_one, seeds, chunksize=8):
                 pool_items.append(item)
                 bar.update(1)
     bar.close()
@@ -242,18 +303,19 @@ def _git_commit() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weights: Path, metrics: dict[str, float], state: dict[str, Any], train_scenes: list[str], config_path: Path) -> None:
-    card = {
+def model_card(*, cfg: TrainConfig, model: DualFocusNet, weights: Path, weights_sha256: str, metrics: dict[str, float], state: dict[str, Any], train_scenes: list[str], config_path: Path) -> dict[str, Any]:
+    """The card of ``weights`` (its final name; ``weights_sha256`` of the bytes that will be there)."""
+    return {
         "format": "dualfocus-model-card/1",
         "name": cfg.name or cfg.model,
         "variant": cfg.model,
         "architecture": model.cfg.to_dict(),
         "parameters": count_parameters(model),
         "weights": weights.name,
-        "weights_sha256": sha256_of(weights),
+        "weights_sha256": weights_sha256,
         "trained": {
             "steps": state["step"],
-            "wall_minutes": round(state.get("wall_s", 0.0) / 60, 2),
+            "wall_minutes": round(state.get("wall_s", 0.0) / 60, 2),  # over all invocations (--resume)
             "processes": state.get("world_size", 1),
             "finished_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "commit": _git_commit(),
@@ -277,9 +339,88 @@ def write_model_card(path: Path, *, cfg: TrainConfig, model: DualFocusNet, weigh
         "validation": {"split": "tuning", "metrics": metrics, "best_step": state.get("best_step")},
         "config": json.loads(cfg.model_dump_json()),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(card, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """``text`` into ``path``, flushed to the disk (removed again if that fails)."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _pending(out: Path, name: str) -> tuple[Path, Path]:
+    """The temporary names of a weights+card pair being written."""
+    return out / f".{name}.pending.safetensors", out / f".{name}.pending.yaml"
+
+
+def write_best(out: Path, name: str, *, cfg: TrainConfig, model: DualFocusNet, metrics: dict[str, float], state: dict[str, Any],
+               train_scenes: list[str], config_path: Path) -> Path:
+    """The best weights ``out/<name>.safetensors`` and their card ``out/<name>.yaml`` as a pair:
+    both are written completely under temporary names (the card with the hash of the new
+    weights), then renamed into place one right after the other. Only a kill between those two
+    renames leaves a card of other weights, and :func:`repair_best` (on ``--resume``) mends that."""
+    weights, card = out / f"{name}.safetensors", out / f"{name}.yaml"
+    w_tmp, c_tmp = _pending(out, name)
+    try:
+        save_weights(model, w_tmp, name=name, extra={"step": str(state["step"]), "val": metrics})
+        text = yaml.safe_dump(model_card(cfg=cfg, model=model, weights=weights, weights_sha256=sha256_of(w_tmp), metrics=metrics, state=state,
+                                         train_scenes=train_scenes, config_path=config_path), sort_keys=False)
+        _write_synced(c_tmp, text)
+        os.replace(w_tmp, weights)
+        os.replace(c_tmp, card)
+    except BaseException:
+        w_tmp.unlink(missing_ok=True)
+        c_tmp.unlink(missing_ok=True)
+        raise
+    return weights
+
+
+def _card_problem(out: Path, name: str, best_step: int) -> str | None:
+    """Why the pair in ``out`` is not the best weights of step ``best_step`` with their card (None: it is)."""
+    weights, card = out / f"{name}.safetensors", out / f"{name}.yaml"
+    if not weights.is_file():
+        return f"{weights.name} is missing"
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            step = (fh.metadata() or {}).get("step")
+    except (SafetensorError, OSError) as exc:
+        return f"{weights.name} is unreadable ({exc})"
+    if step != str(best_step):
+        return f"{weights.name} holds step {step}, the checkpoint's best is step {best_step}"
+    try:
+        sha = (yaml.safe_load(card.read_text(encoding="utf-8")) or {}).get("weights_sha256")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return f"{card.name} is missing or unreadable"
+    if sha != sha256_of(weights):
+        return f"{card.name} describes other weights than {weights.name}"
+    return None
+
+
+def repair_best(out: Path, name: str, *, cfg: TrainConfig, model: DualFocusNet, state: dict[str, Any], train_scenes: list[str], config_path: Path) -> None:
+    """On ``--resume``: remove what a killed pair write left, and where the pair beside the
+    checkpoint is not the checkpoint's best weights with their card, write it again. That happens
+    only after a kill between the checkpoint and the pair (or between the pair's two renames),
+    and then the checkpoint holds the best weights itself (the best step is its step)."""
+    for tmp in _pending(out, name):
+        tmp.unlink(missing_ok=True)
+    best = state.get("best_step")
+    if best is None:
+        return
+    problem = _card_problem(out, name, best)
+    if problem is None:
+        return
+    if best == state["step"]:
+        logger.warning("%s; writing the best weights and their card again from %s", problem, out / "last.safetensors")
+        write_best(out, name, cfg=cfg, model=model, metrics=state.get("best_metrics") or {}, state=state,
+                   train_scenes=train_scenes, config_path=config_path)
+    else:
+        logger.warning("%s; the checkpoint (step %s) cannot restore the weights of step %s: the pair is rewritten at the next "
+                       "improvement of the tuning score", problem, state["step"], best)
 
 
 def init_from_weights(model: DualFocusNet, path: Path) -> None:
@@ -315,10 +456,57 @@ def _as_float32(out: DualFocusOutput) -> DualFocusOutput:
     return DualFocusOutput(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in vars(out).items()})
 
 
+def _holds_run(out: Path, name: str) -> list[str]:
+    """The files of an earlier training run in ``out``."""
+    return [f for f in ("last.safetensors", f"{name}.safetensors", f"{name}.yaml") if (out / f).exists()]
+
+
+def _pool_seed(cfg: TrainConfig, rank: int, epoch: int) -> int:
+    """The seed of the training pool rendered at ``epoch`` by process ``rank``."""
+    return cfg.seed * 7919 + rank * 104729 + epoch
+
+
+def _rng_snapshot(rng: np.random.Generator, device: torch.device) -> dict[str, Any]:
+    """This process's random generator states, as JSON: the batch generator, numpy's global,
+    torch's (and CUDA's) and python's."""
+    legacy = np.random.get_state()
+    py = random.getstate()
+    snap: dict[str, Any] = {
+        "batch": rng.bit_generator.state,
+        "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+        "python": [py[0], list(py[1]), py[2]],
+    }
+    if device.type == "cuda":
+        snap["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode("ascii")
+    return snap
+
+
+def _rng_restore(snap: dict[str, Any], rng: np.random.Generator, device: torch.device) -> None:
+    rng.bit_generator.state = snap["batch"]
+    legacy = snap["numpy"]
+    np.random.set_state((legacy[0], np.array(legacy[1], dtype=np.uint32), *legacy[2:]))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(snap["torch"])), dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in snap:
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(snap["cuda"])), dtype=torch.uint8), device)
+    random.setstate((snap["python"][0], tuple(snap["python"][1]), snap["python"][2]))
+
+
 def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: bool = True) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
+    out = cfg.out_dir
+    name = cfg.name or cfg.model
+    last = out / "last.safetensors"
+    # everything a config or the folder can get wrong is checked before anything is written
+    check_scene_lists(cfg, config_path)
+    if resume and not last.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {last}")
+    if not resume and (found := _holds_run(out, name)):
+        raise ConfigError(f"{config_path}: out_dir: {out} already holds a training run ({', '.join(found)}); "
+                          "pass --resume to continue it, or choose another out_dir")
+    check_rgbd_root(cfg, config_path)
     device = torch.device("cpu")
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -336,47 +524,62 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     torch.manual_seed(cfg.seed)
     main_proc = rank == 0
     show = show_progress and main_proc
-    out = cfg.out_dir
-    name = cfg.name or cfg.model
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
 
+    try:
+        model = build_model(cfg.model, **cfg.model_overrides).to(device)
+    except (RigError, ValueError, TypeError) as exc:  # load_train_config checked these; a config built in code may not be
+        raise ConfigError(f"{config_path}: model_overrides: {exc}") from exc
     sources: list[RgbdSource] = []
     val_sources: list[RgbdSource] = []
     if cfg.data.rgbd_root is not None:
         exclude = tuple(REPORT_SCENES) + tuple(cfg.data.tuning_scenes)
         sources = load_middlebury(cfg.data.rgbd_root, exclude=exclude)
         val_sources = load_middlebury(cfg.data.rgbd_root, names=cfg.data.tuning_scenes)
+    train_scenes = [s.name for s in sources]
     ranges = synth_ranges(cfg, have_sources=bool(sources))
-    val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
 
-    model = build_model(cfg.model, **cfg.model_overrides).to(device)
     if device.type == "cpu":
         to_channels_last(model)  # oneDNN's NHWC kernels: ~20 % faster in fp32 on AVX-512, same numbers
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
     if cfg.init_weights is not None and not resume:
         init_from_weights(model, cfg.init_weights)
-    last = out / "last.safetensors"
+    rng = np.random.default_rng([cfg.seed, rank, 0])
     if resume:
-        if not last.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {last}")
         state = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s at step %d", last, state["step"])
+        saved = state.get("rng") or {}
+        if saved.get("world_size") == world and len(saved.get("ranks", ())) == world:
+            _rng_restore(saved["ranks"][rank], rng, device)
+        else:
+            rng = np.random.default_rng([cfg.seed, rank, state["step"]])
+            if main_proc:
+                logger.warning("the checkpoint has no random generator states for %d processes: the batches drawn from here on "
+                               "differ from those of an uninterrupted run", world)
+        if main_proc:
+            repair_best(out, name, cfg=cfg, model=model, state=state, train_scenes=train_scenes, config_path=config_path)
+    elif main_proc:
+        out.mkdir(parents=True, exist_ok=True)
     state["world_size"] = world
+    val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
     ddp_model: torch.nn.Module = model
     if distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     weights = LossWeights(lambda_sv=cfg.loss.lambda_sv, lambda_fv=cfg.loss.lambda_fv, tau=cfg.loss.tau, beta=cfg.loss.beta)
 
-    rng = np.random.default_rng([cfg.seed, rank, state["step"]])
-    epoch = state["step"] // cfg.optim.steps_per_epoch
+    spe, refresh = cfg.optim.steps_per_epoch, cfg.data.refresh_every_epochs
+    # the pool in use is the one of the last refresh (epoch 0 when there is none), not the current epoch's
+    epoch = state["step"] // spe
+    state.setdefault("pool_epoch", (epoch // refresh) * refresh if refresh else 0)
     share = max(cfg.optim.batch_size, cfg.data.pool_size // world)
-    pool = render_pool(sources, share, seed=cfg.seed * 7919 + rank * 104729 + epoch, ranges=ranges, workers=cfg.data.render_workers, show=show)
-    t_start = time.monotonic() - state["wall_s"]
+    pool: list[dict[str, np.ndarray]] = []
+    if state["step"] < cfg.optim.steps:
+        pool = render_pool(sources, share, seed=_pool_seed(cfg, rank, state["pool_epoch"]), ranges=ranges, workers=cfg.data.render_workers, show=show)
+    running: dict[str, float] = dict(state.get("running") or {})  # the loss averages go on where they were
+    wall_before = float(state["wall_s"])  # earlier invocations; max_minutes counts this one only
+    t_start = time.monotonic()
     bar = tqdm(total=cfg.optim.steps, initial=state["step"], desc=f"train {name}", unit="step", disable=not show)
     model.train()
-    running: dict[str, float] = {}
     stop = False
     while state["step"] < cfg.optim.steps and not stop:
         step = state["step"]
@@ -397,25 +600,47 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
             running[k] = 0.98 * running.get(k, v) + 0.02 * v
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()})
-        state["wall_s"] = time.monotonic() - t_start
-        if cfg.max_minutes is not None and state["wall_s"] > 60 * cfg.max_minutes:
-            stop = True
-        if state["step"] % cfg.optim.steps_per_epoch == 0 or state["step"] == cfg.optim.steps or stop:
+        this_run_s = time.monotonic() - t_start
+        state["wall_s"] = wall_before + this_run_s
+        if cfg.max_minutes is not None:
+            over = this_run_s > 60 * cfg.max_minutes
+            if distributed:  # one decision for all: a process that stopped alone would leave the others hanging in a collective
+                flag = torch.tensor([int(over)], dtype=torch.int32, device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                over = bool(flag.item())
+            stop = over
+        boundary = state["step"] % spe == 0
+        if boundary or state["step"] == cfg.optim.steps or stop:
+            epoch = state["step"] // spe
+            # a fresh pool for the next epoch; recorded before the checkpoint, so that a run stopped
+            # here (max_minutes) resumes with the pool the uninterrupted run would have used
+            refresh_now = bool(refresh) and boundary and epoch % refresh == 0 and state["step"] < cfg.optim.steps
+            if refresh_now:
+                state["pool_epoch"] = epoch
+            state["running"] = dict(running)
+            snap = _rng_snapshot(rng, device)  # after this step's batch: where the next one is drawn from
+            snaps: list[Any] = [snap]
+            if distributed:
+                snaps = [None] * world
+                dist.all_gather_object(snaps, snap)
             metrics = validate(model, val) if (val and main_proc) else {}
             if main_proc:
+                state["rng"] = {"world_size": world, "ranks": snaps}
                 state["history"].append({"step": state["step"], "wall_min": round(state["wall_s"] / 60, 2), **{k: round(v, 5) for k, v in running.items()}, **{f"val_{k}": round(v, 5) for k, v in metrics.items()}})
                 improved = metrics and (state["best_abs_rel"] is None or metrics["abs_rel"] < state["best_abs_rel"])
                 if improved or not val:
                     state["best_abs_rel"] = metrics.get("abs_rel")
                     state["best_step"] = state["step"]
-                    wpath = save_weights(model, out / f"{name}.safetensors", name=name, extra={"step": str(state["step"]), "val": metrics})
-                    write_model_card(out / f"{name}.yaml", cfg=cfg, model=model, weights=wpath, metrics=metrics, state=state, train_scenes=[s.name for s in sources], config_path=config_path)
+                    state["best_metrics"] = metrics
+                # the checkpoint first: a kill before the pair below is in place leaves a checkpoint
+                # whose model is the best one, from which --resume writes the pair again
                 save_checkpoint(model, optimizer, last, name=name, state=state)
+                if improved or not val:
+                    write_best(out, name, cfg=cfg, model=model, metrics=metrics, state=state, train_scenes=train_scenes, config_path=config_path)
                 msg = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                 tqdm.write(f"step {state['step']}: {msg or 'no validation scenes'}{' (best)' if improved else ''}")
-            epoch = state["step"] // cfg.optim.steps_per_epoch
-            if cfg.data.refresh_every_epochs and epoch % cfg.data.refresh_every_epochs == 0 and state["step"] < cfg.optim.steps and not stop:
-                pool = render_pool(sources, share, seed=cfg.seed * 7919 + rank * 104729 + epoch, ranges=ranges, workers=cfg.data.render_workers, show=show)
+            if refresh_now and not stop:
+                pool = render_pool(sources, share, seed=_pool_seed(cfg, rank, epoch), ranges=ranges, workers=cfg.data.render_workers, show=show)
     bar.close()
     if distributed:
         dist.barrier()

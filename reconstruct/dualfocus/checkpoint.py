@@ -35,14 +35,24 @@ def sha256_of(path: str | Path) -> str:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to ``.<name>.tmp`` beside ``path``, flush it to the disk, then rename it into place:
+    ``path`` is always either the old file or the complete new one. The temporary file is removed
+    on any failure, Ctrl-C (KeyboardInterrupt) included."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)  # the data reach the disk before the rename makes them the file
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write weights ({exc.strerror or exc})") from exc
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot write weights ({exc.strerror or exc})") from exc
+        raise
 
 
 def save_weights(model: DualFocusNet, path: str | Path, *, name: str, extra: dict[str, Any] | None = None) -> Path:
@@ -120,15 +130,46 @@ def save_checkpoint(model: DualFocusNet, optimizer: torch.optim.Optimizer, path:
     return path
 
 
+def _architecture_difference(meta: dict[str, str], cfg: DualFocusConfig) -> str:
+    """``field A in the checkpoint, B in the model; ...`` for the architecture fields that differ
+    between a file's ``config`` metadata and ``cfg`` ("" when they agree or the metadata is unreadable)."""
+    try:
+        raw = json.loads(meta["config"])
+        raw["enc_channels"] = tuple(raw["enc_channels"])
+        theirs = DualFocusConfig(**raw).to_dict()  # fills fields older files lack (upsample)
+    except (KeyError, ValueError, TypeError):
+        return ""
+    ours = cfg.to_dict()
+    return "; ".join(f"{k} {theirs[k]!r} in the checkpoint, {ours[k]!r} in the model" for k in ours if theirs.get(k) != ours[k])
+
+
 def load_checkpoint(path: str | Path, model: DualFocusNet, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimiser in place; returns the training state."""
+    """Restore model and optimiser in place; returns the training state. A checkpoint of another
+    architecture (the config's model or model_overrides changed since) raises one
+    :class:`InputError` naming the file, the differing fields and the first mismatching tensor,
+    before anything is copied."""
     path = Path(path)
     tensors, meta = _read(path)
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
-    return json.loads(meta["state"])
+    theirs = {k: v for k, v in tensors.items() if not k.startswith("optim.")}
+    ours = model.state_dict()
+    problems = [f"tensor {k} is missing from the checkpoint" for k in ours if k not in theirs]
+    problems += [f"tensor {k} is {list(theirs[k].shape)} in the checkpoint, {list(v.shape)} in the model"
+                 for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
+    problems += [f"tensor {k} of the checkpoint is not in the model" for k in theirs if k not in ours]
+    fields = _architecture_difference(meta, model.cfg)
+    if problems or fields:
+        what = "; ".join(p for p in (fields, problems[0] if problems else "") if p)
+        raise InputError(f"{path}: written for another architecture ({what}); resume with the model and "
+                         "model_overrides it was trained with, or train into another out_dir")
+    try:
+        model.load_state_dict(theirs)
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, pid, name = key.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+        return json.loads(meta["state"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a training checkpoint this model can resume from ({first})") from exc
