@@ -144,23 +144,7 @@ def test_calibrated_stack_beats_the_uncalibrated_one(calibrated: dict, tmp_path:
 def test_an_interrupted_session_resumes(tmp_path: Path) -> None:
     doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
     config = parse_config(doc, source="resume")
-    from rig import calibrate as cal_mod
-
-    calls = {"n": 0}
-    real = cal_mod.SimulatedPlacer.place_texture
-
-    def flaky(self, distance_m, *, step, total):  # noqa: ANN001
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, distance_m, step=step, total=total)
-
-    cal_mod.SimulatedPlacer.place_texture = flaky
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_calibration(config, interactive=False, show_progress=False)
-    finally:
-        cal_mod.SimulatedPlacer.place_texture = real
+    _interrupt_after(config, 2)  # Ctrl-C at the third target
     state = yaml.safe_load(next(tmp_path.glob("*_sim/calibration_session/session.yaml")).read_text(encoding="utf-8"))
     assert len(state["curves"]) == 2 and not state["complete"]
     second = run_calibration(config, interactive=False, show_progress=False)
