@@ -291,7 +291,10 @@ class _Pipeline:
                 self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
                 self.stats.add("reconstructed")
                 if item.truth is not None and item.result.depth_unit == "metre":
-                    self.stats.score(depth_metrics(item.result.depth, item.truth.depth_m, truth_valid=item.truth.truth_valid))
+                    try:
+                        self.stats.score(depth_metrics(item.result.depth, item.truth.depth_m, truth_valid=item.truth.truth_valid))
+                    except Exception as exc:  # a score is a figure, never a reason to lose the stack
+                        logger.warning("stack %06d: no accuracy score (%s)", item.index, exc)
                 self.q2.put(item)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
@@ -371,9 +374,12 @@ class _Pipeline:
                     self.status(self.stats.status_line())
                     last_status = time.monotonic()
         except KeyboardInterrupt as exc:
-            logger.warning("%s: finishing the stack in flight and the %d queued, then stopping (Ctrl-C again: write them without depth)",
-                           "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C", self.q1.qsize() + self.q2.qsize())
             self.stop.set()
+            try:
+                logger.warning("%s: finishing the stack in flight and the %d queued, then stopping (Ctrl-C again: write them without depth)",
+                               "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C", self.q1.qsize() + self.q2.qsize())
+            except KeyboardInterrupt:
+                self.hurry.set()
             while not all(done.is_set() for done in finished):
                 try:
                     time.sleep(0.05)
@@ -400,12 +406,12 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     sinks = build_sinks(config.output, config.live, run_dir, **_sink_geometry(config))
     status = (lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)) if show_status else None
     pipeline = _Pipeline(config, run_dir, sinks, count=count, duration_s=duration_s, capture=capture, status=status)
-    previous_term = _sigterm_as_ctrl_c()
+    installed, previous_term = _sigterm_as_ctrl_c()
     try:
         pipeline.run()
     finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
+        if installed:  # None: a handler set outside Python; the default is the nearest thing to it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
         for sink in sinks:
             try:
                 sink.close()
@@ -438,17 +444,17 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     return ContinuousRun(run_dir=run_dir, summary=summary, exit_code=exit_code)
 
 
-def _sigterm_as_ctrl_c() -> Any:
+def _sigterm_as_ctrl_c() -> tuple[bool, Any]:
     """Make SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) stop the run as Ctrl-C does:
-    the lens parks and the summary is written. Returns the previous handler (None where this is
-    not the main thread, which alone may set handlers)."""
+    the lens parks and the summary is written. Returns (installed, the previous handler); not
+    installed where this is not the main thread, which alone may set handlers."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return False, None
 
     def handler(signum: int, frame: Any) -> None:
         raise Terminated
 
-    return signal.signal(signal.SIGTERM, handler)
+    return True, signal.signal(signal.SIGTERM, handler)
 
 
 def _sink_geometry(config: RigConfig) -> dict[str, Any]:

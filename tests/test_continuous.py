@@ -365,3 +365,12 @@ def test_the_continuous_sweep_restarts_its_triangle_to_resynchronise_the_phase(t
     assert starts["n"] >= 2  # restarted at least once over ~2 s of ramps
     for k in range(8):
         assert FocalStack.read(run.run_dir / "stacks" / f"{k:06d}").n_slices == 6
+
+
+def test_a_failing_accuracy_score_never_costs_a_stack(tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise ValueError("prediction (96, 128) and truth (48, 64) differ in shape")
+
+    monkeypatch.setattr(cont_mod, "depth_metrics", broken)
+    run = run_continuous(parse_config(_doc(tmp_path, when_behind="block")), count=3, show_status=False)
+    assert run.summary["stacks_written"] == 3 and run.summary["stacks_unaccounted"] == 0 and "accuracy" not in run.summary
