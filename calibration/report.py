@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from capture.atomic import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["calibration_document", "write_calibration", "write_report"]
@@ -46,15 +48,8 @@ def calibration_document(result: Any, *, rig: dict[str, Any], session: dict[str,
 
 def write_calibration(doc: dict[str, Any], path: Path) -> Path:
     """Write ``calibration.yaml`` atomically (temporary file, fsync, rename)."""
-    import os
-
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(doc, fh, sort_keys=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False))
     return path
 
 

@@ -33,6 +33,7 @@ import yaml
 from calibration.focus_fit import FocusFit, NonMonotonicPeaks, SharpnessCurve, fit_focus_model, refine_peak, sharpness
 from calibration.focus_model import FocusModel
 from capture.devices import Camera, FocusActuator
+from capture.atomic import write_text_atomic
 from capture.errors import CalibrationError, InputError
 from capture.imageio import read_image, write_image
 
@@ -71,8 +72,8 @@ class SessionPlan:
     board_rows: int = 6
     board_square_m: float = 0.025
     board_views: int = 10
-    #: the lens or stage measured: its serial number where it reports one, else driver and
-    #: port (None: taken from the actuator: serial number, else its name)
+    #: the lens or stage measured where it reports no serial number (e.g. its driver and port;
+    #: None: its name); one that reports a serial number is known by that
     actuator_identity: str | None = None
 
 
@@ -136,11 +137,9 @@ class CalibrationSession:
     # ------------------------------------------------------------------ state
     def plan_identity(self) -> dict[str, Any]:
         """What a resumed session must share with the one it continues."""
-        identity = self.plan.actuator_identity
-        if identity is None:
-            ident = getattr(self.actuator, "identity", None) or {}
-            serial = ident.get("serial_number") if isinstance(ident, dict) else None
-            identity = f"serial number {serial}" if serial not in (None, "") else self.actuator.name
+        ident = getattr(self.actuator, "identity", None) or {}
+        serial = ident.get("serial_number") if isinstance(ident, dict) else None
+        identity = f"serial number {serial}" if serial not in (None, "") else (self.plan.actuator_identity or self.actuator.name)
         mode = getattr(self.actuator, "mode", None)
         return {
             "distances_m": [float(d) for d in self.plan.distances_m],
@@ -187,10 +186,7 @@ class CalibrationSession:
             )
 
     def _save_state(self) -> None:
-        path = self.folder / STATE_FILE
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(self.state.to_dict(), sort_keys=False), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(self.folder / STATE_FILE, yaml.safe_dump(self.state.to_dict(), sort_keys=False))
 
     # ------------------------------------------------------------------ capture helpers
     def _frame_at(self, value: float) -> np.ndarray:

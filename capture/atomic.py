@@ -17,7 +17,7 @@ from capture.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fsync_dir", "fsync_file", "make_sibling", "move_into_place"]
+__all__ = ["fsync_dir", "fsync_file", "make_sibling", "move_into_place", "write_text_atomic"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,6 +41,22 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a hidden sibling that is fsynced and renamed over it: ``path``
+    is always the old file or the whole new one. The sibling is removed on any failure (Ctrl-C
+    included); an OSError (a full disk) is raised as it is."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def make_sibling(final: Path, tag: str) -> Path:

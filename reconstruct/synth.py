@@ -50,25 +50,33 @@ def load_middlebury(root: str | Path, *, names: list[str] | None = None, exclude
     if not manifest.is_file():
         raise InputError(f"{manifest}: not found (expected a Middlebury-layout folder)")
     out = []
-    with manifest.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            name = row["scene"]
-            if (names is not None and name not in names) or name in exclude:
-                continue
-            rgb = read_image(root / row["rgb"])
-            if rgb.ndim == 2:
-                rgb = np.repeat(rgb[..., None], 3, axis=2)
-            raw = read_image(root / row["gt_disparity"])
-            if raw.ndim == 3:
-                raw = raw[..., 0]
-            disp = raw.astype(np.float32) / float(row["gt_scale"])
-            unknown = row.get("unknown_value", "").strip()
-            known = raw != int(unknown) if unknown.isdigit() else np.ones(raw.shape, bool)
-            known &= disp > 0
-            filled = disp.copy()
-            if (~known).any():
-                filled = cv2.inpaint(disp, (~known).astype(np.uint8), 5, cv2.INPAINT_NS)
-            out.append(RgbdSource(name, srgb_to_linear(rgb[..., :3].astype(np.float32) / 255.0), np.maximum(filled, 0.1), known))
+    try:
+        with manifest.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{manifest}: unreadable ({exc})") from exc
+    columns = {"scene", "rgb", "gt_disparity", "gt_scale"} - set(reader.fieldnames or ())
+    if columns:
+        raise InputError(f"{manifest}: no {', '.join(sorted(columns))} column (expected a Middlebury-layout manifest)")
+    for row in rows:
+        name = row["scene"]
+        if (names is not None and name not in names) or name in exclude:
+            continue
+        rgb = read_image(root / row["rgb"])
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[..., None], 3, axis=2)
+        raw = read_image(root / row["gt_disparity"])
+        if raw.ndim == 3:
+            raw = raw[..., 0]
+        disp = raw.astype(np.float32) / float(row["gt_scale"])
+        unknown = row.get("unknown_value", "").strip()
+        known = raw != int(unknown) if unknown.isdigit() else np.ones(raw.shape, bool)
+        known &= disp > 0
+        filled = disp.copy()
+        if (~known).any():
+            filled = cv2.inpaint(disp, (~known).astype(np.uint8), 5, cv2.INPAINT_NS)
+        out.append(RgbdSource(name, srgb_to_linear(rgb[..., :3].astype(np.float32) / 255.0), np.maximum(filled, 0.1), known))
     if names is not None:
         missing = set(names) - {s.name for s in out}
         if missing:

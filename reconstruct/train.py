@@ -23,7 +23,6 @@ beside it. Without ``--resume`` an out_dir that already holds a run is refused.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as dt
 import json
 import logging
@@ -45,8 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from capture.atomic import fsync_file
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import ConfigError, RigError, yaml_problem
+from capture.errors import ConfigError, InputError, RigError, yaml_problem
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
 from reconstruct.backends.select import cpu_bf16_native
@@ -133,7 +133,7 @@ def load_train_config(path: Path) -> TrainConfig:
     base = path.parent
     check_scene_lists(cfg, path)
     if cfg.data.rgbd_root is not None and not cfg.data.rgbd_root.is_absolute():
-        cfg.data.rgbd_root = (base / cfg.data.rgbd_root).resolve()  # the folder itself is checked by train()
+        cfg.data.rgbd_root = (base / cfg.data.rgbd_root).resolve()  # the folder itself is read (and checked) by train()
     if cfg.data.crop_px is not None and (not cfg.data.crop_px or min(cfg.data.crop_px) < 32 or any(c % 4 for c in cfg.data.crop_px)):
         raise ConfigError(f"{path}: data.crop_px: sizes must be multiples of 4 and at least 32, got {cfg.data.crop_px}")
     if cfg.init_weights is not None:
@@ -152,28 +152,6 @@ def check_scene_lists(cfg: TrainConfig, path: Path) -> None:
     if named:
         raise ConfigError(f"{path}: data.tuning_scenes: {', '.join(named)} {'is a report scene' if len(named) == 1 else 'are report scenes'} "
                           f"({', '.join(REPORT_SCENES)}: never used for tuning or training); choose others")
-
-
-def check_rgbd_root(cfg: TrainConfig, path: Path) -> None:
-    """``data.rgbd_root`` is a Middlebury-layout folder holding the tuning scenes; checked by
-    :func:`train` before anything is written (a config loads without its data, for checks)."""
-    root = cfg.data.rgbd_root
-    if root is None:
-        return
-    where = f"data.rgbd_root: {root} (a relative rgbd_root is relative to the config file's folder, {path.resolve().parent})"
-    if not root.is_dir():
-        raise ConfigError(f"{path}: {where}: no such folder")
-    manifest = root / "manifest.csv"
-    try:
-        with manifest.open(newline="", encoding="utf-8") as fh:
-            scenes = {row["scene"] for row in csv.DictReader(fh)}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: {where}: no manifest.csv there (not a Middlebury-layout folder)") from exc
-    except (OSError, KeyError, csv.Error, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: {where}: manifest.csv unreadable or without a 'scene' column") from exc
-    unknown = [s for s in cfg.data.tuning_scenes if s not in scenes]
-    if unknown:
-        raise ConfigError(f"{path}: data.tuning_scenes: not in {manifest}: {', '.join(unknown)} (scene names are case-sensitive)")
 
 
 def synth_ranges(cfg: TrainConfig, *, have_sources: bool) -> SynthRanges:
@@ -344,10 +322,8 @@ def model_card(*, cfg: TrainConfig, model: DualFocusNet, weights: Path, weights_
 def _write_synced(path: Path, text: str) -> None:
     """``text`` into ``path``, flushed to the disk (removed again if that fails)."""
     try:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        path.write_text(text, encoding="utf-8")
+        fsync_file(path)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -506,7 +482,6 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     if not resume and (found := _holds_run(out, name)):
         raise ConfigError(f"{config_path}: out_dir: {out} already holds a training run ({', '.join(found)}); "
                           "pass --resume to continue it, or choose another out_dir")
-    check_rgbd_root(cfg, config_path)
     device = torch.device("cpu")
     if distributed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -533,8 +508,16 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     val_sources: list[RgbdSource] = []
     if cfg.data.rgbd_root is not None:
         exclude = tuple(REPORT_SCENES) + tuple(cfg.data.tuning_scenes)
-        sources = load_middlebury(cfg.data.rgbd_root, exclude=exclude)
-        val_sources = load_middlebury(cfg.data.rgbd_root, names=cfg.data.tuning_scenes)
+        root = cfg.data.rgbd_root  # read before anything is written: a bad folder or scene name is one line
+        try:
+            sources = load_middlebury(root, exclude=exclude)
+        except InputError as exc:
+            raise ConfigError(f"{config_path}: data.rgbd_root: {root} (a relative rgbd_root is relative to the config file's folder, "
+                              f"{config_path.resolve().parent}): {exc}") from exc
+        try:
+            val_sources = load_middlebury(root, names=cfg.data.tuning_scenes)
+        except InputError as exc:
+            raise ConfigError(f"{config_path}: data.tuning_scenes: {exc} (scene names are case-sensitive)") from exc
     train_scenes = [s.name for s in sources]
     ranges = synth_ranges(cfg, have_sources=bool(sources))
 

@@ -143,15 +143,11 @@ def _actuator_span(rig: Rig, nominal: FocusModel | None, distances_m: list[float
     return float(np.clip(a, lo, hi)), float(np.clip(b, lo, hi))
 
 
-def _actuator_identity(config: RigConfig, rig: Rig) -> str:
-    """The lens or stage a session measures: its serial number where it reports one, else its
-    driver and port (else its name)."""
-    ident = getattr(rig.actuator, "identity", None) or {}
-    serial = ident.get("serial_number") if isinstance(ident, dict) else None
-    if serial not in (None, ""):
-        return f"serial number {serial}"
+def _actuator_identity(config: RigConfig) -> str | None:
+    """The lens or stage a session measures where it reports no serial number (the session
+    prefers one): its driver and port (None: the actuator's name)."""
     port = getattr(config.focus, "port", None)
-    return f"{config.focus.driver} on {port}" if port else rig.actuator.name
+    return f"{config.focus.driver} on {port}" if port else None
 
 
 def _find_unfinished(config: RigConfig) -> Path | None:
@@ -211,7 +207,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
             breathing=s.breathing, breathing_steps=s.breathing_steps, intrinsics=s.intrinsics,
             board_cols=s.board.cols, board_rows=s.board.rows, board_views=s.board_views,
             board_square_m=getattr(placer, "board_square_m", s.board.square_mm / 1000.0),
-            actuator_identity=_actuator_identity(config, rig),
+            actuator_identity=_actuator_identity(config),
         )
         # the run folder only now, with the plan made: a failure before leaves none behind; from
         # here on the session folder holds its state at once, so the run folder is resumable

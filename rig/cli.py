@@ -80,18 +80,13 @@ def _run_saying_where(args: argparse.Namespace) -> int:
     ``reconstruct.`` section, or the command-line flag, for the reconstruction's own fields)."""
     try:
         return _run(args)
-    except RigError as exc:
-        run_dir = getattr(exc, "run_dir", None)
-        error = _naming_the_config(exc, args)
-        if run_dir is not None:
-            print(f"run folder: {run_dir}", flush=True)
-        if error is not exc:
-            raise error from exc
-        raise
     except BaseException as exc:
         run_dir = getattr(exc, "run_dir", None)
         if run_dir is not None:
             print(f"run folder: {run_dir}", flush=True)
+        error = _naming_the_config(exc, args) if isinstance(exc, RigError) else exc
+        if error is not exc:
+            raise error from exc
         raise
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from capture.atomic import fsync_dir, fsync_file
+from capture.atomic import write_text_atomic
 from capture.errors import DiskFull, OutputError
 
 logger = logging.getLogger(__name__)
@@ -72,13 +72,8 @@ def create_run_folder(base: Path, rig_name: str, *, min_free_gb: float, now: dt.
 
 
 def write_yaml_atomic(path: Path, doc: Any) -> None:
-    """Write YAML to a temporary sibling, fsync it, then rename over ``path`` (durable)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write YAML to ``path`` atomically and durably (:func:`capture.atomic.write_text_atomic`)."""
     try:
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write ({exc.strerror})") from exc

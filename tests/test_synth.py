@@ -36,3 +36,12 @@ def test_nearly_flat_crops_render_with_bounded_blur(seed):
 def test_procedural_only_when_no_sources():
     item = render_item(np.random.default_rng(2), [], SynthRanges())
     assert item["stack"].ndim == 4 and item["mask"].any()
+
+
+def test_a_manifest_without_the_expected_columns_is_one_error_naming_it(tmp_path) -> None:
+    from capture.errors import InputError
+    from reconstruct.synth import load_middlebury
+
+    (tmp_path / "manifest.csv").write_text("name,image\nArt,art.png\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"manifest.csv: no gt_disparity, gt_scale, rgb, scene column"):
+        load_middlebury(tmp_path)

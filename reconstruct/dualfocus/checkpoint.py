@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from capture.atomic import fsync_file
 from capture.errors import InputError, OutputError
 from reconstruct.dualfocus.model import DualFocusConfig, DualFocusNet
 
@@ -42,11 +43,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)  # the data reach the disk before the rename makes them the file
-        finally:
-            os.close(fd)
+        fsync_file(tmp)  # the data reach the disk before the rename makes them the file
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
