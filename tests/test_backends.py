@@ -857,3 +857,20 @@ def test_a_stack_a_few_pixels_wide_runs_in_onnxruntime(tiny_weights: Path) -> No
     slices, focus = _stack(n=3, h=40, w=4)
     pred = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
     assert pred.depth_focus.shape == (40, 4) and np.isfinite(pred.depth_focus).all()
+
+
+def test_compiled_torch_backend_traces_the_whole_network(tiny_weights: Path) -> None:
+    """``compile=`` keeps stock 3D convolutions (Dynamo cannot trace the direct oneDNN call)
+    and the whole inference graph traces under inference mode with eager's numbers (the
+    inductor compile itself ran on an H100 in benchmarks/gpu_check.py; too slow for here)."""
+    from reconstruct.backends.torch_backend import OneDnnConv3d, TorchBackend
+
+    backend = TorchBackend(tiny_weights, device="cpu", precision="fp32", compile=True)
+    assert backend.compiled and not any(type(m) is OneDnnConv3d for m in backend.graph.modules())
+    x, f = (torch.from_numpy(a) for a in _backend_input())
+    torch._dynamo.reset()
+    traced = torch.compile(backend.graph, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        out = traced(x, f)
+    ref = TorchBackend(tiny_weights, device="cpu", precision="fp32").run(x.numpy(), f.numpy())
+    np.testing.assert_allclose(out[0].numpy(), ref["depth"], atol=1e-5, rtol=0)

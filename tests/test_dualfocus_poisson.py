@@ -3,6 +3,7 @@ linearity, differentiability, and the orthonormal DCT-II basis it is built on.""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +119,24 @@ def test_dct_basis_orthonormal(n: int) -> None:
 def test_dct_basis_follows_dtype() -> None:
     assert dct_basis(4).dtype == torch.float32
     assert dct_basis(4, dtype=torch.float64).dtype == torch.float64
+
+
+def test_poisson_solve_traces_under_torch_compile() -> None:
+    """torch.compile (Dynamo) could not guard on the cached numpy bases under inference mode
+    ("Guard failed on the same frame it was created", seen on an H100): the traced solve gives
+    the eager numbers."""
+    torch._dynamo.reset()
+    traced = torch.compile(poisson_solve, backend="eager")
+    gx, gy = torch.randn(2, 3, 12, 20), torch.randn(2, 3, 12, 20)
+    with torch.inference_mode():
+        out = traced(gx, gy)
+    torch.testing.assert_close(out, poisson_solve(gx, gy), atol=1e-6, rtol=0)
+
+
+def test_bases_built_in_torch_for_compile_equal_the_numpy_ones() -> None:
+    from reconstruct.dualfocus.poisson import _basis_np, _basis_torch, _inv_eigen_np, _inv_eigen_torch
+
+    for n in (1, 2, 9, 48):
+        np.testing.assert_allclose(_basis_torch(n, None).numpy(), _basis_np(n), atol=1e-15, rtol=0)
+    np.testing.assert_array_equal(_inv_eigen_torch(6, 9, None).numpy() == 0, _inv_eigen_np(6, 9) == 0)
+    np.testing.assert_allclose(_inv_eigen_torch(6, 9, None).numpy(), _inv_eigen_np(6, 9), atol=1e-15, rtol=0)

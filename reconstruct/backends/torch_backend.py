@@ -125,7 +125,7 @@ class TorchBackend(Backend):
         self.channels_last = True if channels_last is None else channels_last
         if self.channels_last:
             to_channels_last(net)
-        if dev.type == "cpu":
+        if dev.type == "cpu" and not compile:  # torch.compile cannot trace the direct oneDNN call
             use_onednn_conv3d(net)
         self.graph = InferenceGraph(net).eval()
         if compile:
