@@ -103,6 +103,8 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: the forward pass under bfloat16 autocast (fp32 weights, optimiser and losses); "
         "on the CPU only where it computes bfloat16 natively (AVX512-BF16 or AMX), about 2x the steps per minute")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: a CUDA GPU where torch sees one (under torchrun one GPU per process, NCCL), else the CPU (gloo)")
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     loss: LossSection = Field(default_factory=LossSection)
@@ -468,6 +470,26 @@ def _rng_restore(snap: dict[str, Any], rng: np.random.Generator, device: torch.d
     random.setstate((snap["python"][0], tuple(snap["python"][1]), snap["python"][2]))
 
 
+def training_device(setting: str, *, config_path: Path, distributed: bool) -> torch.device:
+    """The device this process trains on, for the config's ``device`` (``auto``, ``cpu``,
+    ``cuda``); under torchrun each process of a node takes its own GPU (``LOCAL_RANK``), so a
+    node needs as many GPUs as processes, else one line naming ``device`` and the counts."""
+    cuda = torch.cuda.is_available()
+    if setting == "cuda" and not cuda:
+        raise ConfigError(f"{config_path}: device: cuda asked for, but torch {torch.__version__} sees no CUDA GPU; use device: cpu or auto")
+    if setting == "cpu" or not cuda:
+        return torch.device("cpu")
+    if not distributed:
+        return torch.device("cuda")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count()
+    if per_node > gpus:
+        raise ConfigError(
+            f"{config_path}: device: {setting} trains each of the {per_node} processes per node on its own GPU, and torch sees "
+            f"{gpus}; run torchrun --nproc-per-node {gpus}, or set device: cpu to train on the CPU (gloo)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: bool = True) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -482,15 +504,11 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     if not resume and (found := _holds_run(out, name)):
         raise ConfigError(f"{config_path}: out_dir: {out} already holds a training run ({', '.join(found)}); "
                           "pass --resume to continue it, or choose another out_dir")
-    device = torch.device("cpu")
+    device = training_device(cfg.device, config_path=config_path, distributed=distributed)
     if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
     if cfg.precision == "bf16" and device.type == "cpu" and not cpu_bf16_native():
         raise ConfigError(f"{config_path}: precision: bf16 training on the CPU needs native bfloat16 (AVX512-BF16 or AMX), "
                           "which this CPU lacks; use fp32")
