@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from reconstruct.result import DepthResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "ALIGN_MODES", "check_ready", "reconstruct_stack"]
+__all__ = ["METHODS", "ALIGN_MODES", "check_ready", "reconstruct_stack", "warm_up_network"]
 
 METHODS = ("dualfocus", "classical")
 ALIGN_MODES = ("apply", "estimate", "none")
@@ -43,6 +44,27 @@ def check_ready(
 
         resolve_weights(model, weights)
         resolve_precision(precision, select_backend(backend, precision))
+
+
+def warm_up_network(
+    image_hw: tuple[int, int], distances_m: Sequence[float], *, model: str = "dualfocus-s", weights: str | Path | None = None,
+    backend: str = "auto", precision: str = "auto", input_scale: float = 1.0,
+) -> str:
+    """Run the network once on a made-up stack of ``len(distances_m)`` slices of ``image_hw``
+    (grey noise), so that its backend is open for that shape (export, quantisation, CUDA
+    start-up, cuDNN's kernel search) before the first real stack; returns where it ran
+    (``"torch on cuda:0 (fp16)"``). Errors are those of :func:`reconstruct_stack`."""
+    from reconstruct.dualfocus.infer import predict, resolve_weights
+
+    h, w = (int(v) for v in image_hw)
+    distances = np.asarray(distances_m, np.float64)
+    if distances.size < 2 or not np.all(distances > 0):
+        raise ReconstructionError(f"warm-up: needs at least two positive focus distances, got {distances.tolist()}")
+    rng = np.random.default_rng(0)
+    slices = rng.random((distances.size, h, w), dtype=np.float32)
+    pred = predict(slices, np.sort(1.0 / distances), weights=resolve_weights(model, weights), backend=backend,
+                   precision=precision, input_scale=input_scale)
+    return f"{pred.backend} on {pred.device} ({pred.precision})"
 
 
 def reconstruct_stack(

@@ -168,6 +168,9 @@ def _run(args: argparse.Namespace) -> int:
               f"({s['stacks_per_s']:.2f} stacks/s over {s['seconds']:.1f} s); stopped by {s['stopped_by']}")
         if lat:
             print(f"  latency:  p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s (first exposure to depth ready)")
+        if s.get("network"):
+            warm = f", opened in {s['network_warm_up_s']:.2f} s while the first stack was captured" if s.get("network_warm_up_s") is not None else ""
+            print(f"  network:  {s['network']}{warm}")
         acc = s.get("accuracy")
         if acc:
             print(f"  accuracy: AbsRel {acc['abs_rel']:.4f}, delta<1.25 {100 * acc['delta_1_25']:.1f}% "

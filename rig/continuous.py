@@ -40,7 +40,7 @@ import numpy as np
 from capture.errors import DeviceError, DiskFull, RigError
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
-from reconstruct.api import check_ready, reconstruct_stack
+from reconstruct.api import check_ready, reconstruct_stack, warm_up_network
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
 from rig.build import Rig, open_rig
@@ -54,6 +54,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["ContinuousRun", "ContinuousStats", "run_continuous"]
 
 _STOP = object()  # end-of-stream marker between stages
+
+
+@dataclass(frozen=True)
+class _WarmUp:
+    """Ahead of the first stack in q1: the stack shape to open the network's backend for."""
+
+    image_hw: tuple[int, int]
+    distances_m: tuple[float, ...]
 _ACCURACY_KEYS = ("abs_rel", "rmse_m", "delta_1_25", "valid_fraction")
 
 
@@ -79,6 +87,8 @@ class ContinuousStats:
     errors: list[str] = field(default_factory=list)
     accuracy_sums: dict[str, float] = field(default_factory=dict)  # over the stacks scored against a known truth
     accuracy_stacks: int = 0
+    warm_up_s: float | None = None  # the network's warm-up before the first stack, where it ran
+    network: str | None = None  # where the network ran, from the first reconstructed stack ("torch on cuda:0 (fp16)")
 
     def score(self, metrics: dict[str, float]) -> None:
         """Add one stack's accuracy (running sums: a run of hours keeps no per-stack list)."""
@@ -123,6 +133,8 @@ class ContinuousStats:
                 "seconds": round(self.elapsed_s(), 3), "stacks_per_s": round(self.rate_per_s(), 4),
                 "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4)} if lat else None,
                 "stages": stages, "errors": list(self.errors),
+                **({"network": self.network} if self.network else {}),
+                **({"network_warm_up_s": self.warm_up_s} if self.warm_up_s is not None else {}),
                 **self._accuracy(),
             }
 
@@ -198,6 +210,8 @@ class _Pipeline:
                 if old is _STOP:  # never drop the end marker
                     self.q1.put(old)
                     continue
+                if isinstance(old, _WarmUp):  # not a stack: nothing is lost
+                    continue
                 self.stats.add("dropped")
                 logger.warning("reconstruction is behind: dropped stack %06d (continuous.when_behind: drop_oldest)", old.index)
 
@@ -208,6 +222,9 @@ class _Pipeline:
         attempts_left = self.config.continuous.reconnect_attempts
         try:
             rig = open_rig(self.config)
+            if self.config.reconstruct.method == "dualfocus":
+                # the backend opens (export, quantisation, CUDA start-up) while the first stack is captured
+                self.q1.put(_WarmUp(tuple(rig.camera.image_hw), tuple(float(d) for d in rig.planned_distances_m())))
             while not self._done_capturing(index):
                 t0 = time.monotonic()
                 try:
@@ -269,6 +286,10 @@ class _Pipeline:
                 item = self.q1.get()
                 if item is _STOP:
                     break
+                if isinstance(item, _WarmUp):
+                    if not (failed or self.hurry.is_set() or self.stop.is_set()):
+                        self._warm_up(item)
+                    continue
                 if isinstance(self.fatal, DiskFull):
                     continue  # recording stopped: let capture wind down
                 if failed or self.hurry.is_set():
@@ -290,6 +311,9 @@ class _Pipeline:
                 self.stats.record("reconstruct", t1 - t0)
                 self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
                 self.stats.add("reconstructed")
+                if self.stats.network is None and item.result.method == "dualfocus":
+                    precision = item.result.extra.get("precision")
+                    self.stats.network = f"{item.result.backend} on {item.result.device}" + (f" ({precision})" if precision else "")
                 if item.truth is not None and item.result.depth_unit == "metre":
                     try:
                         self.stats.score(depth_metrics(item.result.depth, item.truth.depth_m, truth_valid=item.truth.truth_valid))
@@ -308,7 +332,23 @@ class _Pipeline:
             item = self.q1.get()
             if item is _STOP:
                 return
-            self.q2.put(item)
+            if not isinstance(item, _WarmUp):
+                self.q2.put(item)
+
+    def _warm_up(self, item: _WarmUp) -> None:
+        """Run the network once on a made-up stack of the coming stacks' shape, so that the first
+        real stack does not wait for the backend to open; a failure here is only logged (the
+        first stack then meets the same error and reports it)."""
+        rc = self.config.reconstruct
+        t0 = time.monotonic()
+        try:
+            backend = warm_up_network(item.image_hw, item.distances_m, model=rc.model, weights=rc.weights, backend=rc.backend,
+                                      precision=rc.precision, input_scale=rc.input_scale)
+        except Exception as exc:
+            logger.warning("warming up the network failed (%s); the first stack will try again", exc)
+            return
+        self.stats.warm_up_s = round(time.monotonic() - t0, 3)
+        logger.info("network ready on %s for %dx%dx%d stacks in %.2f s", backend, len(item.distances_m), *item.image_hw, self.stats.warm_up_s)
 
     def write_stage(self) -> None:
         # Only a failure here stops the writing: a device or reconstruction error elsewhere ends
