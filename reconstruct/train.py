@@ -472,8 +472,10 @@ def _rng_restore(snap: dict[str, Any], rng: np.random.Generator, device: torch.d
 
 def training_device(setting: str, *, config_path: Path, distributed: bool) -> torch.device:
     """The device this process trains on, for the config's ``device`` (``auto``, ``cpu``,
-    ``cuda``); under torchrun each process of a node takes its own GPU (``LOCAL_RANK``), so a
-    node needs as many GPUs as processes, else one line naming ``device`` and the counts."""
+    ``cuda``). In a distributed run each process takes the GPU of its ``LOCAL_RANK``, or the
+    only GPU it sees (one GPU per process, as SLURM's ``--gpus-per-task=1`` gives); a node with
+    fewer GPUs than processes (torchrun's ``LOCAL_WORLD_SIZE``) is one line naming ``device``
+    and the counts."""
     cuda = torch.cuda.is_available()
     if setting == "cuda" and not cuda:
         raise ConfigError(f"{config_path}: device: cuda asked for, but torch {torch.__version__} sees no CUDA GPU; use device: cpu or auto")
@@ -481,13 +483,19 @@ def training_device(setting: str, *, config_path: Path, distributed: bool) -> to
         return torch.device("cpu")
     if not distributed:
         return torch.device("cuda")
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     gpus = torch.cuda.device_count()
-    if per_node > gpus:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if per_node is not None and int(per_node) > gpus:
         raise ConfigError(
             f"{config_path}: device: {setting} trains each of the {per_node} processes per node on its own GPU, and torch sees "
             f"{gpus}; run torchrun --nproc-per-node {gpus}, or set device: cpu to train on the CPU (gloo)")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if local_rank < gpus:
+        return torch.device("cuda", local_rank)
+    if gpus == 1 and per_node is None:  # the launcher gave this process one GPU of its own
+        return torch.device("cuda", 0)
+    raise ConfigError(f"{config_path}: device: {setting}: this process's LOCAL_RANK is {local_rank} and torch sees {gpus} GPU(s); "
+                      "start as many processes per node as it has GPUs, or set device: cpu to train on the CPU (gloo)")
 
 
 def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: bool = True) -> dict[str, Any]:

@@ -288,7 +288,10 @@ class _Pipeline:
                     break
                 if isinstance(item, _WarmUp):
                     if not (failed or self.hurry.is_set() or self.stop.is_set()):
-                        self._warm_up(item)
+                        # its own thread: a stop, a second Ctrl-C or a device error never waits for it (an int8
+                        # quantisation takes half a minute on two cores); the first stack that needs the network
+                        # waits for the backend's opening inside open_backend
+                        threading.Thread(target=self._warm_up, args=(item,), name="warm-up", daemon=True).start()
                     continue
                 if isinstance(self.fatal, DiskFull):
                     continue  # recording stopped: let capture wind down

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -437,6 +438,30 @@ def test_a_failed_warm_up_is_a_warning_and_the_stacks_still_get_depth(tmp_path: 
         run = run_continuous(parse_config(doc), count=2, show_status=False)
     assert run.exit_code == 0 and run.summary["stacks_reconstructed"] == 2 and "network_warm_up_s" not in run.summary
     assert "warming up the network failed (no warm-up today)" in caplog.text
+
+
+def test_a_stop_never_waits_for_the_warm_up(tmp_path: Path, monkeypatch) -> None:
+    """A device error on the first sweep ended the run only once the warm-up was done (an int8
+    quantisation: ~37 s on two cores); the warm-up runs beside the stages."""
+    release = threading.Event()
+
+    def slow_warm_up(*args, **kwargs):  # noqa: ANN002, ANN003
+        release.wait(30)
+        return "torch on cpu (fp32)"
+
+    def lost(rig):  # noqa: ANN001
+        raise SweepInterrupted("camera: fetch timed out", cause=DeviceError("camera: fetch timed out"), frames=[], distances_m=[], slice_meta=[])
+
+    monkeypatch.setattr(cont_mod, "warm_up_network", slow_warm_up)
+    doc = _doc(tmp_path, when_behind="block", reconnect_attempts=0)
+    doc["reconstruct"] = {"method": "dualfocus"}
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SweepInterrupted, match="fetch timed out"):
+            run_continuous(parse_config(doc), count=3, show_status=False, capture=lost)
+        assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
 
 
 def test_the_classical_method_has_no_network_to_warm_up(tmp_path: Path, monkeypatch) -> None:

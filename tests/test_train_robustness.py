@@ -352,6 +352,10 @@ def _gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     ("cpu", 1, True, {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cpu"),
     ("auto", 2, True, {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:1"),
     ("cuda", 4, True, {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "cuda:0"),
+    # a launcher that sets WORLD_SIZE but not LOCAL_WORLD_SIZE (srun, mpirun): 2 nodes x 8 GPUs
+    ("auto", 8, True, {"WORLD_SIZE": "16", "LOCAL_RANK": "7"}, "cuda:7"),
+    # one GPU per process through CUDA_VISIBLE_DEVICES (SLURM --gpus-per-task=1)
+    ("auto", 1, True, {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "cuda:0"),
 ])
 def test_training_device(monkeypatch: pytest.MonkeyPatch, setting: str, gpus: int, distributed: bool, env: dict[str, str], expected: str) -> None:
     _gpus(monkeypatch, gpus)
@@ -374,6 +378,14 @@ def test_training_device_refusals_are_one_line(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(T.ConfigError, match=match):
         T.training_device(setting, config_path=Path("t.yaml"), distributed=True)
+
+
+def test_training_device_refuses_a_local_rank_beyond_the_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpus(monkeypatch, 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(T.ConfigError, match=r"t\.yaml: device: cuda: this process's LOCAL_RANK is 2 and torch sees 2 GPU\(s\)"):
+        T.training_device("cuda", config_path=Path("t.yaml"), distributed=True)
 
 
 def test_training_device_is_a_config_field(tmp_path: Path) -> None:
