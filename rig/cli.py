@@ -99,6 +99,8 @@ def _naming_the_config(exc: RigError, args: argparse.Namespace) -> RigError:
     from rig.config import RigConfig
 
     message = str(exc)
+    if message.startswith("output.dir: ") and getattr(args, "out", None) is not None:
+        return _same_kind(exc, f"--out: {message.removeprefix('output.dir: ')}")  # the value came from the command line
     m = _FIELD_FIRST.match(message)
     if exc.exit_code != 2 or m is None or args.list_devices or str(args.config) in message:
         return exc

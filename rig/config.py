@@ -429,8 +429,13 @@ def load_config(path: str | Path) -> RigConfig:
     config = parse_config(raw, source=str(path))
     # relative file paths in a config are relative to the config file's folder
     base = path.parent
-    if config.calibration.file is not None and not config.calibration.file.is_absolute():
-        config.calibration.file = (base / config.calibration.file).resolve()
+    if config.calibration.file is not None:
+        given = config.calibration.file
+        if not given.is_absolute():
+            config.calibration.file = (base / given).resolve()
+        if not config.calibration.file.is_file():  # before any run folder is made
+            where = "" if given.is_absolute() else f" (a relative path is taken from the config file's folder, {base.resolve()})"
+            raise ConfigError(f"{path}: calibration.file: {config.calibration.file} not found{where}")
     producer = getattr(config.camera, "producer", None)
     if producer not in (None, "viky") and not Path(producer).expanduser().is_absolute():
         config.camera.producer = str((base / producer).resolve())

@@ -291,7 +291,8 @@ def test_rig_output_dir_under_a_file(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder", encoding="utf-8")
     out = blocker / "runs"
-    _assert_bad_input(rig("--config", config, "--out", out), "output.dir", blocker)
+    line = _assert_bad_input(rig("--config", config, "--out", out), blocker)
+    assert line.startswith("error: --out: "), line  # the flag, not the config file's output.dir, set it
     assert blocker.is_file() and blocker.read_text(encoding="utf-8") == "not a folder"
     assert not (tmp_path / "runs").exists()
 
@@ -308,8 +309,17 @@ def test_rig_output_dir_is_a_file(tmp_path: Path) -> None:
     config = _fast_config(tmp_path)
     blocker = tmp_path / "a_file"
     blocker.write_text("x", encoding="utf-8")
-    _assert_bad_input(rig("--config", config, "--out", blocker), "output.dir", blocker)
+    line = _assert_bad_input(rig("--config", config, "--out", blocker), blocker)
+    assert line.startswith("error: --out: ") and "output.dir" not in line, line
     assert blocker.is_file() and blocker.read_text(encoding="utf-8") == "x"
+
+
+def test_rig_missing_calibration_file_is_refused_before_a_run_folder(tmp_path: Path) -> None:
+    """It was found only after the run folder was made, leaving one with 'stacks: 0' per try."""
+    config = _fast_config(tmp_path, calibration={"file": "cal/missing.yaml"})
+    line = _assert_bad_input(rig("--config", config), config, "calibration.file", tmp_path / "cal" / "missing.yaml")
+    assert "relative path is taken from the config file's folder" in line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_rig_bad_argument_is_one_line(tmp_path: Path) -> None:
