@@ -114,6 +114,7 @@ def build_stack(
         for i, d in enumerate(focus_distances_m):
             if not d > 0:  # also NaN
                 raise InputError(f"--focus-distances-m: value {i + 1} must be > 0 (metres), got {d}")
+        _check_distinct_focus(focus_distances_m)
     images: list[np.ndarray] = []
     for path in paths:
         image = read_image(path)
@@ -130,6 +131,19 @@ def build_stack(
         return FocalStack(images, focus_distance_m=list(focus_distances_m), meta=meta)
     index = list(range(n)) if order == "far-to-near" else list(range(n - 1, -1, -1))
     return FocalStack(images, focus_index=index, meta=meta)
+
+
+def _check_distinct_focus(distances: Sequence[float]) -> None:
+    """Refuse two images at the same focus (same diopter, 1 / distance): a reader cannot order
+    them, and ``python -m reconstruct`` refuses such a stack."""
+    groups: dict[float, list[int]] = {}
+    for i, d in enumerate(distances):
+        groups.setdefault(1.0 / float(d), []).append(i + 1)  # 1 / inf = 0.0
+    same = [(distances[pos[0] - 1], pos) for pos in groups.values() if len(pos) > 1]
+    if same:
+        listed = "; ".join(f"{d:g} m at values {', '.join(map(str, pos))}" for d, pos in same)
+        raise InputError(f"--focus-distances-m: the same focus distance given for more than one image ({listed}); "
+                         "each image needs its own distance")
 
 
 def _check_order_against_distances(order: str | None, distances: Sequence[float]) -> None:
@@ -156,7 +170,7 @@ def _parser() -> _Parser:
     parser.add_argument("--order", choices=ORDERS, default=None,
                         help="focus order of the given images (default: far-to-near: first is farthest)")
     parser.add_argument("--focus-distances-m", type=float, nargs="+", metavar="D", default=None,
-                        help="focus distance of each image in metres (> 0, 'inf' allowed), in the order given")
+                        help="focus distance of each image in metres (> 0, 'inf' allowed, no two the same), in the order given")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing stack folder")
     parser.add_argument("--debug", action="store_true", help="verbose log and tracebacks")
     return parser

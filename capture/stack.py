@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import difflib
 import logging
 import math
 import os
@@ -50,6 +51,12 @@ _JPEG_SUFFIXES = (".jpg", ".jpeg")
 _FOCUS_KEYS = ("focus_distance_m", "focus_index")
 _RESERVED_SLICE_KEYS = ("image",) + _FOCUS_KEYS
 _RESERVED_TOP_KEYS = ("format", "slices")
+#: per-slice keys FOCAL_STACK_FORMAT.md defines; others are kept and ignored, and named only when a
+#: required key is missing (a typo'd key is the likely cause)
+_KNOWN_SLICE_KEYS = _RESERVED_SLICE_KEYS + (
+    "actuator_value", "actuator_unit", "timestamp_s", "timestamp_source", "exposure_s", "gain_db",
+    "lens_temperature_c", "alignment",
+)
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -155,6 +162,19 @@ def _check_image_name(name: Any, where: str) -> str:
             f"(use .png, .tif, .tiff, .jpg or .jpeg)"
         )
     return name
+
+
+def _unknown_keys_note(entry: Mapping[Any, Any]) -> str:
+    """``'; unknown key focus_distanse_m (a typo of focus_distance_m?)'`` for the slice keys the
+    format does not define, to append to a missing-key error; ``''`` when there are none."""
+    unknown = [str(k) for k in entry if k not in _KNOWN_SLICE_KEYS]
+    if not unknown:
+        return ""
+    notes = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, _KNOWN_SLICE_KEYS, n=1, cutoff=0.75)
+        notes.append(f"{key} (a typo of {close[0]}?)" if close else f"{key} (a typo?)")
+    return f"; unknown key{'s' if len(unknown) > 1 else ''} {', '.join(notes)}"
 
 
 def _hw(image: np.ndarray) -> str:
@@ -632,11 +652,11 @@ class FocalStack:
             if not isinstance(entry, dict):
                 raise fail(where, f"must be a mapping, got {type(entry).__name__}")
             if "image" not in entry:
-                raise fail(f"{where}.image", "missing (required)")
+                raise fail(f"{where}.image", f"missing (required){_unknown_keys_note(entry)}")
             names.append(_check_image_name(entry["image"], f"{yaml_path}: {where}.image"))
             present = [k for k in _FOCUS_KEYS if k in entry]
             if not present:
-                raise fail(where, "missing focus_distance_m or focus_index (one is required)")
+                raise fail(where, f"missing focus_distance_m or focus_index (one is required){_unknown_keys_note(entry)}")
             if len(present) == 2:
                 raise fail(where, "has both focus_distance_m and focus_index (use one)")
             if focus_key is None:

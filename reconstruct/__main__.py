@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import time
 from pathlib import Path
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import OutputError, ReconstructionError
-from capture.stack import FocalStack
+from capture.errors import OutputError, ReconstructionError, StackFormatError
+from capture.imageio import IMAGE_SUFFIXES
+from capture.stack import STACK_YAML, FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
 from reconstruct.classical import FOCUS_MEASURES
 from reconstruct.result import write_result
@@ -31,7 +33,7 @@ def _input_scale(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="python -m reconstruct", description="Depth from one focal stack (FOCAL_STACK_FORMAT.md).")
-    p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml)")
+    p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml), or its stack.yaml")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     p.add_argument("--method", default="dualfocus", choices=METHODS, help="depth method (default: dualfocus, the shipped network)")
     p.add_argument("--model", default="dualfocus-s", help="DualFocus model name (dualfocus only)")
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-scale", type=_input_scale, default=1.0,
                    help="dualfocus: resize the slices by this factor for the network (1.5: finer depth, ~2.25x slower; <1: faster)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
-    p.add_argument("--focus-measure", default="modified_laplacian", choices=FOCUS_MEASURES, help="classical focus measure")
+    p.add_argument("--focus-measure", default=None, choices=FOCUS_MEASURES,
+                   help="classical focus measure (--method classical only; default: modified_laplacian)")
     p.add_argument("--no-preview", action="store_true", help="skip depth_preview.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--debug", action="store_true", help="tracebacks on error")
@@ -59,27 +62,82 @@ def main(argv: list[str] | None = None) -> int:
     return one_line_errors(lambda: _run(args), debug=args.debug)
 
 
+#: rig.yaml keys named in shared messages (reconstruct.dualfocus.infer) -> this command's flags
+_CONFIG_KEY_FLAGS = {"reconstruct.precision": "--precision", "reconstruct.backend": "--backend"}
+_IMPORT_COMMAND = "python -m capture.import_images"
+
+
+def _import_hint(images: str) -> str:
+    return (f"import them first: {_IMPORT_COMMAND} {images} --out STACK_DIR [--order far-to-near|near-to-far] "
+            "[--focus-distances-m D ...], then python -m reconstruct STACK_DIR --out OUT_DIR")
+
+
+def _stack_folder(path: Path) -> Path:
+    """The stack folder the STACK_DIR argument names: the folder itself, or the folder of a
+    given stack.yaml. A file that is not a stack.yaml, or a folder of images without one, is one
+    line saying what to pass instead (the import tool for plain images)."""
+    if path.is_file():
+        if path.name == STACK_YAML:
+            return path.parent
+        hint = (f"to use images, {_import_hint('IMAGE...')}" if path.suffix.lower() in IMAGE_SUFFIXES
+                else f"give the folder that holds its {STACK_YAML}")
+        raise StackFormatError(f"{path}: is a file, not a focal-stack folder; {hint}")
+    if path.is_dir() and not (path / STACK_YAML).exists():
+        try:
+            images = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        except OSError:
+            images = []
+        if images:
+            raise StackFormatError(
+                f"{path / STACK_YAML}: missing (a focal-stack folder needs a {STACK_YAML}); the folder holds "
+                f"{len(images)} image file{'s' if len(images) != 1 else ''}: {_import_hint(shlex.quote(str(path)))}"
+            )
+    return path
+
+
+def _as_flags(exc: ReconstructionError) -> ReconstructionError:
+    """The shared message with this command's flags for the rig.yaml keys it names
+    (``precision: ...; set reconstruct.precision to auto or fp32`` -> ``--precision: ...;
+    set --precision to auto or fp32``); ``exc`` itself when it names none."""
+    text = str(exc)
+    if not any(key in text for key in _CONFIG_KEY_FLAGS) and not text.startswith("precision: "):
+        return exc
+    for key, flag in _CONFIG_KEY_FLAGS.items():
+        text = text.replace(key, flag)
+    if text.startswith("precision: "):
+        text = "--" + text
+    return ReconstructionError(text)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
-    t0 = time.perf_counter()
-    stack = FocalStack.read(args.stack_dir)
-    t_read = time.perf_counter() - t0
+    if args.focus_measure is not None and args.method != "classical":
+        logger.warning("--focus-measure applies to --method classical only; ignored with --method %s", args.method)
+    t_start = time.perf_counter()
+    folder = _stack_folder(args.stack_dir)
+    stack = FocalStack.read(folder)
+    t_read = time.perf_counter() - t_start
     try:
         result = reconstruct_stack(
-            stack, method=args.method, focus_measure=args.focus_measure, align=args.align,
+            stack, method=args.method, focus_measure=args.focus_measure or "modified_laplacian", align=args.align,
             model=args.model, weights=args.weights, backend=args.backend, precision=args.precision, input_scale=args.input_scale,
         )
     except ReconstructionError as exc:
         if str(exc).startswith("stack: "):  # a property of the stack file: name it
-            raise ReconstructionError(f"{args.stack_dir / 'stack.yaml'}: {str(exc).removeprefix('stack: ')}") from exc
+            raise ReconstructionError(f"{folder / STACK_YAML}: {str(exc).removeprefix('stack: ')}") from exc
+        rephrased = _as_flags(exc)
+        if rephrased is not exc:
+            raise rephrased from exc
         raise
     result.seconds = {"read": t_read, **result.seconds}
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
+    total = time.perf_counter() - t_start
     rng = result.depth_range()
     unit = "m" if result.depth_unit == "metre" else "focus index"
     span = f"{rng[0]:.3f}-{rng[1]:.3f} {unit}" if rng else "none"
-    print(f"{out}  depth {span}, {100 * result.valid_fraction:.1f}% of pixels, {result.seconds['infer']:.3f} s")
+    stages = ", ".join(f"{name} {seconds:.3f}" for name, seconds in result.seconds.items())
+    print(f"{out}  depth {span}, {100 * result.valid_fraction:.1f}% of pixels, {total:.3f} s ({stages} s)")
     return 0
 
 
