@@ -17,7 +17,9 @@ does not depend on the weights' values) at 10x512x512, in this order:
    folder, so export and build times are measured);
 5. ``torch.compile`` with ``mode="reduce-overhead"`` (CUDA graphs);
 
-and then fp16 / bf16 / compiled / TensorRT outputs against fp32 (normalised-depth differences).
+and then fp16 / bf16 / compiled / TensorRT outputs against fp32 (normalised-depth differences),
+and last the simulated rig in continuous mode (3 stacks, ``backend: auto``): the network must run
+on the GPU there too, warmed up before the first stack.
 
 Targets (issue 7, H100-class, fp16): dualfocus-s <= 5 ms, dualfocus-paper <= 15 ms per stack.
 Steps that would overrun ``--budget-s`` are skipped and say so. Writes ``$OUT/gpu_check.json``
@@ -46,7 +48,7 @@ MODELS = ("dualfocus-s", "dualfocus-paper")
 #: rough seconds a step needs for dualfocus-s (x3 for dualfocus-paper); steps that would start
 #: with less budget left are skipped and listed under "skipped"
 NEED_S = {"torch fp32": 10, "torch fp16": 6, "torch bf16": 6, "torch.compile fp16": 45, "TensorRT fp16": 70,
-          "torch.compile fp16 reduce-overhead": 45}
+          "torch.compile fp16 reduce-overhead": 45, "continuous": 30}
 TARGETS_MS = {"dualfocus-s": 5.0, "dualfocus-paper": 15.0}
 # fp16 against fp32, normalised depth in [0, 1]: the mean must stay well inside the 1e-3 that
 # ONNX Runtime has to meet on the CPU, the 99th percentile under 1 % of the depth range
@@ -190,6 +192,13 @@ class _Check:
             torch.cuda.empty_cache()
         for name in MODELS:
             self.summarise(name)
+        if not self.skip("continuous mode on the simulated rig", NEED_S["continuous"]):
+            try:
+                self.step_continuous()
+            except Exception as exc:  # report it and go on: the JSON is the product
+                self.doc["continuous"] = {"error": f"{type(exc).__name__}: {exc}"}
+                self.doc["checks"]["continuous_runs_the_network_on_the_gpu"] = False
+                print(f"continuous: failed ({type(exc).__name__}: {exc})")
         self.finish()
         return 0 if all(self.doc["checks"].values()) else 1
 
@@ -307,6 +316,28 @@ class _Check:
         self.doc["models"][name]["tensorrt_fp16"] = {**r["stats"], "export_s": round(export_s, 1), "build_s": round(build_s, 1)}
         self.outs[name]["tensorrt_fp16"] = r["out"][0].clone()
         print(f"{name} TensorRT fp16: p50 {r['stats']['p50_ms']:.2f} ms (export {export_s:.0f} s, build {build_s:.0f} s)")
+
+    def step_continuous(self, count: int = 3) -> None:
+        """configs/sim.yaml in continuous mode, ``count`` stacks, the network on ``auto``."""
+        import yaml
+
+        from rig.config import parse_config
+        from rig.continuous import run_continuous
+
+        root = Path(__file__).resolve().parents[1]
+        doc = yaml.safe_load((root / "configs" / "sim.yaml").read_text(encoding="utf-8"))
+        doc["output"] = {"dir": tempfile.mkdtemp(prefix="gpu_check_runs_"), "min_free_gb": 0.0}
+        doc["reconstruct"].update(method="dualfocus", backend="auto")
+        doc["continuous"] = {"when_behind": "block"}
+        run = run_continuous(parse_config(doc), count=count, show_status=False)
+        s = run.summary
+        keep = ("stacks_written", "stacks_per_s", "latency_s", "stages", "network", "network_warm_up_s", "accuracy", "stopped_by")
+        self.doc["continuous"] = {k: s[k] for k in keep if k in s}
+        network = str(s.get("network", ""))
+        self.doc["checks"]["continuous_runs_the_network_on_the_gpu"] = (
+            run.exit_code == 0 and s.get("stacks_written") == count and (network.startswith("torch on cuda") or network.startswith("tensorrt")))
+        print(f"continuous ({count} stacks): network {network or '-'}, warm-up {s.get('network_warm_up_s')} s, "
+              f"reconstruct mean {s.get('stages', {}).get('reconstruct', {}).get('mean_s')} s")
 
     def summarise(self, name: str) -> None:
         entry, outs = self.doc["models"][name], self.outs[name]
