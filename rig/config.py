@@ -19,7 +19,7 @@ from capture.errors import ConfigError, yaml_problem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RigConfig", "load_config", "parse_config", "CAMERA_DRIVERS", "FOCUS_DRIVERS"]
+__all__ = ["RigConfig", "load_config", "parse_config", "check_calibration_file", "CAMERA_DRIVERS", "FOCUS_DRIVERS"]
 
 
 class _Strict(BaseModel):
@@ -429,13 +429,8 @@ def load_config(path: str | Path) -> RigConfig:
     config = parse_config(raw, source=str(path))
     # relative file paths in a config are relative to the config file's folder
     base = path.parent
-    if config.calibration.file is not None:
-        given = config.calibration.file
-        if not given.is_absolute():
-            config.calibration.file = (base / given).resolve()
-        if not config.calibration.file.is_file():  # before any run folder is made
-            where = "" if given.is_absolute() else f" (a relative path is taken from the config file's folder, {base.resolve()})"
-            raise ConfigError(f"{path}: calibration.file: {config.calibration.file} not found{where}")
+    if config.calibration.file is not None and not config.calibration.file.is_absolute():
+        config.calibration.file = (base / config.calibration.file).resolve()
     producer = getattr(config.camera, "producer", None)
     if producer not in (None, "viky") and not Path(producer).expanduser().is_absolute():
         config.camera.producer = str((base / producer).resolve())
@@ -446,6 +441,14 @@ def load_config(path: str | Path) -> RigConfig:
             if value is not None and not value.is_absolute():
                 setattr(scene, key, (base / value).resolve())
     return config
+
+
+def check_calibration_file(config: RigConfig) -> None:
+    """``calibration.file`` exists where the config names one: asked before a single or
+    continuous run makes its run folder (a calibration session does not need it)."""
+    path = config.calibration.file
+    if path is not None and not path.is_file():
+        raise ConfigError(f"calibration.file: {path} not found (a relative path is taken from the config file's folder)")
 
 
 def config_to_dict(config: RigConfig) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from reconstruct.api import check_ready, reconstruct_stack, warm_up_network
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
 from rig.build import Rig, open_rig
-from rig.config import RigConfig, config_to_dict
+from rig.config import RigConfig, check_calibration_file, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
 from rig.sinks import StackSink, build_sinks, folder_name
 from rig.single import save_incomplete
@@ -444,6 +444,7 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     """
     rc = config.reconstruct
     check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
+    check_calibration_file(config)
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
     sinks = build_sinks(config.output, config.live, run_dir, **_sink_geometry(config))

@@ -317,9 +317,18 @@ def test_rig_output_dir_is_a_file(tmp_path: Path) -> None:
 def test_rig_missing_calibration_file_is_refused_before_a_run_folder(tmp_path: Path) -> None:
     """It was found only after the run folder was made, leaving one with 'stacks: 0' per try."""
     config = _fast_config(tmp_path, calibration={"file": "cal/missing.yaml"})
-    line = _assert_bad_input(rig("--config", config), config, "calibration.file", tmp_path / "cal" / "missing.yaml")
-    assert "relative path is taken from the config file's folder" in line
-    assert not (tmp_path / "runs").exists()
+    for mode in ("single", "continuous"):
+        line = _assert_bad_input(rig("--config", config, "--mode", mode, "--count" if mode == "continuous" else "--no-progress",
+                                     *(["1"] if mode == "continuous" else [])), config, "calibration.file", tmp_path / "cal" / "missing.yaml")
+        assert "relative path is taken from the config file's folder" in line
+        assert not (tmp_path / "runs").exists()
+
+
+def test_rig_calibrate_does_not_need_the_calibration_file_it_may_replace(tmp_path: Path) -> None:
+    from rig.config import load_config
+
+    config = load_config(_fast_config(tmp_path, calibration={"file": "cal/missing.yaml"}))  # loads: only runs need the file
+    assert config.calibration.file == (tmp_path / "cal" / "missing.yaml").resolve()
 
 
 def test_rig_bad_argument_is_one_line(tmp_path: Path) -> None:
