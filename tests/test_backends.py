@@ -445,6 +445,7 @@ def _fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
     trt.calls = {"builds": 0, "flags": [], "network_flags": [], "profiles": [], "timing_blobs": [], "deserialize": 0}
     trt.network_inputs = {"stack": (1, 3, 3, 32, 48), "focus": (1, 3)}
     trt.fresh_engine_loads = True
+    trt.profile_index = 0  # what add_optimization_profile returns (-1: TensorRT finds the profile invalid)
 
     class Logger:
         WARNING = 2
@@ -523,7 +524,7 @@ def _fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
 
         def add_optimization_profile(self, profile: Profile) -> int:
             trt.calls["profiles"].append(profile.shapes)
-            return 0
+            return trt.profile_index
 
     class Builder:
         def __init__(self, logger: Logger) -> None:
@@ -633,6 +634,12 @@ def test_tensorrt_build_cache_and_rebuild(tmp_path: Path, caplog: pytest.LogCapt
     dyn.network_inputs = {"stack": (1, -1, 3, 32, 48), "focus": (1, -1)}
     trt_mod.load_or_build_engine(onnx_path, "a" * 64, **{**kw, "trt": dyn})
     assert dyn.calls["profiles"] == [{"stack": ((1, 3, 3, 32, 48),) * 3, "focus": ((1, 3),) * 3}]
+    # a profile TensorRT refuses is one line before any build (its return value was ignored)
+    refused = _fake_tensorrt("10.13.0")
+    refused.network_inputs, refused.profile_index = dyn.network_inputs, -1
+    with pytest.raises(ReconstructionError, match="optimisation profile .* is invalid"):
+        trt_mod.load_or_build_engine(onnx_path, "a" * 64, **{**kw, "trt": refused})
+    assert refused.calls["builds"] == 0
 
 
 def test_tensorrt_import_checks(monkeypatch: pytest.MonkeyPatch) -> None:

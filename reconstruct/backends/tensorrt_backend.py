@@ -223,7 +223,8 @@ def build_serialized_engine(
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():
             opt_profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(opt_profile)
+        if config.add_optimization_profile(opt_profile) < 0:  # -1: TensorRT found the profile invalid
+            raise ReconstructionError(f"tensorrt: the optimisation profile {profile} for {onnx_path.name} is invalid (see the TensorRT messages above)")
     logger.info("building a TensorRT engine from %s (%s); this takes a while once per shape", onnx_path.name, shapes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -386,7 +387,8 @@ class TensorRTBackend(Backend):
             raise ReconstructionError(f"tensorrt: engine has inputs {inputs} and outputs {outputs}, expected {list(INPUT_NAMES)} and {list(OUTPUT_NAMES)}")
         for name in inputs:
             if -1 in tuple(engine.get_tensor_shape(name)):
-                self.context.set_input_shape(name, shapes[name])
+                if not self.context.set_input_shape(name, shapes[name]):
+                    raise ReconstructionError(f"tensorrt: the engine refused input {name!r} of shape {shapes[name]}")
         for name in names:
             dims = shapes[name] if name in inputs else tuple(int(d) for d in self.context.get_tensor_shape(name))
             buf = torch.empty(dims, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)), device=self.torch_device)
