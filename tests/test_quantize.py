@@ -224,21 +224,29 @@ def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path)
     assert side["recipe"] == quantize.RECIPE and side["precision"] == "int8"
     assert side["calibration_stacks"] == quantize.CALIBRATION_STACKS
     # the recipe's structural rules pick the two full-resolution convolutions of the stem's first
-    # block (the slices' and the stack mean's, as the export writes it) and the two heads with
-    # fewer than 16 output channels (2D convolutions over the planes in the export)
-    assert sorted(side["float_convs"]) == sorted([
-        "/net/encoder/Conv", "/net/encoder/Conv_1", "/net/grad_head/Conv", "/net/dec_out/Conv",
+    # block (the slices' and the stack mean's, as the export writes it), the two heads with fewer
+    # than 16 output channels (2D convolutions over the planes in the export) and, since recipe
+    # v6, every convolution of the half-resolution stem
+    stem_convs = [name for name in side["float_convs"] if quantize.STEM_MARK in name]
+    assert len(stem_convs) >= 3 and sorted(side["float_convs"]) == sorted([
+        "/net/encoder/Conv", "/net/encoder/Conv_1", "/net/grad_head/Conv", "/net/dec_out/Conv", *stem_convs,
     ])
-    # the stem's first sum, those inside the float heads and the Poisson solve's pads and sums stay
-    # float; the residual sums do not
-    assert "/net/encoder/Add" in side["float_sums_pads_slices"] and any(name.startswith("/net/dec_out/") for name in side["float_sums_pads_slices"])
-    assert not [name for name in side["float_sums_pads_slices"] if any(block in name for block in ("stem.2", "/deep/", "/dec_blocks/", "/dec_down/"))]
+    producers = {out: node for node in model.graph.node for out in node.output}
+    convs = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
+    assert {name for name in convs if quantize.STEM_MARK in name} == set(stem_convs)
+    for name in stem_convs:  # float weights: no DequantizeLinear in front of them
+        assert producers.get(convs[name].input[1]) is None or producers[convs[name].input[1]].op_type != "DequantizeLinear", name
+    # the stem's sums, those inside the float heads and the Poisson solve's pads and sums stay
+    # float; the residual sums of the deeper encoder and the decoder do not
+    floats = side["float_sums_pads_slices"]
+    assert "/net/encoder/Add" in floats and any(name.startswith("/net/dec_out/") for name in floats)
+    assert any("stem.2" in name for name in floats)
+    assert not [name for name in floats if any(block in name for block in ("/deep/", "/dec_blocks/", "/dec_down/"))]
     # the three plane convolutions of the two 65- and 67-channel 3D convolutions are padded, each
     # input once
     assert sorted(side["padded_convs"]) == sorted(f"/net/{block}/{conv}" for block in ("dec_in", "grad_head/grad_head.0") for conv in ("Conv", "Conv_1", "Conv_2"))
     assert len([n for n in model.graph.node if n.op_type == "Pad" and n.name.endswith("_channel_pad")]) == 2
     # every Pad (channel padding, plane shifts) runs on uint8, none between a dequantise and a quantise
-    producers = {out: node for node in model.graph.node for out in node.output}
     pads = [n for n in model.graph.node if n.op_type == "Pad"]
     float_pads = [n.name for n in pads if n.name in side["float_sums_pads_slices"]]
     assert len(float_pads) == 4  # the Poisson divergence's, which read the float gradient head
