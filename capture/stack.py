@@ -56,6 +56,7 @@ _RESERVED_TOP_KEYS = ("format", "slices")
 _KNOWN_SLICE_KEYS = _RESERVED_SLICE_KEYS + (
     "actuator_value", "actuator_unit", "timestamp_s", "timestamp_source", "exposure_s", "gain_db",
     "lens_temperature_c", "alignment",
+    "frame_id", "sweep_phase",  # written by our own sweeps (capture.sweep, capture.periodic)
 )
 _BT601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -167,14 +168,13 @@ def _check_image_name(name: Any, where: str) -> str:
 def _unknown_keys_note(entry: Mapping[Any, Any]) -> str:
     """``'; unknown key focus_distanse_m (a typo of focus_distance_m?)'`` for the slice keys the
     format does not define, to append to a missing-key error; ``''`` when there are none."""
-    unknown = [str(k) for k in entry if k not in _KNOWN_SLICE_KEYS]
-    if not unknown:
-        return ""
     notes = []
-    for key in unknown:
+    for key in (str(k) for k in entry if k not in _KNOWN_SLICE_KEYS):
+        # only keys close to a known one: other writers' own keys are allowed and say nothing here
         close = difflib.get_close_matches(key, _KNOWN_SLICE_KEYS, n=1, cutoff=0.75)
-        notes.append(f"{key} (a typo of {close[0]}?)" if close else f"{key} (a typo?)")
-    return f"; unknown key{'s' if len(unknown) > 1 else ''} {', '.join(notes)}"
+        if close:
+            notes.append(f"{key} (a typo of {close[0]}?)")
+    return f"; unknown key{'s' if len(notes) > 1 else ''} {', '.join(notes)}" if notes else ""
 
 
 def _hw(image: np.ndarray) -> str:

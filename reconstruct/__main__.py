@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: rig.yaml keys named in shared messages (reconstruct.dualfocus.infer) -> this command's flags
 _CONFIG_KEY_FLAGS = {"reconstruct.precision": "--precision", "reconstruct.backend": "--backend"}
+_CONFIG_KEY = re.compile(r"(?<![\w./-])reconstruct\.(?:precision|backend)(?![\w.])")  # the whole key, not part of a path
 _IMPORT_COMMAND = "python -m capture.import_images"
 
 
@@ -77,8 +79,8 @@ def _stack_folder(path: Path) -> Path:
     given stack.yaml. A file that is not a stack.yaml, or a folder of images without one, is one
     line saying what to pass instead (the import tool for plain images)."""
     if path.is_file():
-        if path.name == STACK_YAML:
-            return path.parent
+        if path.name == STACK_YAML or (path.is_symlink() and path.resolve().name == STACK_YAML):
+            return path.resolve().parent if path.is_symlink() else path.parent  # a linked stack.yaml: its images are beside the target
         hint = (f"to use images, {_import_hint('IMAGE...')}" if path.suffix.lower() in IMAGE_SUFFIXES
                 else f"give the folder that holds its {STACK_YAML}")
         raise StackFormatError(f"{path}: is a file, not a focal-stack folder; {hint}")
@@ -100,13 +102,10 @@ def _as_flags(exc: ReconstructionError) -> ReconstructionError:
     (``precision: ...; set reconstruct.precision to auto or fp32`` -> ``--precision: ...;
     set --precision to auto or fp32``); ``exc`` itself when it names none."""
     text = str(exc)
-    if not any(key in text for key in _CONFIG_KEY_FLAGS) and not text.startswith("precision: "):
-        return exc
-    for key, flag in _CONFIG_KEY_FLAGS.items():
-        text = text.replace(key, flag)
-    if text.startswith("precision: "):
-        text = "--" + text
-    return ReconstructionError(text)
+    renamed = _CONFIG_KEY.sub(lambda m: _CONFIG_KEY_FLAGS[m.group(0)], text)
+    if renamed.startswith("precision: "):
+        renamed = "--" + renamed
+    return exc if renamed == text else ReconstructionError(renamed)
 
 
 def _run(args: argparse.Namespace) -> int:

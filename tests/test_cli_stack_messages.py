@@ -221,3 +221,37 @@ def test_focus_measure_with_classical_does_not_warn(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "--focus-measure" not in proc.stderr
     assert yaml.safe_load((tmp_path / "out" / "result.yaml").read_text())["focus_measure"] == "tenengrad"
+
+
+# ---- from the review of these fixes ----------------------------------------------------------
+def test_keys_our_own_sweeps_write_and_other_writers_keys_are_not_called_typos(tmp_path: Path) -> None:
+    folder = _stack(tmp_path / "s")
+    doc = yaml.safe_load((folder / "stack.yaml").read_text(encoding="utf-8"))
+    doc["slices"][1].update(frame_id=7, sweep_phase=0.25, my_lab_note="x")
+    doc["slices"][1]["focus_distanse_m"] = doc["slices"][1].pop("focus_distance_m")
+    (folder / "stack.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    with pytest.raises(StackFormatError) as info:
+        FocalStack.read(folder)
+    msg = str(info.value)
+    assert msg.endswith("; unknown key focus_distanse_m (a typo of focus_distance_m?)"), msg
+    assert "frame_id" not in msg and "sweep_phase" not in msg and "my_lab_note" not in msg
+
+
+def test_flag_names_replace_whole_config_keys_only() -> None:
+    from capture.errors import ReconstructionError
+    from reconstruct.__main__ import _as_flags
+
+    assert str(_as_flags(ReconstructionError("precision: fp16 needs a CUDA GPU; set reconstruct.precision to auto or fp32"))) == (
+        "--precision: fp16 needs a CUDA GPU; set --precision to auto or fp32")
+    for untouched in ("backend: failed in reconstruct.backends.base", "weights: runs/reconstruct.precision_sweep/w.safetensors: unreadable"):
+        assert str(_as_flags(ReconstructionError(untouched))) == untouched
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="symbolic links")
+def test_a_linked_stack_yaml_reads_the_stack_beside_its_target(tmp_path: Path) -> None:
+    folder = _stack(tmp_path / "s")
+    (tmp_path / "links").mkdir()
+    for name in ("stack.yaml", "mine.yaml"):
+        (tmp_path / "links" / name).symlink_to(folder / "stack.yaml")
+        proc = _run("-m", "reconstruct", tmp_path / "links" / name, "--out", tmp_path / f"out_{name}", "--method", "classical")
+        assert proc.returncode == 0, proc.stderr
