@@ -53,7 +53,7 @@ def warm_up_network(
     """Run the network once on a made-up stack of ``len(distances_m)`` slices of ``image_hw``
     (grey noise), so that its backend is open for that shape (export, quantisation, CUDA
     start-up, cuDNN's kernel search) before the first real stack; returns where it ran
-    (``"torch on cuda:0 (fp16)"``). Errors are those of :func:`reconstruct_stack`."""
+    (``"cuda:0 (torch, fp16)"``). Errors are those of :func:`reconstruct_stack`."""
     from reconstruct.dualfocus.infer import predict, resolve_weights
 
     h, w = (int(v) for v in image_hw)
@@ -64,7 +64,7 @@ def warm_up_network(
     slices = rng.random((distances.size, h, w), dtype=np.float32)
     pred = predict(slices, np.sort(1.0 / distances), weights=resolve_weights(model, weights), backend=backend,
                    precision=precision, input_scale=input_scale)
-    return f"{pred.backend} on {pred.device} ({pred.precision})"
+    return pred.describe()
 
 
 def reconstruct_stack(

@@ -24,7 +24,7 @@ from capture.scenes import Scene, procedural_scene, rgbd_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted, plan_focus_distances, sweep
-from rig.config import RigConfig, RgbdSceneConfig
+from rig.config import RgbdSceneConfig, RigConfig, check_calibration_file
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,7 @@ def _focus_map(config: RigConfig) -> FocusModel:
     """Metres <-> actuator value: the calibration file where the config names one, else the
     focus section's nominal model (in the actuator's unit)."""
     if config.calibration.file is not None:
-        if not config.calibration.file.is_file():
-            raise ConfigError(f"calibration.file: {config.calibration.file} not found")
+        check_calibration_file(config)
         return load_focus_model(config.calibration.file)
     optics = getattr(config.camera, "optics", None)
     base = optics.base_focus_m if optics is not None else float("inf")

@@ -447,7 +447,7 @@ def test_a_stop_never_waits_for_the_warm_up(tmp_path: Path, monkeypatch) -> None
 
     def slow_warm_up(*args, **kwargs):  # noqa: ANN002, ANN003
         release.wait(30)
-        return "torch on cpu (fp32)"
+        return "cpu (torch)"
 
     def lost(rig):  # noqa: ANN001
         raise SweepInterrupted("camera: fetch timed out", cause=DeviceError("camera: fetch timed out"), frames=[], distances_m=[], slice_meta=[])
