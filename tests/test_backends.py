@@ -114,6 +114,26 @@ def test_onnxruntime_matches_torch(tiny_weights: Path) -> None:
     assert ort.sha256 == ref.sha256
 
 
+def test_exported_slice_sort_takes_a_constant_k(tiny_weights: Path) -> None:
+    """The slices are sorted by focus with TopK; its K must be a constant one-element tensor:
+    ONNX Runtime 1.24 and 1.26 refuse at load a K computed from Shape (as torch.sort exports it),
+    so every graph failed there. Unsorted focus still gives torch's depth (test above)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    art = export_mod.export_onnx(tiny_weights, (5, 32, 48))
+    graph = onnx.load(str(art.path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    topk = [n for n in graph.node if n.op_type == "TopK"]
+    assert topk, "the slice sort is no longer a TopK: check what replaced it loads in older ONNX Runtime"
+    for node in topk:
+        assert node.input[1] in constants, f"{node.name}: K comes from {node.input[1]}, not a constant"
+        k = constants[node.input[1]]
+        assert k.shape == (1,) and int(k[0]) == 5
+
+
 def test_shipped_dualfocus_s_parity_at_a_small_shape() -> None:
     weights = infer.shipped_weights("dualfocus-s")
     rng = np.random.default_rng(3)

@@ -360,3 +360,22 @@ def test_large_stacks_are_calibrated_at_the_smaller_shape(isolated_cache: Path, 
     diff = np.abs(q.depth_focus - ref.depth_focus) / float(focus.max() - focus.min())
     print(f"ranges from 6x32x48 applied at 6x64x96: mean |depth diff| {diff.mean():.2e} of the range")
     assert diff.mean() < 0.01 and np.quantile(diff, 0.99) < 0.1
+
+
+def test_a_quantiser_too_old_for_the_recipe_is_one_line_naming_the_version() -> None:
+    """ONNX Runtime 1.26 and older lack ``calibration_cache_path`` (checked against the real
+    1.20, 1.24 and 1.26 wheels: a TypeError deep in the quantisation); a stand-in with 1.26's
+    signature gets one line naming precision, the version needed and the installed one."""
+    import onnxruntime
+    from onnxruntime.quantization import quantize_static
+
+    def old_quantize_static(model_input, model_output, calibration_data_reader, quant_format=None, op_types_to_quantize=None,
+                            per_channel=False, reduce_range=False, activation_type=None, weight_type=None, nodes_to_quantize=None,
+                            nodes_to_exclude=None, use_external_data_format=False, calibrate_method=None, extra_options=None):
+        raise AssertionError("not reached")
+
+    with pytest.raises(ReconstructionError) as info:
+        quantize.check_quantiser_version(old_quantize_static)
+    assert str(info.value).startswith("precision: int8 needs onnxruntime 1.27 or newer")
+    assert f"installed: onnxruntime {onnxruntime.__version__}" in str(info.value)
+    quantize.check_quantiser_version(quantize_static)  # the installed one takes it

@@ -52,7 +52,7 @@ __all__ = [
 
 CACHE_ENV = "DUALFOCUS_CACHE_DIR"
 DEFAULT_OPSET = 17
-EXPORT_FORMAT = "dualfocus-onnx/6"  # 2: slices sorted by a row Gather; 3: softmax written out, encoder fuse split; 4: stem, heads, volume layout; 5: 3D convolutions over the planes; 6: plane shifts as Pad + Slice
+EXPORT_FORMAT = "dualfocus-onnx/7"  # 2: slices sorted by a row Gather; 3: softmax written out, encoder fuse split; 4: stem, heads, volume layout; 5: 3D convolutions over the planes; 6: plane shifts as Pad + Slice; 7: the slice sort's K a constant
 _LOCK = threading.Lock()
 _IDENTITY: dict[tuple[str, int, int], tuple[str, str]] = {}
 

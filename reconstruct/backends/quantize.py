@@ -49,8 +49,10 @@ resizes stay float).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +312,21 @@ def prepare_graph(fp32_onnx: Path, shape: tuple[int, int, int], folder: Path) ->
     return path, keep, floats, quantised, padded
 
 
+def check_quantiser_version(quantize_static: Callable) -> None:
+    """ReconstructionError naming ``precision`` and the installed version where ONNX Runtime's
+    ``quantize_static`` cannot take the activation ranges measured on another graph
+    (``calibration_cache_path``, ONNX Runtime 1.27 and newer; 1.26 and older raise a TypeError
+    deep inside the quantisation)."""
+    if "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        return
+    import onnxruntime
+
+    raise ReconstructionError(
+        f"precision: int8 needs onnxruntime 1.27 or newer (its quantiser takes activation ranges measured on another graph); "
+        f"installed: onnxruntime {onnxruntime.__version__} (pip install -U 'onnxruntime>=1.27'); fp32 runs in it"
+    )
+
+
 def quantiser_settings() -> dict:
     """The keyword arguments of ONNX Runtime's ``quantize_static`` that make the recipe: QDQ,
     int8 weights per output channel, uint8 activations with min/max ranges, only
@@ -348,6 +365,7 @@ def quantize_int8(
         from onnxruntime.quantization import quantize_static
     except ImportError as exc:
         raise ReconstructionError(f"precision: int8 needs the onnx and onnxruntime packages (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
+    check_quantiser_version(quantize_static)
 
     cal_shape = calibration_shape(shape)
     if cal_shape != tuple(shape) and calibration_onnx is None:

@@ -366,7 +366,13 @@ class DualFocusNet(nn.Module):
     def normalise_focus(focus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sort order and normalised positions: ``order`` ``[B, N]``, ``pos`` ``[B, N]`` in [0, 1]
         (ascending), and (min, span) ``[B, 2]`` to map back to focus units."""
-        sorted_focus, order = torch.sort(focus, dim=1)
+        if torch.jit.is_tracing():
+            # ONNX export (fixed shapes): TopK with K a constant. torch.sort exports K as
+            # Gather(Shape(focus)), which ONNX Runtime 1.24 and 1.26's shape inference refuse at load
+            # ("K input must be a one-dimensional tensor of size 1"). Same values and order.
+            sorted_focus, order = torch.topk(focus, int(focus.shape[1]), dim=1, largest=False, sorted=True)
+        else:
+            sorted_focus, order = torch.sort(focus, dim=1)
         lo = sorted_focus[:, :1]
         span = (sorted_focus[:, -1:] - lo).clamp_min(1e-6)
         pos = (sorted_focus - lo) / span
