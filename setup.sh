@@ -5,8 +5,18 @@
 # Which torch build: a CPU build is installed unless torch is already in .venv.
 #   TORCH_SPEC='torch==2.13.0' (default) and, for another wheel index (for example
 #   PyTorch's CPU-only or CUDA index), TORCH_INDEX_URL=<index url>.
+# Which ONNX Runtime build: ORT_BUILD=plain (default: the onnxruntime wheel) or
+#   ORT_BUILD=openvino (the onnxruntime-openvino wheel: adds OpenVINO's bf16 path on CPUs with
+#   native bfloat16, but its ONNX Runtime is too old for our int8 recipe; see the README).
 set -euo pipefail
 cd "$(dirname "$0")"
+
+ORT_BUILD=${ORT_BUILD:-plain}
+case "$ORT_BUILD" in
+    plain) EXTRAS="dev,onnx"; OTHER_ORT=onnxruntime-openvino ;;
+    openvino) EXTRAS="dev,openvino"; OTHER_ORT=onnxruntime ;;
+    *) echo "error: ORT_BUILD must be plain or openvino, got '$ORT_BUILD'" >&2; exit 2 ;;
+esac
 
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
@@ -30,8 +40,14 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     fi
 fi
 
-echo "installing dualfocus-rig and its dependencies"
-"${PIP[@]}" install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# both builds install the same onnxruntime module: remove the other one before installing this one
+if "${PIP[@]}" show -q "$OTHER_ORT" >/dev/null 2>&1; then
+    echo "removing $OTHER_ORT (ORT_BUILD=$ORT_BUILD installs the other build of the onnxruntime module)"
+    "${PIP[@]}" uninstall -q -y "$OTHER_ORT"
+fi
+
+echo "installing dualfocus-rig and its dependencies ($ORT_BUILD ONNX Runtime)"
+"${PIP[@]}" install -q -e ".[$EXTRAS]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 if [ "${1:-}" != "--no-run" ]; then
     echo "running the simulated rig: python run_rig.py --config configs/sim.yaml"

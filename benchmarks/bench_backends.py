@@ -5,7 +5,10 @@ CPU rows: ``torch-cpu`` (fp32, channels-last weights, the backend's default), ``
 (fp32 in the default layout, to show what channels-last gains), ``torch-bf16-cpu`` (bf16
 autocast; only where the CPU has native bfloat16), ``onnxruntime-cpu`` (fp32) and
 ``onnxruntime-int8-cpu`` (the statically quantised graph of ``reconstruct.backends.quantize``;
-it changes the numbers, so its depth difference is reported, not held to the fp32 parity).
+it changes the numbers, so its depth difference is reported, not held to the fp32 parity) and
+``onnxruntime-bf16-cpu`` (the fp32 graph computed in bfloat16 by OpenVINOExecutionProvider;
+only where the installed onnxruntime is the onnxruntime-openvino build and the CPU has native
+bfloat16; its depth difference is reported likewise).
 
     python benchmarks/bench_backends.py [--model dualfocus-s] [--shape 10x288x384] [--threads 2]
                                         [--repeats 20] [--warmup 2] [--backends torch-cpu onnxruntime-cpu ...]
@@ -48,13 +51,14 @@ SPECS = {
     "torch-bf16-cpu": ("torch", "cpu", "bf16"),
     "onnxruntime-cpu": ("onnxruntime", "cpu", "fp32"),
     "onnxruntime-int8-cpu": ("onnxruntime", "cpu", "int8"),
+    "onnxruntime-bf16-cpu": ("onnxruntime", "cpu", "bf16"),
     "torch-cuda": ("torch", "cuda", "fp32"),
     "torch-cuda-fp16": ("torch", "cuda", "fp16"),
     "onnxruntime-cuda": ("onnxruntime", "cuda", "fp32"),
     "tensorrt-fp32": ("tensorrt", "cuda", "fp32"),
     "tensorrt-fp16": ("tensorrt", "cuda", "fp16"),
 }
-CPU_BACKENDS = ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu", "onnxruntime-int8-cpu")
+CPU_BACKENDS = ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu", "onnxruntime-int8-cpu", "onnxruntime-bf16-cpu")
 TARGET_RATIO = 2.5
 TARGET_ORT_MS = 250.0
 
@@ -179,14 +183,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _skipped() -> set[str]:
-    """CPU rows that cannot run here: ONNX Runtime missing, or no native bfloat16."""
-    from reconstruct.backends.select import cpu_bf16_native, onnxruntime_providers
+    """CPU rows that cannot run here: ONNX Runtime missing, no native bfloat16, or (for ONNX
+    Runtime's bf16) no OpenVINOExecutionProvider."""
+    from reconstruct.backends.select import cpu_bf16_native, onnxruntime_providers, openvino_available
 
     skip = set()
     if onnxruntime_providers() is None:
         skip.update({"onnxruntime-cpu", "onnxruntime-int8-cpu"})
     if not cpu_bf16_native():
         skip.add("torch-bf16-cpu")
+    if not openvino_available():
+        skip.add("onnxruntime-bf16-cpu")
     return skip
 
 
@@ -271,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                         "int8_max_abs_depth_diff_vs_torch_cpu": int8.get("max_abs_depth_diff_vs_torch_cpu")})
         print(f"onnxruntime int8: {int8['p50_ms']:.0f} ms (under {TARGET_ORT_MS:.0f} ms: {'yes' if int8['p50_ms'] <= TARGET_ORT_MS else 'no'}); "
               + ", ".join(f"{k.replace('_over_onnxruntime_int8', '')} / int8 {v:.2f}x" for k, v in ratios.items()))
+    if "p50_ms" in results.get("onnxruntime-bf16-cpu", {}):
+        ov = results["onnxruntime-bf16-cpu"]
+        ratios = {f"{k}_over_onnxruntime_bf16": round(results[k]["p50_ms"] / ov["p50_ms"], 2)
+                  for k in ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu", "onnxruntime-int8-cpu") if "p50_ms" in results.get(k, {})}
+        summary.update({**ratios, "onnxruntime_bf16_p50_ms": ov["p50_ms"], "bf16_onnxruntime_ms_met": ov["p50_ms"] <= TARGET_ORT_MS,
+                        "onnxruntime_bf16_max_abs_depth_diff_vs_torch_cpu": ov.get("max_abs_depth_diff_vs_torch_cpu")})
+        print(f"onnxruntime bf16 (OpenVINO): {ov['p50_ms']:.0f} ms (under {TARGET_ORT_MS:.0f} ms: {'yes' if ov['p50_ms'] <= TARGET_ORT_MS else 'no'}); "
+              + ", ".join(f"{k.replace('_over_onnxruntime_bf16', '')} / it {v:.2f}x" for k, v in ratios.items()))
     timed = {k: v["p50_ms"] for k, v in results.items() if k.endswith("-cpu") and "p50_ms" in v}
     if timed:
         fastest = min(timed, key=timed.__getitem__)

@@ -6,7 +6,7 @@ sigma 0.01, slices in shuffled order (seeded). Depth = 1 / disparity (the unknow
 cancels in AbsRel and delta1); every pixel with known truth scored, NaN counted as error.
 
     python benchmarks/bench_report_split.py [--weights W.safetensors ...] [--precision fp32 bf16]
-                                            [--onnx fp32 int8] [--input-scale 1.5 ...]
+                                            [--onnx fp32 int8 bf16] [--input-scale 1.5 ...]
 
 Prints a table and writes benchmarks/results/report_split.json.
 """
@@ -47,8 +47,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=384)
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                     help="score each weights file in these precisions (bf16: CPU bfloat16 autocast of the network body)")
-    ap.add_argument("--onnx", nargs="*", choices=("fp32", "int8"), default=[],
-                    help="also score each weights file through ONNX Runtime on the CPU in these precisions (int8: the quantised graph)")
+    ap.add_argument("--onnx", nargs="*", choices=("fp32", "int8", "bf16"), default=[],
+                    help="also score each weights file through ONNX Runtime on the CPU in these precisions (int8: the quantised graph; bf16: the fp32 graph in OpenVINO, needs onnxruntime-openvino)")
     ap.add_argument("--input-scale", nargs="*", type=float, default=[],
                     help="also score each weights file with the slices resized by these factors for the network (torch fp32)")
     ap.add_argument("--out", default="report_split")

@@ -103,7 +103,7 @@ def test_torch_backend_is_the_previous_predict(tiny_weights: Path) -> None:
 def test_onnxruntime_matches_torch(tiny_weights: Path) -> None:
     slices, focus = _stack(n=5)
     ref = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
-    ort = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime")
+    ort = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime", precision="fp32")
     assert ort.device == "cpu" and ort.describe() == "cpu (onnxruntime)" and ort.backend == "onnxruntime"
     depth_range = float(focus.max() - focus.min())
     diff = float(np.abs(ort.depth_focus - ref.depth_focus).max())
@@ -143,7 +143,7 @@ def test_shipped_dualfocus_s_parity_at_a_small_shape() -> None:
                        for k in (1, 3, 5, 7, 9, 11)])
     focus = np.linspace(0.5, 2.5, 6).astype(np.float32)
     ref = infer.predict(slices, focus, weights=weights, backend="torch", precision="fp32")
-    ort = infer.predict(slices, focus, weights=weights, backend="onnxruntime")
+    ort = infer.predict(slices, focus, weights=weights, backend="onnxruntime", precision="fp32")
     diff = float(np.abs(ort.depth_focus - ref.depth_focus).max())
     print(f"dualfocus-s 6x64x96: max |depth diff| {diff:.2e} dpt = {diff / 2.0:.2e} of the depth range")
     assert diff <= 1e-3 * 2.0
@@ -269,7 +269,7 @@ def test_reconstruct_stack_with_onnxruntime(tiny_weights: Path) -> None:
     stack = FocalStack(images, focus_distance_m=[2.0, 0.5, 1.0, 0.7])
     check_ready("dualfocus", weights=tiny_weights, backend="onnxruntime")
     ref = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="torch", precision="fp32")
-    res = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="onnxruntime")
+    res = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="onnxruntime", precision="fp32")
     assert res.device == "cpu" and res.backend == "onnxruntime" and res.extra["precision"] == "fp32"
     assert res.depth.shape == (30, 40)
     dpt_range = 1 / 0.5 - 1 / 2.0
@@ -347,14 +347,43 @@ def test_precision_setting_resolves_per_device(
     setting: str, name: str, device: str, native_bf16: bool, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(infer, "cpu_bf16_native", lambda: native_bf16)
+    monkeypatch.setattr(infer, "openvino_available", lambda: False)  # the plain onnxruntime build
     assert infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test")) == expected
+
+
+@pytest.mark.parametrize(("setting", "openvino", "expected"), [
+    ("auto", True, "bf16"), ("bf16", True, "bf16"), ("fp32", True, "fp32"), ("auto", False, "fp32"),
+])
+def test_onnxruntime_runs_bf16_on_the_cpu_where_openvino_is_installed(
+    setting: str, openvino: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-openvino computes bf16 on a CPU with native bfloat16, so ``auto`` there is
+    bf16 as in torch; the plain build stays fp32 (and refuses bf16, test below)."""
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(infer, "openvino_available", lambda: openvino)
+    assert infer.resolve_precision(setting, select_mod.BackendChoice("onnxruntime", "cpu", "test")) == expected
+
+
+def test_onnxruntime_bf16_providers_name_openvino_with_its_precision_and_threads() -> None:
+    from reconstruct.backends.onnxruntime_backend import providers_for
+
+    plain = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for("cpu", plain, "fp32", 2) == ["CPUExecutionProvider"]
+    with_ov = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
+    assert providers_for("cpu", with_ov, "fp32", 2) == ["CPUExecutionProvider"]  # fp32 and int8 stay on the CPU provider
+    (name, options), fallback = providers_for("cpu", with_ov, "bf16", 2)
+    assert name == "OpenVINOExecutionProvider" and fallback == "CPUExecutionProvider"
+    assert options["device_type"] == "CPU" and options["num_of_threads"] == "2"
+    assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}
+    with pytest.raises(ReconstructionError, match=r"^precision: bf16 in onnxruntime on the CPU needs OpenVINOExecutionProvider .*onnxruntime-openvino.*installed: AzureExecutionProvider, CPUExecutionProvider$"):
+        providers_for("cpu", plain, "bf16", 2)
 
 
 @pytest.mark.parametrize(("setting", "name", "device", "native_bf16", "needle"), [
     ("fp16", "onnxruntime", "cpu", True, "fp16 needs a CUDA GPU"),
     ("fp16", "torch", "cpu", True, "fp16 needs a CUDA GPU"),
     ("bf16", "torch", "cpu", False, "bf16 needs a CUDA GPU or a CPU with native bfloat16"),
-    ("bf16", "onnxruntime", "cpu", True, "bf16 on the CPU runs in the torch backend only"),
+    ("bf16", "onnxruntime", "cpu", True, "bf16 in onnxruntime on the CPU needs OpenVINOExecutionProvider"),
     ("bf16", "tensorrt", "cuda", True, "fp32 or fp16 engines"),
     ("int4", "torch", "cuda", True, "unknown precision 'int4'"),
     ("int8", "torch", "cpu", True, "int8 runs in the onnxruntime backend on the CPU only, and this run uses torch on cpu"),
@@ -365,6 +394,7 @@ def test_precision_setting_refused_where_it_cannot_run(
     setting: str, name: str, device: str, native_bf16: bool, needle: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(infer, "cpu_bf16_native", lambda: native_bf16)
+    monkeypatch.setattr(infer, "openvino_available", lambda: False)  # the plain onnxruntime build
     with pytest.raises(ReconstructionError, match=rf"^precision: .*{needle}"):
         infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test"))
 
@@ -385,11 +415,45 @@ def test_auto_weighs_torch_by_its_bf16_figure_where_the_cpu_runs_bf16(isolated_c
     # fp32 asked for: the fp32 figures decide
     choice = select_mod.select_backend("auto", "fp32")
     assert choice.name == "onnxruntime" and "400 ms against torch 500 ms" in choice.reason
-    # bf16 asked for: only torch runs it on the CPU
+    # bf16 asked for: without OpenVINO only torch runs it on the CPU
     assert select_mod.select_backend("auto", "bf16").name == "torch"
     # a CPU without native bf16 ignores the bf16 figure (it was measured elsewhere)
     monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: False)
     assert select_mod.select_backend("auto", "auto").name == "onnxruntime"
+
+
+def test_auto_weighs_onnxruntime_by_its_bf16_figure_where_openvino_is_installed(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 400.0, "onnxruntime-bf16-cpu": 90.0})
+    monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    for setting in ("auto", "bf16"):
+        choice = select_mod.select_backend("auto", setting)
+        assert choice.name == "onnxruntime" and "onnxruntime (bf16 in OpenVINO) measured faster" in choice.reason and "90 ms against torch (bf16" in choice.reason
+    assert select_mod.select_backend("auto", "fp32").name == "onnxruntime"  # 400 against 500: the fp32 figures
+    # the plain onnxruntime build: its bf16 figure (measured with OpenVINO) does not speak for it
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["CPUExecutionProvider"])
+    assert select_mod.select_backend("auto", "auto").name == "torch"
+    assert select_mod.select_backend("auto", "bf16").name == "torch"
+    # OpenVINO installed but no bf16 figure for it: bf16 asked for goes to torch, which was measured in bf16
+    _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 150.0})
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    assert select_mod.select_backend("auto", "bf16").name == "torch"
+
+
+def test_onnxruntime_bf16_with_the_real_openvino_provider(tiny_weights: Path) -> None:
+    """Runs only where onnxruntime is the onnxruntime-openvino build and the CPU has native
+    bfloat16 (not in CI: its onnxruntime is the plain build; run here with that wheel on
+    PYTHONPATH, see the README)."""
+    if not select_mod.openvino_available():
+        pytest.skip("OpenVINOExecutionProvider with native bfloat16 not available")
+    slices, focus = _stack(n=5)
+    ref = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
+    ov = infer.predict(slices, focus, weights=tiny_weights, backend="onnxruntime", precision="bf16")
+    assert ov.backend == "onnxruntime" and ov.precision == "bf16" and ov.describe() == "cpu (onnxruntime, bf16)"
+    diff = np.abs(ov.depth_focus - ref.depth_focus) / float(np.ptp(focus))
+    print(f"tiny 5x32x48 in OpenVINO bf16: |depth diff| max {diff.max():.1e}, mean {diff.mean():.1e} of the range")
+    assert diff.mean() < 5e-3 and diff.max() < 0.1  # bfloat16 keeps 8 bits: close, not fp32-equal
+    assert diff.max() > 0  # it computed in bf16, not in fp32
 
 
 def _backend_input() -> tuple[np.ndarray, np.ndarray]:

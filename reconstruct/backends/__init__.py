@@ -66,7 +66,8 @@ def open_backend(
         elif name == "onnxruntime":
             from reconstruct.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-            art = export_onnx(weights, shape, precision=precision)
+            # bf16 on the CPU: OpenVINO computes the fp32 graph in bfloat16
+            art = export_onnx(weights, shape, precision="fp32" if precision == "bf16" and device == "cpu" else precision)
             backend = OnnxRuntimeBackend(art.path, device=device, precision=precision)
         else:
             from reconstruct.backends.tensorrt_backend import TensorRTBackend

@@ -2,8 +2,11 @@
 in an ``InferenceSession``.
 
 CPUExecutionProvider by default; CUDAExecutionProvider (with the CPU provider behind it for
-any node it lacks) where the installed onnxruntime has it and a CUDA GPU is present. Session
-options: intra-op threads = torch's thread count (so ``torch.set_num_threads`` and
+any node it lacks) where the installed onnxruntime has it and a CUDA GPU is present; on the
+CPU in bf16, OpenVINOExecutionProvider (the ``onnxruntime-openvino`` build of ONNX Runtime),
+given the fp32 graph and told to compute in bfloat16 (OpenVINO's ``INFERENCE_PRECISION_HINT``;
+it needs a CPU with native bfloat16, :func:`reconstruct.backends.select.cpu_bf16_native`), with
+the CPU provider behind it. Session options: intra-op threads = torch's thread count (so ``torch.set_num_threads`` and
 ``OMP_NUM_THREADS`` govern both backends alike and comparisons are fair), one inter-op
 thread, all graph optimisations. Sessions are cached by the caller per (weights sha256,
 shape, provider, precision): building one costs tens of milliseconds plus the export the
@@ -12,6 +15,7 @@ first time a shape is seen.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -23,10 +27,13 @@ from reconstruct.backends.base import INPUT_NAMES, OUTPUT_NAMES, Backend, check_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnnxRuntimeBackend", "cuda_index", "import_onnxruntime", "providers_for"]
+__all__ = ["OPENVINO_PROVIDER", "OnnxRuntimeBackend", "cuda_index", "import_onnxruntime", "providers_for"]
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
+OPENVINO_PROVIDER = "OpenVINOExecutionProvider"
+#: how to get OpenVINOExecutionProvider: a build of ONNX Runtime that replaces the plain one
+OPENVINO_INSTALL = "pip uninstall -y onnxruntime && pip install onnxruntime-openvino"
 
 
 def import_onnxruntime() -> ModuleType:
@@ -40,9 +47,20 @@ def import_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def providers_for(device: str, available: list[str]) -> list:
-    """The provider list for ``device`` (``cpu`` or ``cuda[:K]``) given the installed ones; the
-    CUDA provider with its ``device_id`` option set to K (0 for plain ``cuda``)."""
+def providers_for(device: str, available: list[str], precision: str = "fp32", threads: int = 1) -> list:
+    """The provider list for ``device`` (``cpu`` or ``cuda[:K]``) and ``precision`` given the
+    installed ones: the CUDA provider with its ``device_id`` option set to K (0 for plain
+    ``cuda``); on the CPU the CPU provider, or for ``bf16`` OpenVINO's told to compute in
+    bfloat16 on ``threads`` threads (ReconstructionError naming ``precision`` where it is missing)."""
+    if device == "cpu" and precision == "bf16":
+        if OPENVINO_PROVIDER not in available:
+            raise ReconstructionError(
+                f"precision: bf16 in onnxruntime on the CPU needs {OPENVINO_PROVIDER} (the onnxruntime-openvino build: "
+                f"{OPENVINO_INSTALL}); installed: {', '.join(available)}"
+            )
+        options = {"device_type": "CPU", "num_of_threads": str(int(threads)),
+                   "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}})}
+        return [(OPENVINO_PROVIDER, options), CPU_PROVIDER]
     if device.startswith("cuda"):
         if CUDA_PROVIDER not in available:
             raise ReconstructionError(
@@ -70,7 +88,8 @@ class OnnxRuntimeBackend(Backend):
         device: ``cpu`` or ``cuda``.
         threads: intra-op threads; default ``torch.get_num_threads()``.
         precision: what the graph was exported in (``fp32``; ``fp16`` on CUDA; ``int8``, the
-            quantised graph of :mod:`reconstruct.backends.quantize`, on the CPU).
+            quantised graph of :mod:`reconstruct.backends.quantize`, on the CPU), or ``bf16``
+            on the CPU: the fp32 graph computed in bfloat16 by OpenVINO.
         ort: the onnxruntime module (tests may pass a stand-in).
     """
 
@@ -94,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = providers_for(device, list(ort.get_available_providers()))
+        providers = providers_for(device, list(ort.get_available_providers()), precision, int(threads))
         try:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -102,6 +121,8 @@ class OnnxRuntimeBackend(Backend):
         used = self.session.get_providers()
         if device.startswith("cuda") and CUDA_PROVIDER not in used:
             raise ReconstructionError(f"backend: onnxruntime did not start {CUDA_PROVIDER} (it runs {', '.join(used)})")
+        if device == "cpu" and precision == "bf16" and OPENVINO_PROVIDER not in used:
+            raise ReconstructionError(f"backend: onnxruntime did not start {OPENVINO_PROVIDER} for bf16 (it runs {', '.join(used)})")
         names = [i.name for i in self.session.get_inputs()]
         if sorted(names) != sorted(INPUT_NAMES):
             raise ReconstructionError(f"backend: {onnx_path} has inputs {names}, expected {list(INPUT_NAMES)}")

@@ -10,14 +10,18 @@
    the cache folder first, then in ``benchmarks/results/``, which git does not track); where
    the CPU computes bfloat16 natively (:func:`cpu_bf16_native`) and the precision setting
    allows it, torch is weighed by its bf16 figure, since that is how it will run, and a
-   measurement without a bf16 figure does not decide against it;
+   measurement without a bf16 figure does not decide against it; likewise onnxruntime by
+   its bf16 figure where OpenVINOExecutionProvider is installed (:func:`openvino_available`:
+   ONNX Runtime computes bf16 there), else by its fp32 one;
 4. without a measurement, **torch**: on our 2-core AVX-512 machine torch ran dualfocus-s at
    10x288x384 in 354 ms (fp32, channels-last) and 215 ms (bf16) against ONNX Runtime's 392 ms
    (README, "Inference backends"). ONNX Runtime stays a choice by name, and wins ``auto``
    wherever the benchmark measured it faster.
 
 ``precision: int8`` (asked for by name: it changes the numbers slightly) makes ``auto`` and
-``onnxruntime`` run ONNX Runtime's int8 graph on the CPU, GPU or not.
+``onnxruntime`` run ONNX Runtime's int8 graph on the CPU, GPU or not. ``precision: bf16`` on
+the CPU makes ``auto`` weigh the two bf16 figures (torch, and onnxruntime where OpenVINO is
+installed), torch without a measurement.
 
 The choice is logged at INFO with its reason the first time (and whenever it changes), at
 DEBUG on repeated calls, so a continuous run does not log it for every stack. An explicit
@@ -44,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS", "LATENCY_FILE", "BackendChoice", "select_backend", "available_backends", "cuda_available",
     "tensorrt_problem", "onnxruntime_providers", "latency_files", "measured_cpu_latencies", "forget_logged_choices",
-    "cpu_bf16_native",
+    "cpu_bf16_native", "openvino_available",
 ]
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -136,6 +140,13 @@ def onnxruntime_providers() -> list[str] | None:
     return list(onnxruntime.get_available_providers())
 
 
+def openvino_available() -> bool:
+    """Whether ONNX Runtime can compute bf16 on this CPU: the installed onnxruntime has
+    OpenVINOExecutionProvider (the onnxruntime-openvino build) and the CPU computes
+    bfloat16 natively."""
+    return "OpenVINOExecutionProvider" in (onnxruntime_providers() or []) and cpu_bf16_native()
+
+
 def available_backends() -> list[str]:
     """The backend names that can run here (``auto`` always can)."""
     names = ["auto", "torch"]
@@ -152,9 +163,9 @@ def latency_files() -> list[Path]:
 
 
 def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
-    """``({"torch": p50_ms, "onnxruntime": p50_ms[, "torch-bf16": p50_ms]}, file,
-    where-measured)`` from the first readable benchmark file that has both fp32 CPU figures,
-    or None (``torch-bf16`` only where the file has it)."""
+    """``({"torch": p50_ms, "onnxruntime": p50_ms[, "torch-bf16": p50_ms][, "onnxruntime-bf16":
+    p50_ms]}, file, where-measured)`` from the first readable benchmark file that has both fp32
+    CPU figures, or None (the bf16 figures only where the file has them)."""
     for path in latency_files():
         try:
             doc = json.loads(path.read_text())
@@ -162,10 +173,11 @@ def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
             figures = {name: float(results[f"{name}-cpu"]["p50_ms"]) for name in ("torch", "onnxruntime")}
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        try:
-            figures["torch-bf16"] = float(results["torch-bf16-cpu"]["p50_ms"])
-        except (KeyError, TypeError, ValueError):
-            pass
+        for name in ("torch-bf16", "onnxruntime-bf16"):
+            try:
+                figures[name] = float(results[f"{name}-cpu"]["p50_ms"])
+            except (KeyError, TypeError, ValueError):
+                pass
         machine = doc.get("machine", {}) if isinstance(doc.get("machine"), dict) else {}
         where = f"{machine.get('cpu', 'a CPU')}, {doc.get('threads', '?')} threads, {doc.get('model', '?')} at {'x'.join(str(s) for s in doc.get('shape', []))}"
         return figures, path, where
@@ -173,8 +185,10 @@ def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
 
 
 def _cpu_choice(precision: str = "auto") -> BackendChoice:
-    if precision == "bf16":
-        return BackendChoice("torch", "cpu", "no CUDA GPU; precision bf16 asked for, which only torch runs on the CPU")
+    ort_bf16 = openvino_available()
+    if precision == "bf16" and not ort_bf16:
+        return BackendChoice("torch", "cpu", "no CUDA GPU; precision bf16 asked for, which on this CPU only torch runs "
+                                             "(onnxruntime computes bf16 with OpenVINOExecutionProvider only)")
     providers = onnxruntime_providers()
     if providers is None:
         return BackendChoice("torch", "cpu", "no CUDA GPU; onnxruntime is not installed, so torch on the CPU")
@@ -182,10 +196,14 @@ def _cpu_choice(precision: str = "auto") -> BackendChoice:
     if measured is not None:
         figures, path, where = measured
         candidates = {"torch": (figures["torch"], "torch"), "onnxruntime": (figures["onnxruntime"], "onnxruntime")}
-        if precision == "auto" and cpu_bf16_native():
+        if precision in ("auto", "bf16") and cpu_bf16_native():
             if "torch-bf16" not in figures:  # measured before bf16 was: it cannot speak for bf16 torch
                 return BackendChoice("torch", "cpu", f"no CUDA GPU; this CPU computes bfloat16 natively and {path} has no bf16 figure; {UNMEASURED_REASON}")
             candidates["torch"] = (figures["torch-bf16"], "torch (bf16, native on this CPU)")
+            if ort_bf16 and "onnxruntime-bf16" in figures:
+                candidates["onnxruntime"] = (figures["onnxruntime-bf16"], "onnxruntime (bf16 in OpenVINO)")
+            elif precision == "bf16":  # bf16 asked for: an fp32 figure cannot speak for onnxruntime's bf16
+                return BackendChoice("torch", "cpu", f"no CUDA GPU; precision bf16 asked for and {path} has no onnxruntime bf16 figure, so torch")
         fast = min(candidates, key=lambda k: candidates[k][0])
         slow = "torch" if fast == "onnxruntime" else "onnxruntime"
         (fast_ms, fast_label), (slow_ms, slow_label) = candidates[fast], candidates[slow]

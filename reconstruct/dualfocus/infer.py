@@ -19,7 +19,8 @@ from capture.errors import OutputError, ReconstructionError
 from reconstruct.backends import Backend, BackendChoice, open_backend
 from reconstruct.backends.base import describe_run
 from reconstruct.backends.export import weights_identity
-from reconstruct.backends.select import cpu_bf16_native
+from reconstruct.backends.onnxruntime_backend import OPENVINO_INSTALL, OPENVINO_PROVIDER
+from reconstruct.backends.select import cpu_bf16_native, openvino_available
 from reconstruct.backends.select import select_backend as _select
 from reconstruct.dualfocus.checkpoint import check_weights_file
 from reconstruct.dualfocus.model import DualFocusNet
@@ -35,7 +36,7 @@ __all__ = [
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 _FAILED: set[tuple] = set()  # (weights, shape, backend, device, precision) that failed to open under auto
 #: ``reconstruct.precision``: ``auto`` = fp16 on a GPU (TensorRT, torch or ONNX Runtime on CUDA); on the CPU bf16 in torch
-#: where the CPU has native bfloat16, else fp32; ``int8`` = ONNX Runtime on the CPU, asked for by name only
+#: (and in ONNX Runtime with OpenVINO) where the CPU has native bfloat16, else fp32; ``int8`` = ONNX Runtime on the CPU, asked for by name only
 #: (:func:`resolve_precision`)
 PRECISION_SETTINGS = ("auto", "fp32", "fp16", "bf16", "int8")
 #: ``reconstruct.input_scale`` bounds: the network sees the slices resized by this factor
@@ -72,9 +73,10 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
     chosen backend (softmax and the depth expectation stay fp32 in every backend):
 
     * on a GPU, ``auto`` is fp16 (TensorRT builds fp32 or fp16 engines only);
-    * on the CPU, ``auto`` is bf16 in torch where the CPU computes bfloat16 natively
-      (AVX512-BF16 or AMX: about twice as fast, report-split accuracy unchanged, README),
-      else fp32; ``bf16`` asked for needs torch and such a CPU; ``fp16`` needs a GPU;
+    * on the CPU, ``auto`` is bf16 where the CPU computes bfloat16 natively (AVX512-BF16 or
+      AMX: about twice as fast, report-split accuracy unchanged, README) in torch, and in
+      onnxruntime where OpenVINOExecutionProvider is installed, else fp32; ``bf16`` asked
+      for needs such a CPU and one of those two; ``fp16`` needs a GPU;
     * ``int8`` runs in ONNX Runtime on the CPU only (a statically quantised graph,
       :mod:`reconstruct.backends.quantize`): never chosen by ``auto``, since it changes the
       numbers (report-split AbsRel 0.0340 against 0.0337 in fp32, README).
@@ -93,7 +95,8 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
         if precision == "fp32":
             return "fp32"
         if precision == "auto":
-            return "bf16" if choice.name == "torch" and cpu_bf16_native() else "fp32"
+            bf16_here = choice.name == "torch" or (choice.name == "onnxruntime" and openvino_available())
+            return "bf16" if bf16_here and cpu_bf16_native() else "fp32"
         if precision == "fp16":
             raise ReconstructionError(
                 f"precision: fp16 needs a CUDA GPU, and this run reconstructs on the CPU ({choice.name}); "
@@ -104,9 +107,14 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
                 "precision: bf16 needs a CUDA GPU or a CPU with native bfloat16 (AVX512-BF16 or AMX), and this CPU has neither; "
                 "set reconstruct.precision to auto or fp32"
             )
-        if choice.name != "torch":
+        if choice.name == "onnxruntime" and not openvino_available():
             raise ReconstructionError(
-                f"precision: bf16 on the CPU runs in the torch backend only, and this run uses {choice.name} (fp32 on the CPU); "
+                f"precision: bf16 in onnxruntime on the CPU needs {OPENVINO_PROVIDER} (the onnxruntime-openvino build: {OPENVINO_INSTALL}), "
+                "and the installed onnxruntime runs fp32 there; set reconstruct.backend to torch or auto, or reconstruct.precision to auto or fp32"
+            )
+        if choice.name not in ("torch", "onnxruntime"):
+            raise ReconstructionError(
+                f"precision: bf16 on the CPU runs in torch or onnxruntime, and this run uses {choice.name}; "
                 "set reconstruct.backend to torch or auto, or reconstruct.precision to auto or fp32"
             )
         return "bf16"
