@@ -13,8 +13,8 @@ cd "$(dirname "$0")"
 
 ORT_BUILD=${ORT_BUILD:-plain}
 case "$ORT_BUILD" in
-    plain) EXTRAS="dev,onnx"; OTHER_ORT=onnxruntime-openvino ;;
-    openvino) EXTRAS="dev,openvino"; OTHER_ORT=onnxruntime ;;
+    plain) EXTRAS="dev,onnx"; THIS_ORT=onnxruntime; OTHER_ORT=onnxruntime-openvino ;;
+    openvino) EXTRAS="dev,openvino"; THIS_ORT=onnxruntime-openvino; OTHER_ORT=onnxruntime ;;
     *) echo "error: ORT_BUILD must be plain or openvino, got '$ORT_BUILD'" >&2; exit 2 ;;
 esac
 
@@ -40,10 +40,11 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     fi
 fi
 
-# both builds install the same onnxruntime module: remove the other one before installing this one
+# both builds install the same onnxruntime module: where the other one is installed, remove
+# both (removing one deletes files the other's record still claims) and install this one afresh
 if "${PIP[@]}" show -q "$OTHER_ORT" >/dev/null 2>&1; then
     echo "removing $OTHER_ORT (ORT_BUILD=$ORT_BUILD installs the other build of the onnxruntime module)"
-    "${PIP[@]}" uninstall -q -y "$OTHER_ORT"
+    "${PIP[@]}" uninstall -q -y "$OTHER_ORT" "$THIS_ORT" 2>&1 | grep -v "as it is not installed" >&2 || true
 fi
 
 echo "installing dualfocus-rig and its dependencies ($ORT_BUILD ONNX Runtime)"

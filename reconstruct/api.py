@@ -89,8 +89,9 @@ def reconstruct_stack(
         model, weights, backend: the network variant, its safetensors weights (default: the
             shipped ones) and where it runs (``auto`` = GPU if there is one, else CPU).
         precision: the network body's precision: ``auto`` (fp16 on a GPU; on the CPU bf16 in
-            torch where the CPU has native bfloat16, else fp32), ``fp32``, ``fp16`` (GPU only)
-            or ``bf16`` (a GPU, or torch on such a CPU), ``int8`` (ONNX Runtime on the CPU).
+            torch, or in ONNX Runtime's OpenVINO build, where the CPU has native bfloat16, else
+            fp32), ``fp32``, ``fp16`` (GPU only) or ``bf16`` (a GPU, or torch or ONNX Runtime's
+            OpenVINO build on such a CPU), ``int8`` (ONNX Runtime on the CPU).
         input_scale: the network sees the slices resized by this factor, its outputs are
             resized back (``predict``); 1.5 was more accurate on the report split
             and less on the simulated scene, ~2.25x slower; below 1 is faster.

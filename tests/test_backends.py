@@ -348,6 +348,7 @@ def test_precision_setting_resolves_per_device(
 ) -> None:
     monkeypatch.setattr(infer, "cpu_bf16_native", lambda: native_bf16)
     monkeypatch.setattr(infer, "openvino_available", lambda: False)  # the plain onnxruntime build
+    monkeypatch.setattr(infer, "check_int8_support", lambda: None)  # whether this onnxruntime quantises: test_quantize
     assert infer.resolve_precision(setting, select_mod.BackendChoice(name, device, "test")) == expected
 
 
@@ -410,6 +411,7 @@ def _write_latencies(cache: Path, results: dict[str, float]) -> None:
 def test_auto_weighs_torch_by_its_bf16_figure_where_the_cpu_runs_bf16(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 400.0})
     monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["CPUExecutionProvider"])  # the plain build
     choice = select_mod.select_backend("auto", "auto")
     assert choice.name == "torch" and "torch (bf16, native on this CPU)" in choice.reason and "200 ms" in choice.reason
     # fp32 asked for: the fp32 figures decide
@@ -434,10 +436,14 @@ def test_auto_weighs_onnxruntime_by_its_bf16_figure_where_openvino_is_installed(
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["CPUExecutionProvider"])
     assert select_mod.select_backend("auto", "auto").name == "torch"
     assert select_mod.select_backend("auto", "bf16").name == "torch"
-    # OpenVINO installed but no bf16 figure for it: bf16 asked for goes to torch, which was measured in bf16
+    # OpenVINO installed but no bf16 figure for it (a file measured with the plain build): onnxruntime
+    # would run bf16, which its fp32 figure cannot speak for, so torch (measured in bf16), for auto and bf16 alike
     _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 150.0})
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
-    assert select_mod.select_backend("auto", "bf16").name == "torch"
+    for setting in ("auto", "bf16"):
+        choice = select_mod.select_backend("auto", setting)
+        assert choice.name == "torch" and "has no onnxruntime bf16 figure" in choice.reason
+    assert select_mod.select_backend("auto", "fp32").name == "onnxruntime"  # fp32: the fp32 figures decide
 
 
 def test_onnxruntime_bf16_with_the_real_openvino_provider(tiny_weights: Path) -> None:

@@ -4,6 +4,7 @@ CPU kernels run here; the shipped ``dualfocus-s`` at small shapes."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -22,10 +23,14 @@ from reconstruct.dualfocus import infer
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+from onnxruntime.quantization import quantize_static as ort_quantize_static  # noqa: E402
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (6, 64, 96)
+#: whether the installed onnxruntime's quantiser runs the recipe (not onnxruntime-openvino 1.24.1)
+QUANTISER_OK = "calibration_cache_path" in inspect.signature(ort_quantize_static).parameters
+needs_quantiser = pytest.mark.skipif(not QUANTISER_OK, reason=f"onnxruntime {ort.__version__}'s quantiser is too old for the int8 recipe (needs 1.27)")
 #: the IR version of the graphs built here: opset 17 needs 8; onnx writes its newest (14 in
 #: onnx 1.23), which ONNX Runtime 1.30 refuses to load (seen on the GPU machine)
 _IR_VERSION = 8
@@ -213,6 +218,7 @@ def _shipped_inputs(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(slices), feed["focus"][0]
 
 
+@needs_quantiser
 def test_int8_export_is_quantised_cached_and_close_to_fp32(isolated_cache: Path) -> None:
     weights = infer.shipped_weights("dualfocus-s")
     art = export_mod.export_onnx(weights, SHAPE, precision="int8")
@@ -275,6 +281,7 @@ def test_auto_with_int8_runs_onnxruntime_on_the_cpu_even_with_a_gpu(monkeypatch:
     monkeypatch.setattr(select_mod, "cuda_available", lambda: True)
     monkeypatch.setattr(select_mod, "tensorrt_problem", lambda: None)
     monkeypatch.setattr(select_mod, "_gpu_name", lambda: "Test GPU")
+    monkeypatch.setattr(infer, "check_int8_support", lambda: None)  # the choice, whatever this onnxruntime's quantiser
     for requested in ("auto", "onnxruntime"):
         choice = select_mod.select_backend(requested, "int8")
         assert (choice.name, choice.device) == ("onnxruntime", "cpu")
@@ -296,6 +303,7 @@ def test_auto_int8_failure_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(export_mod, "_export_int8", broken)
     monkeypatch.setattr(infer, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(infer, "check_int8_support", lambda: None)  # a failure past the up-front checks
     slices, focus = _shipped_inputs()
     pred = infer.predict(slices, focus, weights=infer.shipped_weights("dualfocus-s"), backend="auto", precision="int8")
     assert pred.backend == "torch" and pred.describe() == "cpu (torch)"
@@ -307,6 +315,7 @@ def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
+@needs_quantiser
 def test_export_cli_int8(tmp_path: Path, isolated_cache: Path) -> None:
     out = tmp_path / "s_int8.onnx"
     proc = _run("-m", "reconstruct.export", "--shape", "4x32x48", "--to", "onnx", "--int8", "--out", str(out), cache=isolated_cache)
@@ -320,6 +329,7 @@ def test_export_cli_int8(tmp_path: Path, isolated_cache: Path) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
+@needs_quantiser
 def test_bench_backends_sweep_writes_a_row_per_shape(tmp_path: Path, isolated_cache: Path) -> None:
     env = {**os.environ, export_mod.CACHE_ENV: str(isolated_cache), "DUALFOCUS_BENCH_RESULTS": str(tmp_path)}
     cmd = [sys.executable, "benchmarks/bench_backends.py", "--sweep", "3x32x48", "4x32x64", "--repeats", "1", "--warmup", "0",
@@ -344,6 +354,7 @@ def test_calibration_shape_caps_the_pixels() -> None:
     assert abs(w / h - 1440 / 1088) < 0.02
 
 
+@needs_quantiser
 def test_large_stacks_are_calibrated_at_the_smaller_shape(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quantize, "CALIBRATION_MAX_PIXELS", 32 * 48)
     seen: list[tuple[int, int, int]] = []
@@ -377,5 +388,31 @@ def test_a_quantiser_too_old_for_the_recipe_is_one_line_naming_the_version() -> 
     with pytest.raises(ReconstructionError) as info:
         quantize.check_quantiser_version(old_quantize_static)
     assert str(info.value).startswith("precision: int8 needs onnxruntime 1.27 or newer")
-    assert f"installed: onnxruntime {onnxruntime.__version__}" in str(info.value)
-    quantize.check_quantiser_version(quantize_static)  # the installed one takes it
+    assert "installed: onnxruntime" in str(info.value) and onnxruntime.__version__ in str(info.value)
+    if QUANTISER_OK:
+        quantize.check_quantiser_version(quantize_static)  # the installed one takes it
+
+
+def test_the_openvino_build_is_told_to_switch_builds_not_to_install_the_plain_wheel_over_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-openvino 1.24.1's quantiser is too old; ``pip install -U onnxruntime`` over it
+    would leave two wheels sharing one module, so the message points at ``ORT_BUILD=plain``."""
+    monkeypatch.setattr(quantize, "_installed_distribution", lambda name: name == "onnxruntime-openvino")
+    with pytest.raises(ReconstructionError) as info:
+        quantize.check_quantiser_version(lambda model_input, model_output, calibration_data_reader: None)
+    assert "installed: onnxruntime-openvino" in str(info.value) and "ORT_BUILD=plain ./setup.sh" in str(info.value)
+    assert "pip install" not in str(info.value)
+
+
+def test_int8_is_refused_before_any_capture_where_the_quantiser_is_too_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check_ready`` (run_rig's check before capturing) and ``auto`` refuse int8 on a quantiser
+    too old for the recipe in one line, instead of failing (or, under auto, falling back to
+    torch with a warning) at the first stack."""
+    from reconstruct.api import check_ready
+
+    def too_old() -> None:
+        raise ReconstructionError("precision: int8 needs onnxruntime 1.27 or newer (test)")
+
+    monkeypatch.setattr(infer, "check_int8_support", too_old)
+    for backend in ("auto", "onnxruntime"):
+        with pytest.raises(ReconstructionError, match=r"^precision: int8 needs onnxruntime 1.27"):
+            check_ready("dualfocus", backend=backend, precision="int8")

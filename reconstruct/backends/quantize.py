@@ -49,6 +49,7 @@ resizes stay float).
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import logging
 import tempfile
@@ -321,10 +322,36 @@ def check_quantiser_version(quantize_static: Callable) -> None:
         return
     import onnxruntime
 
+    if _installed_distribution("onnxruntime-openvino"):  # the OpenVINO build: installing the plain wheel over it breaks both
+        raise ReconstructionError(
+            f"precision: int8 needs onnxruntime 1.27 or newer (its quantiser takes activation ranges measured on another graph); "
+            f"installed: onnxruntime-openvino {onnxruntime.__version__}, whose quantiser is older (the plain build has it: "
+            "ORT_BUILD=plain ./setup.sh); fp32 and bf16 run in it"
+        )
     raise ReconstructionError(
         f"precision: int8 needs onnxruntime 1.27 or newer (its quantiser takes activation ranges measured on another graph); "
         f"installed: onnxruntime {onnxruntime.__version__} (pip install -U 'onnxruntime>=1.27'); fp32 runs in it"
     )
+
+
+def _installed_distribution(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_int8_support() -> None:
+    """ReconstructionError naming ``precision`` where int8 cannot run here: onnx or onnxruntime
+    missing, or a quantiser too old for the recipe (:func:`check_quantiser_version`). Cheap
+    after the first call (the imports are cached)."""
+    try:
+        import onnx  # noqa: F401
+        from onnxruntime.quantization import quantize_static
+    except ImportError as exc:
+        raise ReconstructionError(f"precision: int8 needs the onnx and onnxruntime packages (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
+    check_quantiser_version(quantize_static)
 
 
 def quantiser_settings() -> dict:

@@ -202,8 +202,9 @@ def _cpu_choice(precision: str = "auto") -> BackendChoice:
             candidates["torch"] = (figures["torch-bf16"], "torch (bf16, native on this CPU)")
             if ort_bf16 and "onnxruntime-bf16" in figures:
                 candidates["onnxruntime"] = (figures["onnxruntime-bf16"], "onnxruntime (bf16 in OpenVINO)")
-            elif precision == "bf16":  # bf16 asked for: an fp32 figure cannot speak for onnxruntime's bf16
-                return BackendChoice("torch", "cpu", f"no CUDA GPU; precision bf16 asked for and {path} has no onnxruntime bf16 figure, so torch")
+            elif ort_bf16:  # onnxruntime would run bf16 here, and its fp32 figure cannot speak for that
+                return BackendChoice("torch", "cpu", f"no CUDA GPU; onnxruntime would compute bf16 in OpenVINO here and {path} has no "
+                                                     "onnxruntime bf16 figure (run benchmarks/bench_backends.py again), so torch in bf16")
         fast = min(candidates, key=lambda k: candidates[k][0])
         slow = "torch" if fast == "onnxruntime" else "onnxruntime"
         (fast_ms, fast_label), (slow_ms, slow_label) = candidates[fast], candidates[slow]
@@ -262,7 +263,8 @@ def _choose(requested: str, precision: str) -> BackendChoice:
 
 def select_backend(requested: str, precision: str = "auto") -> BackendChoice:
     """The backend, device and reason for a ``backend`` setting (module docstring), given the
-    ``precision`` setting (it matters on the CPU only: bf16 runs in torch there);
+    ``precision`` setting (it matters on the CPU only: bf16 runs in torch there, or in
+    onnxruntime where OpenVINO is installed; int8 in onnxruntime);
     ReconstructionError for an unknown or unavailable one."""
     choice = _choose(requested, precision)
     with _LOG_LOCK:

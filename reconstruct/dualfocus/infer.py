@@ -20,6 +20,7 @@ from reconstruct.backends import Backend, BackendChoice, open_backend
 from reconstruct.backends.base import describe_run
 from reconstruct.backends.export import weights_identity
 from reconstruct.backends.onnxruntime_backend import OPENVINO_INSTALL, OPENVINO_PROVIDER
+from reconstruct.backends.quantize import check_int8_support
 from reconstruct.backends.select import cpu_bf16_native, openvino_available
 from reconstruct.backends.select import select_backend as _select
 from reconstruct.dualfocus.checkpoint import check_weights_file
@@ -90,6 +91,7 @@ def resolve_precision(precision: str, choice: BackendChoice) -> str:
                 f"precision: int8 runs in the onnxruntime backend on the CPU only, and this run uses {choice.name} on {choice.device}; "
                 "set reconstruct.backend to onnxruntime or auto, or reconstruct.precision to auto or fp32"
             )
+        check_int8_support()  # a quantiser too old for the recipe: refused here, before any capture
         return "int8"
     if choice.device == "cpu":
         if precision == "fp32":
