@@ -538,7 +538,9 @@ def test_stall_at_open_names_the_handshake(drivers: list) -> None:
         t0 = time.monotonic()
         with pytest.raises(DeviceTimeout, match=r"Start \(handshake\).*LD4"):
             lens.open()
-        assert time.monotonic() - t0 < 0.1 * 2 + 0.3
+        # two 0.1 s tries, not a hang; the margin is for loaded CI machines (0.53 s was seen
+        # under a parallel test run); the number of tries is checked exactly below
+        assert time.monotonic() - t0 < 0.1 * 2 + 1.5
         assert not lens.is_open
         assert emu.received == [b"Start", b"Start"]  # no park sent to an unidentified device
 
