@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -221,6 +222,50 @@ def test_export_cache_hit_and_miss(tiny_weights: Path, tmp_path: Path, isolated_
     c = export_mod.export_onnx(weights, (3, 32, 48))
     assert not c.reused and c.path == b.path and c.sha256 == b.sha256 and len(calls) == 5
     assert not [p for p in (isolated_cache / "onnx").iterdir() if p.name.endswith(".tmp")]
+
+
+def _cache_entry(folder: Path, name: str, size: int, used: float) -> Path:
+    graph = folder / f"{name}.onnx"
+    graph.write_bytes(b"x" * size)
+    graph.with_suffix(".json").write_text("{}")
+    os.utime(graph.with_suffix(".json"), (used, used))
+    return graph
+
+
+def test_prune_cache_removes_stale_temporary_files_and_the_least_recently_used_entries(tmp_path: Path) -> None:
+    now = 1_000_000.0
+    a, b, c = (_cache_entry(tmp_path, n, 1000, now - age) for n, age in (("a", 300), ("b", 200), ("c", 100)))
+    stale, live = tmp_path / ".b.onnx.x1.tmp", tmp_path / ".d.onnx.x2.tmp"
+    for path, age in ((stale, 7200), (live, 10)):
+        path.write_bytes(b"t")
+        os.utime(path, (now - age, now - age))
+    # budget for two entries; a is the oldest but kept (the entry just written), so b goes
+    removed = export_mod.prune_cache(tmp_path, keep={a}, max_bytes=2 * 1002 + 10, now=now)
+    assert set(removed) == {stale, b, b.with_suffix(".json")}
+    assert a.exists() and c.exists() and live.exists()
+    # under budget or no limit: only stale temporary files ever go
+    assert export_mod.prune_cache(tmp_path, keep=set(), max_bytes=None, now=now + 7200) == [live]
+    assert export_mod.prune_cache(tmp_path, keep=set(), max_bytes=10**9, now=now) == []
+
+
+def test_export_cache_stays_under_its_limit_and_a_hit_counts_as_use(
+    tiny_weights: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shape_a, shape_b, shape_c = (3, 16, 16), (4, 16, 16), (5, 16, 16)
+    art_a = export_mod.export_onnx(tiny_weights, shape_a)
+    art_b = export_mod.export_onnx(tiny_weights, shape_b)
+    entry = max(p.stat().st_size + p.with_suffix(".json").stat().st_size for p in (art_a.path, art_b.path))
+    t = time.time()
+    os.utime(art_a.path.with_suffix(".json"), (t - 20, t - 20))  # a is the older entry ...
+    os.utime(art_b.path.with_suffix(".json"), (t - 10, t - 10))
+    assert export_mod.export_onnx(tiny_weights, shape_a).reused  # ... until this hit uses it again
+    monkeypatch.setenv(export_mod.CACHE_MAX_ENV, f"{2.5 * entry / 2**20:.6f}")
+    art_c = export_mod.export_onnx(tiny_weights, shape_c)
+    assert art_a.path.exists() and art_c.path.exists()
+    assert not art_b.path.exists() and not art_b.path.with_suffix(".json").exists()
+    monkeypatch.setenv(export_mod.CACHE_MAX_ENV, "lots")
+    with pytest.raises(ReconstructionError, match=rf"^{export_mod.CACHE_MAX_ENV}: expected .* MB .*, got 'lots'$"):
+        export_mod.export_onnx(tiny_weights, shape_a)  # refused on a hit as well
 
 
 def test_export_refuses_bad_shapes(tiny_weights: Path) -> None:

@@ -12,6 +12,10 @@ covers the weights' sha256, model name, shape, opset, precision, torch version a
 :data:`EXPORT_FORMAT` (bump it when :class:`InferenceGraph` changes). Both files are written
 to a temporary name and renamed, so a crash or a concurrent export never leaves a half file
 under the final name; an entry whose ONNX checksum does not match its sidecar is re-exported.
+The folder is kept in bounds after each new entry (:func:`prune_cache`): temporary files left
+by a killed export (older than an hour) are removed, and while the entries exceed
+``$DUALFOCUS_CACHE_MAX_MB`` (default 4096; 0 = no limit) the least recently used go, the new
+one never (a cache hit marks its entry used).
 
 ``precision="int8"``: the fp32 graph (from the cache or exported) quantised by
 :mod:`reconstruct.backends.quantize` for ONNX Runtime on the CPU; its key adds the fp32
@@ -46,11 +50,14 @@ from reconstruct.dualfocus.checkpoint import load_weights, sha256_of
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CACHE_ENV", "DEFAULT_OPSET", "EXPORT_FORMAT", "OnnxArtifact", "cache_dir", "weights_identity",
-    "export_key", "parse_shape", "export_onnx", "copy_atomic",
+    "CACHE_ENV", "CACHE_MAX_ENV", "DEFAULT_OPSET", "EXPORT_FORMAT", "OnnxArtifact", "cache_dir", "cache_max_bytes",
+    "weights_identity", "export_key", "parse_shape", "export_onnx", "copy_atomic", "prune_cache",
 ]
 
 CACHE_ENV = "DUALFOCUS_CACHE_DIR"
+CACHE_MAX_ENV = "DUALFOCUS_CACHE_MAX_MB"
+DEFAULT_CACHE_MAX_MB = 4096
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to no live export
 DEFAULT_OPSET = 17
 EXPORT_FORMAT = "dualfocus-onnx/7"  # 2: slices sorted by a row Gather; 3: softmax written out, encoder fuse split; 4: stem, heads, volume layout; 5: 3D convolutions over the planes; 6: plane shifts as Pad + Slice; 7: the slice sort's K a constant
 _LOCK = threading.Lock()
@@ -210,10 +217,12 @@ def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, w
     """The cache entry ``final`` for ``key``, or ``build(tmp)`` written atomically under it with a
     JSON sidecar (``key``, what ``build`` returned, the ONNX sha256); errors as one line."""
     sidecar = final.with_suffix(".json")
+    max_bytes = cache_max_bytes()  # a bad setting is refused on every call, not only after a build
     with _LOCK:
         hit = _cached(final, sidecar, key)
         if hit is not None:
             logger.debug("ONNX cache hit: %s", final)
+            _mark_used(sidecar)
             return OnnxArtifact(final, hit, key, True)
         t0 = time.perf_counter()
         done: dict = {}
@@ -233,7 +242,91 @@ def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, w
             final.unlink(missing_ok=True)
             raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
         logger.info("%s: %s in %.1f s", what, final, time.perf_counter() - t0)
+        prune_cache(final.parent, keep={final}, max_bytes=max_bytes)
         return OnnxArtifact(final, onnx_sha, key, False)
+
+
+def cache_max_bytes() -> int | None:
+    """``$DUALFOCUS_CACHE_MAX_MB`` in bytes (default 4096 MB); None for 0 (no limit);
+    ReconstructionError naming the variable for anything else than a number >= 0."""
+    text = os.environ.get(CACHE_MAX_ENV, "").strip()
+    if not text:
+        return DEFAULT_CACHE_MAX_MB * 2**20
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:  # also NaN
+        raise ReconstructionError(f"{CACHE_MAX_ENV}: expected the export cache's size limit in MB (a number, 0 for none), got {text!r}")
+    return None if mb == 0 else int(mb * 2**20)
+
+
+def _mark_used(sidecar: Path) -> None:
+    """Touch a hit's sidecar, the entry's last-use time for :func:`prune_cache` (a read-only
+    cache still serves hits)."""
+    try:
+        os.utime(sidecar)
+    except OSError:
+        pass
+
+
+def prune_cache(folder: Path, *, keep: set[Path], max_bytes: int | None, now: float | None = None) -> list[Path]:
+    """Remove from the cache ``folder`` the temporary files older than :data:`STALE_TMP_S`,
+    then, while the entries (``.onnx`` with its ``.json`` sidecar) add up to more than
+    ``max_bytes``, the least recently used entry (its sidecar's modification time; a hit
+    touches it), never one in ``keep``. Returns the files removed; a file that cannot be
+    removed is logged and skipped. Another process may be about to load an entry removed
+    here: it then exports it again on its next cache miss."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+
+    def _remove(path: Path) -> int:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            logger.warning("export cache: could not remove %s (%s)", path, exc.strerror or exc)
+            return 0
+        removed.append(path)
+        return size
+
+    try:
+        files = [p for p in folder.iterdir() if p.is_file()]
+    except OSError:
+        return removed
+    for path in files:
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            try:
+                stale = now - path.stat().st_mtime > STALE_TMP_S
+            except OSError:
+                continue
+            if stale:
+                _remove(path)
+    if max_bytes is None:
+        return removed
+    entries = []  # (last use, files, bytes, kept)
+    for graph in (p for p in files if p.suffix == ".onnx"):
+        sidecar = graph.with_suffix(".json")
+        try:
+            used = sidecar.stat().st_mtime if sidecar.exists() else graph.stat().st_mtime
+            size = graph.stat().st_size + (sidecar.stat().st_size if sidecar.exists() else 0)
+        except OSError:
+            continue
+        entries.append((used, [graph, sidecar], size, graph in keep))
+    total = sum(e[2] for e in entries)
+    for _used, paths, _size, kept in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if kept:
+            continue
+        for path in paths:
+            total -= _remove(path)
+    if removed:
+        logger.info("export cache %s: removed %d file(s) (stale temporary files, least recently used entries over %s=%.0f MB)",
+                    folder, len(removed), CACHE_MAX_ENV, max_bytes / 2**20)
+    return removed
 
 
 def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cache: Path | None) -> OnnxArtifact:
