@@ -326,6 +326,7 @@ def test_reconstruct_stack_with_onnxruntime(tiny_weights: Path) -> None:
 # ------------------------------------------------------------------------------ selection
 def test_auto_picks_a_cpu_backend_and_says_why(isolated_cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["CPUExecutionProvider"])  # the plain build (OpenVINO's: test below)
     with caplog.at_level(logging.INFO, logger="reconstruct.backends.select"):
         choice = select_mod.select_backend("auto")
     assert choice.name == "torch" and choice.device == "cpu"
@@ -472,6 +473,7 @@ def test_auto_weighs_torch_by_its_bf16_figure_where_the_cpu_runs_bf16(isolated_c
 def test_auto_weighs_onnxruntime_by_its_bf16_figure_where_openvino_is_installed(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 400.0, "onnxruntime-bf16-cpu": 90.0})
     monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(infer, "cpu_bf16_native", lambda: True)  # resolve_precision's view of the same CPU
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
     for setting in ("auto", "bf16"):
         choice = select_mod.select_backend("auto", setting)
@@ -481,14 +483,24 @@ def test_auto_weighs_onnxruntime_by_its_bf16_figure_where_openvino_is_installed(
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["CPUExecutionProvider"])
     assert select_mod.select_backend("auto", "auto").name == "torch"
     assert select_mod.select_backend("auto", "bf16").name == "torch"
-    # OpenVINO installed but no bf16 figure for it (a file measured with the plain build): onnxruntime
-    # would run bf16, which its fp32 figure cannot speak for, so torch (measured in bf16), for auto and bf16 alike
-    _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": 150.0})
+    # OpenVINO installed but no bf16 figure for it (a file measured with the plain build, whose fp32
+    # figure cannot speak for bf16): the OpenVINO build's default, onnxruntime in bf16, for auto and bf16 alike,
+    # even where that file's fp32 onnxruntime figure is the slower one
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
-    for setting in ("auto", "bf16"):
-        choice = select_mod.select_backend("auto", setting)
-        assert choice.name == "torch" and "has no onnxruntime bf16 figure" in choice.reason
-    assert select_mod.select_backend("auto", "fp32").name == "onnxruntime"  # fp32: the fp32 figures decide
+    for fp32_ms in (150.0, 900.0):
+        _write_latencies(isolated_cache, {"torch-cpu": 500.0, "torch-bf16-cpu": 200.0, "onnxruntime-cpu": fp32_ms})
+        for setting in ("auto", "bf16"):
+            choice = select_mod.select_backend("auto", setting)
+            assert choice.name == "onnxruntime" and "has no figures for both bf16 paths" in choice.reason
+            assert infer.resolve_precision(setting, choice) == "bf16"
+    assert select_mod.select_backend("auto", "fp32").name == "torch"  # fp32: the fp32 figures decide (500 against 900)
+    # nothing measured: the same default with OpenVINO; torch without it
+    (isolated_cache / select_mod.LATENCY_FILE).unlink()
+    choice = select_mod.select_backend("auto", "auto")
+    assert choice.name == "onnxruntime" and "80 ms against torch bf16's 158 ms" in choice.reason
+    assert select_mod.select_backend("auto", "fp32").name == "torch"
+    monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: ["CPUExecutionProvider"])
+    assert select_mod.select_backend("auto", "auto").name == "torch"
 
 
 def test_onnxruntime_bf16_with_the_real_openvino_provider(tiny_weights: Path) -> None:

@@ -16,7 +16,10 @@
 4. without a measurement, **torch**: on our 2-core AVX-512 machine torch ran dualfocus-s at
    10x288x384 in 354 ms (fp32, channels-last) and 215 ms (bf16) against ONNX Runtime's 392 ms
    (README, "Inference backends"). ONNX Runtime stays a choice by name, and wins ``auto``
-   wherever the benchmark measured it faster.
+   wherever the benchmark measured it faster; except that where its OpenVINO build is
+   installed (:func:`openvino_available`) and bf16 may run, **onnxruntime in bf16** is the
+   default until a measurement has both bf16 figures (80 against 158 ms on a 2-core Xeon with
+   AMX: whoever installed that build wants it used).
 
 ``precision: int8`` (asked for by name: it changes the numbers slightly) makes ``auto`` and
 ``onnxruntime`` run ONNX Runtime's int8 graph on the CPU, GPU or not. ``precision: bf16`` on
@@ -57,6 +60,10 @@ REPO_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / 
 UNMEASURED_REASON = ("no CPU measurement yet (benchmarks/bench_backends.py writes one); torch by default (no export step; on a 2-core "
                      "Zen 5 with native bfloat16 its bf16 path was the fastest float one, 194-217 ms per 10x288x384 stack against "
                      "ONNX Runtime fp32 340-354 ms and torch fp32 367-384 ms; without native bfloat16 ONNX Runtime fp32 may be the faster)")
+
+UNMEASURED_OPENVINO_REASON = ("onnxruntime in bf16 by default where its OpenVINO build is installed and the CPU computes bfloat16 "
+                              "natively (on a 2-core Xeon with AMX it ran a 10x288x384 stack in 80 ms against torch bf16's 158 ms); "
+                              "benchmarks/bench_backends.py measures both here")
 
 _LOGGED: dict[str, tuple[str, str, str]] = {}
 _LOG_LOCK = threading.Lock()
@@ -185,7 +192,7 @@ def measured_cpu_latencies() -> tuple[dict[str, float], Path, str] | None:
 
 
 def _cpu_choice(precision: str = "auto") -> BackendChoice:
-    ort_bf16 = openvino_available()
+    ort_bf16 = openvino_available()  # implies a CPU with native bfloat16
     if precision == "bf16" and not ort_bf16:
         return BackendChoice("torch", "cpu", "no CUDA GPU; precision bf16 asked for, which on this CPU only torch runs "
                                              "(onnxruntime computes bf16 with OpenVINOExecutionProvider only)")
@@ -196,15 +203,15 @@ def _cpu_choice(precision: str = "auto") -> BackendChoice:
     if measured is not None:
         figures, path, where = measured
         candidates = {"torch": (figures["torch"], "torch"), "onnxruntime": (figures["onnxruntime"], "onnxruntime")}
+        if precision in ("auto", "bf16") and ort_bf16 and not {"torch-bf16", "onnxruntime-bf16"} <= set(figures):
+            # onnxruntime would run bf16 in OpenVINO, which this file did not measure against torch's bf16
+            return BackendChoice("onnxruntime", "cpu", f"no CUDA GPU; {path} has no figures for both bf16 paths; {UNMEASURED_OPENVINO_REASON}")
         if precision in ("auto", "bf16") and cpu_bf16_native():
             if "torch-bf16" not in figures:  # measured before bf16 was: it cannot speak for bf16 torch
                 return BackendChoice("torch", "cpu", f"no CUDA GPU; this CPU computes bfloat16 natively and {path} has no bf16 figure; {UNMEASURED_REASON}")
             candidates["torch"] = (figures["torch-bf16"], "torch (bf16, native on this CPU)")
-            if ort_bf16 and "onnxruntime-bf16" in figures:
+            if ort_bf16:
                 candidates["onnxruntime"] = (figures["onnxruntime-bf16"], "onnxruntime (bf16 in OpenVINO)")
-            elif ort_bf16:  # onnxruntime would run bf16 here, and its fp32 figure cannot speak for that
-                return BackendChoice("torch", "cpu", f"no CUDA GPU; onnxruntime would compute bf16 in OpenVINO here and {path} has no "
-                                                     "onnxruntime bf16 figure (run benchmarks/bench_backends.py again), so torch in bf16")
         fast = min(candidates, key=lambda k: candidates[k][0])
         slow = "torch" if fast == "onnxruntime" else "onnxruntime"
         (fast_ms, fast_label), (slow_ms, slow_label) = candidates[fast], candidates[slow]
@@ -212,6 +219,8 @@ def _cpu_choice(precision: str = "auto") -> BackendChoice:
             fast, "cpu",
             f"no CUDA GPU; {fast_label} measured faster on the CPU: p50 {fast_ms:.0f} ms against {slow_label} {slow_ms:.0f} ms ({where}; {path})",
         )
+    if precision in ("auto", "bf16") and ort_bf16:
+        return BackendChoice("onnxruntime", "cpu", f"no CUDA GPU; {UNMEASURED_OPENVINO_REASON}")
     return BackendChoice("torch", "cpu", f"no CUDA GPU; {UNMEASURED_REASON}")
 
 
