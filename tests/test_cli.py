@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from reconstruct.backends.select import cpu_bf16_native
+from reconstruct.backends.select import cpu_bf16_native, openvino_available
 
 ROOT = Path(__file__).resolve().parents[1]
 SIM_YAML = ROOT / "configs" / "sim.yaml"
@@ -572,10 +572,11 @@ def test_rig_with_the_network_records_model_and_backend(tmp_path: Path) -> None:
     result = yaml.safe_load((run / "depth" / "000000" / "result.yaml").read_text())
     assert result["method"] == "dualfocus" and result["model"] == "dualfocus-s"
     assert result["backend"] in ("torch", "onnxruntime")
-    # bf16 only in torch, and only where the CPU computes it natively (auto precision)
+    # bf16 in torch, or in onnxruntime's OpenVINO build, and only where the CPU computes it natively (auto precision)
     # result.yaml's device is the device alone (the contract: cpu | cuda:0 | ...), the precision its own key
     assert result["device"] == "cpu"
-    assert result["precision"] == ("bf16" if result["backend"] == "torch" and cpu_bf16_native() else "fp32")
+    bf16_here = result["backend"] == "torch" or openvino_available()
+    assert result["precision"] == ("bf16" if bf16_here and cpu_bf16_native() else "fp32")
     assert len(result["model_sha256"]) == 64
     assert "classical on the same stack" in proc.stdout
 
