@@ -183,13 +183,22 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _skipped() -> set[str]:
-    """CPU rows that cannot run here: ONNX Runtime missing, no native bfloat16, or (for ONNX
-    Runtime's bf16) no OpenVINOExecutionProvider."""
+    """CPU rows that cannot run here: ONNX Runtime missing, no native bfloat16, (for ONNX
+    Runtime's bf16) no OpenVINOExecutionProvider, or (for int8) a quantiser too old for the
+    recipe (the OpenVINO build's)."""
+    from capture.errors import ReconstructionError
+    from reconstruct.backends.quantize import check_int8_support
     from reconstruct.backends.select import cpu_bf16_native, onnxruntime_providers, openvino_available
 
     skip = set()
     if onnxruntime_providers() is None:
         skip.update({"onnxruntime-cpu", "onnxruntime-int8-cpu"})
+    else:
+        try:
+            check_int8_support()
+        except ReconstructionError as exc:
+            print(f"onnxruntime-int8-cpu: skipped ({exc})")
+            skip.add("onnxruntime-int8-cpu")
     if not cpu_bf16_native():
         skip.add("torch-bf16-cpu")
     if not openvino_available():
