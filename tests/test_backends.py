@@ -970,6 +970,25 @@ def test_nan_from_the_network_gives_nan_depth_not_a_crash(tiny_weights: Path, tm
         result = reconstruct_stack(stack, method="dualfocus", weights=nan_weights, backend="torch", precision="fp32")
     assert np.isnan(result.depth).all() and result.all_in_focus.shape == (24, 32)
     assert "no finite depth" in caplog.text
+    # the contract: confidence is in [0, 1]; where there is no depth it is 0, not NaN
+    assert (result.confidence == 0).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_stack_eight_pixels_wide_gives_the_same_depth_on_every_run(precision: str) -> None:
+    """Padded to 8 px, the 1/8-resolution branch was one pixel wide, and CPU bf16 gave another
+    depth on each run of the same 64x8 stack, sometimes NaN everywhere (a reviewer's CLI runs);
+    stacks are now padded to 16 px."""
+    if precision == "bf16" and not infer.cpu_bf16_native():
+        pytest.skip("this CPU has no native bfloat16")
+    rng = np.random.default_rng(0)
+    slices = rng.random((6, 64, 8)).astype(np.float32)
+    focus = np.array([2.0, 0.5, 1.0, 0.7, 1.5, 0.6], np.float32)
+    weights = infer.shipped_weights("dualfocus-s")
+    runs = [infer.predict(slices, focus, weights=weights, backend="torch", precision=precision) for _ in range(4)]
+    for run in runs:
+        assert np.isfinite(run.depth_focus).all() and np.isfinite(run.confidence).all()
+        np.testing.assert_array_equal(run.depth_focus, runs[0].depth_focus)
 
 
 def test_a_weights_file_replaced_with_its_old_modification_time_is_hashed_again(tiny_weights: Path, tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ _FAILED: set[tuple] = set()  # (weights, shape, backend, device, precision) that
 PRECISION_SETTINGS = ("auto", "fp32", "fp16", "bf16", "int8")
 #: ``reconstruct.input_scale`` bounds: the network sees the slices resized by this factor
 INPUT_SCALE_RANGE = (0.1, 4.0)
+#: a stack is padded to at least this many pixels a side for the network
+MIN_SIDE_PX = 16
 
 
 def shipped_weights(model: str) -> Path:
@@ -219,7 +221,7 @@ def predict(
     0.0337 -> 0.0323, but worse on the simulated rig's scene, README); below 1 it trades depth
     detail for speed on large sensors. A resized side under 8 px is refused.
 
-    The stack is padded (edge-replicated) to multiples of 4, at least 8 px, and the outputs cropped back;
+    The stack is padded (edge-replicated) to multiples of 4, at least 16 px, and the outputs cropped back;
     every backend returns normalised depth (``reconstruct.backends.base``), converted here to
     focus units on the CPU in float32, so the units step is the same for all backends.
     """
@@ -242,7 +244,9 @@ def predict(
         x = x.expand(*x.shape[:-1], 3)
     x = x[..., :3].permute(0, 3, 1, 2)[None]  # [1, N, 3, H, W]
     h, w = x.shape[-2:]
-    ph, pw = max((-h) % 4, 8 - h), max((-w) % 4, 8 - w)  # multiples of 4, at least 8 px (what an export takes)
+    # multiples of 4, at least 16 px: at 8 px the 1/8-resolution branch is one pixel wide, where
+    # CPU bf16 gave different depth on each run of the same stack and sometimes NaN everywhere
+    ph, pw = max((-h) % 4, MIN_SIDE_PX - h), max((-w) % 4, MIN_SIDE_PX - w)
     if ph or pw:
         x = F.pad(x.reshape(-1, 3, h, w), (0, pw, 0, ph), mode="replicate").reshape(1, -1, 3, h + ph, w + pw)
     f = torch.from_numpy(np.asarray(focus, np.float32))[None]  # [1, N]
@@ -263,7 +267,7 @@ def predict(
         logger.warning("the network gave no finite depth at %d of %d pixels (diverged or overflowing weights?): NaN there", bad, h * w)
     return DualFocusPrediction(
         depth_focus=depth.numpy().astype(np.float32, copy=False),
-        confidence=np.ascontiguousarray(out["confidence"][0, :h, :w], np.float32),
+        confidence=np.where(torch.isfinite(depth).numpy(), np.ascontiguousarray(out["confidence"][0, :h, :w], np.float32), np.float32(0.0)),
         slice_position=np.ascontiguousarray(out["slice_position"][0, :h, :w], np.float32),
         device=runner.device, sha256=sha, backend=runner.name, precision=runner.precision,
     )
