@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 #: restarting re-synchronises it (at 50 ppm, 60 s is at most 3 ms of drift, about 1 % of a ramp).
 TRIANGLE_RESTART_S = 60.0
 
-__all__ = ["Rig", "open_rig", "build_scene"]
+__all__ = ["Rig", "open_rig", "build_scene", "check_focus_map"]
 
 
 def build_scene(camera_cfg: Any) -> Scene:
@@ -239,6 +239,12 @@ class Rig:
             logger.warning("while stopping after an error, closing the rig also failed: %s", close_exc)
 
 
+def check_focus_map(config: RigConfig) -> None:
+    """Fail before a run folder exists if the config's focus map cannot be built (a calibration
+    file that does not fit, a nominal model that does not fit the focus mode): one ConfigError."""
+    _focus_map(config)
+
+
 def _focus_map(config: RigConfig) -> FocusModel:
     """Metres <-> actuator value: the calibration file where the config names one, else the
     focus section's nominal model (in the actuator's unit)."""
@@ -254,6 +260,11 @@ def _focus_map(config: RigConfig) -> FocusModel:
             raise ConfigError(f"focus.nominal: the {foc.driver} lens in current mode needs a nominal model (offset_dpt, dpt_per_ma) or calibration.file")
         return LiquidLensFocusModel(offset_dpt=nominal.offset_dpt, dpt_per_ma=nominal.dpt_per_ma, base_focus_m=base)
     unit = {"optotune": "dpt", "gcode": "mm"}.get(foc.driver, "")
+    if nominal is not None and not hasattr(nominal, "dpt_per_unit"):  # a current-mode model (dpt_per_ma) in focal_power mode
+        raise ConfigError(
+            f"focus.nominal: offset_dpt and dpt_per_ma describe the lens in current mode; in {getattr(foc, 'mode', '')} mode the "
+            f"{foc.driver} driver sets the lens in diopters itself, so remove focus.nominal (or set focus.mode: current)"
+        )
     if nominal is None:
         if foc.driver == "gcode" or (foc.driver == "genicam" and foc.feature == "FocusStepper"):
             raise ConfigError(f"focus.nominal: the {foc.driver} focus needs a nominal model (offset_dpt, dpt_per_unit) or calibration.file")

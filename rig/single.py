@@ -19,8 +19,8 @@ from capture.sweep import SweepInterrupted
 from reconstruct.api import check_ready, reconstruct_stack
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult, write_result
-from rig.build import open_rig
-from rig.config import RigConfig, check_calibration_file, config_to_dict
+from rig.build import check_focus_map, open_rig
+from rig.config import RigConfig, config_to_dict
 from rig.runfolder import create_run_folder, write_yaml_atomic
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
     seconds: dict[str, float] = {}
     rc = config.reconstruct
     check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)  # before any capture
-    check_calibration_file(config)
+    check_focus_map(config)  # a calibration file or nominal model that cannot serve: before the run folder
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     try:
         return _capture_and_reconstruct(config, run_dir, seconds, show_progress=show_progress)

@@ -452,3 +452,17 @@ def test_simulated_camera_refuses_a_hardware_lens() -> None:
     raw = {"focus": {"driver": "optotune", "port": "emulator", "nominal": {"offset_dpt": 0, "dpt_per_ma": 0.01}}}
     with pytest.raises(ConfigError, match="focus.driver: the simulated camera needs the simulated focus"):
         open_rig(parse_config(raw))
+
+
+def test_focal_power_mode_with_a_current_mode_nominal_is_one_line(tmp_path: Path) -> None:
+    """configs/optotune_genicam.yaml offers `mode: current  # current | focal_power` with a
+    current-mode nominal model; switching only the mode was an AttributeError traceback."""
+    from rig.build import _focus_map
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "optotune_genicam.yaml").read_text(encoding="utf-8")
+    text = text.replace("  mode: current ", "  mode: focal_power ", 1)
+    config = load_config(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"^focus.nominal: offset_dpt and dpt_per_ma describe the lens in current mode; in focal_power mode"):
+        _focus_map(config)
+    config.focus.nominal = None  # without it: the lens is set in diopters
+    assert _focus_map(config).unit == "dpt"
