@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from capture.devices import Camera, FocusActuator, Frame
-from capture.errors import InputError, RigError
+from capture.errors import ConfigError, InputError, RigError
 from capture.stack import FocalStack
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,20 @@ class SweepInterrupted(RigError):
         self.exit_code = getattr(cause, "exit_code", 130 if isinstance(cause, KeyboardInterrupt) else 3)
 
 
+def check_reachable(actuator: FocusActuator, distances_m: Sequence[float], values: Sequence[float]) -> None:
+    """ConfigError naming ``sweep.range_m`` where a planned slice's actuator value lies outside
+    the device's limits (the first such slice, and how many)."""
+    lo, hi = actuator.limits
+    bad = [(float(d), float(v)) for d, v in zip(distances_m, values, strict=True) if not (math.isfinite(v) and lo <= v <= hi)]
+    if bad:
+        d, v = bad[0]
+        raise ConfigError(
+            f"sweep.range_m: focus distance {d:.4g} m needs {v:.4g} {actuator.unit} on {actuator.name}, outside its limits "
+            f"[{lo:g}, {hi:g}] {actuator.unit} ({len(bad)} of {len(values)} planned slices); narrow sweep.range_m, or check "
+            "focus.nominal / calibration.file; nothing was captured"
+        )
+
+
 def sweep(
     camera: Camera,
     actuator: FocusActuator,
@@ -122,11 +136,16 @@ def sweep(
     try:
         # once per stack, before planning: the focus map's temperature term compensates it
         thermal = thermal_kwargs(focus_map.actuator_value, actuator.temperature_c())
-        for i, distance_m in enumerate(distances_m):
-            value = float(focus_map.actuator_value(float(distance_m), **thermal))
+        # every slice planned and checked against the device's limits before the first move,
+        # so an unreachable sweep captures nothing instead of stopping half way
+        values = [float(focus_map.actuator_value(float(d), **thermal)) for d in distances_m]
+        check_reachable(actuator, distances_m, values)
+        # a stage's move can take seconds at its feed rate: wait at least its own per-move limit
+        settle_s = max(float(settle_timeout_s), float(getattr(actuator, "move_timeout_s", 0.0) or 0.0))
+        for i, (distance_m, value) in enumerate(zip(distances_m, values, strict=True)):
             actuator.move_to(value)
             t_cmd = time.monotonic()
-            t_ready = actuator.wait_settled(timeout_s=settle_timeout_s) if wait_settled else t_cmd
+            t_ready = actuator.wait_settled(timeout_s=settle_s) if wait_settled else t_cmd
             frame = camera.grab(start_after_host_s=t_ready, timeout_s=grab_timeout_s)
             entry = {
                 "actuator_value": round(value, 4),
@@ -147,6 +166,8 @@ def sweep(
             slice_meta.append(entry)
             if progress is not None:
                 progress(i + 1, n)
+    except ConfigError:
+        raise  # the plan does not fit the rig: nothing was captured
     except (RigError, KeyboardInterrupt) as exc:
         what = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
         raise SweepInterrupted(

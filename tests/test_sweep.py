@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.focus_model import LiquidLensFocusModel
-from capture.errors import DeviceTimeout, InputError
+from capture.errors import ConfigError, DeviceTimeout, InputError
 from capture.optics import ThinLens
 from capture.scenes import procedural_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
@@ -162,12 +162,13 @@ def test_device_timeout_mid_sweep_keeps_the_frames_captured(rig) -> None:
     assert "1 of 3" in str(err)
 
 
-def test_sweep_outside_the_lens_limits_is_interrupted(rig) -> None:
-    cam, lens, _ = rig
-    with pytest.raises(SweepInterrupted) as info:
-        sweep(cam, lens, NOMINAL, [2.0, 0.05])  # 20 dpt needs ~1200 mA
-    assert len(info.value.frames) == 1
-    assert isinstance(info.value.cause, InputError)
+def test_a_sweep_outside_the_lens_limits_is_refused_before_the_first_move(rig) -> None:
+    """It used to capture the reachable slices and stop at the first unreachable one (a
+    half stack, and a message naming neither the field nor the file)."""
+    cam, lens, grabbed = rig
+    with pytest.raises(ConfigError, match=r"^sweep.range_m: focus distance 0.05 m needs .* mA on .*outside its limits .*\(1 of 3 planned slices\)"):
+        sweep(cam, lens, NOMINAL, [2.0, 1.0, 0.05])  # 20 dpt needs ~1200 mA
+    assert grabbed == []
 
 
 @pytest.mark.parametrize("distances", [[], [1.0]])
