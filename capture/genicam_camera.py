@@ -206,14 +206,15 @@ class GenicamCamera(Camera):
             self._set_roi(nm)
         if self.frame_rate_hz is not None:
             self._set("AcquisitionFrameRateEnable", True, quiet=True)
-            self._set("AcquisitionFrameRate", float(self.frame_rate_hz))
+            self._set("AcquisitionFrameRate", float(self.frame_rate_hz), field=("frame_rate_hz", 1.0, "Hz"))
         if self.exposure_requested_s is not None:
             self._set("ExposureAuto", "Off", quiet=True)
-            if not self._set("ExposureTime", self.exposure_requested_s * 1e6, quiet=True):
-                self._set("ExposureTimeAbs", self.exposure_requested_s * 1e6, report_as="ExposureTime")
+            exposure = ("exposure_s", 1e-6, "s")  # the features are in microseconds, the field in seconds
+            if not self._set("ExposureTime", self.exposure_requested_s * 1e6, quiet=True, field=exposure):
+                self._set("ExposureTimeAbs", self.exposure_requested_s * 1e6, report_as="ExposureTime", field=exposure)
         if self.gain_requested_db is not None:
             self._set("GainAuto", "Off", quiet=True)
-            self._set("Gain", float(self.gain_requested_db))
+            self._set("Gain", float(self.gain_requested_db), field=("gain_db", 1.0, "dB"))
         self._setup_trigger()
         if self.trigger == "free_run":
             stream = node(ia.data_streams[0].node_map, "StreamBufferHandlingMode")
@@ -236,6 +237,10 @@ class GenicamCamera(Camera):
             raise ConfigError(f"camera.trigger: hardware triggering needs TriggerMode, which {self.name} does not have")
         self._set("TriggerSelector", "FrameStart", quiet=True)
         self._set("TriggerMode", "On")
+        if self.trigger == "hardware":
+            options = _symbolics(self._node("TriggerSource")) if self._node("TriggerSource") is not None else ()
+            if options and self.trigger_source not in options:
+                raise ConfigError(f"camera.trigger_source: {self.trigger_source!r} not offered by {self.name}; valid: {', '.join(options)}")
         self._set("TriggerSource", "Software" if self.trigger == "software" else self.trigger_source)
         if self.trigger == "hardware":
             self._set("TriggerActivation", "RisingEdge", quiet=True)
@@ -261,18 +266,39 @@ class GenicamCamera(Camera):
             raise ConfigError(f"camera.{field}: {self.name} has no {feature} feature")
         return n
 
-    def _set(self, feature: str, value: Any, *, quiet: bool = False, report_as: str | None = None) -> bool:
-        """Write a feature if the device has it (True); a missing one is a warning unless ``quiet``."""
+    def _set(self, feature: str, value: Any, *, quiet: bool = False, report_as: str | None = None,
+             field: tuple[str, float, str] | None = None) -> bool:
+        """Write a feature if the device has it (True); a missing one is a warning unless ``quiet``.
+
+        ``field`` is ``(config field, scale, unit)`` for a number the user configured (the
+        field's value is the feature's times ``scale``): a value outside the node's min/max, or
+        one the device refuses as out of range, is a :class:`ConfigError` naming
+        ``camera.<field>`` and the allowed range. Other write failures are device errors.
+        """
         n = self._node(feature)
         if n is None:
             if not quiet:
                 self._missing(report_as or feature, f"{value!r} not applied")
             return False
+        limits = _limits(n) if field is not None else None
+        if limits is not None and not limits[0] <= value <= limits[1]:
+            raise self._out_of_range(feature, value, field, limits)  # type: ignore[arg-type]
         try:
             n.value = value
         except Exception as exc:
+            if field is not None and type(exc).__name__ == "OutOfRangeException":
+                raise self._out_of_range(feature, value, field, _limits(n), exc) from exc
             raise DeviceError(f"{self.name}: writing {feature} = {value!r} failed: {exc}") from exc
         return True
+
+    def _out_of_range(self, feature: str, value: Any, field: tuple[str, float, str],
+                      limits: tuple[float, float] | None, exc: BaseException | None = None) -> ConfigError:
+        name, scale, unit = field
+        if limits is not None:
+            allowed = f"{self.name} allows {limits[0] * scale:g} to {limits[1] * scale:g} {unit} ({feature})"
+        else:  # the node gave no min/max: the device's own words, on one line
+            allowed = f"{self.name} refused it ({feature}): {' '.join(str(exc).split()).split(' : ')[0]}"
+        return ConfigError(f"camera.{name}: {value * scale:g} {unit} is out of range; {allowed}")
 
     def _missing(self, feature: str, consequence: str) -> None:
         self.missing_features.append(feature)
@@ -385,6 +411,17 @@ class GenicamCamera(Camera):
 
     def _lost(self, what: str, exc: BaseException) -> DeviceError:
         return DeviceError(f"{self.name}: {what} failed, the device may have been disconnected: {type(exc).__name__}: {exc}")
+
+
+def _limits(num_node: Any) -> tuple[float, float] | None:
+    """``(min, max)`` of an IFloat / IInteger node, or None where it has none (or cannot say now)."""
+    try:
+        lo, hi = num_node.min, num_node.max
+        if lo is None or hi is None:
+            return None
+        return float(lo), float(hi)
+    except Exception:  # not a number node, or the limits are not readable in this state
+        return None
 
 
 def _symbolics(enum_node: Any) -> tuple[str, ...]:

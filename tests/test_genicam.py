@@ -167,6 +167,24 @@ def test_viky_roi_and_a_bad_pixel_format() -> None:
 
 
 @needs_viky
+def test_a_frame_rate_outside_the_device_range_is_a_config_error_naming_the_field() -> None:
+    cam = GenicamCamera(producer="viky", serial_number="0", pixel_format="Mono8", frame_rate_hz=500)
+    with pytest.raises(ConfigError, match=r"^camera.frame_rate_hz: 500 Hz is out of range; genicam Viky #0 allows 1 to 200 Hz") as err:
+        cam.open()
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert not cam.is_open
+
+
+@needs_viky
+def test_an_out_of_range_refusal_on_write_is_a_config_error_too(monkeypatch) -> None:
+    """Where the node's limits cannot be read first, the device's OutOfRangeException on the write maps the same way."""
+    monkeypatch.setattr("capture.genicam_camera._limits", lambda n: None)
+    with pytest.raises(ConfigError, match=r"^camera.frame_rate_hz: 500 Hz is out of range; genicam Viky #0 refused it \(AcquisitionFrameRate\): Value 500.* 200") as err:
+        GenicamCamera(producer="viky", index=0, pixel_format="Mono8", frame_rate_hz=500).open()
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
+@needs_viky
 def test_free_run_takes_a_frame_that_started_after_settling() -> None:
     with GenicamCamera(producer="viky", index=0, pixel_format="Mono8", frame_rate_hz=50) as cam:
         first = cam.grab()
@@ -360,3 +378,37 @@ def test_in_camera_focus_on_a_camera_without_optic_control() -> None:
         with pytest.raises(ConfigError, match="no FocalPower or FocusStepper feature"):
             focus.open()
         assert not focus.is_open
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"exposure_s": 2.0}, r"^camera.exposure_s: 2 s is out of range; genicam Stand-in #SN1 allows 1e-05 to 1 s \(ExposureTime\)"),
+    ({"gain_db": 30.0}, r"^camera.gain_db: 30 dB is out of range; genicam Stand-in #SN1 allows 0 to 24 dB \(Gain\)"),
+    ({"trigger": "hardware", "trigger_source": "Line9"}, r"^camera.trigger_source: 'Line9' not offered by genicam Stand-in #SN1; valid: Line0, Software"),
+])
+def test_settings_the_device_does_not_allow_are_config_errors(tmp_path: Path, monkeypatch, setting: dict, message: str) -> None:
+    cti = tmp_path / "standin.cti"
+    cti.write_bytes(b"")
+    monkeypatch.setattr("harvesters.core.Harvester", _FakeHarvester)
+    with pytest.raises(ConfigError, match=message) as err:
+        GenicamCamera(producer=str(cti), **setting).open()
+    assert err.value.exit_code == 2
+
+
+def test_a_write_the_device_fails_for_other_reasons_stays_a_device_error(tmp_path: Path, monkeypatch) -> None:
+    cti = tmp_path / "standin.cti"
+    cti.write_bytes(b"")
+
+    class _Locked(_FakeHarvester):
+        def create(self, index: int) -> _FakeAcquirer:
+            ia = super().create(index)
+
+            def refuse(v: object) -> None:
+                raise RuntimeError("AccessException: node not writable")
+
+            ia.remote_device.node_map._nodes["Gain"] = FakeNode(0.0, min=0.0, max=24.0, on_write=refuse)
+            return ia
+
+    monkeypatch.setattr("harvesters.core.Harvester", _Locked)
+    with pytest.raises(DeviceError, match=r"writing Gain = 6.0 failed: AccessException") as err:
+        GenicamCamera(producer=str(cti), gain_db=6.0).open()
+    assert err.value.exit_code == 3 and not isinstance(err.value, ConfigError)
