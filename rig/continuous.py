@@ -43,10 +43,10 @@ from capture.sweep import SweepInterrupted
 from reconstruct.api import check_ready, reconstruct_stack, warm_up_network
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
-from rig.build import Rig, open_rig
-from rig.config import RigConfig, check_calibration_file, config_to_dict
+from rig.build import Rig, check_focus_map, open_rig
+from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
-from rig.sinks import StackSink, build_sinks, folder_name
+from rig.sinks import StackSink, build_sinks, check_sinks, folder_name
 from rig.single import save_incomplete
 
 logger = logging.getLogger(__name__)
@@ -444,10 +444,12 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     """
     rc = config.reconstruct
     check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
-    check_calibration_file(config)
+    check_focus_map(config)  # a calibration file or nominal model that cannot serve: before the run folder
+    geometry = _sink_geometry(config)
+    check_sinks(config.output, config.live, **geometry)  # a bad config leaves no run folder behind
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
-    sinks = build_sinks(config.output, config.live, run_dir, **_sink_geometry(config))
+    sinks = build_sinks(config.output, config.live, run_dir, **geometry)
     status = (lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)) if show_status else None
     pipeline = _Pipeline(config, run_dir, sinks, count=count, duration_s=duration_s, capture=capture, status=status)
     installed, previous_term = _sigterm_as_ctrl_c()

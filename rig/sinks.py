@@ -70,6 +70,7 @@ __all__ = [
     "Sink",
     "StackSink",
     "build_sinks",
+    "check_sinks",
     "check_free_space",
     "depth_to_points",
     "folder_name",
@@ -768,6 +769,48 @@ def _display_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def check_sinks(
+    output_cfg: OutputConfig,
+    live_cfg: LiveConfig,
+    *,
+    intrinsics: Intrinsics | None = None,
+    focal_length_px: float | None = None,
+    image_hw: tuple[int, int] | None = None,
+) -> CameraModel | None:
+    """The config checks of :func:`build_sinks`, touching no file: run them before making the
+    run folder, so that a bad config leaves nothing behind. Returns the camera model the point
+    cloud and rerun sinks use (None where there is none). Arguments as :func:`build_sinks`.
+
+    Raises:
+        ConfigError: as :func:`build_sinks`.
+    """
+    camera: CameraModel | None = None
+    if intrinsics is not None:
+        camera = CameraModel.from_intrinsics(intrinsics)
+        if image_hw is not None and camera.image_hw is not None and tuple(image_hw) != camera.image_hw:
+            raise ConfigError(
+                f"calibration.file: the intrinsics are for {camera.image_hw[1]}x{camera.image_hw[0]} pixels, "
+                f"the camera gives {image_hw[1]}x{image_hw[0]}; recalibrate at this resolution "
+                "(needed by output.point_cloud and live.rerun)"
+            )
+    elif focal_length_px is not None and focal_length_px > 0 and math.isfinite(focal_length_px):
+        camera = CameraModel.from_focal_length(focal_length_px, image_hw)
+    if live_cfg.rerun:
+        try:
+            importlib.import_module("rerun")
+        except ImportError:
+            raise ConfigError(
+                f"live.rerun: true needs the rerun SDK, which is not installed: {RERUN_INSTALL_HINT} "
+                "(or set live.rerun: false)"
+            ) from None
+    if output_cfg.point_cloud and camera is None:
+        raise ConfigError(
+            "output.point_cloud: needs camera intrinsics (calibration.file with an intrinsics section) "
+            "or the lens focal length in pixels; calibrate the camera or set output.point_cloud: false"
+        )
+    return camera
+
+
 def build_sinks(
     output_cfg: OutputConfig,
     live_cfg: LiveConfig,
@@ -797,28 +840,8 @@ def build_sinks(
     """
     root = Path(run_dir)
     min_free = float(output_cfg.min_free_gb)
-    camera: CameraModel | None = None
-    if intrinsics is not None:
-        camera = CameraModel.from_intrinsics(intrinsics)
-        if image_hw is not None and camera.image_hw is not None and tuple(image_hw) != camera.image_hw:
-            raise ConfigError(
-                f"calibration.file: the intrinsics are for {camera.image_hw[1]}x{camera.image_hw[0]} pixels, "
-                f"the camera gives {image_hw[1]}x{image_hw[0]}; recalibrate at this resolution "
-                "(needed by output.point_cloud and live.rerun)"
-            )
-    elif focal_length_px is not None and focal_length_px > 0 and math.isfinite(focal_length_px):
-        camera = CameraModel.from_focal_length(focal_length_px, image_hw)
-
-    # rerun first: a missing extra is a config error before anything is written
+    camera = check_sinks(output_cfg, live_cfg, intrinsics=intrinsics, focal_length_px=focal_length_px, image_hw=image_hw)
     rerun_sink: RerunSink | None = None
-    if live_cfg.rerun:
-        try:
-            importlib.import_module("rerun")
-        except ImportError:
-            raise ConfigError(
-                f"live.rerun: true needs the rerun SDK, which is not installed: {RERUN_INSTALL_HINT} "
-                "(or set live.rerun: false)"
-            ) from None
 
     sinks: list[Sink] = []
     if output_cfg.record_stacks:
@@ -827,11 +850,7 @@ def build_sinks(
         sinks.append(OmeTiffSink(root, every_nth=output_cfg.every_nth, min_free_gb=min_free))
     sinks.append(DepthSink(root, png16=output_cfg.depth_png16, preview=output_cfg.preview, min_free_gb=min_free))
     if output_cfg.point_cloud:
-        if camera is None:
-            raise ConfigError(
-                "output.point_cloud: needs camera intrinsics (calibration.file with an intrinsics section) "
-                "or the lens focal length in pixels; calibrate the camera or set output.point_cloud: false"
-            )
+        assert camera is not None  # check_sinks refused a point cloud without one
         if intrinsics is None:
             logger.warning(
                 "output.point_cloud: no calibrated intrinsics; using fx = fy = %.1f px from the lens model with the "

@@ -470,3 +470,39 @@ def test_the_classical_method_has_no_network_to_warm_up(tmp_path: Path, monkeypa
     monkeypatch.setattr(cont_mod, "warm_up_network", lambda *a, **k: called.append(1))
     run = run_continuous(parse_config(_doc(tmp_path, when_behind="block")), count=1, show_status=False)
     assert run.exit_code == 0 and not called and "network" not in run.summary and "network_warm_up_s" not in run.summary
+
+
+def _viky_without_optics(out: Path) -> dict:
+    """A GenICam camera (viky) and the Optotune emulator: no optics section, so no focal length."""
+    return {
+        "name": "noopt",
+        "camera": {"driver": "genicam", "producer": "viky", "serial_number": "0", "pixel_format": "Mono8"},
+        "focus": {"driver": "optotune", "port": "emulator", "nominal": {"offset_dpt": -0.49, "dpt_per_ma": 0.0166}},
+        "sweep": {"range_m": [0.4, 2.0], "slices": 3},
+        "reconstruct": {"method": "classical"},
+        "output": {"dir": str(out), "point_cloud": True, "min_free_gb": 0.0},
+    }
+
+
+@pytest.mark.parametrize("case", ["point_cloud_without_optics", "rerun_not_installed"])
+def test_a_sink_config_error_leaves_no_run_folder(tmp_path: Path, monkeypatch, capsys, case: str) -> None:
+    """The sink checks are config checks: they run before the run folder is made, so a bad config
+    leaves nothing behind and no run folder is printed; one line, exit code 2."""
+    from rig.cli import main as rig_main
+
+    out = tmp_path / "runs"
+    if case == "point_cloud_without_optics":
+        doc, field = _viky_without_optics(out), "output.point_cloud"
+    else:
+        doc, field = _doc(out), "live.rerun"
+        doc["live"] = {"rerun": True}
+        monkeypatch.setitem(sys.modules, "rerun", None)  # import rerun raises ImportError, installed or not
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    rc = rig_main(["--config", str(path), "--mode", "continuous", "--count", "2", "--no-progress", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {path}: {field}: ")
+    assert "run folder" not in captured.out + captured.err
+    assert not out.exists()

@@ -36,6 +36,7 @@ from rig.sinks import (
     StackSink,
     build_sinks,
     check_free_space,
+    check_sinks,
     depth_to_points,
 )
 
@@ -184,6 +185,19 @@ def test_point_cloud_config_errors(tmp_path):
         build_sinks(cfg, LiveConfig(), tmp_path)
     with pytest.raises(ConfigError, match=r"calibration\.file.*recalibrate"):
         build_sinks(cfg, LiveConfig(), tmp_path, intrinsics=_intrinsics(40, 40, 16, 12, size=(64, 48)), image_hw=(H, W))
+
+
+def test_check_sinks_raises_the_config_errors_without_a_run_folder(monkeypatch):
+    """The checks alone, before any folder exists (continuous mode runs them first)."""
+    with pytest.raises(ConfigError, match=r"^output\.point_cloud: needs camera intrinsics"):
+        check_sinks(OutputConfig(point_cloud=True), LiveConfig())
+    with pytest.raises(ConfigError, match=r"^calibration\.file.*recalibrate"):
+        check_sinks(OutputConfig(), LiveConfig(), intrinsics=_intrinsics(40, 40, 16, 12, size=(64, 48)), image_hw=(H, W))
+    camera = check_sinks(OutputConfig(point_cloud=True), LiveConfig(), focal_length_px=50.0, image_hw=(H, W))
+    assert camera is not None and camera.fx_px == 50.0
+    monkeypatch.setitem(sys.modules, "rerun", None)  # import rerun -> ImportError
+    with pytest.raises(ConfigError, match=r"^live\.rerun.*pip install rerun-sdk"):
+        check_sinks(OutputConfig(), LiveConfig(rerun=True))
 
 
 def test_point_cloud_skips_relative_depth_with_one_warning(tmp_path, caplog):
