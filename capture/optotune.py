@@ -551,7 +551,9 @@ class OptotuneLensDriver(FocusActuator):
                             raise _Refused(str(exc)) from exc
                         self._fail(ProtocolError(f"{self._where()}: command {command.description}: {exc}"), exc)
                     problem = str(exc) if data else "no reply"
-                    logger.log(log_level, "%s: command %s: %s (try %d of %d)", self._where(), command.description, problem, attempt, tries)
+                    # a try that another follows is worth a warning; the last one's failure is raised (and reported once)
+                    logger.log(log_level if attempt < tries else logging.DEBUG,
+                               "%s: command %s: %s (try %d of %d)", self._where(), command.description, problem, attempt, tries)
                     continue
                 if attempt > 1:
                     logger.info("%s: command %s succeeded on try %d of %d", self._where(), command.description, attempt, tries)
@@ -612,7 +614,7 @@ class OptotuneLensDriver(FocusActuator):
     def _fail(self, error: DeviceError, cause: BaseException | None) -> NoReturn:
         """Park the lens (once the handshake succeeded: never poke an unknown device), close
         the port, mark the driver closed and raise ``error``."""
-        logger.error("%s", error)
+        logger.debug("%s", error)  # raised: the caller reports it (once)
         self._shutdown(park=self._handshake_ok, reason="after an error")
         self._open = False
         raise error from cause

@@ -728,6 +728,54 @@ def test_a_query_error_right_after_a_set_command_is_still_retried(drivers: list)
         emu.stop()
 
 
+@needs_pty
+@pytest.mark.parametrize("fault", ["error_reply", "corrupt_crc", "stall"])
+def test_a_raised_failure_is_not_also_logged_as_an_error(emulator: OptotuneEmulator, drivers: list, caplog, fault: str) -> None:
+    """The caller reports the raised error (the CLI's one ``error:`` line): the driver must not
+    log the same text at ERROR as well (at most DEBUG)."""
+    lens = make_driver(drivers, emulator.port, timeout_s=0.1, retries=1)
+    lens.open()
+    if fault == "error_reply":
+        emulator.error_replies[b"TCA"] = 2
+    else:
+        emulator.inject(fault)
+    with caplog.at_level("DEBUG", logger="capture.optotune"):
+        with pytest.raises(DeviceError) as info:
+            lens.temperature_c()
+    message = str(info.value)
+    assert [r.getMessage() for r in caplog.records if r.name == "capture.optotune" and r.levelno >= 40] == []
+    assert [r.levelname for r in caplog.records if r.getMessage() == message] == ["DEBUG"]
+    assert not lens.is_open
+
+
+@needs_pty
+def test_the_command_line_shows_an_ld4_failure_once(tmp_path: Path) -> None:
+    """run_rig.py with the lens on a stalled emulator: one ``error:`` line, no ERROR log line repeating it."""
+    import yaml
+
+    from capture.gentl import viky_path
+
+    if not viky_path().is_file():
+        pytest.skip("viky.cti not found (genicam wheel)")
+    doc = {
+        "name": "ld4", "camera": {"driver": "genicam", "producer": "viky", "serial_number": "0", "pixel_format": "Mono8"},
+        "sweep": {"range_m": [0.4, 2.0], "slices": 3}, "reconstruct": {"method": "classical"},
+        "output": {"dir": str(tmp_path / "runs"), "preview": False, "min_free_gb": 0.0},
+    }
+    with OptotuneEmulator(fault="stall") as emu:
+        doc["focus"] = {"driver": "optotune", "port": emu.port, "timeout_s": 0.1, "retries": 0,
+                        "nominal": {"offset_dpt": -0.49, "dpt_per_ma": 0.0166}}
+        cfg = tmp_path / "rig.yaml"
+        cfg.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.run([sys.executable, str(ROOT / "run_rig.py"), "--config", str(cfg)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "Start (handshake)" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and emu.port in lines[0], proc.stderr
+    assert " ERROR " not in proc.stderr, proc.stderr
+
+
 def test_missing_port_is_a_device_error_naming_it(drivers: list) -> None:
     pytest.importorskip("serial")
     missing = "/dev/ttyACM_does_not_exist_42" if os.name == "posix" else "COM250"
