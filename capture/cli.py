@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RigError
 
-__all__ = ["OneLineArgumentParser", "one_line_errors"]
+__all__ = ["OneLineArgumentParser", "one_line_errors", "quiet_opencv"]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -39,3 +39,14 @@ def one_line_errors(body: Callable[[], int], *, debug: bool) -> int:
             raise
         print("error: interrupted by the user", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def quiet_opencv() -> None:
+    """Keep OpenCV's own decoder messages (``[ WARN:0@...] ... PNG input buffer is incomplete``)
+    off stderr: our commands report each unreadable image once, in their one ``error:`` line."""
+    try:
+        import cv2.utils.logging as cv_logging
+
+        cv_logging.setLogLevel(cv_logging.LOG_LEVEL_SILENT)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenCV build
+        pass

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capture.cli import OneLineArgumentParser
+from capture.cli import OneLineArgumentParser, quiet_opencv
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError
 from capture.imageio import IMAGE_SUFFIXES, read_image
 from capture.stack import FocalStack
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s: %(name)s: %(message)s")
     if not debug:
-        _quiet_opencv()
+        quiet_opencv()
     try:
         args = _parser().parse_args(argv)
         out = Path(args.out)
@@ -214,15 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     print(written)
     return EXIT_OK
 
-
-def _quiet_opencv() -> None:
-    """Keep OpenCV's own decoder messages off stderr (we report each failure once, naming the file)."""
-    try:
-        import cv2.utils.logging as cv_logging
-
-        cv_logging.setLogLevel(cv_logging.LOG_LEVEL_SILENT)
-    except (ImportError, AttributeError):  # pragma: no cover - depends on the OpenCV build
-        pass
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import shlex
 import time
 from pathlib import Path
 
-from capture.cli import OneLineArgumentParser, one_line_errors
+from capture.cli import OneLineArgumentParser, one_line_errors, quiet_opencv
 from capture.errors import OutputError, ReconstructionError, StackFormatError
 from capture.imageio import IMAGE_SUFFIXES
 from capture.stack import STACK_YAML, FocalStack
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 or args.debug else logging.INFO if args.verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        quiet_opencv()
     return one_line_errors(lambda: _run(args), debug=args.debug)
 
 

@@ -255,3 +255,13 @@ def test_a_linked_stack_yaml_reads_the_stack_beside_its_target(tmp_path: Path) -
         (tmp_path / "links" / name).symlink_to(folder / "stack.yaml")
         proc = _run("-m", "reconstruct", tmp_path / "links" / name, "--out", tmp_path / f"out_{name}", "--method", "classical")
         assert proc.returncode == 0, proc.stderr
+
+
+def test_a_truncated_slice_is_one_line_without_opencvs_own_warning(tmp_path: Path) -> None:
+    """OpenCV printed "[ WARN:0@...] ... PNG input buffer is incomplete" above our error line."""
+    stack = _stack(tmp_path / "stack")
+    victim = sorted(stack.glob("*.png"))[1]
+    victim.write_bytes(victim.read_bytes()[:300])
+    out = tmp_path / "out"
+    line = _one_error_line(_run("-m", "reconstruct", stack, "--out", out, "--method", "classical"), victim.name)
+    assert "cannot decode" in line and not out.exists()
