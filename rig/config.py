@@ -374,8 +374,11 @@ def _validate(model: type[BaseModel], data: Any, *, source: str, prefix: tuple[s
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = len(exc.errors()) - 1
+        errors = exc.errors()
+        # an unknown key first: a typo ('prot') also makes its field missing ('port'), and the
+        # typo is what the user has to see
+        first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0])
+        more = len(errors) - 1
         tail = f" (and {more} more)" if more else ""
         raise ConfigError(f"{source}: {_describe(first, prefix)}{tail}") from exc
 

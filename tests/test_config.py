@@ -466,3 +466,11 @@ def test_focal_power_mode_with_a_current_mode_nominal_is_one_line(tmp_path: Path
         _focus_map(config)
     config.focus.nominal = None  # without it: the lens is set in diopters
     assert _focus_map(config).unit == "dpt"
+
+
+def test_a_typo_in_a_required_key_names_the_typo_first(tmp_path: Path) -> None:
+    """`focus: {prot: ...}` reported "focus.port: missing (required) (and 1 more)", hiding `prot`."""
+    text = (Path(__file__).resolve().parents[1] / "configs" / "optotune_genicam.yaml").read_text(encoding="utf-8")
+    text = text.replace("  port: /dev/ttyACM0", "  prot: /dev/ttyACM0", 1)
+    with pytest.raises(ConfigError, match=r"focus\.prot: unknown key.* \(and 1 more\)$"):
+        load_config(_write(tmp_path, text))
