@@ -141,6 +141,9 @@ class FocusActuator(_Device):
     """
 
     unit: str = ""
+    #: the longest one move may take (a stage's travel at its feed rate; 0 for a lens, which
+    #: settles in milliseconds): a sweep waits at least this long for each slice to settle
+    move_timeout_s: float = 0.0
 
     @property
     @abstractmethod

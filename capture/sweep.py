@@ -141,7 +141,7 @@ def sweep(
         values = [float(focus_map.actuator_value(float(d), **thermal)) for d in distances_m]
         check_reachable(actuator, distances_m, values)
         # a stage's move can take seconds at its feed rate: wait at least its own per-move limit
-        settle_s = max(float(settle_timeout_s), float(getattr(actuator, "move_timeout_s", 0.0) or 0.0))
+        settle_s = max(float(settle_timeout_s), actuator.move_timeout_s)
         for i, (distance_m, value) in enumerate(zip(distances_m, values, strict=True)):
             actuator.move_to(value)
             t_cmd = time.monotonic()

@@ -323,14 +323,12 @@ def check_quantiser_version(quantize_static: Callable) -> None:
     import onnxruntime
 
     if _installed_distribution("onnxruntime-openvino"):  # the OpenVINO build: installing the plain wheel over it breaks both
-        raise ReconstructionError(
-            f"precision: int8 needs onnxruntime 1.27 or newer (its quantiser takes activation ranges measured on another graph); "
-            f"installed: onnxruntime-openvino {onnxruntime.__version__}, whose quantiser is older (the plain build has it: "
-            "ORT_BUILD=plain ./setup.sh); fp32 and bf16 run in it"
-        )
+        installed = (f"onnxruntime-openvino {onnxruntime.__version__}, whose quantiser is older (the plain build has it: "
+                     "ORT_BUILD=plain ./setup.sh); fp32 and bf16 run in it")
+    else:
+        installed = f"onnxruntime {onnxruntime.__version__} (pip install -U 'onnxruntime>=1.27'); fp32 runs in it"
     raise ReconstructionError(
-        f"precision: int8 needs onnxruntime 1.27 or newer (its quantiser takes activation ranges measured on another graph); "
-        f"installed: onnxruntime {onnxruntime.__version__} (pip install -U 'onnxruntime>=1.27'); fp32 runs in it"
+        f"precision: int8 needs onnxruntime 1.27 or newer (its quantiser takes activation ranges measured on another graph); installed: {installed}"
     )
 
 
@@ -387,12 +385,9 @@ def quantize_int8(
     ``calibration_onnx``: the fp32 graph exported for :func:`calibration_shape` ``(shape)``,
     where that differs from ``shape``: the activation ranges are measured on it (tensor names do
     not depend on the shape) and applied to the graph of ``shape``."""
-    try:
-        import onnx
-        from onnxruntime.quantization import quantize_static
-    except ImportError as exc:
-        raise ReconstructionError(f"precision: int8 needs the onnx and onnxruntime packages (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
-    check_quantiser_version(quantize_static)
+    check_int8_support()
+    import onnx
+    from onnxruntime.quantization import quantize_static
 
     cal_shape = calibration_shape(shape)
     if cal_shape != tuple(shape) and calibration_onnx is None:

@@ -24,7 +24,7 @@
 ``precision: int8`` (asked for by name: it changes the numbers slightly) makes ``auto`` and
 ``onnxruntime`` run ONNX Runtime's int8 graph on the CPU, GPU or not. ``precision: bf16`` on
 the CPU makes ``auto`` weigh the two bf16 figures (torch, and onnxruntime where OpenVINO is
-installed), torch without a measurement.
+installed); without both, torch, or onnxruntime where OpenVINO is installed (point 4).
 
 The choice is logged at INFO with its reason the first time (and whenever it changes), at
 DEBUG on repeated calls, so a continuous run does not log it for every stack. An explicit
@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 from capture.errors import ReconstructionError
 from reconstruct.backends.export import cache_dir
+from reconstruct.backends.onnxruntime_backend import OPENVINO_PROVIDER
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def openvino_available() -> bool:
     """Whether ONNX Runtime can compute bf16 on this CPU: the installed onnxruntime has
     OpenVINOExecutionProvider (the onnxruntime-openvino build) and the CPU computes
     bfloat16 natively."""
-    return "OpenVINOExecutionProvider" in (onnxruntime_providers() or []) and cpu_bf16_native()
+    return OPENVINO_PROVIDER in (onnxruntime_providers() or []) and cpu_bf16_native()
 
 
 def available_backends() -> list[str]:
