@@ -36,6 +36,7 @@ from capture.devices import Camera, FocusActuator
 from capture.atomic import write_text_atomic
 from capture.errors import CalibrationError, InputError
 from capture.imageio import read_image, write_image
+from capture.sweep import settle_wait_s
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class CalibrationSession:
     # ------------------------------------------------------------------ capture helpers
     def _frame_at(self, value: float) -> np.ndarray:
         self.actuator.move_to(value)
-        t_ready = self.actuator.wait_settled(timeout_s=self.plan.settle_timeout_s)
+        t_ready = self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
         return self.camera.grab(start_after_host_s=t_ready).image
 
     def _sweep(self, values: np.ndarray, label: str) -> list[float]:
@@ -292,7 +293,7 @@ class CalibrationSession:
                     value = model.actuator_value(distance_m)
                     lo, hi = self.actuator.limits
                     self.actuator.move_to(float(np.clip(value, lo, hi)))
-                    self.actuator.wait_settled(timeout_s=self.plan.settle_timeout_s)
+                    self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
                 except CalibrationError:
                     logger.warning("board view %d at %.3f m lies outside the calibrated focus range; left focus as it was", view, distance_m)
             image = self.camera.grab(start_after_host_s=time.monotonic()).image

@@ -18,7 +18,7 @@ from capture.stack import FocalStack
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "sweep", "thermal_kwargs"]
+__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "settle_wait_s", "sweep", "thermal_kwargs"]
 
 
 class FocusMap(Protocol):
@@ -104,6 +104,13 @@ def check_reachable(actuator: FocusActuator, distances_m: Sequence[float], value
         )
 
 
+def settle_wait_s(settle_timeout_s: float, actuator: FocusActuator) -> float:
+    """How long to wait for ``actuator`` to settle after a move: ``settle_timeout_s`` (the
+    config's ``sweep.settle_timeout_s``, sized for a lens's milliseconds), but at least the
+    actuator's own per-move limit: a stage's move takes seconds at its feed rate."""
+    return max(float(settle_timeout_s), float(actuator.move_timeout_s))
+
+
 def sweep(
     camera: Camera,
     actuator: FocusActuator,
@@ -140,8 +147,7 @@ def sweep(
         # so an unreachable sweep captures nothing instead of stopping half way
         values = [float(focus_map.actuator_value(float(d), **thermal)) for d in distances_m]
         check_reachable(actuator, distances_m, values)
-        # a stage's move can take seconds at its feed rate: wait at least its own per-move limit
-        settle_s = max(float(settle_timeout_s), actuator.move_timeout_s)
+        settle_s = settle_wait_s(settle_timeout_s, actuator)
         for i, (distance_m, value) in enumerate(zip(distances_m, values, strict=True)):
             actuator.move_to(value)
             t_cmd = time.monotonic()

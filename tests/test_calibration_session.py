@@ -398,3 +398,23 @@ def test_a_breathing_table_of_another_image_size_is_refused_before_the_sweep(cal
         assert rig.actuator.target == target  # nothing moved
     message = str(info.value)
     assert str(calibrated["run"].calibration_path) in message and "512x384" in message and "256x192" in message
+
+
+def test_a_session_waits_for_a_slow_actuator_as_long_as_its_own_move_limit(tmp_path: Path) -> None:
+    """The session's focus sweeps wait at least the actuator's move_timeout_s (a stage's move
+    takes seconds), as capture sweeps do; they used to stop at sweep.settle_timeout_s."""
+    from calibration.session import CalibrationSession, SessionPlan
+    from capture.errors import DeviceTimeout
+
+    doc = _config_dict(tmp_path / "out")
+    doc["focus"]["time_constant_s"] = 0.03  # ~0.2 s to settle after a large move
+    config = parse_config(doc, source="test")
+    with open_rig(config) as rig:
+        lo, hi = rig.actuator.limits
+        plan = SessionPlan(distances_m=[0.5, 1.0], actuator_span=(lo, hi), settle_timeout_s=0.02)
+        session = CalibrationSession(rig.camera, rig.actuator, None, plan, tmp_path / "session")
+        with pytest.raises(DeviceTimeout):
+            session._sweep(np.array([lo, hi]), "coarse")  # a lens's limit: the long move is a timeout
+        rig.actuator.move_timeout_s = 2.0  # as a stage declares it
+        scores = session._sweep(np.array([lo, hi, lo]), "coarse")
+    assert len(scores) == 3 and all(math.isfinite(s) for s in scores)

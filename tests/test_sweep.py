@@ -162,6 +162,24 @@ def test_device_timeout_mid_sweep_keeps_the_frames_captured(rig) -> None:
     assert "1 of 3" in str(err)
 
 
+def test_the_settle_wait_is_at_least_the_actuators_own_move_limit(rig) -> None:
+    """A stage's move takes seconds at its feed rate, longer than sweep.settle_timeout_s (sized
+    for a lens): the sweep waits the actuator's move_timeout_s instead. It used to time out on
+    every sweep of the shipped G-code template (40 mm at 600 mm/min against 1 s)."""
+    cam, lens, grabbed = rig
+    lens.time_constant_s = 0.03  # ~0.2 s to settle after each move: 10x the settle timeout below
+    planned = plan_focus_distances(range_m=(0.4, 2.0), slices=3)
+    with pytest.raises(SweepInterrupted):
+        sweep(cam, lens, NOMINAL, planned, settle_timeout_s=0.02)  # a lens's limit: the slow move is a timeout
+    lens.move_timeout_s = 2.0  # as a stage declares it
+    grabbed.clear()
+    stack = sweep(cam, lens, NOMINAL, planned, settle_timeout_s=0.02)
+    assert stack.n_slices == 3
+    errors = [abs(f.meta["true_focus_dpt"] - (lens.base_dpt + TRUE.power_dpt(e["actuator_value"])))
+              for f, e in zip(grabbed, stack.slice_meta, strict=True)]
+    assert max(errors) < 0.01  # each frame after the lens settled
+
+
 def test_a_sweep_outside_the_lens_limits_is_refused_before_the_first_move(rig) -> None:
     """It used to capture the reachable slices and stop at the first unreachable one (a
     half stack, and a message naming neither the field nor the file)."""
