@@ -300,6 +300,41 @@ def _check_units(focus_map: FocusModel, actuator: FocusActuator) -> None:
         )
 
 
+def _warn_other_devices(config: RigConfig, camera: Camera, actuator: FocusActuator) -> None:
+    """Warn (not refuse) where the calibration file was made with another camera or focus
+    device than the open ones (their serial numbers or models differ): a liquid lens's offset
+    differs by tenths of a diopter between units, so another unit's focus model gives wrong
+    distances without any error. A warning, because a replaced driver board or camera body
+    with the same lens can be what the user meant."""
+    path = config.calibration.file
+    if path is None:
+        return
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # the focus model's loader has already named what is wrong with the file
+    rig_doc = doc.get("rig") if isinstance(doc, dict) else None
+    if not isinstance(rig_doc, dict):
+        return
+    for role, device in (("camera_identity", camera), ("focus_identity", actuator)):
+        then, now = rig_doc.get(role), getattr(device, "identity", None)
+        if not isinstance(then, dict) or not isinstance(now, dict):
+            continue
+        for key in ("serial_number", "model"):
+            was, got = then.get(key), now.get(key)
+            if was in (None, "", "None") or got in (None, "", "None") or str(was) == str(got):
+                continue
+            logger.warning(
+                "calibration.file %s was made with %s %s %s; this rig's %s has %s %s: its %s may not hold here; "
+                "recalibrate (run_rig.py --mode calibrate) if the %s was changed",
+                path, "a camera" if role == "camera_identity" else "a focus device", key.replace("_", " "), was, device.name,
+                key.replace("_", " "), got, "breathing table and intrinsics" if role == "camera_identity" else "focus distances",
+                "camera" if role == "camera_identity" else "lens",
+            )
+
+
 def open_rig(config: RigConfig) -> Rig:
     """Build and open the camera and focus actuator the config names."""
     if config.camera.driver == "simulated" and config.focus.driver != "simulated":  # before the focus model's own checks
@@ -311,6 +346,7 @@ def open_rig(config: RigConfig) -> Rig:
         camera.open()  # first: an in-camera focus actuator needs the open camera's node map
         actuator.open()
         _check_units(focus_map, actuator)
+        _warn_other_devices(config, camera, actuator)
     except BaseException:
         actuator.close()
         camera.close()

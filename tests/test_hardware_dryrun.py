@@ -140,3 +140,26 @@ def test_a_lens_that_stops_answering_is_parked(tmp_path: Path, capsys) -> None:
     assert "no reply" in line.lower() and emulator.port in line
     kept = next((tmp_path / "runs").iterdir()) / "stacks" / "000000.incomplete"
     assert FocalStack.read(kept).n_slices >= 2  # the slices before the stall are a readable stack
+
+
+@pytest.mark.parametrize("serial, warned", [("OTHER-LENS-7", True), ("EMU00001", False)])
+def test_a_calibration_of_another_lens_is_named_at_open(tmp_path: Path, caplog: pytest.LogCaptureFixture, serial: str, warned: bool) -> None:
+    """A calibration.yaml made with another lens driver (another serial number) gives wrong
+    focus distances without any error: opening the rig warns, naming the file and both
+    serial numbers; the same serial number is quiet."""
+    cal = tmp_path / "calibration.yaml"
+    cal.write_text(yaml.safe_dump({
+        "format": 1, "rig": {"name": "other", "focus_identity": {"serial_number": serial}, "camera_identity": {"serial_number": "0"}},
+        "focus_model": {"kind": "liquid_lens_linear", "offset_dpt": -0.49, "dpt_per_ma": 0.0166},
+    }), encoding="utf-8")
+    config = load_config(DRYRUN)
+    config.calibration.file = cal
+    with caplog.at_level("WARNING", logger="rig.build"), open_rig(config):
+        pass
+    messages = [r.getMessage() for r in caplog.records if r.name == "rig.build"]
+    if warned:
+        assert len(messages) == 1
+        assert str(cal) in messages[0] and "serial number OTHER-LENS-7" in messages[0] and "serial number EMU00001" in messages[0]
+        assert "focus distances" in messages[0]
+    else:
+        assert messages == []
