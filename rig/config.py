@@ -145,6 +145,15 @@ class GenicamCameraConfig(_Strict):
             raise ValueError(f"give at most one of serial_number, id, index (got {', '.join(given)})")
         return self
 
+    @model_validator(mode="after")
+    def _exposure_fits(self) -> GenicamCameraConfig:
+        # a camera cannot expose longer than its frame period: it would lower the frame rate
+        # (or refuse one of the two) behind the config's back
+        if self.exposure_s is not None and self.frame_rate_hz is not None and self.exposure_s > 1.0 / self.frame_rate_hz:
+            raise ValueError(f"exposure_s ({self.exposure_s} s) must not exceed the frame period 1/frame_rate_hz "
+                             f"({1.0 / self.frame_rate_hz:.4g} s); lower one of them")
+        return self
+
 
 # ----------------------------------------------------------------------------- focus
 class LensModelConfig(_Strict):

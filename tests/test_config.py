@@ -201,6 +201,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("camera:\n  scene:\n    kind: procedural\n    near_m: 2.0\n    far_m: 1.0\n", "camera.scene", ["near_m"]),
         # exposure longer than the frame period
         ("camera:\n  fps: 100\n  exposure_s: 0.02\n", "camera", ["exposure_s", "fps"]),
+        ("camera:\n  driver: genicam\n  frame_rate_hz: 100\n  exposure_s: 0.02\n", "camera", ["exposure_s", "frame_rate_hz", "0.01 s"]),
         # sweep distances
         ("sweep:\n  distances_m: [1.0, 0.0, 2.0]\n", "sweep.distances_m", ["> 0"]),
         ("sweep:\n  distances_m: [1.0, -0.5]\n", "sweep.distances_m", ["> 0"]),
