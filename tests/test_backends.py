@@ -789,6 +789,29 @@ def test_tensorrt_build_cache_and_rebuild(tmp_path: Path, caplog: pytest.LogCapt
     assert refused.calls["builds"] == 0
 
 
+def test_tensorrt_engine_cache_stays_under_its_limit_and_a_hit_counts_as_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines (one per graph, shape, precision and GPU; tens of MB each on a real GPU) are
+    pruned as the ONNX exports are: least recently used first, a hit marks its engine used, the
+    one just built is kept. They used to pile up without limit."""
+    trt = _fake_tensorrt()
+    onnx_path = tmp_path / "g.onnx"
+    onnx_path.write_bytes(b"graph")
+    kw = dict(shapes=SHAPES, precision="fp16", cache_root=tmp_path / "cache", trt=trt, gpu=GPU)
+    a = trt_mod.load_or_build_engine(onnx_path, "a" * 64, **kw)
+    b = trt_mod.load_or_build_engine(onnx_path, "b" * 64, **kw)
+    entry = max(p.stat().st_size + p.with_suffix(".json").stat().st_size for p in (a.path, b.path))
+    t = time.time()
+    os.utime(a.path.with_suffix(".json"), (t - 20, t - 20))  # a is the older engine ...
+    os.utime(b.path.with_suffix(".json"), (t - 10, t - 10))
+    assert not trt_mod.load_or_build_engine(onnx_path, "a" * 64, **kw).built  # ... until this hit uses it again
+    monkeypatch.setenv(export_mod.CACHE_MAX_ENV, f"{2.5 * entry / 2**20:.6f}")
+    c = trt_mod.load_or_build_engine(onnx_path, "c" * 64, **kw)
+    assert a.path.exists() and c.path.exists()
+    assert not b.path.exists() and not b.path.with_suffix(".json").exists()
+    timing = trt_mod.timing_cache_path(tmp_path / "cache", trt.__version__, GPU)
+    assert timing.exists()  # not an engine: never pruned
+
+
 def test_tensorrt_import_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("8.6.1"))
     with pytest.raises(ReconstructionError, match="TensorRT 10 or later, found 8.6.1"):

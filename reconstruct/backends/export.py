@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CACHE_ENV", "CACHE_MAX_ENV", "DEFAULT_OPSET", "EXPORT_FORMAT", "OnnxArtifact", "cache_dir", "cache_max_bytes",
-    "weights_identity", "export_key", "parse_shape", "export_onnx", "copy_atomic", "prune_cache",
+    "weights_identity", "export_key", "parse_shape", "export_onnx", "copy_atomic", "mark_used", "prune_cache",
 ]
 
 CACHE_ENV = "DUALFOCUS_CACHE_DIR"
@@ -222,7 +222,7 @@ def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, w
         hit = _cached(final, sidecar, key)
         if hit is not None:
             logger.debug("ONNX cache hit: %s", final)
-            _mark_used(sidecar)
+            mark_used(sidecar)
             return OnnxArtifact(final, hit, key, True)
         t0 = time.perf_counter()
         done: dict = {}
@@ -261,7 +261,7 @@ def cache_max_bytes() -> int | None:
     return None if mb == 0 else int(mb * 2**20)
 
 
-def _mark_used(sidecar: Path) -> None:
+def mark_used(sidecar: Path) -> None:
     """Touch a hit's sidecar, the entry's last-use time for :func:`prune_cache` (a read-only
     cache still serves hits)."""
     try:
@@ -270,9 +270,10 @@ def _mark_used(sidecar: Path) -> None:
         pass
 
 
-def prune_cache(folder: Path, *, keep: set[Path], max_bytes: int | None, now: float | None = None) -> list[Path]:
+def prune_cache(folder: Path, *, keep: set[Path], max_bytes: int | None, now: float | None = None, suffix: str = ".onnx") -> list[Path]:
     """Remove from the cache ``folder`` the temporary files older than :data:`STALE_TMP_S`,
-    then, while the entries (``.onnx`` with its ``.json`` sidecar) add up to more than
+    then, while the entries (a ``suffix`` file, ``.onnx`` graphs or TensorRT's ``.engine``
+    files, with its ``.json`` sidecar) add up to more than
     ``max_bytes``, the least recently used entry (its sidecar's modification time; a hit
     touches it), never one in ``keep``. Returns the files removed; a file that cannot be
     removed is logged and skipped. Another process may be about to load an entry removed
@@ -307,7 +308,7 @@ def prune_cache(folder: Path, *, keep: set[Path], max_bytes: int | None, now: fl
     if max_bytes is None:
         return removed
     entries = []  # (last use, files, bytes, kept)
-    for graph in (p for p in files if p.suffix == ".onnx"):
+    for graph in (p for p in files if p.suffix == suffix):
         sidecar = graph.with_suffix(".json")
         try:
             used = sidecar.stat().st_mtime if sidecar.exists() else graph.stat().st_mtime

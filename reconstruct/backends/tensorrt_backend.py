@@ -56,6 +56,7 @@ import numpy as np
 
 from capture.errors import ReconstructionError
 from reconstruct.backends.base import INPUT_NAMES, OUTPUT_NAMES, Backend, check_inputs
+from reconstruct.backends.export import cache_max_bytes, mark_used, prune_cache
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ def load_or_build_engine(
         engine = _deserialize(runtime, blob) if blob else None
         if engine is not None:
             logger.debug("TensorRT engine cache hit: %s", path)
+            mark_used(path.with_suffix(".json"))  # used: the last to go when the cache is pruned
             return EngineHandle(engine, runtime, path, key, built=False)
         logger.warning("cached TensorRT engine %s did not load; rebuilding it", path)
         path.unlink(missing_ok=True)
@@ -319,7 +321,12 @@ def load_or_build_engine(
         _write_atomic(path.with_suffix(".json"), json.dumps(key, indent=2).encode())
     except OSError as exc:
         logger.warning("could not cache the TensorRT engine in %s (%s); it will be rebuilt next time", path, exc)
+    else:
+        # engines are tens to hundreds of MB each, one per shape, precision and GPU: the same
+        # least-recently-used limit as the ONNX exports ($DUALFOCUS_CACHE_MAX_MB, per folder)
+        prune_cache(path.parent, keep={path}, max_bytes=cache_max_bytes(), suffix=".engine")
     return EngineHandle(engine, runtime, path, key, built=True)
+
 
 
 def _torch_dtype(trt: ModuleType, dtype: Any) -> Any:
