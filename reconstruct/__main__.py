@@ -37,13 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stack_dir", type=Path, help="a focal-stack folder (with stack.yaml), or its stack.yaml")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     p.add_argument("--method", default="dualfocus", choices=METHODS, help="depth method (default: dualfocus, the shipped network)")
-    p.add_argument("--model", default="dualfocus-s", help="DualFocus model name (dualfocus only)")
+    p.add_argument("--model", default=None, help="DualFocus model name (dualfocus only; default dualfocus-s)")
     p.add_argument("--weights", type=Path, default=None, help="safetensors weights (dualfocus only)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime", "tensorrt"], help="dualfocus: where the network runs (default auto)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16", "int8"],
                    help="network precision (default auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; "
                         "int8: ONNX Runtime on the CPU, quantised)")
-    p.add_argument("--input-scale", type=_input_scale, default=1.0,
+    p.add_argument("--input-scale", type=_input_scale, default=None,
                    help="dualfocus: resize the slices by this factor for the network (1.5: finer depth, ~2.25x slower; <1: faster)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
     p.add_argument("--focus-measure", default=None, choices=FOCUS_MEASURES,
@@ -115,6 +115,11 @@ def _run(args: argparse.Namespace) -> int:
         raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
     if args.focus_measure is not None and args.method != "classical":
         logger.warning("--focus-measure applies to --method classical only; ignored with --method %s", args.method)
+    network_flags = [flag for flag, value in (("--model", args.model), ("--weights", args.weights), ("--backend", args.backend),
+                                              ("--precision", args.precision), ("--input-scale", args.input_scale)) if value is not None]
+    if network_flags and args.method != "dualfocus":
+        logger.warning("%s %s to --method dualfocus only; ignored with --method %s", ", ".join(network_flags),
+                       "applies" if len(network_flags) == 1 else "apply", args.method)
     t_start = time.perf_counter()
     folder = _stack_folder(args.stack_dir)
     stack = FocalStack.read(folder)
@@ -122,7 +127,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = reconstruct_stack(
             stack, method=args.method, focus_measure=args.focus_measure or "modified_laplacian", align=args.align,
-            model=args.model, weights=args.weights, backend=args.backend, precision=args.precision, input_scale=args.input_scale,
+            model=args.model or "dualfocus-s", weights=args.weights, backend=args.backend or "auto", precision=args.precision or "auto",
+            input_scale=1.0 if args.input_scale is None else args.input_scale,
         )
     except ReconstructionError as exc:
         if str(exc).startswith("stack: "):  # a property of the stack file: name it

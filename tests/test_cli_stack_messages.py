@@ -223,6 +223,19 @@ def test_focus_measure_with_classical_does_not_warn(tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "out" / "result.yaml").read_text())["focus_measure"] == "tenengrad"
 
 
+def test_network_flags_with_classical_warn_once_naming_them(tmp_path: Path) -> None:
+    """--model, --precision etc. with --method classical were silently ignored (the focus
+    measure with the network already warned)."""
+    folder = _stack(tmp_path / "s")
+    proc = _run("-m", "reconstruct", folder, "--out", tmp_path / "out", "--method", "classical",
+                "--precision", "int8", "--backend", "torch", "--no-preview")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if "--method dualfocus only" in ln]
+    assert len(warnings) == 1 and "--backend, --precision apply" in warnings[0], proc.stderr
+    proc = _run("-m", "reconstruct", folder, "--out", tmp_path / "out2", "--method", "classical", "--no-preview")
+    assert proc.returncode == 0 and "dualfocus only" not in proc.stderr, proc.stderr
+
+
 # ---- from the review of these fixes ----------------------------------------------------------
 def test_keys_our_own_sweeps_write_and_other_writers_keys_are_not_called_typos(tmp_path: Path) -> None:
     folder = _stack(tmp_path / "s")
