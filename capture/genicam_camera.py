@@ -25,10 +25,12 @@ calls on one camera are serialised by a lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +53,23 @@ def node(node_map: Any, name: str) -> Any | None:
     except AttributeError:  # a plain object standing in for a node map
         has = hasattr(node_map, name)
     return getattr(node_map, name) if has else None
+
+
+@contextlib.contextmanager
+def _own_sigint() -> Iterator[None]:
+    """Keep the process's Ctrl-C handler across harvesters' ``Harvester.create``: created in
+    the main thread, its ImageAcquirer installs a SIGINT handler of its own that only stops
+    the acquisition, so Ctrl-C at a prompt or mid-sweep did nothing until the next grab
+    failed as "disconnected" (exit 3) instead of stopping the run (exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class GenicamCamera(Camera):
@@ -158,7 +177,8 @@ class GenicamCamera(Camera):
             infos = list(harvester.device_info_list)
             pick = self._pick(infos, producers)
             try:
-                self._acquirer = harvester.create(pick)
+                with _own_sigint():
+                    self._acquirer = harvester.create(pick)
             except Exception as exc:
                 raise DeviceError(f"{self.name}: cannot open device {pick} on {', '.join(map(str, producers))}: {exc}") from exc
             self._harvester = harvester

@@ -122,6 +122,19 @@ def test_viky_device_chosen_by_serial_id_or_index(how: dict) -> None:
 
 
 @needs_viky
+def test_opening_a_camera_keeps_the_ctrl_c_handler() -> None:
+    """harvesters' ImageAcquirer, created in the main thread, installs its own SIGINT handler,
+    which only stops its acquisition: Ctrl-C at a calibration prompt or mid-sweep did nothing
+    until the next grab failed as "disconnected" (exit 3)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with GenicamCamera(producer="viky", index=0, pixel_format="Mono8"):
+        assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+@needs_viky
 def test_an_absent_camera_lists_those_found() -> None:
     cam = GenicamCamera(producer="viky", serial_number="77")
     with pytest.raises(DeviceError, match=r"no camera with serial_number '77'.*found: \[0\] id VikyTL_DEV_red, serial 0"):

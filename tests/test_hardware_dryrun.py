@@ -163,3 +163,29 @@ def test_a_calibration_of_another_lens_is_named_at_open(tmp_path: Path, caplog: 
         assert "focus distances" in messages[0]
     else:
         assert messages == []
+
+
+def test_ctrl_c_at_a_calibration_prompt_stops_the_session(tmp_path: Path) -> None:
+    """With a GenICam camera open, Ctrl-C at the bench prompt did nothing (harvesters had taken
+    SIGINT); pressing Enter then failed as a disconnected camera, exit 3. Now: exit 130."""
+    import os
+    import select
+    import signal
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_rig.py"), "--config", str(DRYRUN), "--mode", "calibrate", "--out", str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    seen, deadline = b"", time.monotonic() + 60
+    try:
+        while b"press Enter" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([proc.stdout, proc.stderr], [], [], 0.5)
+            for stream in ready:
+                seen += os.read(stream.fileno(), 4096)
+        assert b"press Enter" in seen, seen.decode(errors="replace")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (seen + out + err).decode(errors="replace")
+    assert b"interrupted by the user" in err
