@@ -32,6 +32,8 @@ __all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "NonMonoton
 
 #: a curve whose maximum is less than this many times its median shows no usable peak
 MIN_PEAK_CONTRAST = 1.25
+#: a sample at most this fraction of the curve's maximum counts as an image with no contrast
+BLANK_SHARPNESS_FRACTION = 1e-6
 #: a point is suspect when its leave-one-out error exceeds this many times the typical
 #: leave-one-out error of the other points (fitted without it; see _loo_outliers) ...
 LOO_OUTLIER_RATIO = 5.0
@@ -124,6 +126,15 @@ def refine_peak(
         raise CalibrationError(f"target at {distance_m:.3f} m: a sharpness curve needs at least 5 samples, got {v.size}")
     if not np.all(np.isfinite(s)) or s.max() <= 0:
         raise CalibrationError(f"target at {distance_m:.3f} m: the images have no contrast; check the light, exposure and lens cap")
+    blank = int(np.count_nonzero(s <= BLANK_SHARPNESS_FRACTION * s.max()))
+    if check_contrast and blank > v.size // 3:
+        # a defocused textured target still has some contrast (and a real sensor its noise): a
+        # curve that is nothing in most images is a blank or covered view, or an object passing
+        # through it, whose max/median ratio (median 0) would otherwise pass any contrast test
+        raise CalibrationError(
+            f"target at {distance_m:.3f} m: no sharpness peak ({blank} of {v.size} images have no contrast in the centre of the view); "
+            "use a textured target that fills the centre of the view, and check the light, exposure and lens cap"
+        )
     contrast = s.max() / max(float(np.median(s)), 1e-12)
     if check_contrast and contrast < MIN_PEAK_CONTRAST:
         raise CalibrationError(

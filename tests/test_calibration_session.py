@@ -175,6 +175,20 @@ def test_flat_curve_and_edge_peak_are_refused() -> None:
         refine_peak(v, np.exp(v / 20), distance_m=0.8)
 
 
+def test_a_curve_blank_in_most_images_is_no_peak() -> None:
+    """An object passing through an otherwise blank view (the viky simulator's ball) gave a
+    curve that is zero in most images: max/median was infinite, so random "peaks" were
+    accepted or reported as at the sweep's edge. Blank in over a third of the images: no peak."""
+    v = np.linspace(0, 100, 25)
+    s = np.zeros(25)
+    s[[7, 8, 15]] = [4.0, 9.0, 2.0]  # the ball crossing the centre now and then
+    with pytest.raises(CalibrationError, match=r"no sharpness peak \(22 of 25 images have no contrast"):
+        refine_peak(v, s, distance_m=0.8)
+    s = 0.2 + 50 * np.exp(-0.5 * ((v - 43.7) / 6) ** 2)  # a real curve: some contrast everywhere
+    s[:5] = 0.0  # a few blank frames (say, a shutter) are not enough to refuse it
+    assert refine_peak(v, s, distance_m=0.8) == pytest.approx(43.7, abs=1.0)
+
+
 def test_peak_refinement_is_sub_step() -> None:
     v = np.linspace(0, 100, 11)  # step 10
     s = 1 + 50 * np.exp(-0.5 * ((v - 43.7) / 12) ** 2)
