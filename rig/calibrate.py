@@ -38,15 +38,22 @@ __all__ = ["CalibrationRun", "run_calibration", "HumanPlacer", "SimulatedPlacer"
 class HumanPlacer:
     """Asks the person at the bench to place the target, and waits for Enter."""
 
-    def __init__(self, ask: Callable[[str], str] = input) -> None:
+    def __init__(self, ask: Callable[[str], str] = input, *, before_ask: Callable[[], object] | None = None) -> None:
         self._ask = ask
+        self._before_ask = before_ask  # e.g. clear a progress bar, so the prompt does not follow it on its line
 
     def ask(self, prompt: str) -> str:
+        if self._before_ask is not None:
+            self._before_ask()
         try:
             return self._ask(prompt)
-        except EOFError as exc:  # stdin closed or not a terminal (a script, ssh without a tty, Ctrl-D)
-            raise InputError("calibrate: standard input closed while waiting for Enter; run it in a terminal "
-                             "(the session resumes where it stopped), or with --non-interactive on the simulated rig") from exc
+        except (EOFError, KeyboardInterrupt) as exc:
+            print(flush=True)  # the error line under the prompt, not after it
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            # stdin closed (Ctrl-D) or not a terminal (a script, ssh without a tty)
+            raise InputError("calibrate: standard input closed while waiting for Enter (Ctrl-D, or no terminal); run it again in a "
+                             "terminal to resume where it stopped, or with --non-interactive on the simulated rig") from exc
 
     def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
         self.ask(f"[{step}/{total}] Place the textured target at {distance_m:.3f} m from the lens datum, "
@@ -200,7 +207,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
             middle_m = 2.0 / (1.0 / min(distances) + 1.0 / max(distances))
             placer = SimulatedPlacer(rig.camera, board_cols=s.board.cols, board_rows=s.board.rows, board_distance_m=middle_m, views=s.board_views)
         else:
-            placer = HumanPlacer(ask)
+            placer = HumanPlacer(ask, before_ask=bar.clear)
         plan = SessionPlan(
             distances_m=distances, actuator_span=_actuator_span(rig, nominal, distances), coarse_steps=s.coarse_steps,
             fine_steps=s.fine_steps, roi_fraction=s.roi_fraction, degree=s.degree, settle_timeout_s=config.sweep.settle_timeout_s,

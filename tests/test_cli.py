@@ -583,8 +583,10 @@ def test_rig_with_the_network_records_model_and_backend(tmp_path: Path) -> None:
 
 def test_rig_calibrate_with_stdin_closed_is_one_line(tmp_path: Path) -> None:
     # the prompt for a person at the bench meets a closed stdin (a script, ssh without a tty, Ctrl-D)
-    line = _assert_bad_input(rig("--config", _fast_config(tmp_path), "--mode", "calibrate", "--no-progress"))
+    proc = rig("--config", _fast_config(tmp_path), "--mode", "calibrate", "--no-progress")
+    line = _assert_bad_input(proc)
     assert "standard input closed" in line and "--non-interactive" in line
+    assert "Place the textured target" in proc.stdout and proc.stdout.endswith("\n")  # the prompt ends its line
 
 
 @pytest.mark.parametrize("content", ["complete: [\n", "- a\n"])
