@@ -296,7 +296,7 @@ class CalibrationSessionConfig(_Strict):
     breathing_steps: int = Field(9, ge=3, le=100)
     intrinsics: bool = True
     board: BoardConfig = Field(default_factory=BoardConfig)
-    board_views: int = Field(10, ge=3, le=100)
+    board_views: int = Field(10, ge=5, le=100, description="chessboard views; the intrinsics fit needs the board found in at least 5")
 
     @field_validator("distances_m")
     @classmethod

@@ -207,6 +207,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("sweep:\n  distances_m: [1.0, -0.5]\n", "sweep.distances_m", ["> 0"]),
         ("sweep:\n  distances_m: [1.0]\n", "sweep.distances_m", ["2"]),
         ("sweep:\n  range_m: [1.0, 1.0]\n", "sweep.range_m", []),
+        ("calibration:\n  session:\n    board_views: 4\n", "calibration.session.board_views", ["5"]),
     ],
 )
 def test_invalid_field(tmp_path: Path, text: str, field: str, words: list[str]) -> None:
