@@ -34,7 +34,7 @@ from calibration.focus_fit import FocusFit, NonMonotonicPeaks, SharpnessCurve, f
 from calibration.focus_model import FocusModel
 from capture.devices import Camera, FocusActuator
 from capture.atomic import write_text_atomic
-from capture.errors import CalibrationError, InputError
+from capture.errors import CalibrationError, InputError, OutputError
 from capture.imageio import read_image, write_image
 from capture.sweep import settle_wait_s
 
@@ -187,7 +187,12 @@ class CalibrationSession:
             )
 
     def _save_state(self) -> None:
-        write_text_atomic(self.folder / STATE_FILE, yaml.safe_dump(self.state.to_dict(), sort_keys=False))
+        path = self.folder / STATE_FILE
+        try:
+            write_text_atomic(path, yaml.safe_dump(self.state.to_dict(), sort_keys=False))
+        except OSError as exc:  # a full disk: the last saved state stays whole (atomic write)
+            raise OutputError(f"{path}: cannot save the calibration session ({exc.strerror or exc}); it keeps what it saved "
+                              "before this step: free space and run the calibration again to resume") from exc
 
     # ------------------------------------------------------------------ capture helpers
     def _frame_at(self, value: float) -> np.ndarray:
@@ -302,8 +307,21 @@ class CalibrationSession:
             self._save_state()
             if self.progress is not None:
                 self.progress(view + 1, total, "chessboard views")
-        images = [read_image(p) for p in sorted(views_dir.glob("view_*.png"))]
-        return calibrate_intrinsics(images, cols=self.plan.board_cols, rows=self.plan.board_rows, square_m=self.plan.board_square_m)
+        view_files = sorted(views_dir.glob("view_*.png"))
+        images = [read_image(p) for p in view_files]
+        try:
+            return calibrate_intrinsics(images, cols=self.plan.board_cols, rows=self.plan.board_rows, square_m=self.plan.board_square_m)
+        except CalibrationError as exc:
+            # the views are what failed: set them aside so that running the session again asks
+            # for new ones (it used to refit the same views and fail the same way, forever)
+            rejected = views_dir.with_name(f"{views_dir.name}_rejected_{time.strftime('%Y%m%dT%H%M%S')}")
+            views_dir.rename(rejected)
+            self.state.board_views_done = 0
+            self._save_state()
+            raise CalibrationError(
+                f"{exc}; the session in {self.folder} set those {len(view_files)} views aside ({rejected.name}) and keeps "
+                "what it measured: run the calibration again to take new board views"
+            ) from exc
 
 
 def _breathing_tolerance(model: FocusModel, span: float) -> float:

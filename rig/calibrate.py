@@ -23,7 +23,7 @@ from tqdm import tqdm
 from calibration.focus_model import FocusModel
 from calibration.report import calibration_document, write_calibration, write_report
 from calibration.session import STATE_FILE, CalibrationSession, SessionPlan
-from capture.errors import ConfigError, InputError, yaml_problem
+from capture.errors import ConfigError, InputError, OutputError, yaml_problem
 from capture.simulated import SimulatedCamera
 from capture.sweep import plan_focus_distances
 from rig.build import Rig, _focus_map, open_rig
@@ -172,7 +172,9 @@ def _find_unfinished(config: RigConfig) -> Path | None:
                                  "move that run folder away to start a new session") from exc
             if not isinstance(doc, dict):
                 raise InputError(f"{state}: not a calibration session (expected a mapping); move that run folder away to start a new session")
-            if not doc.get("complete"):
+            # complete but without its calibration.yaml (a full disk, a kill while writing it):
+            # resumed, so that everything it measured is written out instead of measured again
+            if not doc.get("complete") or not (run_dir / "calibration.yaml").is_file():
                 return run_dir
     return None
 
@@ -234,13 +236,22 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
     session_doc = {"distances_m": distances, "actuator_span": list(plan.actuator_span), "coarse_steps": plan.coarse_steps,
                    "fine_steps": plan.fine_steps, "roi_fraction": plan.roi_fraction, "degree": plan.degree}
     doc = calibration_document(result, rig=identity, session=session_doc)
-    calibration_path = write_calibration(doc, run_dir / "calibration.yaml")
-    summary_path = write_report(result, run_dir / "report", doc=doc, calibration_path=calibration_path)
     fit = result.fit
-    write_yaml_atomic(run_dir / "summary.yaml", {
-        "mode": "calibrate", "resumed": resumed, "calibration": str(calibration_path), "report": str(summary_path),
-        "focus_rms_dpt": round(fit.rms_dpt, 6), "focus_loo_rms_dpt": round(fit.loo_rms_dpt, 6),
-    })
+    try:
+        calibration_path = write_calibration(doc, run_dir / "calibration.yaml")
+    except OSError as exc:  # a full disk: the session's measurements stay in its folder, resumable
+        raise OutputError(f"{run_dir / 'calibration.yaml'}: cannot write ({exc.strerror or exc}); the session in {run_dir} keeps "
+                          "every measurement: free space and run the calibration again to write it out") from exc
+    target = run_dir / "report"
+    try:
+        summary_path = write_report(result, target, doc=doc, calibration_path=calibration_path)
+        target = run_dir / "summary.yaml"
+        write_yaml_atomic(target, {
+            "mode": "calibrate", "resumed": resumed, "calibration": str(calibration_path), "report": str(summary_path),
+            "focus_rms_dpt": round(fit.rms_dpt, 6), "focus_loo_rms_dpt": round(fit.loo_rms_dpt, 6),
+        })
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); {calibration_path} was written and is usable") from exc
     if math.isfinite(fit.loo_rms_dpt) and fit.loo_rms_dpt > 0.05:
         logger.warning("leave-one-out error %.3f dpt is large: check the target distances, or try calibration.session.degree: 2", fit.loo_rms_dpt)
     return CalibrationRun(run_dir=run_dir, calibration_path=calibration_path, summary_path=summary_path, resumed=resumed, document=doc)

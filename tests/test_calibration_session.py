@@ -432,3 +432,71 @@ def test_a_session_waits_for_a_slow_actuator_as_long_as_its_own_move_limit(tmp_p
         rig.actuator.move_timeout_s = 2.0  # as a stage declares it
         scores = session._sweep(np.array([lo, hi, lo]), "coarse")
     assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
+
+
+def test_a_full_disk_at_the_end_keeps_the_session_and_a_rerun_writes_it_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session was marked complete before calibration.yaml was written: a failed write was a
+    traceback (exit 1), and the next run started a new session, every measurement lost."""
+    import errno
+
+    from calibration import report as report_mod
+    from capture.errors import OutputError
+    from rig import calibrate as cal_mod
+
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
+    config = parse_config(doc, source="disk")
+    real = report_mod.write_text_atomic
+
+    def full(path, text):
+        if Path(path).name == "calibration.yaml":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(report_mod, "write_text_atomic", full)
+    with pytest.raises(OutputError, match=r"calibration\.yaml: cannot write \(No space left on device\); the session in .* keeps every measurement"):
+        run_calibration(config, interactive=False, show_progress=False)
+    monkeypatch.setattr(report_mod, "write_text_atomic", real)
+    placed = []
+    real_place = cal_mod.SimulatedPlacer.place_texture
+    monkeypatch.setattr(cal_mod.SimulatedPlacer, "place_texture", lambda self, d, **kw: (placed.append(d), real_place(self, d, **kw))[1])
+    second = run_calibration(config, interactive=False, show_progress=False)
+    assert second.resumed and placed == []  # written out, nothing measured again
+    assert sorted(second.document["focus_model"]["fit"]["distances_m"]) == [0.4, 0.6, 0.8, 1.2, 2.0]
+    assert len(list(tmp_path.glob("*_sim"))) == 1
+    # and a session that is complete with its file is not resumed: the next run is a new one
+    third = run_calibration(config, interactive=False, show_progress=False)
+    assert not third.resumed
+
+
+def test_board_views_that_fail_are_set_aside_and_taken_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Intrinsics that failed (the board not found in enough views) refitted the same stored
+    views on every rerun and failed the same way: the session could never finish."""
+    from rig import calibrate as cal_mod
+
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=True, board_views=5, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
+    config = parse_config(doc, source="board")
+    real_board = cal_mod.SimulatedPlacer.place_board
+    monkeypatch.setattr(cal_mod.SimulatedPlacer, "place_board", lambda self, view, *, total: None)  # no board in view
+    with pytest.raises(CalibrationError, match=r"found in 0 of 5 images.*set those 5 views aside \(intrinsics_views_rejected_.*run the calibration again to take new board views"):
+        run_calibration(config, interactive=False, show_progress=False)
+    session_dir = next(tmp_path.glob("*_sim/calibration_session"))
+    assert yaml.safe_load((session_dir / "session.yaml").read_text(encoding="utf-8"))["board_views_done"] == 0
+    assert len(list(session_dir.glob("intrinsics_views_rejected_*/view_*.png"))) == 5
+    monkeypatch.setattr(cal_mod.SimulatedPlacer, "place_board", real_board)
+    second = run_calibration(config, interactive=False, show_progress=False)
+    assert second.resumed and "intrinsics" in second.document
+
+
+def test_a_session_state_that_cannot_be_saved_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from calibration import session as session_mod
+    from capture.errors import OutputError
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(session_mod, "write_text_atomic", full)
+    config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False), source="state")
+    with pytest.raises(OutputError, match=r"session\.yaml: cannot save the calibration session \(No space left on device\)"):
+        run_calibration(config, interactive=False, show_progress=False)
