@@ -545,6 +545,14 @@ class GcodeFocusStage(FocusActuator):
             self._settle_deadline_s = None
         try:
             seen_s = super().wait_settled(timeout_s=timeout_s, poll_s=poll_s)
+        except DeviceTimeout as exc:
+            # the device, its port and the command it did not answer in time (the generic
+            # message named the stage alone), and what to change
+            waiting = self._sync[0] if self._sync is not None else "?" if self.flavor == "grbl" else _SYNC_LINE[self.flavor]
+            raise DeviceTimeout(
+                f"{self._label()}: not settled within {float(timeout_s):g} s (target {self._target_mm:.4g} mm; no answer to {waiting!r} "
+                f"saying the move finished); a long move at focus.feed_mm_min {self.feed_mm_min:g} needs a larger focus.move_timeout_s"
+            ) from exc
         finally:
             self._settle_deadline_s = None
         return max(seen_s, self._settled_at_s or seen_s)

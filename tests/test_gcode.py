@@ -139,9 +139,13 @@ def test_wait_settled_timeout_then_the_pending_sync_is_honoured(started, flavor:
     stage.open()
     t0 = time.monotonic()
     stage.move_to(mm(flavor, 5.0))  # 0.5 s
-    with pytest.raises(DeviceTimeout, match="not settled"):
+    with pytest.raises(DeviceTimeout, match="not settled") as info:
         stage.wait_settled(timeout_s=0.1)
     assert time.monotonic() - t0 < 0.1 + 0.1
+    # one line naming the device, its port, the command not yet answered, and what to change
+    msg = str(info.value)
+    assert emulator.port in msg and "focus.move_timeout_s" in msg and "\n" not in msg
+    assert ("'?'" in msg or "'G4 P0'" in msg) if flavor == "grbl" else "'M400'" in msg
     settled_s = stage.wait_settled(timeout_s=2.0)
     assert 0.5 - 0.01 <= settled_s - t0 <= 0.5 + 0.15
     assert stage.position() == pytest.approx(mm(flavor, 5.0), abs=0.01)
