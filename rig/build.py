@@ -135,7 +135,7 @@ class Rig:
     config: RigConfig
     camera: Camera
     actuator: FocusActuator
-    focus_map: FocusModel
+    focus_map: FocusModel | None  # None only for a calibration session without a nominal model
     breathing: Any = None  # calibration.alignment.BreathingModel from the calibration file, if any
     wave: Any = field(default=None, repr=False)  # capture.periodic.TriangleWave while a continuous sweep runs
 
@@ -335,18 +335,22 @@ def _warn_other_devices(config: RigConfig, camera: Camera, actuator: FocusActuat
             )
 
 
-def open_rig(config: RigConfig) -> Rig:
-    """Build and open the camera and focus actuator the config names."""
+def open_rig(config: RigConfig, *, need_focus_map: bool = True) -> Rig:
+    """Build and open the camera and focus actuator the config names. ``need_focus_map=False``
+    (a calibration session, which moves the actuator by value and measures the map itself):
+    the rig opens without one where the config has neither a nominal model nor a calibration
+    file (``focus_map`` None)."""
     if config.camera.driver == "simulated" and config.focus.driver != "simulated":  # before the focus model's own checks
         raise ConfigError(f"focus.driver: the simulated camera needs the simulated focus (it renders the lens's focus); got {config.focus.driver!r}")
-    focus_map = _focus_map(config)
-    breathing = _breathing(config)
+    focus_map = _focus_map(config) if need_focus_map else None
+    breathing = _breathing(config) if need_focus_map else None
     camera, actuator = _build_devices(config)
     try:
         camera.open()  # first: an in-camera focus actuator needs the open camera's node map
         actuator.open()
-        _check_units(focus_map, actuator)
-        _warn_other_devices(config, camera, actuator)
+        if focus_map is not None:
+            _check_units(focus_map, actuator)
+            _warn_other_devices(config, camera, actuator)
     except BaseException:
         actuator.close()
         camera.close()

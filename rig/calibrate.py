@@ -127,8 +127,9 @@ def _nominal_model(config: RigConfig) -> FocusModel | None:
     """The config's nominal focus model (never its calibration file), or None where it has none."""
     try:
         return _focus_map(_without_calibration_file(config))
-    except ConfigError as exc:
-        logger.warning("no nominal focus model (%s): the coarse sweeps span the actuator's limits", exc)
+    except ConfigError:
+        logger.warning("no nominal focus model (focus.nominal): the coarse sweeps span the actuator's whole limits, which is slower; "
+                       "a rough focus.nominal sweeps only around the target distances")
         return None
 
 
@@ -147,7 +148,16 @@ def _actuator_span(rig: Rig, nominal: FocusModel | None, distances_m: list[float
     for d in (max(lo_d - pad, 1e-3), hi_d + pad):
         ends.append(nominal.actuator_value(1.0 / d))
     a, b = sorted(ends)
-    return float(np.clip(a, lo, hi)), float(np.clip(b, lo, hi))
+    ca, cb = float(np.clip(a, lo, hi)), float(np.clip(b, lo, hi))
+    unit = rig.actuator.unit
+    where = (f"focus.nominal puts the target distances {min(distances_m):.3g}-{max(distances_m):.3g} m (with a {margin:.0%} margin) at "
+             f"{a:.4g}..{b:.4g} {unit}, and {rig.actuator.name}'s limits are [{lo:g}, {hi:g}] {unit}")
+    if not cb > ca:
+        raise ConfigError(f"{where}: nothing of that lies within them; check focus.nominal (and the distances, calibration.session.distances_m)")
+    if cb - ca < 0.5 * (b - a):
+        logger.warning("%s: the coarse sweeps cover only %.4g..%.4g %s; a target outside that will be refused as at the edge of the sweep",
+                       where, ca, cb, unit)
+    return ca, cb
 
 
 def _actuator_identity(config: RigConfig) -> str | None:
@@ -194,7 +204,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         logger.warning("resuming the unfinished calibration session in %s", found)
     # the session needs no calibration file (an old one is not opened: it may be what is being replaced)
     nominal = _nominal_model(config)
-    rig_config = _without_calibration_file(config) if nominal is not None else config
+    rig_config = _without_calibration_file(config)
     bar = tqdm(total=0, disable=not show_progress, leave=False, unit="frame")
 
     def progress(done: int, total: int, label: str) -> None:
@@ -204,7 +214,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         bar.n = done
         bar.refresh()
 
-    with bar, open_rig(rig_config) as rig:
+    with bar, open_rig(rig_config, need_focus_map=nominal is not None) as rig:
         if isinstance(rig.camera, SimulatedCamera) and not interactive:
             middle_m = 2.0 / (1.0 / min(distances) + 1.0 / max(distances))
             placer = SimulatedPlacer(rig.camera, board_cols=s.board.cols, board_rows=s.board.rows, board_distance_m=middle_m, views=s.board_views)

@@ -19,6 +19,7 @@ from capture.gentl import viky_path
 from capture.stack import FocalStack
 from rig import load_config, open_rig
 from rig.cli import main as run_rig_main
+from rig.config import RigConfig, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DRYRUN = ROOT / "configs" / "dryrun_viky_optotune.yaml"
@@ -189,3 +190,39 @@ def test_ctrl_c_at_a_calibration_prompt_stops_the_session(tmp_path: Path) -> Non
             proc.communicate()
     assert proc.returncode == 130, (seen + out + err).decode(errors="replace")
     assert b"interrupted by the user" in err
+
+
+def _stage_config(tmp_path: Path, **focus_extra) -> RigConfig:
+    """The dry run's viky camera with the GRBL emulator's stage."""
+    doc = yaml.safe_load(DRYRUN.read_text(encoding="utf-8"))
+    doc["focus"] = {"driver": "gcode", "port": "emulator", "flavor": "grbl", "axis": "Z", "feed_mm_min": 3000, **focus_extra}
+    doc["output"] = {"dir": str(tmp_path)}
+    return parse_config(doc, source="stage")
+
+
+def test_a_stage_without_a_nominal_model_calibrates_over_its_whole_travel(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A first calibration of a stage has no focus.nominal (that is what it measures): the
+    session warned that it would sweep the whole travel, then refused to open the rig for want
+    of focus.nominal 'or calibration.file'. Now it opens and sweeps (viky's images have no focus
+    curve, so it stops at the first target, on the sharpness, not on the config)."""
+    from capture.errors import CalibrationError
+    from rig.calibrate import run_calibration
+
+    config = _stage_config(tmp_path)
+    with pytest.raises(CalibrationError, match=r"^target at 2\.000 m: .*(no contrast|no sharpness peak)") as info:
+        run_calibration(config, interactive=True, show_progress=False, ask=lambda prompt: "")
+    assert "focus.nominal" not in str(info.value)
+    state = yaml.safe_load(next(tmp_path.glob("*/calibration_session/session.yaml")).read_text(encoding="utf-8"))
+    assert state["curves"] == []  # resumable, nothing measured
+
+
+def test_a_nominal_model_that_misses_the_travel_is_one_line_naming_it(tmp_path: Path) -> None:
+    """It was clipped to the actuator's limits silently: every frame at one position, then
+    'the images have no contrast'."""
+    from capture.errors import ConfigError
+    from rig.calibrate import run_calibration
+
+    config = _stage_config(tmp_path, nominal={"offset_dpt": -1.0, "dpt_per_unit": 0.1})  # 0.25-2 m at +10..+60 mm; travel -50..-1 mm
+    with pytest.raises(ConfigError, match=r"^focus\.nominal puts the target distances .* at .* mm, and .*limits are \[-50, -1\] mm: nothing"):
+        run_calibration(config, interactive=True, show_progress=False, ask=lambda prompt: "")
+    assert list(tmp_path.iterdir()) == []  # no run folder
