@@ -157,7 +157,11 @@ class CalibrationSession:
             self._save_state()  # resumable from the start
             return state
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        state = SessionState.from_dict(doc)
+        try:
+            state = SessionState.from_dict(doc)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or damaged file
+            what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
+            raise InputError(f"{path}: not a readable calibration session ({what}); move that run folder away to start a new session") from exc
         self._check_plan(state, plan)
         if state.plan is None:  # an older session file: from now on it carries the plan
             state.plan = plan

@@ -200,8 +200,6 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
     distances = _session_distances(config)
     found = _find_unfinished(config)
     resumed = found is not None
-    if resumed:
-        logger.warning("resuming the unfinished calibration session in %s", found)
     # the session needs no calibration file (an old one is not opened: it may be what is being replaced)
     nominal = _nominal_model(config)
     rig_config = _without_calibration_file(config)
@@ -236,7 +234,14 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         else:
             run_dir = found
         session = CalibrationSession(rig.camera, rig.actuator, placer, plan, run_dir / "calibration_session", progress=progress)
-        result = session.run()
+        if resumed:
+            logger.warning("resuming the unfinished calibration session in %s", found)
+        try:
+            result = session.run()
+        except BaseException as exc:  # Ctrl-C included: the command line says where the session waits to resume
+            exc.run_dir = run_dir  # type: ignore[attr-defined]
+            exc.run_note = "the calibration session resumes there when run again with this config"  # type: ignore[attr-defined]
+            raise
         identity = {
             "name": config.name, "camera": rig.camera.name, "focus": rig.actuator.name,
             "camera_identity": {str(k): str(v) for k, v in (getattr(rig.camera, "identity", None) or {}).items()},

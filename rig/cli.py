@@ -83,7 +83,8 @@ def _run_saying_where(args: argparse.Namespace) -> int:
     except BaseException as exc:
         run_dir = getattr(exc, "run_dir", None)
         if run_dir is not None:
-            print(f"run folder: {run_dir}", flush=True)
+            note = getattr(exc, "run_note", None)
+            print(f"run folder: {run_dir}" + (f" ({note})" if note else ""), flush=True)
         error = _naming_the_config(exc, args) if isinstance(exc, RigError) else exc
         if error is not exc:
             raise error from exc

@@ -587,9 +587,10 @@ def test_rig_calibrate_with_stdin_closed_is_one_line(tmp_path: Path) -> None:
     line = _assert_bad_input(proc)
     assert "standard input closed" in line and "--non-interactive" in line
     assert "Place the textured target" in proc.stdout and proc.stdout.endswith("\n")  # the prompt ends its line
+    assert "run folder: " in proc.stdout and "the calibration session resumes there when run again" in proc.stdout
 
 
-@pytest.mark.parametrize("content", ["complete: [\n", "- a\n"])
+@pytest.mark.parametrize("content", ["complete: [\n", "- a\n", "curves:\n- {distance_m: 1.0, values: [1, 2]}\n"])  # the last: hand-edited, was a KeyError traceback
 def test_rig_calibrate_with_a_corrupt_session_file_names_it(tmp_path: Path, content: str) -> None:
     config = _fast_config(tmp_path)
     state = tmp_path / "runs" / "2026-01-01T00-00-00Z_sim" / "calibration_session" / "session.yaml"
