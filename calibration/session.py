@@ -52,7 +52,9 @@ class TargetPlacer(Protocol):
         """A textured planar target, facing the camera, at ``distance_m`` from the datum."""
 
     def place_board(self, view: int, *, total: int) -> float | None:
-        """The chessboard in its ``view``-th pose; returns its distance in metres where known."""
+        """The chessboard in its ``view``-th pose; returns its distance in metres where known
+        (None: the session keeps focus at :attr:`board_focus_m`, which it sets before the first
+        view on placers that have that attribute, so a person can be told where to hold it)."""
 
 
 @dataclass
@@ -295,16 +297,23 @@ class CalibrationSession:
         views_dir = self.folder / "intrinsics_views"
         views_dir.mkdir(exist_ok=True)
         total = self.plan.board_views
+        # a board held where the placer does not say is held in focus at the middle of the
+        # calibrated range (in diopters): focus stayed wherever the breathing sweep left it, at
+        # one end of the range, and the board was blurred in every view
+        near, far = model.valid_range_m  # type: ignore[union-attr]
+        middle_m = 2.0 / (1.0 / near + (0.0 if math.isinf(far) else 1.0 / far))
+        if hasattr(self.placer, "board_focus_m"):
+            self.placer.board_focus_m = middle_m  # type: ignore[attr-defined]
         for view in range(self.state.board_views_done, total):
-            distance_m = self.placer.place_board(view, total=total)
-            if distance_m is not None:
-                try:
-                    value = model.actuator_value(distance_m)
-                    lo, hi = self.actuator.limits
-                    self.actuator.move_to(float(np.clip(value, lo, hi)))
-                    self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
-                except CalibrationError:
-                    logger.warning("board view %d at %.3f m lies outside the calibrated focus range; left focus as it was", view, distance_m)
+            placed_m = self.placer.place_board(view, total=total)
+            distance_m = middle_m if placed_m is None else placed_m
+            try:
+                value = model.actuator_value(distance_m)
+                lo, hi = self.actuator.limits
+                self.actuator.move_to(float(np.clip(value, lo, hi)))
+                self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
+            except CalibrationError:
+                logger.warning("board view %d at %.3f m lies outside the calibrated focus range; left focus as it was", view, distance_m)
             image = self.camera.grab(start_after_host_s=time.monotonic()).image
             write_image(views_dir / f"view_{view:02d}.png", image)
             self.state.board_views_done = view + 1

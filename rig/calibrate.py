@@ -59,8 +59,11 @@ class HumanPlacer:
         self.ask(f"[{step}/{total}] Place the textured target at {distance_m:.3f} m from the lens datum, "
                  "facing the camera and filling the centre of the view; press Enter (Ctrl-C stops, the session resumes next time) ")
 
+    board_focus_m: float | None = None  # where the session focuses for the board views (it sets this)
+
     def place_board(self, view: int, *, total: int) -> float | None:
-        self.ask(f"[{view + 1}/{total}] Hold the chessboard fully in view, tilted differently from the last view; press Enter ")
+        where = f" about {self.board_focus_m:.2f} m from the lens datum (in focus there)," if self.board_focus_m is not None else ""
+        self.ask(f"[{view + 1}/{total}] Hold the chessboard{where} fully in view, tilted differently from the last view; press Enter ")
         return None
 
 

@@ -500,3 +500,25 @@ def test_a_session_state_that_cannot_be_saved_is_one_line(tmp_path: Path, monkey
     config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False), source="state")
     with pytest.raises(OutputError, match=r"session\.yaml: cannot save the calibration session \(No space left on device\)"):
         run_calibration(config, interactive=False, show_progress=False)
+
+
+def test_board_views_without_a_known_distance_are_taken_in_focus_mid_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A person at the bench holds the board where the placer cannot say (place_board returns
+    None): focus stayed wherever the last sweep left it, at one end of the range, so the board
+    was blurred (after a breathing sweep, at 512x384: fx 0.8 % off, 3x the reprojection error). Now focus is set to
+    the middle of the calibrated range, and the bench prompt says where to hold the board."""
+    from rig import calibrate as cal_mod
+
+    real = cal_mod.SimulatedPlacer.place_board
+    monkeypatch.setattr(cal_mod.SimulatedPlacer, "place_board", lambda self, view, *, total: (real(self, view, total=total), None)[1])
+    doc = _config_dict(tmp_path, size=(512, 384), breathing=False, intrinsics=True, board_views=6, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
+    config = parse_config(doc, source="board")
+    run = run_calibration(config, interactive=False, show_progress=False)
+    intr = run.document["intrinsics"]
+    true_fx = config.camera.optics.focal_length_mm / (config.camera.optics.pixel_pitch_um / 1000.0)
+    assert intr["fx_px"] == pytest.approx(true_fx, rel=0.003) and intr["rms_reprojection_px"] < 0.1, intr
+    # and a person is told where that is
+    asked = []
+    placer = cal_mod.HumanPlacer(lambda prompt: asked.append(prompt) or "")
+    placer.board_focus_m = 0.667
+    assert placer.place_board(0, total=6) is None and "about 0.67 m from the lens datum" in asked[0]
