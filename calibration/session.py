@@ -220,7 +220,17 @@ class CalibrationSession:
         coarse = np.linspace(lo, hi, self.plan.coarse_steps)
         coarse_scores = self._sweep(coarse, f"{distance_m:.3f} m coarse")
         i = int(np.argmax(coarse_scores))
-        refine_peak(coarse, coarse_scores, distance_m=distance_m, half_window=1)  # raises on no peak / edge
+        try:
+            refine_peak(coarse, coarse_scores, distance_m=distance_m, half_window=1)  # raises on no peak / edge
+        except CalibrationError as exc:
+            if "edge of the sweep" not in str(exc):
+                raise
+            # say which sweep, and what sets it (refine_peak knows neither)
+            unit = self.actuator.unit
+            raise CalibrationError(
+                f"{str(exc).split(';')[0]} ({lo:.4g}..{hi:.4g} {unit}: the span focus.nominal gives the target distances, with a "
+                f"margin, within {self.actuator.name}'s limits); check the target's distance, then focus.nominal and the actuator's limits"
+            ) from exc
         step = coarse[1] - coarse[0]
         fine = np.linspace(coarse[i] - 1.5 * step, coarse[i] + 1.5 * step, self.plan.fine_steps)
         fine = fine[(fine >= min(lo, hi)) & (fine <= max(lo, hi))]

@@ -522,3 +522,19 @@ def test_board_views_without_a_known_distance_are_taken_in_focus_mid_range(tmp_p
     placer = cal_mod.HumanPlacer(lambda prompt: asked.append(prompt) or "")
     placer.board_focus_m = 0.667
     assert placer.place_board(0, total=6) is None and "about 0.67 m from the lens datum" in asked[0]
+
+
+def test_a_peak_at_the_edge_of_the_sweep_names_the_span_and_what_sets_it(tmp_path: Path) -> None:
+    """'widen the actuator sweep' named no setting: the message now gives the span swept and
+    that focus.nominal (with the actuator's limits) sets it."""
+    from calibration.session import CalibrationSession, SessionPlan
+
+    config = parse_config(_config_dict(tmp_path / "out"), source="edge")
+    with open_rig(config) as rig:
+        near_ma = rig.focus_map.actuator_value(0.4)
+        span = (near_ma - 20.0, near_ma + 20.0)  # around 0.4 m: a target at 2 m peaks at one edge
+        plan = SessionPlan(distances_m=[2.0, 0.4], actuator_span=span, coarse_steps=9)
+        session = CalibrationSession(rig.camera, rig.actuator, None, plan, tmp_path / "session")
+        with pytest.raises(CalibrationError, match=r"^target at 2\.000 m: the sharpness peak is at the \w+ edge of the sweep "
+                                                   r"\(.* mA: the span focus\.nominal gives .*check the target's distance, then focus\.nominal"):
+            session.measure_distance(2.0)
