@@ -234,6 +234,13 @@ class CalibrationSession:
         step = coarse[1] - coarse[0]
         fine = np.linspace(coarse[i] - 1.5 * step, coarse[i] + 1.5 * step, self.plan.fine_steps)
         fine = fine[(fine >= min(lo, hi)) & (fine <= max(lo, hi))]
+        if fine.size > 1 and (coarse[-1] - fine[0]) * (fine[1] - fine[0]) > 0:
+            # the coarse sweep ended beyond the fine one's start: come back past it, so every fine
+            # point is approached in the sweep's own direction (a lead screw's backlash, a
+            # lens's hysteresis would shift the first point alone)
+            lim_lo, lim_hi = self.actuator.limits
+            self.actuator.move_to(float(np.clip(fine[0] - (fine[1] - fine[0]), lim_lo, lim_hi)))
+            self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
         fine_scores = self._sweep(fine, f"{distance_m:.3f} m fine")
         values = np.concatenate([coarse, fine])
         scores = np.concatenate([coarse_scores, fine_scores])

@@ -538,3 +538,24 @@ def test_a_peak_at_the_edge_of_the_sweep_names_the_span_and_what_sets_it(tmp_pat
         with pytest.raises(CalibrationError, match=r"^target at 2\.000 m: the sharpness peak is at the \w+ edge of the sweep "
                                                    r"\(.* mA: the span focus\.nominal gives .*check the target's distance, then focus\.nominal"):
             session.measure_distance(2.0)
+
+
+def test_every_fine_sweep_point_is_approached_in_the_sweeps_direction(tmp_path: Path) -> None:
+    """The coarse sweep ends at the top of the span; the fine sweep's first point was then
+    approached from above and the rest from below (a stage's backlash shifts that one point)."""
+    from calibration.session import CalibrationSession, SessionPlan
+
+    config = parse_config(_config_dict(tmp_path / "out"), source="direction")
+    with open_rig(config) as rig:
+        lo = rig.focus_map.actuator_value(2.5)
+        hi = rig.focus_map.actuator_value(0.35)
+        plan = SessionPlan(distances_m=[1.0, 0.5], actuator_span=(min(lo, hi), max(lo, hi)), coarse_steps=17, fine_steps=7)
+        session = CalibrationSession(rig.camera, rig.actuator, None, plan, tmp_path / "session")
+        moves: list[float] = []
+        real_move = rig.actuator.move_to
+        rig.actuator.move_to = lambda value: (moves.append(float(value)), real_move(value))[1]  # type: ignore[method-assign]
+        session.measure_distance(1.0)
+    fine = moves[plan.coarse_steps:]
+    approach, points = fine[0], fine[1:]
+    assert len(points) == plan.fine_steps and approach < points[0]
+    assert all(b > a for a, b in zip(points, points[1:]))
