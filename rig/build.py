@@ -241,8 +241,15 @@ class Rig:
 
 def check_focus_map(config: RigConfig) -> None:
     """Fail before a run folder exists if the config's focus map cannot be built (a calibration
-    file that does not fit, a nominal model that does not fit the focus mode): one ConfigError."""
+    file that does not fit, a nominal model that does not fit the focus mode) or its camera and
+    focus drivers cannot go together: one ConfigError."""
+    _check_driver_pair(config)
     _focus_map(config)
+
+
+def _check_driver_pair(config: RigConfig) -> None:
+    if config.camera.driver == "simulated" and config.focus.driver != "simulated":  # before the focus model's own checks
+        raise ConfigError(f"focus.driver: the simulated camera needs the simulated focus (it renders the lens's focus); got {config.focus.driver!r}")
 
 
 def _focus_map(config: RigConfig) -> FocusModel:
@@ -340,8 +347,7 @@ def open_rig(config: RigConfig, *, need_focus_map: bool = True) -> Rig:
     (a calibration session, which moves the actuator by value and measures the map itself):
     the rig opens without one where the config has neither a nominal model nor a calibration
     file (``focus_map`` None)."""
-    if config.camera.driver == "simulated" and config.focus.driver != "simulated":  # before the focus model's own checks
-        raise ConfigError(f"focus.driver: the simulated camera needs the simulated focus (it renders the lens's focus); got {config.focus.driver!r}")
+    _check_driver_pair(config)
     focus_map = _focus_map(config) if need_focus_map else None
     breathing = _breathing(config) if need_focus_map else None
     camera, actuator = _build_devices(config)

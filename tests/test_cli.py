@@ -615,6 +615,18 @@ def test_rig_failure_after_the_run_folder_prints_it_and_a_summary(tmp_path: Path
     assert summary["stacks"] == 0 and "ttyNOPE0" in summary["error"]
 
 
+def test_a_simulated_camera_with_a_hardware_lens_leaves_no_run_folder(tmp_path: Path) -> None:
+    """A config error found only when the rig opened left a run folder with config.yaml and a
+    summary of the error; it is now refused before the folder, like the focus map's errors."""
+    config = _fast_config(tmp_path)
+    doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    doc["focus"] = {"driver": "optotune", "port": "emulator", "nominal": {"offset_dpt": 0.0, "dpt_per_ma": 0.05}}
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    line = _assert_bad_input(rig("--config", config), config)
+    assert "focus.driver: the simulated camera needs the simulated focus" in line
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
 def test_rig_reconstruct_field_errors_name_the_config_file_and_section(tmp_path: Path) -> None:
     config = _fast_config(tmp_path, reconstruct={"method": "dualfocus", "model": "dualfocus-xxl"})
     line = _assert_bad_input(rig("--config", config), config)
