@@ -51,7 +51,8 @@ def load_middlebury(root: str | Path, *, names: list[str] | None = None, exclude
         raise InputError(f"{manifest}: not found (expected a Middlebury-layout folder)")
     out = []
     try:
-        with manifest.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark (it hid the first column)
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -59,29 +60,61 @@ def load_middlebury(root: str | Path, *, names: list[str] | None = None, exclude
     columns = {"scene", "rgb", "gt_disparity", "gt_scale"} - set(reader.fieldnames or ())
     if columns:
         raise InputError(f"{manifest}: no {', '.join(sorted(columns))} column (expected a Middlebury-layout manifest)")
-    for row in rows:
-        name = row["scene"]
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        where = f"{manifest}: line {line}"
+        short = [k for k in ("scene", "rgb", "gt_disparity", "gt_scale") if row.get(k) in (None, "")]
+        if short:
+            raise InputError(f"{where}: {', '.join(short)}: empty or missing (a row has scene, rgb, gt_disparity, gt_scale[, unknown_value])")
+        name = row["scene"].strip()
+        if name in seen:
+            raise InputError(f"{where}: scene {name!r} is listed twice")
+        seen.add(name)
         if (names is not None and name not in names) or name in exclude:
             continue
-        rgb = read_image(root / row["rgb"])
-        if rgb.ndim == 2:
-            rgb = np.repeat(rgb[..., None], 3, axis=2)
-        raw = read_image(root / row["gt_disparity"])
-        if raw.ndim == 3:
-            raw = raw[..., 0]
-        disp = raw.astype(np.float32) / float(row["gt_scale"])
-        unknown = row.get("unknown_value", "").strip()
-        known = raw != int(unknown) if unknown.isdigit() else np.ones(raw.shape, bool)
-        known &= disp > 0
-        filled = disp.copy()
-        if (~known).any():
-            filled = cv2.inpaint(disp, (~known).astype(np.uint8), 5, cv2.INPAINT_NS)
-        out.append(RgbdSource(name, srgb_to_linear(rgb[..., :3].astype(np.float32) / 255.0), np.maximum(filled, 0.1), known))
+        out.append(_load_row(root, row, name, where))
     if names is not None:
         missing = set(names) - {s.name for s in out}
         if missing:
             raise InputError(f"{manifest}: scenes not found: {', '.join(sorted(missing))}")
     return out
+
+
+def _load_row(root: Path, row: dict[str, str], name: str, where: str) -> RgbdSource:
+    """One manifest row as an :class:`RgbdSource`; InputError naming the row and what is wrong
+    (never a scene whose truth does not line up with its image, or that has none)."""
+    try:
+        scale = float(row["gt_scale"])
+    except ValueError:
+        scale = float("nan")
+    if not (math.isfinite(scale) and scale > 0):
+        raise InputError(f"{where}: gt_scale: expected a positive number (disparity = stored value / gt_scale), got {row['gt_scale']!r}")
+    unknown_text = (row.get("unknown_value") or "").strip()
+    try:
+        unknown = float(unknown_text) if unknown_text else None
+    except ValueError:
+        raise InputError(f"{where}: unknown_value: expected the number stored where the truth is unknown (or empty), got {unknown_text!r}") from None
+    rgb_path, disp_path = root / row["rgb"], root / row["gt_disparity"]
+    rgb = read_image(rgb_path)
+    raw = read_image(disp_path)
+    if raw.ndim == 3:
+        raw = raw[..., 0]
+    if rgb.shape[:2] != raw.shape:
+        raise InputError(f"{where}: scene {name!r}: {rgb_path.name} is {rgb.shape[1]}x{rgb.shape[0]} px but {disp_path.name} is "
+                         f"{raw.shape[1]}x{raw.shape[0]} (width x height): the truth must line up with the image pixel for pixel")
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    disp = raw.astype(np.float32) / scale
+    known = np.ones(raw.shape, bool) if unknown is None else raw.astype(np.float64) != unknown
+    known &= disp > 0
+    if not known.any():
+        raise InputError(f"{where}: scene {name!r}: {disp_path.name} has no known disparity (every pixel is 0"
+                         f"{'' if unknown is None else f' or unknown_value {unknown_text}'}); remove the row or fix the file")
+    filled = disp.copy()
+    if (~known).any():
+        filled = cv2.inpaint(disp, (~known).astype(np.uint8), 5, cv2.INPAINT_NS)
+    full_scale = 65535.0 if rgb.dtype == np.uint16 else 255.0  # a 16-bit image read as 8-bit was 257x too bright
+    return RgbdSource(name, srgb_to_linear(rgb[..., :3].astype(np.float32) / full_scale), np.maximum(filled, 0.1), known)
 
 
 @dataclass(frozen=True)

@@ -306,8 +306,8 @@ def model_card(*, cfg: TrainConfig, model: DualFocusNet, weights: Path, weights_
             "train_scenes": train_scenes,
             "tuning_scenes": cfg.data.tuning_scenes,
             "report_scenes_never_used": list(REPORT_SCENES),
-            "procedural_share": cfg.data.procedural_share,
-            "synthesis": synth_ranges(cfg, have_sources=cfg.data.rgbd_root is not None).__dict__,
+            "procedural_share": cfg.data.procedural_share if train_scenes else 1.0,
+            "synthesis": synth_ranges(cfg, have_sources=bool(train_scenes)).__dict__,
         },
         "choices_not_in_the_paper": {
             "depth": "expectation over focus in normalised inverse depth (diopters), converted at the end",
@@ -545,6 +545,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         except InputError as exc:
             raise ConfigError(f"{config_path}: data.tuning_scenes: {exc} (scene names are case-sensitive)") from exc
     train_scenes = [s.name for s in sources]
+    if cfg.data.rgbd_root is not None and not sources:
+        logger.warning("%s: data.rgbd_root %s has no scene left to train on once the tuning scenes (%s) and report scenes are left out: "
+                       "training on procedural scenes only", config_path, cfg.data.rgbd_root, ", ".join(cfg.data.tuning_scenes))
     ranges = synth_ranges(cfg, have_sources=bool(sources))
 
     if device.type == "cpu":

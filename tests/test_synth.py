@@ -45,3 +45,55 @@ def test_a_manifest_without_the_expected_columns_is_one_error_naming_it(tmp_path
     (tmp_path / "manifest.csv").write_text("name,image\nArt,art.png\n", encoding="utf-8")
     with pytest.raises(InputError, match=r"manifest.csv: no gt_disparity, gt_scale, rgb, scene column"):
         load_middlebury(tmp_path)
+
+
+def _scene_folder(tmp_path, *, rgb=None, disp=None, row: str = "s1,s1.png,s1d.png,4,0", bom: bool = False):
+    """A one-scene Middlebury-layout folder: 40x30 RGB and disparity PNGs and a manifest."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8) if rgb is None else rgb
+    disp = np.full((30, 40), 80, np.uint8) if disp is None else disp
+    cv2.imwrite(str(tmp_path / "s1.png"), rgb)
+    cv2.imwrite(str(tmp_path / "s1d.png"), disp)
+    text = "scene,rgb,gt_disparity,gt_scale,unknown_value\n" + row + "\n"
+    (tmp_path / "manifest.csv").write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("row", "disp", "words"), [
+    ("s1,s1.png,s1d.png,three,0", None, r"line 2: gt_scale: expected a positive number .*'three'"),
+    ("s1,s1.png,s1d.png,,0", None, r"line 2: gt_scale: empty or missing"),
+    ("s1,s1.png,s1d.png,0,0", None, r"line 2: gt_scale: expected a positive number .*'0'"),
+    ("s1,s1.png,s1d.png,-4,0", None, r"line 2: gt_scale: expected a positive number"),
+    ("s1,s1.png", None, r"line 2: gt_disparity, gt_scale: empty or missing"),
+    ("s1,s1.png,s1d.png,4,none", None, r"line 2: unknown_value: expected the number .*'none'"),
+    ("s1,s1.png,s1d.png,4,0", np.zeros((30, 40), np.uint8), r"line 2: scene 's1': s1d.png has no known disparity"),
+    ("s1,s1.png,s1d.png,4,0", np.full((20, 40), 80, np.uint8), r"line 2: scene 's1': s1.png is 40x30 px but s1d.png is 40x20"),
+    ("s1,s1.png,s1d.png,4,0\ns1,s1.png,s1d.png,4,0", None, r"line 3: scene 's1' is listed twice"),
+])
+def test_a_bad_manifest_row_is_one_error_naming_the_line(tmp_path, row: str, disp, words: str) -> None:
+    """Each of these was a traceback (exit 1) or, worse, trained on silently: truth not lined
+    up with its image, a scene without any truth."""
+    from capture.errors import InputError
+    from reconstruct.synth import load_middlebury
+
+    folder = _scene_folder(tmp_path, disp=disp, row=row)
+    with pytest.raises(InputError, match=r"manifest.csv: " + words):
+        load_middlebury(folder)
+
+
+def test_manifest_values_are_read_as_spreadsheets_write_them(tmp_path) -> None:
+    """unknown_value '255.0' (as pandas writes an integer column with gaps) was ignored, so the
+    unknown marker became truth; a byte-order mark hid the scene column; 16-bit RGB was read as
+    if 8-bit (257x too bright)."""
+    from reconstruct.synth import load_middlebury
+
+    disp = np.full((30, 40), 80, np.uint8)
+    disp[:5] = 255
+    rgb8 = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    src8 = load_middlebury(_scene_folder(tmp_path, rgb=rgb8, disp=disp, row="s1,s1.png,s1d.png,4,255.0", bom=True))[0]
+    assert src8.known.sum() == 25 * 40 and float(src8.disparity[src8.known].max()) == pytest.approx(20.0)
+    rgb16 = rgb8.astype(np.uint16) * 257
+    src16 = load_middlebury(_scene_folder(tmp_path, rgb=rgb16, disp=disp, row="s1,s1.png,s1d.png,4,255"))[0]
+    assert np.allclose(src16.rgb, src8.rgb, atol=1e-5)
