@@ -18,7 +18,7 @@ import numpy as np
 
 from calibration.focus_model import FocusModel, LiquidLensFocusModel, load_focus_model
 from capture.devices import Camera, FocusActuator
-from capture.errors import CalibrationError, ConfigError, DeviceError
+from capture.errors import CalibrationError, ConfigError, DeviceError, RigError
 from capture.optics import SensorModel, ThinLens
 from capture.scenes import Scene, procedural_scene, rgbd_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
@@ -237,6 +237,23 @@ class Rig:
             self.close()
         except Exception as close_exc:
             logger.warning("while stopping after an error, closing the rig also failed: %s", close_exc)
+
+
+def check_reconstruction(config: RigConfig) -> None:
+    """:func:`reconstruct.api.check_ready` for the config's ``reconstruct`` section, before any
+    capture; a weights file that is missing or unreadable is named as ``reconstruct.weights``
+    (the loader names the file alone)."""
+    from reconstruct.api import check_ready
+
+    rc = config.reconstruct
+    try:
+        check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
+    except RigError as exc:
+        if rc.weights is None or not str(exc).startswith(str(rc.weights)):
+            raise
+        new = type(exc)(f"reconstruct.weights: {exc}")
+        new.exit_code = exc.exit_code
+        raise new from exc
 
 
 def check_focus_map(config: RigConfig) -> None:

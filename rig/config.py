@@ -443,6 +443,9 @@ def load_config(path: str | Path) -> RigConfig:
     base = path.parent
     if config.calibration.file is not None and not config.calibration.file.is_absolute():
         config.calibration.file = (base / config.calibration.file).resolve()
+    weights = config.reconstruct.weights
+    if weights is not None and not weights.expanduser().is_absolute():  # as calibration.file (it was the working directory's)
+        config.reconstruct.weights = (base / weights).resolve()
     producer = getattr(config.camera, "producer", None)
     if producer not in (None, "viky") and not Path(producer).expanduser().is_absolute():
         config.camera.producer = str((base / producer).resolve())

@@ -40,10 +40,10 @@ import numpy as np
 from capture.errors import DeviceError, DiskFull, RigError
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
-from reconstruct.api import check_ready, reconstruct_stack, warm_up_network
+from reconstruct.api import reconstruct_stack, warm_up_network
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
-from rig.build import Rig, check_focus_map, open_rig
+from rig.build import Rig, check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
 from rig.sinks import StackSink, build_sinks, check_sinks, folder_name
@@ -443,7 +443,7 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
             continuous sweep style plugs in here).
     """
     rc = config.reconstruct
-    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)
+    check_reconstruction(config)  # before any capture
     check_focus_map(config)  # a calibration file or nominal model that cannot serve: before the run folder
     geometry = _sink_geometry(config)
     check_sinks(config.output, config.live, **geometry)  # a bad config leaves no run folder behind

@@ -16,10 +16,10 @@ from capture.imageio import write_image
 from capture.scenes import texture_poor_mask
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
-from reconstruct.api import check_ready, reconstruct_stack
+from reconstruct.api import reconstruct_stack
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult, write_result
-from rig.build import check_focus_map, open_rig
+from rig.build import check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import create_run_folder, write_yaml_atomic
 
@@ -63,8 +63,7 @@ def save_incomplete(err: SweepInterrupted, folder: Path) -> Path:
 def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
     """Capture one stack on the configured rig, reconstruct it, and write the run folder."""
     seconds: dict[str, float] = {}
-    rc = config.reconstruct
-    check_ready(rc.method, model=rc.model, weights=rc.weights, backend=rc.backend, precision=rc.precision)  # before any capture
+    check_reconstruction(config)  # before any capture
     check_focus_map(config)  # a calibration file or nominal model that cannot serve: before the run folder
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
     try:

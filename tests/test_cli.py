@@ -654,3 +654,19 @@ def test_reconstruct_two_slices_at_one_focus_names_the_file_and_slices(stack_dir
     line = _assert_bad_input(reconstruct(moved, "--out", tmp_path / "out", "--method", "classical"), moved / "stack.yaml")
     assert "slices[1].focus_distance_m and slices[3].focus_distance_m" in line
     _no_leftovers(tmp_path / "out")
+
+
+def test_a_relative_weights_path_is_taken_from_the_config_folder_and_named(tmp_path: Path) -> None:
+    """reconstruct.weights was resolved from the working directory (calibration.file and the
+    scene files from the config's folder), and a missing one named neither file nor field."""
+    import shutil
+
+    cfg_dir = tmp_path / "cfg"
+    config = _fast_config(cfg_dir, reconstruct={"method": "dualfocus", "weights": "w/mine.safetensors"})
+    line = _assert_bad_input(rig("--config", config), config)
+    assert f"{config}: reconstruct.weights: {cfg_dir / 'w' / 'mine.safetensors'}: weights file not found" in line
+    (cfg_dir / "w").mkdir()
+    shutil.copy(ROOT / "reconstruct" / "weights" / "dualfocus-s.safetensors", cfg_dir / "w" / "mine.safetensors")
+    from rig import load_config
+
+    assert load_config(config).reconstruct.weights == (cfg_dir / "w" / "mine.safetensors").resolve()
