@@ -205,8 +205,18 @@ class OptotuneFocusConfig(_Strict):
     timeout_s: float = Field(0.5, gt=0, le=30)
     retries: int = Field(2, ge=0, le=10)
     settle_time_s: float = Field(0.025, ge=0, le=5)
-    temperature_limits_c: tuple[float, float] = (20.0, 45.0)
+    temperature_limits_c: tuple[float, float] = Field(
+        (20.0, 45.0), description="focal-power mode: the lens temperatures the driver compensates over (lower, upper), C")
     nominal: LensModelConfig | None = Field(None, description="current mode: mA -> dpt, used when calibration.file is null")
+
+    @field_validator("temperature_limits_c")
+    @classmethod
+    def _temperature_limits(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        # the LD4 takes them as int16 in 1/16 C (|t| < 2048 C); a liquid lens works from about -20 to 85 C
+        if not (math.isfinite(lo) and math.isfinite(hi) and -40.0 <= lo < hi <= 125.0):
+            raise ValueError(f"expected [lower, upper] in C with -40 <= lower < upper <= 125, got [{lo}, {hi}]")
+        return v
 
 
 class GcodeFocusConfig(_Strict):

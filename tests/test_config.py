@@ -208,6 +208,9 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("sweep:\n  distances_m: [1.0]\n", "sweep.distances_m", ["2"]),
         ("sweep:\n  range_m: [1.0, 1.0]\n", "sweep.range_m", []),
         ("calibration:\n  session:\n    board_views: 4\n", "calibration.session.board_views", ["5"]),
+        ("focus:\n  driver: optotune\n  port: emulator\n  temperature_limits_c: [20, 2100]\n", "focus.temperature_limits_c", ["2100"]),
+        ("focus:\n  driver: optotune\n  port: emulator\n  temperature_limits_c: [45, 20]\n", "focus.temperature_limits_c", ["lower < upper"]),
+        ("focus:\n  driver: optotune\n  port: emulator\n  temperature_limits_c: [40, .nan]\n", "focus.temperature_limits_c", []),
     ],
 )
 def test_invalid_field(tmp_path: Path, text: str, field: str, words: list[str]) -> None:
