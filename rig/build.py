@@ -261,7 +261,23 @@ def check_focus_map(config: RigConfig) -> None:
     file that does not fit, a nominal model that does not fit the focus mode) or its camera and
     focus drivers cannot go together: one ConfigError."""
     _check_driver_pair(config)
-    _focus_map(config)
+    focus_map = _focus_map(config)
+    unit = _configured_unit(config)
+    if config.calibration.file is not None and focus_map.unit and unit and focus_map.unit != unit:
+        foc = config.focus
+        moves = f"focus.driver {foc.driver}" + (f" in focus.mode {foc.mode}" if hasattr(foc, "mode") else "")
+        raise ConfigError(
+            f"{config.calibration.file}: focus_model is in {focus_map.unit}, but {moves} moves in {unit}: calibrate in this set-up "
+            "(run_rig.py --mode calibrate) or use a calibration file made in it"
+        )
+
+
+def _configured_unit(config: RigConfig) -> str | None:
+    """The focus actuator's unit as the config sets it (None: found when the device opens)."""
+    foc = config.focus
+    if foc.driver == "optotune":
+        return "dpt" if foc.mode == "focal_power" else "mA"
+    return {"simulated": "mA", "gcode": "mm"}.get(foc.driver)
 
 
 def _check_driver_pair(config: RigConfig) -> None:

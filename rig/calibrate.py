@@ -131,6 +131,8 @@ def _nominal_model(config: RigConfig) -> FocusModel | None:
     try:
         return _focus_map(_without_calibration_file(config))
     except ConfigError:
+        if getattr(config.focus, "nominal", None) is not None:
+            raise  # a nominal model that does not fit the focus mode: refused as a single run refuses it
         logger.warning("no nominal focus model (focus.nominal): the coarse sweeps span the actuator's whole limits, which is slower; "
                        "a rough focus.nominal sweeps only around the target distances")
         return None

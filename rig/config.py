@@ -426,6 +426,10 @@ def parse_config(raw: Any, *, source: str = "<config>") -> RigConfig:
     rest = {k: ({} if v is None and k in _SECTIONS else v) for k, v in raw.items() if k not in ("camera", "focus")}
     config = _validate(RigConfig, rest, source=source, prefix=())
     config.camera, config.focus = camera, focus
+    if config.sweep.style == "continuous" and getattr(focus, "driver", None) == "optotune" and getattr(focus, "mode", None) == "focal_power":
+        # the LD4's signal generator sweeps the current: found only once the devices were open
+        raise ConfigError(f"{source}: sweep.style: continuous sweeps run the LD4's signal generator, which drives the current: "
+                          "it needs focus.mode: current (or sweep.style: stepped)")
     return config  # type: ignore[return-value]
 
 

@@ -559,3 +559,16 @@ def test_every_fine_sweep_point_is_approached_in_the_sweeps_direction(tmp_path: 
     approach, points = fine[0], fine[1:]
     assert len(points) == plan.fine_steps and approach < points[0]
     assert all(b > a for a, b in zip(points, points[1:]))
+
+
+def test_a_nominal_model_that_does_not_fit_the_focus_mode_is_refused_by_calibrate_too(tmp_path: Path) -> None:
+    """In focal-power mode a current-mode focus.nominal was ignored with a warning that there was
+    no nominal model (then the whole range was swept); single mode refuses it, so does calibrate."""
+    from capture.errors import ConfigError
+
+    doc = _config_dict(tmp_path)
+    doc["camera"] = {"driver": "genicam", "producer": "viky"}
+    doc["focus"] = {"driver": "optotune", "port": "emulator", "mode": "focal_power", "nominal": {"offset_dpt": -0.5, "dpt_per_ma": 0.0165}}
+    with pytest.raises(ConfigError, match=r"^focus\.nominal: offset_dpt and dpt_per_ma describe the lens in current mode"):
+        run_calibration(parse_config(doc, source="fp"), interactive=True, show_progress=False, ask=lambda prompt: "")
+    assert not any(tmp_path.iterdir())

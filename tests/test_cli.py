@@ -670,3 +670,22 @@ def test_a_relative_weights_path_is_taken_from_the_config_folder_and_named(tmp_p
     from rig import load_config
 
     assert load_config(config).reconstruct.weights == (cfg_dir / "w" / "mine.safetensors").resolve()
+
+
+def test_a_calibration_file_in_another_unit_is_refused_before_the_run_folder(tmp_path: Path) -> None:
+    """A current-mode (mA) calibration with the lens in focal-power mode (dpt) was refused only
+    once both devices were open, leaving a run folder, with a line naming neither the file nor
+    the mode and advising a focus.nominal that focal-power mode refuses."""
+    cal = tmp_path / "calibration.yaml"
+    cal.write_text(yaml.safe_dump({"focus_model": {"kind": "liquid_lens_linear", "offset_dpt": -0.5, "dpt_per_ma": 0.0165}}), encoding="utf-8")
+    config = _fast_config(tmp_path)
+    doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    doc["camera"] = {"driver": "genicam", "producer": "viky"}
+    doc["focus"] = {"driver": "optotune", "port": "emulator", "mode": "focal_power"}
+    doc["calibration"] = {"file": str(cal)}
+    config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    proc = rig("--config", config)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"{cal}: focus_model is in mA, but focus.driver optotune in focus.mode focal_power moves in dpt" in line
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []

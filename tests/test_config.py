@@ -210,6 +210,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str) -> None:
         ("calibration:\n  session:\n    board_views: 4\n", "calibration.session.board_views", ["5"]),
         ("focus:\n  driver: optotune\n  port: emulator\n  temperature_limits_c: [20, 2100]\n", "focus.temperature_limits_c", ["2100"]),
         ("focus:\n  driver: optotune\n  port: emulator\n  temperature_limits_c: [45, 20]\n", "focus.temperature_limits_c", ["lower < upper"]),
+        ("focus:\n  driver: optotune\n  port: emulator\n  mode: focal_power\nsweep:\n  style: continuous\n  lag_s: 0.01\n", "sweep.style", ["focus.mode: current"]),
         ("focus:\n  driver: optotune\n  port: emulator\n  temperature_limits_c: [40, .nan]\n", "focus.temperature_limits_c", []),
     ],
 )
