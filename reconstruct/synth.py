@@ -90,10 +90,10 @@ def _load_row(root: Path, row: dict[str, str], name: str, where: str) -> RgbdSou
     if not (math.isfinite(scale) and scale > 0):
         raise InputError(f"{where}: gt_scale: expected a positive number (disparity = stored value / gt_scale), got {row['gt_scale']!r}")
     unknown_text = (row.get("unknown_value") or "").strip()
-    try:
-        unknown = float(unknown_text) if unknown_text else None
+    try:  # 'none' (as the Middlebury manifest writes it), 'null' or empty: no marker (0 is unknown anyway)
+        unknown = None if unknown_text.lower() in ("", "none", "null") else float(unknown_text)
     except ValueError:
-        raise InputError(f"{where}: unknown_value: expected the number stored where the truth is unknown (or empty), got {unknown_text!r}") from None
+        raise InputError(f"{where}: unknown_value: expected the number stored where the truth is unknown (or none), got {unknown_text!r}") from None
     rgb_path, disp_path = root / row["rgb"], root / row["gt_disparity"]
     rgb = read_image(rgb_path)
     raw = read_image(disp_path)

@@ -30,7 +30,9 @@ import math
 import multiprocessing as mp
 import os
 import random
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -171,6 +173,9 @@ _WORKER_SOURCES: list[RgbdSource] = []
 def _init_worker(sources: list[RgbdSource]) -> None:
     global _WORKER_SOURCES
     _WORKER_SOURCES = sources
+    # Ctrl-C reaches the whole process group: the main process stops the run (one line); the
+    # workers printed a KeyboardInterrupt traceback each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import cv2
 
     cv2.setNumThreads(1)
@@ -512,6 +517,8 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     if not resume and (found := _holds_run(out, name)):
         raise ConfigError(f"{config_path}: out_dir: {out} already holds a training run ({', '.join(found)}); "
                           "pass --resume to continue it, or choose another out_dir")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{config_path}: out_dir: {out} is a file, not a folder; choose another out_dir")
     device = training_device(cfg.device, config_path=config_path, distributed=distributed)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -557,9 +564,17 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     if cfg.init_weights is not None and not resume:
         init_from_weights(model, cfg.init_weights)
     rng = np.random.default_rng([cfg.seed, rank, 0])
+    # what the best checkpoint is chosen on: a resumed run must validate as the run it continues
+    validation = {"rgbd_root": str(cfg.data.rgbd_root) if cfg.data.rgbd_root else None,
+                  "tuning_scenes": list(cfg.data.tuning_scenes), "val_width": cfg.data.val_width}
     if resume:
         state = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s at step %d", last, state["step"])
+        was = state.get("validation")
+        if was is not None and was != validation:
+            changed = ", ".join(f"{k} {was.get(k)!r} -> {validation[k]!r}" for k in validation if was.get(k) != validation[k])
+            raise ConfigError(f"{config_path}: data: the run in {out} was validated on other data ({changed}): its best checkpoint "
+                              "would be chosen across two validations; restore those settings, or start a new out_dir")
         saved = state.get("rng") or {}
         if saved.get("world_size") == world and len(saved.get("ranks", ())) == world:
             _rng_restore(saved["ranks"][rank], rng, device)
@@ -573,6 +588,7 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     elif main_proc:
         out.mkdir(parents=True, exist_ok=True)
     state["world_size"] = world
+    state["validation"] = validation
     val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
     ddp_model: torch.nn.Module = model
     if distributed:
@@ -660,6 +676,10 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     return state
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="python -m reconstruct.train", description="Train a DualFocus model on synthesised focal stacks.")
     p.add_argument("--config", type=Path, required=True)
@@ -671,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         cfg = load_train_config(args.config)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (kill, a scheduler's time limit) stops as Ctrl-C does: checkpoint kept, one line, exit 130
+            signal.signal(signal.SIGTERM, _terminate)
         state = train(cfg, config_path=args.config, resume=args.resume, show_progress=not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"trained {state['step']} steps in {state['wall_s'] / 60:.1f} min; best tuning AbsRel {state['best_abs_rel']} at step {state['best_step']}; weights in {cfg.out_dir}")

@@ -67,7 +67,7 @@ def _scene_folder(tmp_path, *, rgb=None, disp=None, row: str = "s1,s1.png,s1d.pn
     ("s1,s1.png,s1d.png,0,0", None, r"line 2: gt_scale: expected a positive number .*'0'"),
     ("s1,s1.png,s1d.png,-4,0", None, r"line 2: gt_scale: expected a positive number"),
     ("s1,s1.png", None, r"line 2: gt_disparity, gt_scale: empty or missing"),
-    ("s1,s1.png,s1d.png,4,none", None, r"line 2: unknown_value: expected the number .*'none'"),
+    ("s1,s1.png,s1d.png,4,unknown", None, r"line 2: unknown_value: expected the number .*'unknown'"),
     ("s1,s1.png,s1d.png,4,0", np.zeros((30, 40), np.uint8), r"line 2: scene 's1': s1d.png has no known disparity"),
     ("s1,s1.png,s1d.png,4,0", np.full((20, 40), 80, np.uint8), r"line 2: scene 's1': s1.png is 40x30 px but s1d.png is 40x20"),
     ("s1,s1.png,s1d.png,4,0\ns1,s1.png,s1d.png,4,0", None, r"line 3: scene 's1' is listed twice"),
@@ -97,3 +97,5 @@ def test_manifest_values_are_read_as_spreadsheets_write_them(tmp_path) -> None:
     rgb16 = rgb8.astype(np.uint16) * 257
     src16 = load_middlebury(_scene_folder(tmp_path, rgb=rgb16, disp=disp, row="s1,s1.png,s1d.png,4,255"))[0]
     assert np.allclose(src16.rgb, src8.rgb, atol=1e-5)
+    # 'none' (as the shared Middlebury manifest writes it): no marker, every positive value known
+    assert load_middlebury(_scene_folder(tmp_path, rgb=rgb8, disp=disp, row="s1,s1.png,s1d.png,4,none"))[0].known.all()

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from capture.errors import InputError
+from capture.errors import ConfigError, InputError
 from reconstruct import train as T
 from reconstruct.dualfocus import checkpoint as C
 from reconstruct.dualfocus.checkpoint import load_checkpoint, save_checkpoint, sha256_of
@@ -393,3 +394,64 @@ def test_training_device_is_a_config_field(tmp_path: Path) -> None:
     path.write_text("device: gpu\n")
     with pytest.raises(T.ConfigError, match=r"t\.yaml: device: Input should be 'auto', 'cpu' or 'cuda'"):
         T.load_train_config(path)
+
+
+def test_saved_weights_are_readable_by_others(tmp_path: Path) -> None:
+    """safetensors creates its files 0600: trained weights were unreadable to colleagues."""
+    model = build_model(NAME)
+    path = save_checkpoint(model, torch.optim.AdamW(model.parameters()), tmp_path / "last.safetensors", name="t", state={"step": 1})
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_render_workers_leave_ctrl_c_to_the_main_process() -> None:
+    """Ctrl-C reaches every process of the group: each spawned render worker printed a
+    KeyboardInterrupt traceback under the main process's one line."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        T._init_worker([])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(tmp_path: Path) -> None:
+    """SIGTERM (kill, a scheduler's time limit) ended the run with no message (status -15)."""
+    import signal
+    import subprocess
+    import sys
+
+    config = _config(tmp_path / "c.yaml", tmp_path / "out", steps=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "reconstruct.train", "--config", str(config), "--no-progress"],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "out").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "error: interrupted by the user"
+
+
+def test_resume_with_other_validation_data_is_refused(tmp_path: Path) -> None:
+    """A resume with another tuning split (or width) compared tuning scores across two
+    validations and declared a 'best' checkpoint across them."""
+    config = _config(tmp_path / "a.yaml", tmp_path / "out", steps=4)
+    _train(config)
+    changed = _config(tmp_path / "b.yaml", tmp_path / "out", steps=8, data={"val_width": 96})
+    with pytest.raises(ConfigError, match=r"data: the run in .* was validated on other data \(val_width 64 -> 96\)"):
+        _train(changed, resume=True)
+    assert _train(_config(tmp_path / "c.yaml", tmp_path / "out", steps=6), resume=True)["step"] == 6  # the same data: resumes
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"out_dir: .*out is a file, not a folder"):
+        _train(_config(tmp_path / "a.yaml", tmp_path / "out", steps=2))

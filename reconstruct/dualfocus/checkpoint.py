@@ -44,6 +44,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         fsync_file(tmp)  # the data reach the disk before the rename makes them the file
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files: weights are for colleagues to read too
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
