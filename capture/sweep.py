@@ -154,7 +154,9 @@ def sweep(
             t_ready = actuator.wait_settled(timeout_s=settle_s) if wait_settled else t_cmd
             frame = camera.grab(start_after_host_s=t_ready, timeout_s=grab_timeout_s)
             entry = {
-                "actuator_value": round(value, 4),
+                # what was sent (FOCAL_STACK_FORMAT.md): the device's own step (an LD4 in focal-power
+                # mode takes 1/200 dpt), not the planned value
+                "actuator_value": round(float(actuator.target), 6),
                 "actuator_unit": actuator.unit,
                 "timestamp_s": round(frame.timestamp_s, 6),
                 "timestamp_source": frame.timestamp_source,

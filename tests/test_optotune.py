@@ -356,6 +356,27 @@ def test_temperature(emulator: OptotuneEmulator, drivers: list) -> None:
 
 
 @needs_pty
+def test_a_sweep_records_the_focal_power_sent_not_the_one_planned(drivers: list) -> None:
+    """FOCAL_STACK_FORMAT.md: actuator_value is the value sent. Firmware B takes 1/200 dpt, so
+    1/1.7 m = 0.5882 dpt goes out as 0.59; the stack said 0.5882."""
+    from calibration.focus_model import LiquidLensFocusModel
+    from capture.optics import ThinLens
+    from capture.scenes import procedural_scene
+    from capture.simulated import SimulatedCamera
+    from capture.sweep import sweep
+
+    with OptotuneEmulator(firmware_type="B") as emu:
+        lens = make_driver(drivers, emu.port, mode="focal_power")
+        lens.open()
+        cam = SimulatedCamera(scene=procedural_scene(48, 32, seed=0), lens=ThinLens(focal_length_mm=12.0, f_number=2.0, pixel_pitch_um=7.0),
+                              focus_dpt_at=lambda t: 0.0, fps=200.0, exposure_s=0.002, pixel_format="Mono8")
+        with cam:
+            stack = sweep(cam, lens, LiquidLensFocusModel(offset_dpt=0.0, dpt_per_ma=1.0, unit="dpt"), [1.7, 0.7], settle_timeout_s=0.5)
+    values = [e["actuator_value"] for e in stack.slice_meta]
+    assert values == [pytest.approx(0.59, abs=1e-9), pytest.approx(1.43, abs=1e-9)]
+
+
+@needs_pty
 @pytest.mark.parametrize(("firmware_type", "frame_3dpt"), [("A", "50 77 44 41 06 40 00 00 30 2C"), ("B", "50 77 44 41 02 58 00 00 B1 1B")])
 def test_focal_power_mode(drivers: list, firmware_type: str, frame_3dpt: str) -> None:
     with OptotuneEmulator(firmware_type=firmware_type) as emu:
