@@ -145,6 +145,11 @@ class FocusActuator(_Device):
     #: settles in milliseconds): a sweep waits at least this long for each slice to settle
     move_timeout_s: float = 0.0
 
+    def compensated_temperature_c(self) -> tuple[float, float] | None:
+        """The lens temperatures (lower, upper) over which the device guarantees its focus
+        (an LD4 in focal-power mode: its temperature limits), or None where none applies."""
+        return None
+
     @property
     @abstractmethod
     def limits(self) -> tuple[float, float]:

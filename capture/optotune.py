@@ -82,6 +82,19 @@ class _Refused(_Unanswered):
     """Internal: an optional command the firmware does not offer (E2/E3)."""
 
 
+#: the focal-power status byte (HARDWARE_NOTES.md, from the manual via public code [?])
+_FOCAL_POWER_STATUS_BITS = (
+    (7, "b7 lens temperature outside {limits}"),
+    (6, "b6 focal power outside the guaranteed range"),
+    (5, "b5 temperature outside the product specification"),
+    (4, "b4 focal-power inversion"),
+    (3, "b3 focal power unreachable"),
+    (2, "b2 no temperature limits received"),
+    (1, "b1 no or faulty EEPROM"),
+    (0, "b0 not all hardware available"),
+)
+
+
 class OptotuneLensDriver(FocusActuator):
     """An Optotune electrically tunable lens on a Lens Driver 4.
 
@@ -324,8 +337,11 @@ class OptotuneLensDriver(FocusActuator):
         status, fp_max_raw, fp_min_raw = self._ask(command, ld4.parse_focal_power_range, command)
         self.focal_power_status = status
         if status:
-            logger.warning("%s: %s status %#04x (b7 temperature outside the limits %s C, b2 no limits received, ...)",
-                           self._where(), command.description, status, self.temperature_limits_c)
+            bits = [text for bit, text in _FOCAL_POWER_STATUS_BITS if status & (1 << bit)]
+            bits = [b.format(limits=f"focus.temperature_limits_c [{self.temperature_limits_c[0]:g}, {self.temperature_limits_c[1]:g}] C")
+                    for b in bits]
+            logger.warning("%s: %s status %#04x: %s; focal power is not guaranteed there", self._where(), command.description,
+                           status, "; ".join(bits) or "unknown bits")
         return (ld4.raw_to_focal_power(fp_min_raw, self._firmware_type), ld4.raw_to_focal_power(fp_max_raw, self._firmware_type))
 
     def _do_close(self) -> None:
@@ -408,6 +424,10 @@ class OptotuneLensDriver(FocusActuator):
         if self.mode == "current":
             return ld4.raw_to_current(self._ask(ld4.get_current(), ld4.parse_current_raw), self._max_current_ma or 0.0)
         return ld4.raw_to_focal_power(self._ask(ld4.get_focal_power(), ld4.parse_focal_power_raw), self._firmware_type)
+
+    def compensated_temperature_c(self) -> tuple[float, float] | None:
+        """In focal-power mode the LD4 guarantees focal power within ``temperature_limits_c``."""
+        return self.temperature_limits_c if self.mode == "focal_power" else None
 
     def temperature_c(self) -> float | None:
         """The lens temperature from ``TCA`` (or ``TA``, whichever answered at open), °C;

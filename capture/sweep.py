@@ -111,6 +111,22 @@ def settle_wait_s(settle_timeout_s: float, actuator: FocusActuator) -> float:
     return max(float(settle_timeout_s), float(actuator.move_timeout_s))
 
 
+def _warn_temperature(actuator: FocusActuator, slice_meta: list[dict]) -> None:
+    """One warning per stack where the lens was outside the temperatures its driver guarantees
+    focus over (the LD4 in focal-power mode): checked at open only, a lens warming up during a
+    long acquisition went unnoticed."""
+    limits = actuator.compensated_temperature_c()
+    temps = [e["lens_temperature_c"] for e in slice_meta if "lens_temperature_c" in e]
+    if limits is None or not temps:
+        return
+    lo, hi = limits
+    outside = [t for t in temps if not lo <= t <= hi]
+    if outside:
+        logger.warning("%s: lens at %.1f-%.1f C in %d of %d slices, outside focus.temperature_limits_c [%g, %g] C: "
+                       "the focal power of those slices is not guaranteed", actuator.name, min(outside), max(outside),
+                       len(outside), len(slice_meta), lo, hi)
+
+
 def sweep(
     camera: Camera,
     actuator: FocusActuator,
@@ -182,6 +198,7 @@ def sweep(
             f"sweep stopped after {len(frames)} of {n} slices: {what}",
             cause=exc, frames=frames, distances_m=done_m, slice_meta=slice_meta,
         ) from exc
+    _warn_temperature(actuator, slice_meta)
     stack_meta = dict(meta or {})
     if frames[0].image.dtype == np.uint16:
         stack_meta.setdefault("significant_bits", frames[0].significant_bits)

@@ -377,6 +377,31 @@ def test_a_sweep_records_the_focal_power_sent_not_the_one_planned(drivers: list)
 
 
 @needs_pty
+def test_a_sweep_warns_when_the_lens_is_outside_its_compensated_temperatures(drivers: list, caplog) -> None:
+    """Checked at open only: a lens that warmed past temperature_limits_c during a long
+    acquisition gave slices at 50 C without a word."""
+    from calibration.focus_model import LiquidLensFocusModel
+    from capture.optics import ThinLens
+    from capture.scenes import procedural_scene
+    from capture.simulated import SimulatedCamera
+    from capture.sweep import sweep
+
+    with OptotuneEmulator(temperature_c=30.0) as emu:
+        lens = make_driver(drivers, emu.port, mode="focal_power", temperature_limits_c=(20.0, 45.0))
+        lens.open()
+        cam = SimulatedCamera(scene=procedural_scene(48, 32, seed=0), lens=ThinLens(focal_length_mm=12.0, f_number=2.0, pixel_pitch_um=7.0),
+                              focus_dpt_at=lambda t: 0.0, fps=200.0, exposure_s=0.002, pixel_format="Mono8")
+        focus_map = LiquidLensFocusModel(offset_dpt=0.0, dpt_per_ma=1.0, unit="dpt")
+        with cam, caplog.at_level("WARNING", logger="capture.sweep"):
+            sweep(cam, lens, focus_map, [1.7, 0.7], settle_timeout_s=0.5)
+            assert "outside focus.temperature_limits_c" not in caplog.text
+            emu.temperature_c = 50.0  # warmed up
+            stack = sweep(cam, lens, focus_map, [1.7, 0.7], settle_timeout_s=0.5)
+    assert [e["lens_temperature_c"] for e in stack.slice_meta] == [50.0, 50.0]
+    assert "lens at 50.0-50.0 C in 2 of 2 slices, outside focus.temperature_limits_c [20, 45] C" in caplog.text
+
+
+@needs_pty
 @pytest.mark.parametrize(("firmware_type", "frame_3dpt"), [("A", "50 77 44 41 06 40 00 00 30 2C"), ("B", "50 77 44 41 02 58 00 00 B1 1B")])
 def test_focal_power_mode(drivers: list, firmware_type: str, frame_3dpt: str) -> None:
     with OptotuneEmulator(firmware_type=firmware_type) as emu:
@@ -404,7 +429,8 @@ def test_focal_power_mode_warns_when_temperature_outside_limits(drivers: list, c
         lens = make_driver(drivers, emu.port, mode="focal_power", temperature_limits_c=(20.0, 45.0))
         lens.open()
         assert lens.focal_power_status & 0x80
-        assert "status 0x80" in caplog.text
+        assert "status 0x80: b7 lens temperature outside focus.temperature_limits_c [20, 45] C" in caplog.text
+        assert "b2" not in caplog.text  # only the bits set (the message used to list b2 whatever the status)
 
 
 @needs_pty
