@@ -562,7 +562,11 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state: dict[str, Any] = {"step": 0, "wall_s": 0.0, "best_abs_rel": None, "best_step": None, "history": []}
     if cfg.init_weights is not None and not resume:
-        init_from_weights(model, cfg.init_weights)
+        try:
+            init_from_weights(model, cfg.init_weights)
+        except RigError as exc:  # the loader names the file: say which config and field asked for it
+            text = str(exc).removeprefix("init_weights: ")
+            raise ConfigError(f"{config_path}: init_weights: {text}") from exc
     rng = np.random.default_rng([cfg.seed, rank, 0])
     # what the best checkpoint is chosen on: a resumed run must validate as the run it continues
     validation = {"rgbd_root": str(cfg.data.rgbd_root) if cfg.data.rgbd_root else None,

@@ -455,3 +455,12 @@ def test_an_out_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("not a folder", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"out_dir: .*out is a file, not a folder"):
         _train(_config(tmp_path / "a.yaml", tmp_path / "out", steps=2))
+
+
+def test_unusable_init_weights_name_the_config_and_field(tmp_path: Path) -> None:
+    """A .pt, truncated or foreign init_weights file was named alone, not the config or field."""
+    bad = tmp_path / "old.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    config = _config(tmp_path / "a.yaml", tmp_path / "out", steps=2, init_weights=str(bad))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'a.yaml'}: init_weights: {bad}"):
+        _train(config)
