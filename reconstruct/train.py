@@ -320,7 +320,7 @@ def model_card(*, cfg: TrainConfig, model: DualFocusNet, weights: Path, weights_
             "loss": cfg.loss.model_dump(),
             "optimiser": {"name": "AdamW", **cfg.optim.model_dump(), "schedule": "linear warm-up, cosine decay"},
         },
-        "initialised_from": _init_record(cfg.init_weights),
+        "initialised_from": None if cfg.init_weights is None else {**_init_record(cfg.init_weights), "tuning_metrics": state.get("init_metrics")},
         "validation": {"split": "tuning", "metrics": metrics, "best_step": state.get("best_step")},
         "config": json.loads(cfg.model_dump_json()),
     }
@@ -594,6 +594,11 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     state["world_size"] = world
     state["validation"] = validation
     val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
+    if cfg.init_weights is not None and not resume and val and main_proc:
+        # what a fine-tune starts from, on the same validation: whether it helped is then plain
+        start = validate(model, val)
+        state["init_metrics"] = {k: round(v, 5) for k, v in start.items()}
+        logger.info("starting weights %s: tuning AbsRel %.4f, delta1 %.4f", cfg.init_weights, start["abs_rel"], start["delta1"])
     ddp_model: torch.nn.Module = model
     if distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
