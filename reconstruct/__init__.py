@@ -1,4 +1,4 @@
-"""Depth from focus: classical methods now, the DualFocus network next. Never opens a device."""
+"""Depth from focus: the DualFocus network and the classical focus measures. Never opens a device."""
 
 from reconstruct.api import reconstruct_stack
 from reconstruct.result import DepthResult, write_result

@@ -83,8 +83,9 @@ def reconstruct_stack(
     """Depth, confidence and all-in-focus image of a focal stack (any slice order).
 
     Args:
-        stack: the stack as read or captured.
-        method: ``dualfocus`` (the network) or ``classical``.
+        stack: the stack as read or captured (:meth:`FocalStack.read` for a folder).
+        method: ``classical`` (this function's default, for scripts without torch) or
+            ``dualfocus`` (the network; the command lines' and rig.yaml's default).
         focus_measure: classical focus measure (see ``reconstruct.classical.FOCUS_MEASURES``).
         model, weights, backend: the network variant, its safetensors weights (default: the
             shipped ones) and where it runs (``auto`` = GPU if there is one, else CPU).
@@ -97,7 +98,16 @@ def reconstruct_stack(
             and less on the simulated scene, ~2.25x slower; below 1 is faster.
         align: ``apply`` the stack's stored per-slice ``alignment``, ``estimate`` it (needs the
             calibration module), or ``none``.
+        params: all classical parameters at once (its ``focus_measure`` wins over the
+            argument's, which must then be left at its default or agree).
     """
+    if not isinstance(stack, FocalStack):
+        hint = " (read a stack folder with FocalStack.read(path))" if isinstance(stack, (str, Path)) else ""
+        raise ReconstructionError(f"stack: expected a FocalStack, got {type(stack).__name__}{hint}")
+    if params is not None and not isinstance(params, ClassicalParams):
+        raise ReconstructionError(f"params: expected a ClassicalParams, got {type(params).__name__}")
+    if params is not None and focus_measure != "modified_laplacian" and focus_measure != params.focus_measure:
+        raise ReconstructionError(f"focus_measure: {focus_measure!r} and params.focus_measure {params.focus_measure!r} disagree; give one")
     _check_method(method)
     if align not in ALIGN_MODES:
         raise ReconstructionError(f"align: unknown mode {align!r}; valid: {', '.join(ALIGN_MODES)}")
@@ -143,7 +153,11 @@ def reconstruct_stack(
         pred = predict(ordered.as_float(), focus, weights=path, backend=backend, precision=precision, input_scale=input_scale)
         focus_out, confidence = pred.depth_focus, pred.confidence
         aif = fuse_all_in_focus(ordered.images, pred.slice_position)
-        model_name, sha, backend_name, device = model, pred.sha256, pred.backend, pred.device
+        from reconstruct.backends.export import weights_identity
+
+        # the model the weights file holds (its metadata), not the argument's default
+        model_name = weights_identity(path)[1] if weights is not None else model
+        sha, backend_name, device = pred.sha256, pred.backend, pred.device
         extra["precision"] = pred.precision
         extra["weights"] = path.name
         extra["input_scale"] = float(input_scale)

@@ -106,6 +106,13 @@ class ClassicalParams:
     fill: bool = True
     local_check_px: int = 3
 
+    def __post_init__(self) -> None:
+        # OpenCV's box filter raised a multi-line cv2.error for these, deep inside the method
+        for name, low in (("window_px", 1), ("local_check_px", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ReconstructionError(f"params.{name}: expected a whole number of pixels >= {low}, got {value!r}")
+
 
 @dataclass
 class ClassicalOutput:

@@ -1070,3 +1070,42 @@ def test_compiled_torch_backend_traces_the_whole_network(tiny_weights: Path) -> 
         out = traced(x, f)
     ref = TorchBackend(tiny_weights, device="cpu", precision="fp32").run(x.numpy(), f.numpy())
     np.testing.assert_allclose(out[0].numpy(), ref["depth"], atol=1e-5, rtol=0)
+
+
+def test_the_result_names_the_model_the_weights_hold(tiny_weights: Path) -> None:
+    """A dualfocus-tiny weights file run with model= left at its default was recorded as
+    dualfocus-s in DepthResult.model and result.yaml."""
+    from capture.stack import FocalStack
+    from reconstruct.api import reconstruct_stack
+
+    rng = np.random.default_rng(0)
+    stack = FocalStack((rng.random((3, 32, 32)) * 255).astype(np.uint8), focus_distance_m=[2.0, 1.0, 0.5])
+    result = reconstruct_stack(stack, method="dualfocus", weights=tiny_weights, backend="torch", precision="fp32")
+    assert result.model == "dualfocus-tiny"
+
+
+@pytest.mark.parametrize(("case", "pattern"), [
+    ("a path", r"^stack: expected a FocalStack, got str \(read a stack folder with FocalStack\.read"),
+    ("params as a dict", r"^params: expected a ClassicalParams, got dict"),
+    ("two focus measures", r"^focus_measure: 'tenengrad' and params\.focus_measure 'variance_of_laplacian' disagree"),
+    ("window 0", r"^params\.window_px: expected a whole number of pixels >= 1, got 0"),
+    ("window 2.5", r"^params\.window_px: .*got 2\.5"),
+    ("local check -1", r"^params\.local_check_px: .*>= 0, got -1"),
+])
+def test_bad_api_arguments_are_one_line_naming_them(case: str, pattern: str) -> None:
+    """These raised AttributeError, a multi-line cv2.error, or ran another focus measure silently."""
+    from capture.stack import FocalStack
+    from reconstruct.api import reconstruct_stack
+    from reconstruct.classical import ClassicalParams
+
+    stack = FocalStack(np.zeros((3, 16, 16), np.uint8), focus_distance_m=[2.0, 1.0, 0.5])
+    calls = {
+        "a path": lambda: reconstruct_stack("stacks/000000"),  # type: ignore[arg-type]
+        "params as a dict": lambda: reconstruct_stack(stack, params={"window_px": 5}),  # type: ignore[arg-type]
+        "two focus measures": lambda: reconstruct_stack(stack, focus_measure="tenengrad", params=ClassicalParams(focus_measure="variance_of_laplacian")),
+        "window 0": lambda: ClassicalParams(window_px=0),
+        "window 2.5": lambda: ClassicalParams(window_px=2.5),  # type: ignore[arg-type]
+        "local check -1": lambda: ClassicalParams(local_check_px=-1),
+    }
+    with pytest.raises(ReconstructionError, match=pattern):
+        calls[case]()
