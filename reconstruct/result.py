@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,15 +157,19 @@ def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16:
         _write_png(tmp / "all_in_focus.png", _to_bgr(result.all_in_focus))
         if preview:
             _write_png(tmp / "depth_preview.png", depth_preview(result.depth, unit="m" if metric else "focus index")[..., ::-1])
+        # this write's own facts go into a copy: writing the same result again (say without
+        # depth.png) must not carry a count about a depth.png it did not write
+        extra = {k: v for k, v in result.extra.items() if k != "png16_beyond_range_pixels"}
         if write_png16:
             mm, beyond = png16_millimetres(result.depth)
             if beyond:
                 logger.warning("%s: %d pixels lie beyond depth.png's 65.535 m (or at infinity) and are 0 there; depth.npy has them", final, beyond)
-                result.extra["png16_beyond_range_pixels"] = beyond
+                extra["png16_beyond_range_pixels"] = beyond
             _write_png(tmp / "depth.png", mm)
-        # result.yaml is written last; its write time covers everything before it
+        # result.yaml is written last; its write time covers everything before it (and is kept
+        # in result.seconds, which the command line prints)
         result.seconds["write"] = time.perf_counter() - t_start
-        doc = result.to_yaml_dict(png16=write_png16)
+        doc = replace(result, extra=extra).to_yaml_dict(png16=write_png16)
         (tmp / "result.yaml").write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         for path in tmp.iterdir():
             fsync_file(path)

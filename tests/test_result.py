@@ -58,6 +58,12 @@ def test_depth_png_writes_unrepresentable_depth_as_no_depth_and_counts_it(tmp_pa
     assert doc["png16_beyond_range_pixels"] == 7 and doc["png16_scale_m"] == 0.001
     npy = np.load(out / "depth.npy")
     assert np.isinf(npy[0, :4]).all() and (npy[1, :3] == 100.0).all()  # depth.npy keeps the values
+    # the count is this write's, not the result's: written again without depth.png, it is gone
+    result = _result(depth)
+    write_result(result, tmp_path / "a")
+    assert "png16_beyond_range_pixels" not in result.extra
+    again = yaml.safe_load((write_result(result, tmp_path / "b", png16=False) / "result.yaml").read_text())
+    assert "png16_beyond_range_pixels" not in again and "png16_scale_m" not in again
 
 
 def test_result_yaml_device_is_the_device_alone(tmp_path):
