@@ -9,7 +9,7 @@ __all__ = ["depth_preview"]
 
 
 def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """Turbo-coloured depth (near = red, far = blue), NaN in grey, with a labelled colour bar.
+    """Turbo-coloured depth (near = red, far = blue; +inf at the far end), NaN in grey, with a labelled colour bar.
 
     Args:
         depth: float ``[H, W]``, NaN where unknown.
@@ -27,10 +27,13 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     else:
         lo, hi = 0.0, 1.0
     hi = hi if hi > lo else lo + 1e-6
-    norm = np.clip((np.where(finite, depth, lo) - lo) / (hi - lo), 0, 1)
+    # +inf is an answer (a slice focused at infinity was sharpest): the far end of the colours,
+    # like anything beyond hi; only NaN (no answer) is grey
+    no_depth = np.isnan(depth)
+    norm = np.clip((np.where(finite, depth, np.where(np.isposinf(depth), hi, lo)) - lo) / (hi - lo), 0, 1)
     idx = (255 * (1.0 - norm)).astype(np.uint8)  # near = red end of turbo
     bgr = cv2.applyColorMap(idx, cv2.COLORMAP_TURBO)
-    bgr[~finite] = (128, 128, 128)
+    bgr[no_depth] = (128, 128, 128)
     bar_h = max(28, h // 12)
     bar = np.zeros((bar_h, w, 3), np.uint8)
     ramp = cv2.applyColorMap((255 * (1.0 - np.linspace(0, 1, w))).astype(np.uint8)[None, :], cv2.COLORMAP_TURBO)
@@ -41,8 +44,8 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     label = f"{hi:.3g} {unit}"
     (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     cv2.putText(bar, label, (w - tw - 3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    if (~finite).any():
-        note = f"grey: no depth ({100 * (~finite).mean():.1f}%)"
+    if no_depth.any():
+        note = f"grey: no depth ({100 * no_depth.mean():.1f}%)"
         (nw, _), _ = cv2.getTextSize(note, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         cv2.putText(bar, note, ((w - nw) // 2, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (200, 200, 200), 1, cv2.LINE_AA)
     return np.ascontiguousarray(np.vstack([bgr, bar])[..., ::-1])

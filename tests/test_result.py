@@ -102,3 +102,17 @@ def test_a_failed_overwrite_keeps_the_old_result(tmp_path, monkeypatch):
         write_result(_result(np.full((H, W), 3.0, np.float32)), out, overwrite=True)
     assert float(np.load(out / "depth.npy")[0, 0]) == 0.5  # the old result, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_the_preview_shows_infinity_as_far_and_only_nan_as_no_depth() -> None:
+    """Depth +inf (a slice focused at infinity) was painted grey and counted as 'no depth'."""
+    from reconstruct.preview import depth_preview
+
+    depth = np.full((40, 60), 1.0, np.float32)
+    depth[:, 40:] = 3.0
+    depth[:10, :20] = np.inf
+    depth[30:, :20] = np.nan
+    img = depth_preview(depth)[:40]
+    grey = (img == 128).all(axis=-1)
+    assert grey[30:, :20].all() and not grey[:10, :20].any()
+    assert (img[5, 5] == img[5, 50]).all()  # infinity in the far colour
