@@ -353,6 +353,8 @@ class FocalStack:
                         f"{arrays[0].shape} {arrays[0].dtype}"
                     )
             images = np.stack(arrays)
+        if images.dtype.kind == "u" and images.dtype.itemsize == 2 and not images.dtype.isnative:
+            images = images.astype(np.uint16)  # big-endian frames (raw cameras, FITS): the same numbers in native order
         if images.dtype not in (np.uint8, np.uint16):
             raise StackFormatError(f"images: dtype must be uint8 or uint16, got {images.dtype}")
         if images.ndim == 4 and images.shape[3] == 1:

@@ -540,3 +540,11 @@ def test_a_slice_image_named_twice_is_refused_with_the_reason(tmp_path: Path, se
         encoding="utf-8")
     with pytest.raises(StackFormatError, match=rf"slices\[1\]\.image: .*{says}"):
         FocalStack.read(src)
+
+
+def test_big_endian_uint16_is_taken_in_native_order() -> None:
+    """'>u2' frames (raw cameras, FITS) were refused as 'dtype must be uint8 or uint16, got >u2'."""
+    images = (np.arange(2 * 4 * 6, dtype=np.uint16).reshape(2, 4, 6) * 1000).astype(">u2")
+    stack = FocalStack(images, focus_distance_m=[1.0, 0.5])
+    assert stack.images.dtype == np.uint16 and stack.images.dtype.isnative
+    assert np.array_equal(stack.images, images.astype(np.uint16))
