@@ -68,6 +68,7 @@ class SessionPlan:
     roi_fraction: float = 0.5
     degree: int = 1
     settle_timeout_s: float = 1.0
+    span_from_nominal: bool = True  # actuator_span from a nominal focus model (else the actuator's whole limits)
     breathing: bool = True
     breathing_steps: int = 9
     intrinsics: bool = True
@@ -161,10 +162,10 @@ class CalibrationSession:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         try:
             state = SessionState.from_dict(doc)
+            self._check_plan(state, plan)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or damaged file
             what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             raise InputError(f"{path}: not a readable calibration session ({what}); move that run folder away to start a new session") from exc
-        self._check_plan(state, plan)
         if state.plan is None:  # an older session file: from now on it carries the plan
             state.plan = plan
         logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))
@@ -227,10 +228,12 @@ class CalibrationSession:
                 raise
             # say which sweep, and what sets it (refine_peak knows neither)
             unit = self.actuator.unit
-            raise CalibrationError(
-                f"{str(exc).split(';')[0]} ({lo:.4g}..{hi:.4g} {unit}: the span focus.nominal gives the target distances, with a "
-                f"margin, within {self.actuator.name}'s limits); check the target's distance, then focus.nominal and the actuator's limits"
-            ) from exc
+            if self.plan.span_from_nominal:
+                why = (f"the span focus.nominal gives the target distances, with a margin, within {self.actuator.name}'s limits); "
+                       "check the target's distance, then focus.nominal and the actuator's limits")
+            else:
+                why = f"{self.actuator.name}'s whole limits, without a focus.nominal); check the target's distance and the actuator's limits"
+            raise CalibrationError(f"{str(exc).split(';')[0]} ({lo:.4g}..{hi:.4g} {unit}: {why}") from exc
         step = coarse[1] - coarse[0]
         fine = np.linspace(coarse[i] - 1.5 * step, coarse[i] + 1.5 * step, self.plan.fine_steps)
         fine = fine[(fine >= min(lo, hi)) & (fine <= max(lo, hi))]

@@ -40,9 +40,10 @@ def check_ready(
     cannot run."""
     _check_method(method)
     if method == "dualfocus":
+        from reconstruct.backends.export import weights_identity
         from reconstruct.dualfocus.infer import resolve_precision, resolve_weights, select_backend
 
-        resolve_weights(model, weights)
+        weights_identity(resolve_weights(model, weights))  # a damaged file: before the capture, not after (memoised)
         resolve_precision(precision, select_backend(backend, precision))
 
 

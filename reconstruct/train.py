@@ -569,8 +569,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
             raise ConfigError(f"{config_path}: init_weights: {text}") from exc
     rng = np.random.default_rng([cfg.seed, rank, 0])
     # what the best checkpoint is chosen on: a resumed run must validate as the run it continues
-    validation = {"rgbd_root": str(cfg.data.rgbd_root) if cfg.data.rgbd_root else None,
-                  "tuning_scenes": list(cfg.data.tuning_scenes), "val_width": cfg.data.val_width}
+    # the data, not how they are reached: a resolved path (a symlink, the same folder), the scenes as a set
+    validation = {"rgbd_root": str(Path(cfg.data.rgbd_root).resolve()) if cfg.data.rgbd_root else None,
+                  "tuning_scenes": sorted(cfg.data.tuning_scenes), "val_width": cfg.data.val_width}
     if resume:
         state = load_checkpoint(last, model, optimizer)
         logger.info("resumed from %s at step %d", last, state["step"])

@@ -187,9 +187,12 @@ def _find_unfinished(config: RigConfig) -> Path | None:
                                  "move that run folder away to start a new session") from exc
             if not isinstance(doc, dict):
                 raise InputError(f"{state}: not a calibration session (expected a mapping); move that run folder away to start a new session")
-            # complete but without its calibration.yaml (a full disk, a kill while writing it):
-            # resumed, so that everything it measured is written out instead of measured again
-            if not doc.get("complete") or not (run_dir / "calibration.yaml").is_file():
+            # complete but stopped before writing out (a full disk, a kill while writing
+            # calibration.yaml: neither it nor summary.yaml, written last, is there): resumed, so
+            # that what it measured is written instead of measured again. A calibration.yaml moved
+            # away by the user leaves summary.yaml: that session is done
+            written = (run_dir / "calibration.yaml").is_file() or (run_dir / "summary.yaml").is_file()
+            if not doc.get("complete") or not written:
                 return run_dir
     return None
 
@@ -229,7 +232,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
             breathing=s.breathing, breathing_steps=s.breathing_steps, intrinsics=s.intrinsics,
             board_cols=s.board.cols, board_rows=s.board.rows, board_views=s.board_views,
             board_square_m=getattr(placer, "board_square_m", s.board.square_mm / 1000.0),
-            actuator_identity=_actuator_identity(config),
+            actuator_identity=_actuator_identity(config), span_from_nominal=nominal is not None,
         )
         # the run folder only now, with the plan made: a failure before leaves none behind; from
         # here on the session folder holds its state at once, so the run folder is resumable

@@ -466,6 +466,9 @@ def test_a_full_disk_at_the_end_keeps_the_session_and_a_rerun_writes_it_out(tmp_
     # and a session that is complete with its file is not resumed: the next run is a new one
     third = run_calibration(config, interactive=False, show_progress=False)
     assert not third.resumed
+    # nor one whose calibration.yaml the user moved away (its summary.yaml says it finished)
+    third.calibration_path.rename(tmp_path / "moved.yaml")
+    assert not run_calibration(config, interactive=False, show_progress=False).resumed
 
 
 def test_board_views_that_fail_are_set_aside_and_taken_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -538,6 +541,10 @@ def test_a_peak_at_the_edge_of_the_sweep_names_the_span_and_what_sets_it(tmp_pat
         with pytest.raises(CalibrationError, match=r"^target at 2\.000 m: the sharpness peak is at the \w+ edge of the sweep "
                                                    r"\(.* mA: the span focus\.nominal gives .*check the target's distance, then focus\.nominal"):
             session.measure_distance(2.0)
+        # without a nominal model the sweep is the actuator's whole limits: focus.nominal is not to blame
+        plan.span_from_nominal = False
+        with pytest.raises(CalibrationError, match=r"edge of the sweep \(.* mA: .*whole limits, without a focus\.nominal\)"):
+            session.measure_distance(2.0)
 
 
 def test_every_fine_sweep_point_is_approached_in_the_sweeps_direction(tmp_path: Path) -> None:
@@ -562,8 +569,9 @@ def test_every_fine_sweep_point_is_approached_in_the_sweeps_direction(tmp_path: 
 
 
 def test_a_nominal_model_that_does_not_fit_the_focus_mode_is_refused_by_calibrate_too(tmp_path: Path) -> None:
-    """In focal-power mode a current-mode focus.nominal was ignored with a warning that there was
-    no nominal model (then the whole range was swept); single mode refuses it, so does calibrate."""
+    """In focal-power mode a current-mode focus.nominal must be refused by calibrate as by single
+    (calibrate warned there was no nominal model, then refused when opening the rig; with the
+    rig opened without a focus map for nominal-less stages it would have swept everything)."""
     from capture.errors import ConfigError
 
     doc = _config_dict(tmp_path)

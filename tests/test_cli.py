@@ -590,7 +590,7 @@ def test_rig_calibrate_with_stdin_closed_is_one_line(tmp_path: Path) -> None:
     assert "run folder: " in proc.stdout and "the calibration session resumes there when run again" in proc.stdout
 
 
-@pytest.mark.parametrize("content", ["complete: [\n", "- a\n", "curves:\n- {distance_m: 1.0, values: [1, 2]}\n"])  # the last: hand-edited, was a KeyError traceback
+@pytest.mark.parametrize("content", ["complete: [\n", "- a\n", "curves:\n- {distance_m: 1.0, values: [1, 2]}\n", "plan: {distances_m: [2.0, 1.2, x]}\n"])  # the last: hand-edited, was a KeyError traceback
 def test_rig_calibrate_with_a_corrupt_session_file_names_it(tmp_path: Path, content: str) -> None:
     config = _fast_config(tmp_path)
     state = tmp_path / "runs" / "2026-01-01T00-00-00Z_sim" / "calibration_session" / "session.yaml"
@@ -666,6 +666,10 @@ def test_a_relative_weights_path_is_taken_from_the_config_folder_and_named(tmp_p
     line = _assert_bad_input(rig("--config", config), config)
     assert f"{config}: reconstruct.weights: {cfg_dir / 'w' / 'mine.safetensors'}: weights file not found" in line
     (cfg_dir / "w").mkdir()
+    (cfg_dir / "w" / "mine.safetensors").write_text("garbage", encoding="utf-8")  # damaged: refused before any capture too
+    line = _assert_bad_input(rig("--config", config), config)
+    assert f"{config}: reconstruct.weights: {cfg_dir / 'w' / 'mine.safetensors'}: not a readable safetensors file" in line
+    assert not (cfg_dir / "runs").exists() or list((cfg_dir / "runs").iterdir()) == []
     shutil.copy(ROOT / "reconstruct" / "weights" / "dualfocus-s.safetensors", cfg_dir / "w" / "mine.safetensors")
     from rig import load_config
 

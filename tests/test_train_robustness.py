@@ -451,6 +451,21 @@ def test_resume_with_other_validation_data_is_refused(tmp_path: Path) -> None:
     assert _train(_config(tmp_path / "c.yaml", tmp_path / "out", steps=6), resume=True)["step"] == 6  # the same data: resumes
 
 
+
+def test_resume_finds_the_same_data_through_another_path_and_scene_order(tmp_path: Path) -> None:
+    """The same folder reached through a symlink (or node-local scratch), or the tuning scenes
+    listed in another order, is the same validation: the resume goes on."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "middlebury_2001_2006"
+    if not (data / "manifest.csv").is_file():
+        pytest.skip("the shared Middlebury scenes are not beside the repository")
+    link = tmp_path / "mb"
+    link.symlink_to(data)
+    first = _config(tmp_path / "a.yaml", tmp_path / "out", steps=2, data={"rgbd_root": str(data), "tuning_scenes": ["Rocks1", "Aloe"]})
+    _train(first)
+    again = _config(tmp_path / "b.yaml", tmp_path / "out", steps=4, data={"rgbd_root": str(link), "tuning_scenes": ["Aloe", "Rocks1"]})
+    assert _train(again, resume=True)["step"] == 4
+
+
 def test_an_out_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("not a folder", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"out_dir: .*out is a file, not a folder"):
