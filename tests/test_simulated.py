@@ -68,7 +68,7 @@ def test_lens_is_settled_semantics() -> None:
         time.sleep(0.02 * math.log(50.0 / 0.05) + 0.03)  # ~7 time constants + margin
         t1 = time.monotonic()
         t = lens.wait_settled(timeout_s=1e-3)
-        assert t - t1 < 1e-3  # seen settled on the first poll
+        assert t - t1 < 1e-2  # seen settled at once (a loaded machine took 1.2 ms over one poll)
         assert abs(lens.position() - 50.0) <= 0.05
         lens.move_to(50.04)  # a step within the tolerance is settled at once
         lens.wait_settled(timeout_s=1e-3)
