@@ -28,7 +28,7 @@ from capture.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "NonMonotonicPeaks", "fit_focus_model"]
+__all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "NonMonotonicPeaks", "PeakAtSweepEdge", "fit_focus_model"]
 
 #: a curve whose maximum is less than this many times its median shows no usable peak
 MIN_PEAK_CONTRAST = 1.25
@@ -48,6 +48,19 @@ class NonMonotonicPeaks(CalibrationError):
     def __init__(self, message: str, *, distances_m: list[float]) -> None:
         super().__init__(message)
         self.distances_m = distances_m
+
+
+class PeakAtSweepEdge(CalibrationError):
+    """The sharpness peak sits at the ``edge`` ("near" or "far") end of the swept values: the
+    target is outside them (or the sweep is too narrow)."""
+
+    def __init__(self, distance_m: float, edge: str) -> None:
+        self.distance_m, self.edge = distance_m, edge
+        super().__init__(f"{self.what}; widen the actuator sweep or move the target inside the focus range")
+
+    @property
+    def what(self) -> str:
+        return f"target at {self.distance_m:.3f} m: the sharpness peak is at the {self.edge} edge of the sweep"
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -116,7 +129,7 @@ def refine_peak(
 
     Raises:
         CalibrationError: no peak (flat curve: no texture, or the target is out of the
-            swept range), or the peak sits at the edge of the sweep.
+            swept range); PeakAtSweepEdge: the peak sits at the edge of the sweep.
     """
     v = np.asarray(values, np.float64)
     s = np.asarray(scores, np.float64)
@@ -160,10 +173,7 @@ def refine_peak(
             right = v[k] + (s[k] - level) / (s[k] - s[k + 1]) * (v[k + 1] - v[k])
             return float(0.5 * (left + right))
     if edge is not None:
-        raise CalibrationError(
-            f"target at {distance_m:.3f} m: the sharpness peak is at the {edge} edge of the sweep; "
-            "widen the actuator sweep or move the target inside the focus range"
-        )
+        raise PeakAtSweepEdge(distance_m, edge)
     lo, hi = max(0, i - half_window), min(v.size, i + half_window + 1)
     x, y = v[lo:hi], np.log(np.maximum(s[lo:hi], 1e-12))
     xm = x.mean()

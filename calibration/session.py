@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from calibration.focus_fit import FocusFit, NonMonotonicPeaks, SharpnessCurve, fit_focus_model, refine_peak, sharpness
+from calibration.focus_fit import FocusFit, NonMonotonicPeaks, PeakAtSweepEdge, SharpnessCurve, fit_focus_model, refine_peak, sharpness
 from calibration.focus_model import FocusModel
 from capture.devices import Camera, FocusActuator
 from capture.atomic import write_text_atomic
@@ -223,9 +223,7 @@ class CalibrationSession:
         i = int(np.argmax(coarse_scores))
         try:
             refine_peak(coarse, coarse_scores, distance_m=distance_m, half_window=1)  # raises on no peak / edge
-        except CalibrationError as exc:
-            if "edge of the sweep" not in str(exc):
-                raise
+        except PeakAtSweepEdge as exc:
             # say which sweep, and what sets it (refine_peak knows neither)
             unit = self.actuator.unit
             if self.plan.span_from_nominal:
@@ -233,7 +231,7 @@ class CalibrationSession:
                        "check the target's distance, then focus.nominal and the actuator's limits")
             else:
                 why = f"{self.actuator.name}'s whole limits, without a focus.nominal); check the target's distance and the actuator's limits"
-            raise CalibrationError(f"{str(exc).split(';')[0]} ({lo:.4g}..{hi:.4g} {unit}: {why}") from exc
+            raise CalibrationError(f"{exc.what} ({lo:.4g}..{hi:.4g} {unit}: {why}") from exc
         step = coarse[1] - coarse[0]
         fine = np.linspace(coarse[i] - 1.5 * step, coarse[i] + 1.5 * step, self.plan.fine_steps)
         fine = fine[(fine >= min(lo, hi)) & (fine <= max(lo, hi))]
@@ -293,7 +291,7 @@ class CalibrationSession:
         if self.state.breathing is not None:
             return BreathingModel.from_dict(self.state.breathing)
         near, far = model.valid_range_m  # type: ignore[union-attr]
-        middle_m = 2.0 / (1.0 / near + (0.0 if math.isinf(far) else 1.0 / far))
+        middle_m = _middle_m(model)
         self.placer.place_texture(middle_m, step=1, total=1)
         # the table covers whatever the focus model accepts: its calibrated range and its span
         ends = [model.actuator_value(near), model.actuator_value(far), *(getattr(model, "valid_values", None) or ())]
@@ -320,8 +318,7 @@ class CalibrationSession:
         # a board held where the placer does not say is held in focus at the middle of the
         # calibrated range (in diopters): focus stayed wherever the breathing sweep left it, at
         # one end of the range, and the board was blurred in every view
-        near, far = model.valid_range_m  # type: ignore[union-attr]
-        middle_m = 2.0 / (1.0 / near + (0.0 if math.isinf(far) else 1.0 / far))
+        middle_m = _middle_m(model)
         if hasattr(self.placer, "board_focus_m"):
             self.placer.board_focus_m = middle_m  # type: ignore[attr-defined]
         for view in range(self.state.board_views_done, total):
@@ -355,6 +352,12 @@ class CalibrationSession:
                 f"{exc}; the session in {self.folder} set those {len(view_files)} views aside ({rejected.name}) and keeps "
                 "what it measured: run the calibration again to take new board views"
             ) from exc
+
+
+def _middle_m(model: FocusModel) -> float:
+    """The middle of the model's calibrated range in diopters, as a distance in metres."""
+    near, far = model.valid_range_m  # type: ignore[union-attr]
+    return 2.0 / (1.0 / near + (0.0 if math.isinf(far) else 1.0 / far))
 
 
 def _breathing_tolerance(model: FocusModel, span: float) -> float:

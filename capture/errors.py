@@ -19,6 +19,7 @@ __all__ = [
     "ProtocolError",
     "CalibrationError",
     "ReconstructionError",
+    "reworded",
     "EXIT_OK",
     "EXIT_BAD_INPUT",
     "EXIT_DEVICE",
@@ -35,6 +36,14 @@ class RigError(Exception):
     """Base of every error the project raises on purpose."""
 
     exit_code: int = EXIT_BAD_INPUT
+
+
+def reworded(exc: RigError, message: str) -> RigError:
+    """An error of ``exc``'s class and exit code with another message (naming the file or
+    field a caller knows and the raiser did not); raise it ``from exc``."""
+    new = type(exc)(message)
+    new.exit_code = exc.exit_code
+    return new
 
 
 def yaml_problem(exc: Exception) -> str:

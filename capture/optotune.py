@@ -337,9 +337,8 @@ class OptotuneLensDriver(FocusActuator):
         status, fp_max_raw, fp_min_raw = self._ask(command, ld4.parse_focal_power_range, command)
         self.focal_power_status = status
         if status:
-            bits = [text for bit, text in _FOCAL_POWER_STATUS_BITS if status & (1 << bit)]
-            bits = [b.format(limits=f"focus.temperature_limits_c [{self.temperature_limits_c[0]:g}, {self.temperature_limits_c[1]:g}] C")
-                    for b in bits]
+            limits = f"focus.temperature_limits_c [{self.temperature_limits_c[0]:g}, {self.temperature_limits_c[1]:g}] C"
+            bits = [text.format(limits=limits) for bit, text in _FOCAL_POWER_STATUS_BITS if status & (1 << bit)]
             logger.warning("%s: %s status %#04x: %s; focal power is not guaranteed there", self._where(), command.description,
                            status, "; ".join(bits) or "unknown bits")
         return (ld4.raw_to_focal_power(fp_min_raw, self._firmware_type), ld4.raw_to_focal_power(fp_max_raw, self._firmware_type))

@@ -18,7 +18,7 @@ import numpy as np
 
 from calibration.focus_model import FocusModel, LiquidLensFocusModel, load_focus_model
 from capture.devices import Camera, FocusActuator
-from capture.errors import CalibrationError, ConfigError, DeviceError, RigError
+from capture.errors import CalibrationError, ConfigError, DeviceError, RigError, reworded
 from capture.optics import SensorModel, ThinLens
 from capture.scenes import Scene, procedural_scene, rgbd_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
@@ -251,9 +251,7 @@ def check_reconstruction(config: RigConfig) -> None:
     except RigError as exc:
         if rc.weights is None or not str(exc).startswith(str(rc.weights)):
             raise
-        new = type(exc)(f"reconstruct.weights: {exc}")
-        new.exit_code = exc.exit_code
-        raise new from exc
+        raise reworded(exc, f"reconstruct.weights: {exc}") from exc
 
 
 def check_focus_map(config: RigConfig) -> None:
@@ -312,15 +310,22 @@ def _focus_map(config: RigConfig) -> FocusModel:
     return LiquidLensFocusModel(offset_dpt=nominal.offset_dpt, dpt_per_ma=nominal.dpt_per_unit, base_focus_m=base, unit=unit)
 
 
-def _breathing(config: RigConfig) -> Any:
-    """The breathing table of the calibration file, or None."""
+def _calibration_doc(config: RigConfig) -> dict:
+    """The calibration file as a mapping ({} without one); its focus model has been loaded
+    (and its faults named) by :func:`_focus_map` before this reads it again."""
     path = config.calibration.file
     if path is None:
-        return None
+        return {}
     import yaml
 
     doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    section = doc.get("breathing") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _breathing(config: RigConfig, doc: dict) -> Any:
+    """The breathing table of the calibration file ``doc``, or None."""
+    path = config.calibration.file
+    section = doc.get("breathing")
     if not section:
         return None
     from calibration.alignment import BreathingModel
@@ -340,22 +345,14 @@ def _check_units(focus_map: FocusModel, actuator: FocusActuator) -> None:
         )
 
 
-def _warn_other_devices(config: RigConfig, camera: Camera, actuator: FocusActuator) -> None:
+def _warn_other_devices(config: RigConfig, doc: dict, camera: Camera, actuator: FocusActuator) -> None:
     """Warn (not refuse) where the calibration file was made with another camera or focus
     device than the open ones (their serial numbers or models differ): a liquid lens's offset
     differs by tenths of a diopter between units, so another unit's focus model gives wrong
     distances without any error. A warning, because a replaced driver board or camera body
     with the same lens can be what the user meant."""
     path = config.calibration.file
-    if path is None:
-        return
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return  # the focus model's loader has already named what is wrong with the file
-    rig_doc = doc.get("rig") if isinstance(doc, dict) else None
+    rig_doc = doc.get("rig")
     if not isinstance(rig_doc, dict):
         return
     for role, device in (("camera_identity", camera), ("focus_identity", actuator)):
@@ -382,14 +379,15 @@ def open_rig(config: RigConfig, *, need_focus_map: bool = True) -> Rig:
     file (``focus_map`` None)."""
     _check_driver_pair(config)
     focus_map = _focus_map(config) if need_focus_map else None
-    breathing = _breathing(config) if need_focus_map else None
+    calibration_doc = _calibration_doc(config) if need_focus_map else {}
+    breathing = _breathing(config, calibration_doc) if need_focus_map else None
     camera, actuator = _build_devices(config)
     try:
         camera.open()  # first: an in-camera focus actuator needs the open camera's node map
         actuator.open()
         if focus_map is not None:
             _check_units(focus_map, actuator)
-            _warn_other_devices(config, camera, actuator)
+            _warn_other_devices(config, calibration_doc, camera, actuator)
     except BaseException:
         actuator.close()
         camera.close()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from capture.cli import OneLineArgumentParser, one_line_errors
-from capture.errors import ConfigError, RigError
+from capture.errors import ConfigError, RigError, reworded
 
 logger = logging.getLogger("rig")
 
@@ -101,7 +101,7 @@ def _naming_the_config(exc: RigError, args: argparse.Namespace) -> RigError:
 
     message = str(exc)
     if message.startswith("output.dir: ") and getattr(args, "out", None) is not None:
-        return _same_kind(exc, f"--out: {message.removeprefix('output.dir: ')}")  # the value came from the command line
+        return reworded(exc, f"--out: {message.removeprefix('output.dir: ')}")  # the value came from the command line
     m = _FIELD_FIRST.match(message)
     if exc.exit_code != 2 or m is None or args.list_devices or str(args.config) in message:
         return exc
@@ -111,15 +111,9 @@ def _naming_the_config(exc: RigError, args: argparse.Namespace) -> RigError:
     if first in _RECONSTRUCT_FIELDS and not m.group(2):
         flag = f"--{first}"
         if getattr(args, first, None) is not None:  # the value came from the command line
-            return exc if message.startswith(flag) else _same_kind(exc, f"{flag}{message[len(first):]}")
-        return _same_kind(exc, f"{args.config}: reconstruct.{message}")
-    return _same_kind(exc, f"{args.config}: {message}")
-
-
-def _same_kind(exc: RigError, message: str) -> RigError:
-    new = type(exc)(message)
-    new.exit_code = exc.exit_code
-    return new
+            return exc if message.startswith(flag) else reworded(exc, f"{flag}{message[len(first):]}")
+        return reworded(exc, f"{args.config}: reconstruct.{message}")
+    return reworded(exc, f"{args.config}: {message}")
 
 
 def _run(args: argparse.Namespace) -> int:
