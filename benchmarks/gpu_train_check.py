@@ -9,7 +9,9 @@ still reports what it reached):
 
 1. measures training steps per second of the config's model on the device (synthetic batches of
    the largest training crop, 8 slices; forward, losses, backward, optimiser), to size the run:
-   ``steps`` is set so that the learning-rate schedule ends inside ``minutes + resume_minutes``;
+   ``steps`` is set so that the learning-rate schedule fills ``fill x (minutes + resume_minutes)``
+   at the probe's rate (the real loop, with its data and validation, ran at 0.8x the probe's rate
+   on an H100);
 2. trains with the real command line under ``torchrun --standalone --nproc-per-node 1`` (NCCL on a
    GPU, gloo on the CPU) with ``max_minutes = --minutes``: pool rendering, validation on the
    tuning split, checkpoints, the best weights and their card;
@@ -59,7 +61,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--pool-size", type=int, default=2000, help="stacks rendered per refresh")
     ap.add_argument("--render-workers", type=int, default=0, help="0: logical CPUs - 2")
-    ap.add_argument("--fill", type=float, default=1.0,
+    ap.add_argument("--fill", type=float, default=0.8,
                     help="share of minutes + resume-minutes the schedule is sized to fill at the probe's rate")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--no-report", action="store_true", help="skip the report-split score")
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     rc, wall = _train(torchrun + ["--resume"], work / "resume.log", 60 * args.resume_minutes + 120)
     rep.copy(work / "resume.log", "resume.log")
     second = _state(work)
+    if first["step"] >= steps:
+        logger.error("the first invocation finished the whole schedule (%d steps) inside --minutes, so the resume had "
+                     "nothing to go on with: raise --fill or lower --minutes", steps)
     went_on = second.get("step", 0) > first["step"]
     history = second.get("history") or []
     rep.step("resume", rc=rc, wall_s=round(wall, 1), from_step=first["step"], steps_done=second.get("step"), went_on=went_on,

@@ -241,12 +241,14 @@ def make_batch(items: list[dict[str, np.ndarray]], rng: np.random.Generator, bat
 # ------------------------------------------------------------------------------ evaluation
 def predict_disparity(model: DualFocusNet, stack_u8: np.ndarray, focus: np.ndarray, *, bf16: bool = False) -> np.ndarray:
     """Network prediction in the stack's focus units, ``[H, W]`` (H, W multiples of 4);
-    ``bf16``: the network body under CPU bfloat16 autocast (softmax and expectation stay fp32)."""
-    x = torch.from_numpy(stack_u8).permute(0, 3, 1, 2).float().div_(255.0)[None]
-    f = torch.from_numpy(focus.astype(np.float32))[None]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    ``bf16``: the network body under bfloat16 autocast (softmax and expectation stay fp32). Runs
+    on the model's device (a GPU during GPU training) and returns a CPU array."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(stack_u8).permute(0, 3, 1, 2).float().div_(255.0)[None].to(device)
+    f = torch.from_numpy(focus.astype(np.float32))[None].to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x, f)
-        return DualFocusNet.to_focus_units(out.depth, f)[0].numpy()
+        return DualFocusNet.to_focus_units(out.depth.float(), f)[0].cpu().numpy()
 
 
 def disparity_metrics(pred_disp: np.ndarray, true_disp: np.ndarray, known: np.ndarray) -> dict[str, float]:
