@@ -127,6 +127,21 @@ def _warn_temperature(actuator: FocusActuator, slice_meta: list[dict]) -> None:
                        len(outside), len(slice_meta), lo, hi)
 
 
+def _warn_repeated_frames(frames: list[Frame]) -> None:
+    """One warning per stack where a slice is the very image of the slice before it: a camera
+    that handed over one buffer twice, or a scene saturated or unlit in both, where focus
+    cannot be told apart between them (real sensor noise makes two exposures differ)."""
+    pairs = [i for i in range(1, len(frames)) if np.array_equal(frames[i].image, frames[i - 1].image)]
+    if not pairs:
+        return
+    same_id = [i for i in pairs if frames[i].frame_id is not None and frames[i].frame_id == frames[i - 1].frame_id]
+    listed = ", ".join(f"{i - 1} and {i}" for i in pairs[:5]) + (" ..." if len(pairs) > 5 else "")
+    why = (f"the camera returned frame {frames[same_id[0]].frame_id} twice" if same_id
+           else "the camera may be repeating a buffer, or the scene is saturated or unlit")
+    logger.warning("sweep: slices %s are the same image, pixel for pixel (%d repeats in %d slices): %s; "
+                   "no focus can be measured between them", listed, len(pairs), len(frames), why)
+
+
 def sweep(
     camera: Camera,
     actuator: FocusActuator,
@@ -199,6 +214,7 @@ def sweep(
             cause=exc, frames=frames, distances_m=done_m, slice_meta=slice_meta,
         ) from exc
     _warn_temperature(actuator, slice_meta)
+    _warn_repeated_frames(frames)
     stack_meta = dict(meta or {})
     if frames[0].image.dtype == np.uint16:
         stack_meta.setdefault("significant_bits", frames[0].significant_bits)

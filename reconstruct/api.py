@@ -68,6 +68,11 @@ def warm_up_network(
     return pred.describe()
 
 
+def _all_slices_identical(images: np.ndarray) -> bool:
+    """Whether every slice of ``[N, H, W(, C)]`` is the first one, pixel for pixel."""
+    return bool(all(np.array_equal(images[i], images[0]) for i in range(1, images.shape[0])))
+
+
 def reconstruct_stack(
     stack: FocalStack,
     *,
@@ -168,6 +173,14 @@ def reconstruct_stack(
         out = depth_from_focus(grey, focus, params=p, slices=ordered.images)
         focus_out, confidence, aif = out.focus_dpt, out.confidence, out.all_in_focus
         extra["focus_measure"] = p.focus_measure
+    if _all_slices_identical(stack.images):
+        # nothing changes from slice to slice, so nothing tells one focus from another; a network
+        # would still answer (confidence up to 0.87 on such stacks), so the answer is declined here
+        logger.warning("stack: all %d slices are the same image, pixel for pixel: no focus information (a camera that "
+                       "repeats one frame, a covered lens, a saturated or unlit scene?); no depth (NaN), confidence 0",
+                       stack.n_slices)
+        focus_out = np.full(focus_out.shape, np.nan, np.float32)
+        confidence = np.zeros(focus_out.shape, np.float32)
     if np.issubdtype(ordered.images.dtype, np.integer):
         aif = np.clip(np.rint(aif), 0, np.iinfo(ordered.images.dtype).max).astype(ordered.images.dtype)
     if stack.has_distances:

@@ -228,3 +228,42 @@ def test_sweep_takes_a_focus_map_without_a_temperature_term(rig) -> None:
 
     stack = sweep(cam, lens, Plain(), [2.0, 0.5])
     assert [m["actuator_value"] for m in stack.slice_meta] == pytest.approx([NOMINAL.actuator_value(2.0), NOMINAL.actuator_value(0.5)], abs=1e-4)
+
+
+def test_a_camera_that_repeats_a_frame_is_named_in_one_warning(rig, caplog) -> None:
+    cam, lens, grabbed = rig
+    real_grab = cam.grab
+    first = []
+
+    def stuck_grab(**kw):  # a camera that hands over its first buffer again and again
+        frame = real_grab(**kw)
+        first.append(first[0] if first else frame)
+        return first[-1]
+
+    cam.grab = stuck_grab
+    with caplog.at_level("WARNING", logger="capture.sweep"):
+        stack = sweep(cam, lens, NOMINAL, plan_focus_distances(range_m=(0.4, 2.0), slices=4))
+    assert stack.n_slices == 4  # the stack is kept: the warning says what is wrong with it
+    lines = [r.getMessage() for r in caplog.records if "same image" in r.getMessage()]
+    assert len(lines) == 1
+    assert "slices 0 and 1, 1 and 2, 2 and 3" in lines[0]
+    assert f"returned frame {first[0].frame_id} twice" in lines[0]
+
+
+def test_a_sweep_of_distinct_frames_warns_of_nothing_and_saturated_frames_are_named(rig, caplog) -> None:
+    cam, lens, grabbed = rig
+    with caplog.at_level("WARNING", logger="capture.sweep"):
+        sweep(cam, lens, NOMINAL, plan_focus_distances(range_m=(0.4, 2.0), slices=4))
+    assert not [r for r in caplog.records if "same image" in r.getMessage()]
+    real_grab = cam.grab
+
+    def white_grab(**kw):  # new frames (new ids), every pixel clipped at white
+        frame = real_grab(**kw)
+        frame.image[...] = 255
+        return frame
+
+    cam.grab = white_grab
+    with caplog.at_level("WARNING", logger="capture.sweep"):
+        sweep(cam, lens, NOMINAL, plan_focus_distances(range_m=(0.4, 2.0), slices=3))
+    lines = [r.getMessage() for r in caplog.records if "same image" in r.getMessage()]
+    assert len(lines) == 1 and "saturated or unlit" in lines[0] and "(2 repeats in 3 slices)" in lines[0]
