@@ -22,7 +22,9 @@ settled: :meth:`OptotuneLensDriver.wait_settled` returns once ``settle_time_s`` 
 since the last write (measure your lens; EL-10-30-class lenses settle in ~15 ms). An error
 the LD4 reports for a set command arrives unsolicited; it is picked up while waiting for
 settling, before the next query, or (when it arrives late, after that query was sent) ahead
-of the query's own reply, and raised as a ProtocolError naming that set command.
+of the query's own reply, and raised as a ProtocolError naming that set command; except a
+"CRC failed" (``E1``/``N``) seen while waiting for settling, before any frame is taken at that
+focus: the set command then goes out again, up to ``retries`` times.
 
 The firmware version (``V`` + 00, else the short ``V``) and the lens temperature (``TCA``,
 else ``TA``) are informational: HARDWARE_NOTES §1.4 lists two forms of each as in use, so
@@ -169,6 +171,7 @@ class OptotuneLensDriver(FocusActuator):
         self._limits: tuple[float, float] = (0.0, 0.0)
         self._target = 0.0
         self._written_at_s = -math.inf
+        self._set_sends = 0  # how often the last set command was written (a CRC-failed one is sent again)
         self._last_set: ld4.Command | None = None
         self._device_mode = "current"  # "current", "focal_power" or "triangle"
         self._sweep: dict[str, float] | None = None
@@ -514,6 +517,7 @@ class OptotuneLensDriver(FocusActuator):
             except self._port_error_types as exc:
                 self._fail(DeviceError(f"{self._where()}: command {command.description}: port failed: {exc}"), exc)
             self._last_set = command
+            self._set_sends = 1
             self._written_at_s = time.monotonic()
 
     def _ask(self, command: ld4.Command, parser: Any, *args: Any) -> Any:
@@ -638,16 +642,32 @@ class OptotuneLensDriver(FocusActuator):
         self._open = False
         raise error from cause
 
-    def _drain(self, ser: serial.Serial) -> None:
+    def _drain(self, ser: serial.Serial, *, resend: bool = False) -> None:
         """Discard stale input. An error reply among it belongs to the last set command (set
-        commands have no reply on success): raise it as a ProtocolError naming that command."""
+        commands have no reply on success): raise it as a ProtocolError naming that command.
+
+        With ``resend`` (only while waiting for the lens to settle, i.e. before any frame is
+        taken at that focus), a "CRC failed" reply (``E1``/``N``: the LD4 saw the frame
+        corrupted and did not apply it) makes the set command go out again, up to ``retries``
+        times, and the settle wait starts again from that write. Found later (while draining for
+        a query), the set command's error still stops the driver: a frame may have been taken
+        at the focus it failed to set."""
         waiting = ser.in_waiting
         if not waiting:
             return
         stale = ser.read(waiting)
         error = next((e for e in (ld4.parse_error_reply(stale[-n:]) for n in (6, 4, 3)) if e is not None), None)
         if error is not None and self._last_set is not None:
-            self._fail(ProtocolError(f"{self._where()}: command {self._last_set.description}: {error}"), error)
+            if resend and error.retryable and self._set_sends <= self.retries:
+                self._set_sends += 1
+                logger.warning("%s: command %s: %s; sent again (send %d of %d)", self._where(), self._last_set.description,
+                               error, self._set_sends, self.retries + 1)
+                ser.write(self._last_set.frame)
+                ser.flush()
+                self._written_at_s = time.monotonic()
+                return
+            sends = f" (sent {self._set_sends} times)" if self._set_sends > 1 else ""
+            self._fail(ProtocolError(f"{self._where()}: command {self._last_set.description}: {error}{sends}"), error)
         logger.log(logging.DEBUG if self._informational else logging.WARNING,
                    "%s: discarded %d stale byte(s): %s", self._where(), len(stale), stale.hex(" "))
 
@@ -658,7 +678,7 @@ class OptotuneLensDriver(FocusActuator):
             if self._last_set is None or ser is None:
                 return
             try:
-                self._drain(ser)
+                self._drain(ser, resend=True)
             except self._port_error_types as exc:
                 self._fail(DeviceError(f"{self._where()}: command {self._last_set.description}: port failed: {exc}"), exc)
 

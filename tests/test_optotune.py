@@ -870,3 +870,58 @@ def test_emulator_cli_prints_its_port_and_serves_a_driver(drivers: list) -> None
         proc.stdout.close()
         proc.stderr.close()
     assert proc.returncode == 0
+
+
+class _SetCrcFailEmulator(OptotuneEmulator):
+    """Answers the first ``fail_sets`` set-current frames "CRC failed" (E1) without applying them,
+    as an LD4 does with a frame corrupted on the wire."""
+
+    def __init__(self, fail_sets: int) -> None:
+        super().__init__()
+        self.fail_sets = fail_sets
+
+    def _answer(self, request: bytes) -> bytes:
+        if request.startswith(b"Aw") and self.fail_sets > 0:
+            self.fail_sets -= 1
+            return ld4.error_reply(1)
+        return super()._answer(request)
+
+
+@needs_pty
+def test_a_set_command_the_ld4_saw_corrupted_is_sent_again_while_settling(drivers: list, caplog) -> None:
+    emu = _SetCrcFailEmulator(fail_sets=1)
+    emu.start()
+    try:
+        lens = make_driver(drivers, emu.port, retries=2, settle_time_s=0.05)
+        lens.open()
+        frame = ld4.set_current(ld4.current_to_raw(50.0, I_MAX_MA)).frame
+        with caplog.at_level("WARNING", logger="capture.optotune"):
+            lens.move_to(50.0)
+            t_settled = lens.wait_settled(timeout_s=1.0)
+        assert emu.received.count(frame) == 2  # sent, refused with E1, sent again
+        assert lens.is_open and lens.position() == pytest.approx(50.0, abs=STEP_MA)
+        assert emu.current_ma == pytest.approx(50.0, abs=STEP_MA)
+        # settled counts from the second write, not the first
+        assert t_settled - lens._written_at_s >= 0.05 - 1e-3
+        lines = [r.getMessage() for r in caplog.records if "sent again" in r.getMessage()]
+        assert len(lines) == 1 and "Aw (set current)" in lines[0] and "send 2 of 3" in lines[0]
+        lens.close()
+    finally:
+        emu.stop()
+
+
+@needs_pty
+def test_a_set_command_refused_on_every_send_stops_the_driver(drivers: list) -> None:
+    emu = _SetCrcFailEmulator(fail_sets=99)
+    emu.start()
+    try:
+        lens = make_driver(drivers, emu.port, retries=1, settle_time_s=0.05)
+        lens.open()
+        lens.move_to(50.0)
+        with pytest.raises(ProtocolError) as info:
+            lens.wait_settled(timeout_s=1.0)
+        assert "Aw (set current)" in str(info.value) and "sent 2 times" in str(info.value) and emu.port in str(info.value)
+        assert emu.received.count(ld4.set_current(ld4.current_to_raw(50.0, I_MAX_MA)).frame) == 2
+        assert not lens.is_open
+    finally:
+        emu.stop()
