@@ -14,9 +14,13 @@ import numpy as np
 
 from capture.devices import Camera, FocusActuator, Frame
 from capture.errors import ConfigError, InputError, RigError
+from capture.repeat_log import RepeatLimiter
 from capture.stack import FocalStack
 
 logger = logging.getLogger(__name__)
+#: the per-stack warnings below, at most once a minute per device and cause (continuous mode
+#: sweeps for hours)
+_repeating = RepeatLimiter(logger)
 
 __all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "settle_wait_s", "sweep", "thermal_kwargs"]
 
@@ -112,7 +116,7 @@ def settle_wait_s(settle_timeout_s: float, actuator: FocusActuator) -> float:
 
 
 def _warn_temperature(actuator: FocusActuator, slice_meta: list[dict]) -> None:
-    """One warning per stack where the lens was outside the temperatures its driver guarantees
+    """A warning (at most once a minute) for a stack where the lens was outside the temperatures its driver guarantees
     focus over (the LD4 in focal-power mode): checked at open only, a lens warming up during a
     long acquisition went unnoticed."""
     limits = actuator.compensated_temperature_c()
@@ -122,13 +126,14 @@ def _warn_temperature(actuator: FocusActuator, slice_meta: list[dict]) -> None:
     lo, hi = limits
     outside = [t for t in temps if not lo <= t <= hi]
     if outside:
-        logger.warning("%s: lens at %.1f-%.1f C in %d of %d slices, outside focus.temperature_limits_c [%g, %g] C: "
-                       "the focal power of those slices is not guaranteed", actuator.name, min(outside), max(outside),
-                       len(outside), len(slice_meta), lo, hi)
+        _repeating.warning(("temperature", id(actuator)),
+                           "%s: lens at %.1f-%.1f C in %d of %d slices, outside focus.temperature_limits_c [%g, %g] C: "
+                           "the focal power of those slices is not guaranteed", actuator.name, min(outside), max(outside),
+                           len(outside), len(slice_meta), lo, hi)
 
 
-def _warn_repeated_frames(frames: list[Frame]) -> None:
-    """One warning per stack where a slice is the very image of the slice before it: a camera
+def _warn_repeated_frames(camera: Camera, frames: list[Frame]) -> None:
+    """A warning (at most once a minute) for a stack where a slice is the very image of the slice before it: a camera
     that handed over one buffer twice, or a scene saturated or unlit in both, where focus
     cannot be told apart between them (real sensor noise makes two exposures differ)."""
     pairs = [i for i in range(1, len(frames)) if np.array_equal(frames[i].image, frames[i - 1].image)]
@@ -138,8 +143,8 @@ def _warn_repeated_frames(frames: list[Frame]) -> None:
     listed = ", ".join(f"{i - 1} and {i}" for i in pairs[:5]) + (" ..." if len(pairs) > 5 else "")
     why = (f"the camera returned frame {frames[same_id[0]].frame_id} twice" if same_id
            else "the camera may be repeating a buffer, or the scene is saturated or unlit")
-    logger.warning("sweep: slices %s are the same image, pixel for pixel (%d repeats in %d slices): %s; "
-                   "no focus can be measured between them", listed, len(pairs), len(frames), why)
+    _repeating.warning(("repeated frames", id(camera)), "sweep: slices %s are the same image, pixel for pixel (%d repeats in %d slices): %s; "
+                       "no focus can be measured between them", listed, len(pairs), len(frames), why)
 
 
 def sweep(
@@ -214,7 +219,7 @@ def sweep(
             cause=exc, frames=frames, distances_m=done_m, slice_meta=slice_meta,
         ) from exc
     _warn_temperature(actuator, slice_meta)
-    _warn_repeated_frames(frames)
+    _warn_repeated_frames(camera, frames)
     stack_meta = dict(meta or {})
     if frames[0].image.dtype == np.uint16:
         stack_meta.setdefault("significant_bits", frames[0].significant_bits)

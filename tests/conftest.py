@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_repeat_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the sweep's once-a-minute warnings unlogged (they are per process)."""
+    import capture.sweep
+    from capture.repeat_log import RepeatLimiter
+
+    monkeypatch.setattr(capture.sweep, "_repeating", RepeatLimiter(capture.sweep.logger))
+
+
 def sim_config_dict(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     """configs/sim.yaml as a dict, writing runs under ``tmp_path``; ``overrides`` are
     ``section={key: value}`` merged one level deep."""
