@@ -275,6 +275,35 @@ def board_object_points(cols: int, rows: int, square_m: float) -> np.ndarray:
     return np.column_stack([gx.ravel(), gy.ravel(), np.zeros(cols * rows, np.float32)]) * np.float32(square_m)
 
 
+class BoardSizeMismatch(CalibrationError):
+    """The board was found in no view at its configured size, but at another one (``cols``,
+    ``rows``): the settings are wrong, not the views."""
+
+    def __init__(self, message: str, *, cols: int, rows: int) -> None:
+        super().__init__(message)
+        self.cols, self.rows = cols, rows
+
+
+#: views tried at other board sizes when none was found at the configured one
+_SIZE_GUESS_VIEWS = 3
+
+
+def _other_board_size(images: list[np.ndarray], cols: int, rows: int) -> tuple[tuple[int, int], int, int] | None:
+    """((cols, rows), views found in, views tried) for the first nearby chessboard size that
+    OpenCV finds in most of ``images`` (squares counted for inner corners, one side off by
+    one), or None. For the error message only: nothing is fitted at a guessed size."""
+    candidates = [(cols - 1, rows - 1), (cols + 1, rows + 1), (cols - 1, rows), (cols, rows - 1), (cols + 1, rows), (cols, rows + 1)]
+    greys = [_to_grey_u8(im) for im in images]
+    flags = cv2.CALIB_CB_ADAPTIVE_THRESH | cv2.CALIB_CB_NORMALIZE_IMAGE | cv2.CALIB_CB_FAST_CHECK
+    for c, r in candidates:
+        if c < 2 or r < 2:
+            continue
+        hits = sum(bool(cv2.findChessboardCorners(g, (c, r), flags=flags)[0]) for g in greys)
+        if greys and hits * 2 > len(greys):
+            return (c, r), hits, len(greys)
+    return None
+
+
 def calibrate_intrinsics(
     images: Iterable[np.ndarray],
     *,
@@ -326,8 +355,11 @@ def calibrate_intrinsics(
     used: list[int] = []
     size: tuple[int, int] | None = None
     n_images = 0
+    seen: list[np.ndarray] = []  # a few views to try other board sizes on, where none is found
     for index, image in enumerate(images):
         n_images += 1
+        if len(seen) < _SIZE_GUESS_VIEWS:
+            seen.append(image)
         hw = (int(image.shape[1]), int(image.shape[0]))
         if size is None:
             size = hw
@@ -347,6 +379,16 @@ def calibrate_intrinsics(
         object_points.append(np.ascontiguousarray(view_obj, np.float32))
         image_points.append(corners.reshape(-1, 1, 2))
         used.append(index)
+    if not used and board == "chessboard":
+        other = _other_board_size(seen, cols, rows)
+        if other is not None:
+            (c, r), hits, tried = other
+            raise BoardSizeMismatch(
+                f"intrinsics: a {cols}x{rows} chessboard (inner corners) was found in none of the {n_images} images, but a "
+                f"{c}x{r} one was, in {hits} of the {tried} tried: cols and rows count the inner corners (one fewer than the "
+                f"squares along each side); set cols {c} and rows {r}",
+                cols=c, rows=r,
+            )
     if len(used) < min_views:
         raise CalibrationError(
             f"intrinsics: a {cols}x{rows} {board} (inner corners) was found in {len(used)} of {n_images} images; "

@@ -310,7 +310,7 @@ class CalibrationSession:
         return breathing
 
     def _intrinsics(self, model: FocusModel) -> Any:
-        from calibration.intrinsics import calibrate_intrinsics
+        from calibration.intrinsics import BoardSizeMismatch, calibrate_intrinsics
 
         views_dir = self.folder / "intrinsics_views"
         views_dir.mkdir(exist_ok=True)
@@ -341,6 +341,12 @@ class CalibrationSession:
         images = [read_image(p) for p in view_files]
         try:
             return calibrate_intrinsics(images, cols=self.plan.board_cols, rows=self.plan.board_rows, square_m=self.plan.board_square_m)
+        except BoardSizeMismatch as exc:
+            # the settings are wrong, not the views: keep them, to be fitted at the right size
+            raise CalibrationError(
+                f"calibration.session.board: {exc}; the session in {self.folder} keeps its {len(view_files)} board views: "
+                "fix cols and rows in the config and run the calibration again to fit them"
+            ) from exc
         except CalibrationError as exc:
             # the views are what failed: set them aside so that running the session again asks
             # for new ones (it used to refit the same views and fail the same way, forever)

@@ -490,6 +490,39 @@ def test_board_views_that_fail_are_set_aside_and_taken_again(tmp_path: Path, mon
     assert second.resumed and "intrinsics" in second.document
 
 
+def test_board_views_taken_with_a_wrong_board_size_are_kept_and_fitted_after_the_fix(tmp_path: Path) -> None:
+    """Board settings that count squares instead of inner corners: the views are good, so the
+    session keeps them and names the size that fits; the rerun with it fits them without new views."""
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=True, board_views=5, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
+    good = dict(doc["calibration"]["session"]["board"])
+    doc["calibration"]["session"]["board"] = {**good, "cols": good["cols"] + 1, "rows": good["rows"] + 1}
+    with pytest.raises(CalibrationError, match=rf"calibration\.session\.board: .*but a {good['cols']}x{good['rows']} one was.*keeps its 5 board views"):
+        # the simulated placer draws the board the config names: draw the true one, count it wrong
+        _run_with_board(doc, good)
+    session_dir = next(tmp_path.glob("*_sim/calibration_session"))
+    assert yaml.safe_load((session_dir / "session.yaml").read_text(encoding="utf-8"))["board_views_done"] == 5
+    assert not list(session_dir.glob("intrinsics_views_rejected_*"))
+    doc["calibration"]["session"]["board"] = good
+    second = run_calibration(parse_config(doc, source="board"), interactive=False, show_progress=False)
+    assert second.resumed and "intrinsics" in second.document
+
+
+def _run_with_board(doc: dict, board: dict):
+    """run_calibration with the config's board settings, the simulated placer drawing ``board``."""
+    from rig import calibrate as cal_mod
+
+    real_init = cal_mod.SimulatedPlacer.__init__
+
+    def init(self, camera, *, board_cols, board_rows, **kw):
+        real_init(self, camera, board_cols=board["cols"], board_rows=board["rows"], **kw)
+
+    cal_mod.SimulatedPlacer.__init__ = init
+    try:
+        return run_calibration(parse_config(doc, source="board"), interactive=False, show_progress=False)
+    finally:
+        cal_mod.SimulatedPlacer.__init__ = real_init
+
+
 def test_a_session_state_that_cannot_be_saved_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from calibration.intrinsics import (
+    BoardSizeMismatch,
     MIN_CHARUCO_CORNERS,
     Intrinsics,
     board_object_points,
@@ -194,9 +195,22 @@ def test_too_few_views_say_what_to_do(views) -> None:
         calibrate_intrinsics([blank] + list(views[:3]), cols=COLS, rows=ROWS, square_m=SQUARE_M)
 
 
-def test_wrong_pattern_size_finds_nothing(views) -> None:
-    with pytest.raises(CalibrationError, match="check that cols and rows count the inner corners"):
-        calibrate_intrinsics(views[:5], cols=8, rows=5, square_m=SQUARE_M)
+@pytest.mark.parametrize(("cols", "rows"), [(10, 7), (8, 5), (9, 7)])
+def test_a_wrong_board_size_is_named_with_the_size_that_fits(views, cols: int, rows: int) -> None:
+    # squares counted for inner corners (10x7 for a 9x6 board), or one side off by one
+    with pytest.raises(BoardSizeMismatch) as info:
+        calibrate_intrinsics(views[:5], cols=cols, rows=rows, square_m=SQUARE_M)
+    assert (info.value.cols, info.value.rows) == (COLS, ROWS)
+    message = str(info.value)
+    assert f"a {cols}x{rows} chessboard (inner corners) was found in none of the 5 images, but a 9x6 one was" in message
+    assert "set cols 9 and rows 6" in message
+
+
+def test_no_board_at_any_size_is_the_plain_advice(views) -> None:
+    blank = np.full((H, W), 90, np.uint8)
+    with pytest.raises(CalibrationError, match="check that cols and rows count the inner corners") as info:
+        calibrate_intrinsics([blank] * 5, cols=COLS, rows=ROWS, square_m=SQUARE_M)
+    assert not isinstance(info.value, BoardSizeMismatch)
 
 
 def test_implausible_reprojection_error_is_refused(views) -> None:
