@@ -213,7 +213,8 @@ def sweep(
     except ConfigError:
         raise  # the plan does not fit the rig: nothing was captured
     except (RigError, KeyboardInterrupt) as exc:
-        what = "interrupted by the user" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        # a KeyboardInterrupt with a message is a signal that stands for Ctrl-C (SIGTERM)
+        what = (str(exc) or "interrupted by the user") if isinstance(exc, KeyboardInterrupt) else str(exc)
         raise SweepInterrupted(
             f"sweep stopped after {len(frames)} of {n} slices: {what}",
             cause=exc, frames=frames, distances_m=done_m, slice_meta=slice_meta,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-import signal
 import sys
 import threading
 import time
@@ -46,6 +45,7 @@ from reconstruct.result import DepthResult
 from rig.build import Rig, check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
+from rig.signals import Terminated, restore_sigterm, sigterm_as_ctrl_c
 from rig.sinks import StackSink, build_sinks, check_sinks, folder_name
 from rig.single import save_incomplete
 
@@ -63,10 +63,6 @@ class _WarmUp:
     image_hw: tuple[int, int]
     distances_m: tuple[float, ...]
 _ACCURACY_KEYS = ("abs_rel", "rmse_m", "delta_1_25", "valid_fraction")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread: the run stops as on Ctrl-C."""
 
 
 @dataclass
@@ -452,12 +448,11 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     sinks = build_sinks(config.output, config.live, run_dir, **geometry)
     status = (lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)) if show_status else None
     pipeline = _Pipeline(config, run_dir, sinks, count=count, duration_s=duration_s, capture=capture, status=status)
-    installed, previous_term = _sigterm_as_ctrl_c()
+    installed, previous_term = sigterm_as_ctrl_c()
     try:
         pipeline.run()
     finally:
-        if installed:  # None: a handler set outside Python; the default is the nearest thing to it
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+        restore_sigterm(installed, previous_term)
         for sink in sinks:
             try:
                 sink.close()
@@ -488,19 +483,6 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
         error.run_dir = run_dir  # the command line prints it
         raise error
     return ContinuousRun(run_dir=run_dir, summary=summary, exit_code=exit_code)
-
-
-def _sigterm_as_ctrl_c() -> tuple[bool, Any]:
-    """Make SIGTERM (``kill``, ``systemctl stop``, ``docker stop``) stop the run as Ctrl-C does:
-    the lens parks and the summary is written. Returns (installed, the previous handler); not
-    installed where this is not the main thread, which alone may set handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return False, None
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    return True, signal.signal(signal.SIGTERM, handler)
 
 
 def _sink_geometry(config: RigConfig) -> dict[str, Any]:
