@@ -8,6 +8,7 @@ conformance tests (``tests/test_device_conformance.py``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class FocusActuator(_Device):
     #: the longest one move may take (a stage's travel at its feed rate; 0 for a lens, which
     #: settles in milliseconds): a sweep waits at least this long for each slice to settle
     move_timeout_s: float = 0.0
+    #: set by a caller that must be able to stop a wait from another thread (continuous mode's
+    #: second Ctrl-C): :meth:`wait_settled` then raises KeyboardInterrupt at its next poll
+    abort_event: threading.Event | None = None
 
     def compensated_temperature_c(self) -> tuple[float, float] | None:
         """The lens temperatures (lower, upper) over which the device guarantees its focus
@@ -168,17 +172,20 @@ class FocusActuator(_Device):
 
         Raises:
             DeviceTimeout: not settled within ``timeout_s``.
+            KeyboardInterrupt: :attr:`abort_event` was set meanwhile.
         """
         self._require_open("wait_settled")
         _check_timeout(self.name, "wait_settled", timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
-            now = time.monotonic()
+            if self.abort_event is not None and self.abort_event.is_set():
+                raise KeyboardInterrupt(f"stopped while {self.name} was settling (target {self.target:.4g} {self.unit})")
             if self._do_is_settled():
                 return time.monotonic()  # after the check: a driver's check may block until settled
+            now = time.monotonic()  # after the check too: it may have taken a while
             if now >= deadline:
                 raise DeviceTimeout(f"{self.name}: not settled within {timeout_s:g} s (target {self.target:.4g} {self.unit})")
-            time.sleep(min(poll_s, max(0.0, deadline - now)))
+            time.sleep(min(poll_s, deadline - now))
 
     @property
     @abstractmethod

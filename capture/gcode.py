@@ -126,6 +126,7 @@ GRBL_ALARMS: dict[int, str] = {
 _AXES = "XYZABC"
 _READ_SLICE_S = 0.01  # pyserial read timeout; every wait loops on its own deadline
 _QUIET_S = 0.05  # silence that ends a drain of stale input
+STATUS_POLL_S = 0.1  # between two status queries while a move runs (GRBL: 5-10 Hz at most)
 _SYNC_LINE = {"grbl": "G4 P0", "marlin": "M400"}
 _MARLIN_POSITION = re.compile(r"([XYZE]):\s*(-?\d+(?:\.\d*)?)")
 
@@ -226,6 +227,7 @@ class GcodeFocusStage(FocusActuator):
         self._synced = True  # no move since the last confirmed sync
         self._sync: tuple[str, float] | None = None  # (sync line, deadline) awaiting its ok
         self._settled_at_s: float | None = None
+        self._last_status: StageStatus | None = None  # the last status report seen while waiting to settle
         self._settle_deadline_s: float | None = None
         self._dirty = False  # an exchange failed: drop stale input before the next line
         self._wco_mm: tuple[float, ...] | None = None
@@ -537,6 +539,7 @@ class GcodeFocusStage(FocusActuator):
             DeviceTimeout: not finished within ``timeout_s``.
             DeviceError: an alarm while waiting.
         """
+        self._last_status = None
         try:
             self._settle_deadline_s = time.monotonic() + float(timeout_s)
         except (TypeError, ValueError):
@@ -544,8 +547,19 @@ class GcodeFocusStage(FocusActuator):
         if self._settle_deadline_s is not None and not math.isfinite(self._settle_deadline_s):
             self._settle_deadline_s = None
         try:
-            seen_s = super().wait_settled(timeout_s=timeout_s, poll_s=poll_s)
+            # GRBL's status reports cost the controller's CPU (its docs: poll '?' at 5-10 Hz)
+            seen_s = super().wait_settled(timeout_s=timeout_s, poll_s=max(poll_s, STATUS_POLL_S))
         except DeviceTimeout as exc:
+            if self._settle_deadline_s is not None and time.monotonic() < self._settle_deadline_s:
+                raise  # not the settle wait running out: the controller stopped answering (its own message)
+            last = self._last_status
+            if last is not None and not last.state.startswith(("Idle", "Run", "Home", "Jog")):
+                # the controller answered, in a state in which it does not move on by itself
+                hint = " (a feed hold or an open safety door: resume with '~' or close the door)" if last.state.startswith(("Hold", "Door")) else ""
+                raise DeviceTimeout(
+                    f"{self._label()}: not settled within {float(timeout_s):g} s (target {self._target_mm:.4g} mm): the controller "
+                    f"reports {last.state}{hint} ({last.raw})"
+                ) from exc
             # the device, its port and the command it did not answer in time (the generic
             # message named the stage alone), and what to change
             waiting = self._sync[0] if self._sync is not None else "?" if self.flavor == "grbl" else _SYNC_LINE[self.flavor]
@@ -569,7 +583,9 @@ class GcodeFocusStage(FocusActuator):
                     if not status.state.startswith("Idle"):
                         return False
                 self._start_sync()
-            return self._await_sync(self._settle_deadline_s)
+            # in slices of STATUS_POLL_S, so that wait_settled sees an abort while a long move drains
+            chunk_s = time.monotonic() + STATUS_POLL_S
+            return self._await_sync(chunk_s if self._settle_deadline_s is None else min(chunk_s, self._settle_deadline_s))
 
     def _do_position(self) -> float:
         return self._status().position_mm
@@ -822,7 +838,9 @@ class GcodeFocusStage(FocusActuator):
                     raise DeviceTimeout(f"{self._label()}: no status report to '?' within {self.timeout_s:g} s")
                 kind = self._classify(text, "?")
                 if kind == "status":
-                    return self._parse_grbl_status(text)
+                    status = self._parse_grbl_status(text)
+                    self._last_status = status
+                    return status
                 if kind == "ok":
                     if self._sync is None:
                         raise ProtocolError(f"{self._label()}: unexpected 'ok' while waiting for the status report to '?'")

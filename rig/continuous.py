@@ -65,6 +65,11 @@ class _WarmUp:
 _ACCURACY_KEYS = ("abs_rel", "rmse_m", "delta_1_25", "valid_fraction")
 
 
+#: waits before the reopenings after a device error: 0.5 s, then doubling up to 4 s
+RECONNECT_FIRST_DELAY_S = 0.5
+RECONNECT_MAX_DELAY_S = 4.0
+
+
 @dataclass
 class ContinuousStats:
     """Counters and timings of a continuous run (thread-safe updates through ``lock``)."""
@@ -186,7 +191,7 @@ class _Pipeline:
     def _done_capturing(self, index: int) -> bool:
         if self.stop.is_set():
             return True
-        if self.count is not None and index >= self.count:
+        if self.count is not None and self.stats.captured >= self.count:  # N stacks: a failed sweep is not one
             return True
         return self.duration_s is not None and self.stats.elapsed_s() >= self.duration_s
 
@@ -218,6 +223,7 @@ class _Pipeline:
         attempts_left = self.config.continuous.reconnect_attempts
         try:
             rig = open_rig(self.config)
+            rig.actuator.abort_event = self.hurry  # a second Ctrl-C also ends a wait for a stuck stage
             if self.config.reconstruct.method == "dualfocus":
                 # the backend opens (export, quantisation, CUDA start-up) while the first stack is captured
                 self.q1.put(_WarmUp(tuple(rig.camera.image_hw), tuple(float(d) for d in rig.planned_distances_m())))
@@ -226,8 +232,9 @@ class _Pipeline:
                 try:
                     stack = self.capture_fn(rig)
                 except SweepInterrupted as err:
-                    if isinstance(err.cause, KeyboardInterrupt):
-                        raise
+                    if isinstance(err.cause, KeyboardInterrupt):  # a second Ctrl-C stopped a focus wait
+                        save_incomplete(err, self.run_dir / "stacks" / f"{index:06d}")
+                        return  # the main thread has the Ctrl-C; the rig closes (below)
                     save_incomplete(err, self.run_dir / "stacks" / f"{index:06d}")
                     self.stats.add("failed")
                     self.stats.errors.append(str(err))
@@ -260,15 +267,20 @@ class _Pipeline:
         except Exception as exc:
             logger.debug("close before reconnect: %s", exc)
         last: BaseException = err
+        delay_s = RECONNECT_FIRST_DELAY_S
         while attempts_left > 0 and not self.stop.is_set():
             attempts_left -= 1
-            time.sleep(0.5)
+            # a USB device that re-enumerates, or a board that reboots on the port's DTR, takes seconds
+            if self.stop.wait(delay_s):
+                break
+            delay_s = min(2 * delay_s, RECONNECT_MAX_DELAY_S)
             try:
                 new = open_rig(self.config)
             except DeviceError as exc:
                 last = exc
-                logger.warning("reconnect failed: %s (%d attempts left)", exc, attempts_left)
+                logger.warning("reconnect failed: %s (%d %s left)", exc, attempts_left, "attempt" if attempts_left == 1 else "attempts")
                 continue
+            new.actuator.abort_event = self.hurry
             self.stats.add("reconnects")
             logger.warning("reconnected")
             return new, attempts_left
@@ -471,7 +483,7 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
         summary["stopped_by"] = f"error: {fatal}"
         exit_code = getattr(fatal, "exit_code", 3) if isinstance(fatal, RigError) else 3
     else:
-        summary["stopped_by"] = "count" if count is not None and summary["stacks_captured"] + summary["stacks_failed"] >= count else "duration"
+        summary["stopped_by"] = "count" if count is not None and summary["stacks_captured"] >= count else "duration"
     accounted = summary["stacks_written"] + summary["stacks_dropped"]
     summary["stacks_unaccounted"] = summary["stacks_captured"] - accounted
     try:

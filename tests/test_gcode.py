@@ -463,3 +463,42 @@ def test_marlin_without_inch_support_opens(started) -> None:
     emulator.inch_support = False  # Marlin 1.1 without INCH_MODE_SUPPORT: "Unknown command" to G21
     stage.open()
     assert stage.is_open and b"G21" in lines_sent(emulator)
+
+
+def test_grbl_is_polled_for_status_at_most_ten_times_a_second(started) -> None:
+    """GRBL's docs: query '?' at 5-10 Hz (status reports cost the controller's CPU); the settle
+    wait sent it every 2 ms (about 370 a second)."""
+    emulator, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    n_before = len(emulator.received)
+    stage.move_to(mm("grbl", 5.0))  # 0.5 s of motion
+    t0 = time.monotonic()
+    stage.wait_settled(timeout_s=5.0)
+    elapsed_s = time.monotonic() - t0
+    polls = sum(1 for r in emulator.received[n_before:] if r == b"?")
+    assert elapsed_s >= 0.4 and polls <= 10 * elapsed_s + 2, (polls, elapsed_s)
+
+
+def test_a_held_grbl_is_named_in_the_settle_timeout(started) -> None:
+    emulator, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    stage.move_to(mm("grbl", 5.0))
+    time.sleep(0.05)
+    emulator._hold_since_s = time.monotonic()  # a feed hold ('!' from the controller's button)
+    with pytest.raises(DeviceTimeout) as info:
+        stage.wait_settled(timeout_s=0.5)
+    message = str(info.value)
+    assert "the controller reports Hold:0" in message and "resume with '~'" in message and emulator.port in message
+    assert "feed_mm_min" not in message  # not blamed on a slow move
+
+
+def test_a_controller_that_stops_answering_while_settling_is_not_blamed_on_the_move_timeout(started) -> None:
+    emulator, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    stage.move_to(mm("grbl", 5.0))
+    emulator.inject("stall")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout) as info:
+        stage.wait_settled(timeout_s=4.0)
+    assert time.monotonic() - t0 < 4.0 - 0.5  # the status query's own timeout, not the settle wait
+    assert "no status report to '?'" in str(info.value) and "feed_mm_min" not in str(info.value)
