@@ -270,7 +270,7 @@ class GcodeFocusStage(FocusActuator):
                 if state.startswith("Alarm") and not self.home_on_start:
                     raise DeviceError(
                         f"{self._label()}: GRBL is locked in the alarm state after reset (homing required at power-up, "
-                        f"or a limit alarm); home it: pass home_on_start=True, or send $H from a terminal. "
+                        f"or a limit alarm); home it: set focus.home_on_start: true (home_on_start=True in Python), or send $H from a terminal. "
                         f"($X would unlock it without checking the position.)"
                     )
                 if self.home_on_start:
@@ -348,9 +348,9 @@ class GcodeFocusStage(FocusActuator):
             lo, hi = self.limits_given
             if travel is not None and (lo < travel[0] - eps or hi > travel[1] + eps):
                 raise InputError(
-                    f"{self._label()}: limits_mm [{lo:g}, {hi:g}] lie outside the controller's {self.axis} travel "
+                    f"{self._label()}: focus.limits_mm [{lo:g}, {hi:g}] lie outside the controller's {self.axis} travel "
                     f"[{travel[0]:g}, {travel[1]:g}] mm (work coordinates{'; stock GRBL travel is negative' if self.flavor == 'grbl' else ''}); "
-                    f"a move there would hit an end of the rail: set limits_mm inside it, or leave it out to use the travel"
+                    f"a move there would hit an end of the rail: set focus.limits_mm inside it, or leave it out to use the travel"
                 )
             return lo, hi
         if travel is None:
@@ -426,7 +426,7 @@ class GcodeFocusStage(FocusActuator):
         if banner is None:
             raise DeviceTimeout(
                 f"{self._label()}: no GRBL banner within {self.timeout_s:g} s after a soft reset (0x18), twice; check the "
-                f"port, the baud rate ({self.baudrate}) and the flavor (a Marlin board needs flavor='marlin')"
+                f"port, the baud rate ({self.baudrate}; focus.baudrate) and the flavor (a Marlin board needs focus.flavor: marlin)"
             )
         self.firmware = banner.split("[", 1)[0].strip()
         for text in self._drain():
@@ -453,7 +453,7 @@ class GcodeFocusStage(FocusActuator):
                 if attempt:
                     raise DeviceTimeout(
                         f"{self._label()}: no reply to 'M115' within {self.timeout_s:g} s, twice; check the port, the "
-                        f"baud rate ({self.baudrate}) and the flavor (a GRBL board needs flavor='grbl')"
+                        f"baud rate ({self.baudrate}; focus.baudrate) and the flavor (a GRBL board needs focus.flavor: grbl)"
                     ) from None
         name = next((t for t in lines if t.startswith("FIRMWARE_NAME:")), "")
         match = re.match(r"FIRMWARE_NAME:(.*?)(?:\s+[A-Z_]+:|$)", name)
@@ -814,8 +814,8 @@ class GcodeFocusStage(FocusActuator):
     def _marlin_refusal(self, text: str, line: str) -> DeviceError:
         if re.match(r"echo:\s*home .* first", text.lower()):
             return DeviceError(
-                f"{self._label()}: Marlin refused {line!r}: {text[5:].strip()} (homing required: pass home_on_start=True "
-                f"or call home())"
+                f"{self._label()}: Marlin refused {line!r}: {text[5:].strip()} (homing required: set focus.home_on_start: true "
+                f"(home_on_start=True or home() in Python))"
             )
         return ProtocolError(f"{self._label()}: Marlin refused {line!r}: {text}")
 

@@ -104,7 +104,7 @@ def _build_actuator(config: RigConfig, camera: Camera) -> FocusActuator:
 
         return GcodeFocusStage(
             foc.port, flavor=foc.flavor, axis=foc.axis, home_on_start=foc.home_on_start, limits_mm=foc.limits_mm,
-            feed_mm_min=foc.feed_mm_min, timeout_s=foc.timeout_s, move_timeout_s=foc.move_timeout_s,
+            feed_mm_min=foc.feed_mm_min, timeout_s=foc.timeout_s, move_timeout_s=foc.move_timeout_s, baudrate=foc.baudrate,
         )
     if foc.driver == "genicam":
         from capture.genicam_camera import GenicamCamera

@@ -228,6 +228,7 @@ class GcodeFocusConfig(_Strict):
     limits_mm: tuple[float, float] | None = Field(
         None, description="soft limits in work coordinates, mm; null: the controller's travel ($13x on GRBL, M211 on Marlin)")
     feed_mm_min: float = Field(600.0, gt=0)
+    baudrate: int = Field(115200, gt=0, description="serial speed: 115200 for GRBL 1.1 and most boards, 250000 for stock Marlin")
     timeout_s: float = Field(2.0, gt=0, le=60)
     move_timeout_s: float = Field(30.0, gt=0, le=600)
     nominal: LinearFocusModelConfig | None = Field(None, description="mm -> dpt, used when calibration.file is null")
@@ -430,6 +431,11 @@ def parse_config(raw: Any, *, source: str = "<config>") -> RigConfig:
         # the LD4's signal generator sweeps the current: found only once the devices were open
         raise ConfigError(f"{source}: sweep.style: continuous sweeps run the LD4's signal generator, which drives the current: "
                           "it needs focus.mode: current (or sweep.style: stepped)")
+    if config.sweep.style == "continuous" and getattr(focus, "driver", None) in ("gcode", "genicam"):
+        # found only after the devices were open (a stage homed first), as a lag_s complaint
+        raise ConfigError(f"{source}: sweep.style: continuous needs an actuator with a triangle signal generator (an Optotune "
+                          f"LD4 in current mode, or the simulated lens); focus.driver {focus.driver} moves step by step: "
+                          "use sweep.style: stepped")
     return config  # type: ignore[return-value]
 
 

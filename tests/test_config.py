@@ -480,3 +480,14 @@ def test_a_typo_in_a_required_key_names_the_typo_first(tmp_path: Path) -> None:
     text = text.replace("  port: /dev/ttyACM0", "  prot: /dev/ttyACM0", 1)
     with pytest.raises(ConfigError, match=r"focus\.prot: unknown key.* \(and 1 more\)$"):
         load_config(_write(tmp_path, text))
+
+
+def test_a_stage_takes_its_baud_rate_and_refuses_a_continuous_sweep_at_load(tmp_path) -> None:
+    from rig.config import parse_config
+
+    doc = {"camera": {"driver": "genicam", "producer": "viky"},
+           "focus": {"driver": "gcode", "port": "/dev/ttyUSB0", "flavor": "marlin", "baudrate": 250000}}
+    assert parse_config(doc, source="rig.yaml").focus.baudrate == 250000  # stock Marlin
+    doc["sweep"] = {"style": "continuous"}
+    with pytest.raises(ConfigError, match=r"rig\.yaml: sweep\.style: continuous needs an actuator with a triangle signal generator.*focus\.driver gcode"):
+        parse_config(doc, source="rig.yaml")

@@ -276,7 +276,7 @@ def test_grbl_homing_required_alarm_at_open_has_a_clear_message(started) -> None
     with pytest.raises(DeviceError, match="alarm state") as info:
         stage.open()
     message = str(info.value)
-    assert "home_on_start=True" in message and "$H" in message and emulator.port in message
+    assert "focus.home_on_start: true" in message and "$H" in message and emulator.port in message
     assert not stage.is_open
     assert not any(line.startswith(b"G") for line in lines_sent(emulator))  # no motion G-code sent to a locked machine
     stage.close()  # harmless after a failed open
@@ -370,7 +370,7 @@ def test_wrong_flavor_times_out_with_a_hint(started) -> None:
     stage = GcodeFocusStage(emulator.port, flavor="grbl", timeout_s=0.15)
     started.append(stage)
     t0 = time.monotonic()
-    with pytest.raises(DeviceTimeout, match="flavor='marlin'"):
+    with pytest.raises(DeviceTimeout, match="focus.flavor: marlin"):
         stage.open()
     assert time.monotonic() - t0 < 2 * 0.15 + 0.3
 
