@@ -291,7 +291,34 @@ class GcodeFocusStage(FocusActuator):
             raise
 
     def _do_close(self) -> None:
+        if self._serial is not None and not self._synced:
+            self._stop_motion()
         self._release()
+
+    def _stop_motion(self) -> None:
+        """On close with a move not confirmed finished (Ctrl-C or an error mid-sweep): stop the
+        axis instead of letting it run on unattended. GRBL: a feed hold (``!``) decelerates and
+        keeps the position; the controller is left held (the next open's reset clears it).
+        Marlin: ``M410`` (quick stop; immediate where the firmware has its emergency parser).
+        Best effort: a port that is gone is only logged."""
+        try:
+            if self.flavor == "grbl":
+                self._write(b"!", "feed hold (!)")
+                deadline = time.monotonic() + max(1.0, self.timeout_s)  # deceleration to a stop
+                state = ""
+                while time.monotonic() < deadline:
+                    state = self._grbl_status().state
+                    if not state.startswith(("Run", "Jog", "Hold:1")):
+                        break
+                    time.sleep(STATUS_POLL_S / 2)
+                logger.warning("%s: the stage was still moving (to %.4f mm) at close: feed hold sent, now %s",
+                               self._label(), self._target_mm, state or "unknown")
+            else:
+                self._write(b"M410\n", "M410 (quick stop)")
+                logger.warning("%s: the stage may still have been moving (to %.4f mm) at close: M410 (quick stop) sent; "
+                               "home it before trusting its position", self._label(), self._target_mm)
+        except Exception as exc:  # noqa: BLE001 - closing is best effort
+            logger.warning("%s: could not stop the stage at close (%s): it may still be moving", self._label(), exc)
 
     def _millimetres(self) -> None:
         """``G21``; a Marlin built without inch support answers "Unknown command" (it is always
@@ -405,7 +432,30 @@ class GcodeFocusStage(FocusActuator):
             logger.debug("%s: flushing the input failed: %s", self.name, exc)
         return ser
 
+    def _wait_while_moving(self) -> None:
+        """Before the soft reset that opens a GRBL: a stage still running a move (left by a
+        process that died) would lose its position to a reset in motion (ALARM:3). Ask its state
+        and wait, up to ``move_timeout_s``, while it runs or homes; no answer is fine (the reset
+        wakes a controller in any state)."""
+        deadline = time.monotonic() + self.move_timeout_s
+        state = ""
+        try:
+            while time.monotonic() < deadline:
+                self._write(b"?", "?")
+                state = ""
+                for text in self._drain():
+                    if text.startswith("<"):
+                        state = text[1:].split("|", 1)[0].split(">", 1)[0]
+                if not state.startswith(("Run", "Home", "Jog", "Hold:1")):
+                    return
+                logger.info("%s: the stage is still moving (%s) from before: waiting before the reset", self._label(), state)
+                time.sleep(STATUS_POLL_S)
+        except DeviceError:
+            return  # a port that does not answer '?' yet: the reset below will tell
+        logger.warning("%s: still %s after %g s (focus.move_timeout_s): resetting anyway", self._label(), state, self.move_timeout_s)
+
     def _wake_grbl(self) -> None:
+        self._wait_while_moving()
         banner = None
         for attempt in range(2):
             self._write(b"\x18", "soft reset (0x18)")

@@ -106,7 +106,8 @@ def test_open_home_move_settle_position_round_trip(started, flavor: str) -> None
     move = f"G1 Z{target:.4f} F600".encode()
     if flavor == "grbl":
         expected = [b"$I", b"$H", b"G21", b"G90", b"$$", move, b"G4 P0"]
-        assert emulator.received[0] == b"\x18"  # woken with a soft reset
+        # asked whether a move is still running (a reset in motion loses the position), then woken with a soft reset
+        assert emulator.received[:2] == [b"?", b"\x18"]
         received = emulator.received
         polls = received[received.index(move) + 1 : received.index(b"G4 P0")]
         assert polls and set(polls) == {b"?"}  # polled the real-time status until Idle, then synced
@@ -502,3 +503,31 @@ def test_a_controller_that_stops_answering_while_settling_is_not_blamed_on_the_m
         stage.wait_settled(timeout_s=4.0)
     assert time.monotonic() - t0 < 4.0 - 0.5  # the status query's own timeout, not the settle wait
     assert "no status report to '?'" in str(info.value) and "feed_mm_min" not in str(info.value)
+
+
+def test_a_stage_left_moving_is_held_at_close_and_waited_for_at_the_next_open(started, caplog) -> None:
+    """Ctrl-C or an error mid-move closed the port and the axis ran on unattended; the next
+    run's soft reset then hit it in motion (ALARM:3, position lost)."""
+    emulator, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    stage.move_to(mm("grbl", 20.0))  # 2 s of motion
+    time.sleep(0.2)
+    with caplog.at_level("WARNING", logger="capture.gcode"):
+        stage.close()  # not settled: as after Ctrl-C
+    assert b"!" in emulator.received
+    assert emulator.state.startswith("Hold")  # stopped, not running on
+    assert any("feed hold sent, now Hold:0" in r.getMessage() for r in caplog.records)
+    stopped_at = emulator.position_mm[2]
+    time.sleep(0.3)
+    assert emulator.position_mm[2] == stopped_at
+
+    # a stage still running from a process that died: the next open waits for it before resetting
+    emulator2, stage2 = make(started, "grbl", home_on_start=False)
+    with serial.Serial(emulator2.port, 115200, timeout=0.01) as port:
+        assert _exchange(port, b"G21 G90\n") == b"ok\r\n"
+        assert _exchange(port, b"G1 Z-5 F600\n") == b"ok\r\n"  # 0.5 s of motion, then the process "dies"
+    t0 = time.monotonic()
+    stage2.open()
+    assert time.monotonic() - t0 >= 0.3
+    assert emulator2.alarm_code is None or emulator2.alarm_code != 3
+    assert stage2.position() == pytest.approx(-5.0, abs=0.01)
