@@ -20,15 +20,17 @@ from reconstruct.result import write_result
 logger = logging.getLogger("reconstruct")
 
 
-def _input_scale(text: str) -> float:
+def _input_scale(text: str) -> float | str:
     from reconstruct.dualfocus.infer import INPUT_SCALE_RANGE
 
+    if text == "auto":
+        return text
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not INPUT_SCALE_RANGE[0] <= value <= INPUT_SCALE_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"must be a number from {INPUT_SCALE_RANGE[0]} to {INPUT_SCALE_RANGE[1]}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be auto or a number from {INPUT_SCALE_RANGE[0]} to {INPUT_SCALE_RANGE[1]}, got {text!r}")
     return value
 
 
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network precision (default auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; "
                         "int8: ONNX Runtime on the CPU, quantised)")
     p.add_argument("--input-scale", type=_input_scale, default=None,
-                   help="dualfocus: resize the slices by this factor for the network (1.5: finer depth, ~2.25x slower; <1: faster)")
+                   help="dualfocus: resize the slices by this factor for the network (default auto: 1 up to 768 px on the long "
+                        "side, larger frames scaled down to it; 1.5: finer depth, ~2.25x slower; <1: faster)")
     p.add_argument("--align", default="apply", choices=ALIGN_MODES, help="apply stored alignment (default), estimate it, or none")
     p.add_argument("--focus-measure", default=None, choices=FOCUS_MEASURES,
                    help="classical focus measure (--method classical only; default: modified_laplacian)")
@@ -128,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
         result = reconstruct_stack(
             stack, method=args.method, focus_measure=args.focus_measure or "modified_laplacian", align=args.align,
             model=args.model or "dualfocus-s", weights=args.weights, backend=args.backend or "auto", precision=args.precision or "auto",
-            input_scale=1.0 if args.input_scale is None else args.input_scale,
+            input_scale="auto" if args.input_scale is None else args.input_scale,
         )
     except ReconstructionError as exc:
         if str(exc).startswith("stack: "):  # a property of the stack file: name it

@@ -49,7 +49,7 @@ def check_ready(
 
 def warm_up_network(
     image_hw: tuple[int, int], distances_m: Sequence[float], *, model: str = "dualfocus-s", weights: str | Path | None = None,
-    backend: str = "auto", precision: str = "auto", input_scale: float = 1.0,
+    backend: str = "auto", precision: str = "auto", input_scale: float | str = "auto",
 ) -> str:
     """Run the network once on a made-up stack of ``len(distances_m)`` slices of ``image_hw``
     (grey noise), so that its backend is open for that shape (export, quantisation, CUDA
@@ -84,7 +84,7 @@ def reconstruct_stack(
     weights: str | Path | None = None,
     backend: str = "auto",
     precision: str = "auto",
-    input_scale: float = 1.0,
+    input_scale: float | str = "auto",
 ) -> DepthResult:
     """Depth, confidence and all-in-focus image of a focal stack (any slice order).
 
@@ -100,8 +100,10 @@ def reconstruct_stack(
             fp32), ``fp32``, ``fp16`` (GPU only) or ``bf16`` (a GPU, or torch or ONNX Runtime's
             OpenVINO build on such a CPU), ``int8`` (ONNX Runtime on the CPU).
         input_scale: the network sees the slices resized by this factor, its outputs are
-            resized back (``predict``); 1.5 was more accurate on the report split
-            and less on the simulated scene, ~2.25x slower; below 1 is faster.
+            resized back (``predict``); ``auto`` (default): 1 up to 768 px on the long side,
+            larger slices scaled down to it (a camera's full frame has blur wider than the
+            network learnt); 1.5 was more accurate on the report split and less on the
+            simulated scene, ~2.25x slower; below 1 is faster.
         align: ``apply`` the stack's stored per-slice ``alignment``, ``estimate`` it (needs the
             calibration module), or ``none``.
         params: all classical parameters at once (its ``focus_measure`` wins over the
@@ -166,7 +168,7 @@ def reconstruct_stack(
         sha, backend_name, device = pred.sha256, pred.backend, pred.device
         extra["precision"] = pred.precision
         extra["weights"] = path.name
-        extra["input_scale"] = float(input_scale)
+        extra["input_scale"] = round(float(pred.input_scale), 6)  # what the network saw ("auto" resolved)
     else:
         grey = ordered.to_grey_float()
         p = params or ClassicalParams(focus_measure=focus_measure)

@@ -330,7 +330,16 @@ class ReconstructConfig(_Strict):
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"  # auto: fp16 on a GPU; bf16 on a CPU with native bfloat16, else fp32; int8: ONNX Runtime on the CPU
     focus_measure: Literal["modified_laplacian", "variance_of_laplacian", "tenengrad"] = "modified_laplacian"
     align: Literal["apply", "estimate", "none"] = "apply"
-    input_scale: float = Field(1.0, ge=0.1, le=4.0)  # dualfocus: slices resized by this before the network (1.5: finer, ~2.25x slower)
+    # dualfocus: slices resized by this before the network (1.5: finer, ~2.25x slower); auto: 1 up to 768 px on the
+    # long side, larger frames scaled down to it (the network learnt from small crops; a full frame's blur is wider)
+    input_scale: Literal["auto"] | float = "auto"
+
+    @field_validator("input_scale")
+    @classmethod
+    def _input_scale(cls, v: str | float) -> str | float:
+        if v != "auto" and not 0.1 <= float(v) <= 4.0:
+            raise ValueError(f"must be auto or a number from 0.1 to 4.0, got {v}")
+        return v
 
 
 class OutputConfig(_Strict):

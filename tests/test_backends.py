@@ -938,8 +938,34 @@ def test_input_scale_resizes_for_the_network_and_back(tiny_weights: Path, scale:
 @pytest.mark.parametrize("bad", [0, -1.0, 5.0, float("nan"), "big"])
 def test_input_scale_out_of_range_is_one_line(tiny_weights: Path, bad: object) -> None:
     slices, focus = _stack(n=3)
-    with pytest.raises(ReconstructionError, match=r"^input_scale: must be a number from 0.1 to 4.0"):
+    with pytest.raises(ReconstructionError, match=r"^input_scale: must be auto or a number from 0.1 to 4.0"):
         infer.predict(slices, focus, weights=tiny_weights, backend="torch", input_scale=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("hw", "expected"), [((288, 384), 1.0), ((768, 600), 1.0), ((1536, 2048), 0.375), ((1000, 800), 0.768)])
+def test_input_scale_auto_keeps_small_frames_and_scales_large_ones_to_768_px(hw, expected: float) -> None:
+    assert infer.resolve_input_scale("auto", hw) == pytest.approx(expected)
+    assert infer.resolve_input_scale(1.5, hw) == 1.5  # a number is used as given
+    assert infer.resolve_input_scale("1.5", hw) == 1.5
+
+
+def test_input_scale_auto_is_the_default_and_is_resolved_once(tiny_weights: Path) -> None:
+    seen: list[tuple] = []
+    real_open = infer._open
+
+    def spy(choice, requested, weights, shape, *a, **k):  # noqa: ANN001
+        seen.append(shape)
+        return real_open(choice, requested, weights, shape, *a, **k)
+
+    slices, focus = _stack(n=3, h=40, w=800)  # long side 800: auto scales to 768
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(infer, "_open", spy)
+        pred = infer.predict(slices, focus, weights=tiny_weights, backend="torch", precision="fp32")
+        assert pred.input_scale == pytest.approx(0.96) and seen[-1] == (3, 40, 768)
+        assert pred.depth_focus.shape == (40, 800)
+        small, focus = _stack(n=3, h=40, w=500)  # an explicit 2 makes it 1000 px: not scaled down again by auto
+        pred = infer.predict(small, focus, weights=tiny_weights, backend="torch", precision="fp32", input_scale=2.0)
+        assert pred.input_scale == 2.0 and seen[-1] == (3, 80, 1000)
 
 
 def test_input_scale_too_small_for_the_stack_is_one_line(tiny_weights: Path) -> None:

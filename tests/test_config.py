@@ -491,3 +491,14 @@ def test_a_stage_takes_its_baud_rate_and_refuses_a_continuous_sweep_at_load(tmp_
     doc["sweep"] = {"style": "continuous"}
     with pytest.raises(ConfigError, match=r"rig\.yaml: sweep\.style: continuous needs an actuator with a triangle signal generator.*focus\.driver gcode"):
         parse_config(doc, source="rig.yaml")
+
+
+def test_reconstruct_input_scale_is_auto_by_default_and_checked() -> None:
+    from rig.config import parse_config
+
+    base = {"camera": {"driver": "simulated"}, "focus": {"driver": "simulated", "nominal": {"offset_dpt": -0.5, "dpt_per_ma": 0.0165}}}
+    assert parse_config(base, source="rig.yaml").reconstruct.input_scale == "auto"
+    assert parse_config({**base, "reconstruct": {"input_scale": 1.5}}, source="rig.yaml").reconstruct.input_scale == 1.5
+    for bad in (5, 0.05, "big"):
+        with pytest.raises(ConfigError, match=r"rig\.yaml: reconstruct\.input_scale"):
+            parse_config({**base, "reconstruct": {"input_scale": bad}}, source="rig.yaml")

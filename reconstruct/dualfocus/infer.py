@@ -42,6 +42,8 @@ _FAILED: set[tuple] = set()  # (weights, shape, backend, device, precision) that
 PRECISION_SETTINGS = ("auto", "fp32", "fp16", "bf16", "int8")
 #: ``reconstruct.input_scale`` bounds: the network sees the slices resized by this factor
 INPUT_SCALE_RANGE = (0.1, 4.0)
+#: ``input_scale: auto`` keeps slices up to this long side as they are and scales larger ones down to it
+AUTO_MAX_SIDE_PX = 768
 #: a stack is padded to at least this many pixels a side for the network
 MIN_SIDE_PX = 16
 
@@ -141,6 +143,7 @@ class DualFocusPrediction:
     sha256: str
     backend: str = "torch"
     precision: str = "fp32"
+    input_scale: float = 1.0
 
     def describe(self) -> str:
         """Where and with what it ran, for people: ``cpu (torch)``, ``cuda:0 (tensorrt, fp16)``."""
@@ -175,7 +178,23 @@ def _open(
         return open_backend("torch", choice.device, weights=weights, shape=shape, precision=_fallback_precision(choice, setting, precision))
 
 
-def check_input_scale(input_scale: float) -> float:
+def resolve_input_scale(input_scale: float | str, image_hw: tuple[int, int]) -> float:
+    """The factor the network's input is resized by: a number as given (checked), or for
+    ``"auto"`` 1 up to :data:`AUTO_MAX_SIDE_PX` on the long side and scaled down to it above.
+
+    Why: the network learnt from 96-224 px crops with defocus blur of 6-20 px; a camera's
+    full frame (2048x1536 here) has blur several times wider in pixels than any it saw and
+    costs memory in proportion (4.7 GB at 2048x1536). On the shared PCB focus stack the board
+    came out 5-6 slices too near at scale 1 and 0.5, right at 0.375 and 0.25 (README)."""
+    if isinstance(input_scale, str):
+        if input_scale != "auto":
+            return check_input_scale(input_scale)
+        longest = max(int(image_hw[0]), int(image_hw[1]))
+        return 1.0 if longest <= AUTO_MAX_SIDE_PX else max(INPUT_SCALE_RANGE[0], AUTO_MAX_SIDE_PX / longest)
+    return check_input_scale(input_scale)
+
+
+def check_input_scale(input_scale: float | str) -> float:
     """``input_scale`` as a float in :data:`INPUT_SCALE_RANGE`, else one line naming it."""
     lo, hi = INPUT_SCALE_RANGE
     try:
@@ -183,7 +202,7 @@ def check_input_scale(input_scale: float) -> float:
     except (TypeError, ValueError):
         value = float("nan")
     if not lo <= value <= hi:
-        raise ReconstructionError(f"input_scale: must be a number from {lo} to {hi}, got {input_scale!r}")
+        raise ReconstructionError(f"input_scale: must be auto or a number from {lo} to {hi}, got {input_scale!r}")
     return value
 
 
@@ -209,7 +228,7 @@ def _resize_back(plane: np.ndarray, shape: tuple[int, int], input_scale: float) 
 
 def predict(
     slices: np.ndarray, focus: np.ndarray, *, weights: Path, backend: str = "auto", precision: str = "auto",
-    input_scale: float = 1.0,
+    input_scale: float | str = "auto",
 ) -> DualFocusPrediction:
     """Run the network on float slices ``[N, H, W]`` or ``[N, H, W, C]`` in [0, 1] with their
     focus values ``[N]`` (diopters or focus index; any order), on ``backend`` in ``precision``
@@ -225,13 +244,20 @@ def predict(
     every backend returns normalised depth (``reconstruct.backends.base``), converted here to
     focus units on the CPU in float32, so the units step is the same for all backends.
     """
-    input_scale = check_input_scale(input_scale)
+    setting = input_scale
+    input_scale = resolve_input_scale(input_scale, np.asarray(slices).shape[1:3])
+    if setting == "auto" and input_scale != 1.0:
+        h0, w0 = np.asarray(slices).shape[1:3]
+        logger.info("input_scale auto: the network sees the %dx%d slices at %dx%d (x%.3f; set reconstruct.input_scale / "
+                    "--input-scale to choose)", w0, h0, round(w0 * input_scale), round(h0 * input_scale), input_scale)
     if input_scale != 1.0:
         full = np.asarray(slices).shape[1:3]
-        pred = predict(_resize_slices(np.asarray(slices, np.float32), input_scale), focus, weights=weights, backend=backend, precision=precision)
+        pred = predict(_resize_slices(np.asarray(slices, np.float32), input_scale), focus, weights=weights, backend=backend,
+                       precision=precision, input_scale=1.0)
         pred.depth_focus = _resize_back(pred.depth_focus, full, input_scale)
         pred.confidence = _resize_back(pred.confidence, full, input_scale)
         pred.slice_position = _resize_back(pred.slice_position, full, input_scale)
+        pred.input_scale = input_scale
         return pred
     choice = select_backend(backend, precision)
     body_precision = resolve_precision(precision, choice)
