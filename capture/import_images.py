@@ -51,8 +51,42 @@ class _Parser(OneLineArgumentParser):
         raise _UsageError(f"{message} (see --help)")
 
 
+#: what a folder import reads: the stack's own formats, and BMP and WebP (OpenCV decodes both)
+IMPORT_SUFFIXES = (*IMAGE_SUFFIXES, ".bmp", ".webp")
+#: files a folder may hold that are images we cannot read: named in a warning, not skipped silently
+_OTHER_IMAGE_SUFFIXES = (".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".heic", ".heif", ".gif", ".jp2",
+                         ".ome.tif", ".czi", ".nd2", ".lif")
+# a number in a file name: signed where the sign follows a separator (z_-10um, focus_+0.5), with a
+# decimal part (z1.25); "img-3" is image 3 (the dash after a letter separates)
+_NUMBER = re.compile(r"((?:(?<=^)|(?<=[_\s=(\[]))[-+]?\d+(?:\.\d+)?(?=\D|$)|\d+(?:\.\d+)?(?=\D|$))")
+
+
 def _natural_key(name: str) -> list[object]:
-    return [int(part) if part.isdigit() else part.casefold() for part in re.split(r"(\d+)", name)]
+    """Sort key: numbers in the name compared as numbers (``z_-10um`` before ``z_-5um`` before
+    ``z_0um``; ``z1.25`` before ``z1.5``), the rest case-insensitively."""
+    parts = _NUMBER.split(name)
+    return [float(part) if i % 2 else part.casefold() for i, part in enumerate(parts)]
+
+
+def _series_pattern(name: str) -> str:
+    """The name without its suffix, every number as ``#``: ``pcb_003.JPG`` -> ``pcb_#``."""
+    return re.sub(r"\d+", "#", Path(name).stem.casefold())
+
+
+def _warn_odd_files(folder: Path, images: list[Path], others: list[Path]) -> None:
+    """Warnings for what a folder import is likely to get wrong silently: image files it cannot
+    read (left out), and a file whose name does not fit the folder's numbered series (a fused
+    or reference image left among the slices, e.g. ``expected.jpg``: taken in as a slice)."""
+    if others:
+        names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
+        logger.warning("%s: left out %d file(s) that are not PNG, TIFF, JPEG, BMP or WebP: %s (convert them to import them)",
+                       folder, len(others), names)
+    patterns = [_series_pattern(p.name) for p in images]
+    common = max(set(patterns), key=patterns.count)
+    odd = [p.name for p, pat in zip(images, patterns) if pat != common]
+    if odd and patterns.count(common) >= 2 and "#" in common:
+        logger.warning("%s: %s do(es) not fit the numbered series of the other %d files (%s) and is imported as a slice all the "
+                       "same; move it out if it is not one", folder, ", ".join(odd), patterns.count(common), common.replace("#", "N"))
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -68,21 +102,21 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
             entries = list(folder.iterdir())
         except OSError as err:
             raise InputError(f"{folder}: cannot list folder ({err.strerror or err})") from err
-        paths = sorted(
-            (p for p in entries
-             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
-            key=lambda p: _natural_key(p.name),
-        )
+        files = [p for p in entries if not p.name.startswith(".") and p.is_file()]
+        paths = sorted((p for p in files if p.suffix.lower() in IMPORT_SUFFIXES), key=lambda p: _natural_key(p.name))
+        others = sorted(p for p in files if p.name.lower().endswith(_OTHER_IMAGE_SUFFIXES))
         if len(paths) < 2:
-            raise InputError(f"{folder}: need at least 2 images (.png, .tif, .jpg) in the folder, found {len(paths)}")
+            extra = f"; {len(others)} other image file(s) such as {others[0].name} need converting first" if others else ""
+            raise InputError(f"{folder}: need at least 2 images (.png, .tif, .jpg, .bmp, .webp) in the folder, found {len(paths)}{extra}")
+        _warn_odd_files(folder, paths, others)
         return paths
     for p in paths:
         if p.is_dir():
             raise InputError(f"{p}: is a folder; give one folder or a list of image files, not both")
         if not p.exists():
             raise InputError(f"{p}: no such file")
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise InputError(f"{p}: unsupported image type {p.suffix or '(none)'!r} (use PNG, TIFF or JPEG)")
+        if p.suffix.lower() not in IMPORT_SUFFIXES:
+            raise InputError(f"{p}: unsupported image type {p.suffix or '(none)'!r} (use PNG, TIFF, JPEG, BMP or WebP)")
     if len(paths) < 2:
         raise InputError(f"need at least 2 images for a focal stack, got {len(paths)}")
     return paths
@@ -176,6 +210,19 @@ def _parser() -> _Parser:
     return parser
 
 
+def _print_order(paths: Sequence[Path], order: str, distances_m: Sequence[float] | None) -> None:
+    """One line on stderr saying which file became which end of the stack (a wrong sort of the
+    file names scrambles the depth without any other sign)."""
+    names = [p.name for p in paths]
+    shown = ", ".join(names) if len(names) <= 6 else ", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:])
+    if distances_m is not None:
+        print(f"imported {len(names)} slices in the order given, with their focus distances: {shown}", file=sys.stderr)
+    else:
+        first, last = ("farthest", "nearest") if order == "far-to-near" else ("nearest", "farthest")
+        print(f"imported {len(names)} slices, {first} focus first: {shown} (if that is the wrong way round: --order "
+              f"{'near-to-far' if order == 'far-to-near' else 'far-to-near'})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input)."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
@@ -194,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = build_stack(paths, order=args.order or "far-to-near",
                             focus_distances_m=args.focus_distances_m)
         written = stack.write(out, overwrite=args.overwrite)
+        _print_order(paths, args.order or "far-to-near", args.focus_distances_m)
     except _UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -14,7 +14,7 @@ import yaml
 
 from capture.errors import InputError, OutputError
 from capture.imageio import IMAGE_SUFFIXES, read_image, write_image
-from capture.import_images import main
+from capture.import_images import build_stack, collect_inputs, main
 from capture.stack import FocalStack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,9 @@ def test_jpeg_far_to_near_default_subprocess(tmp_path: Path) -> None:
     proc = _run(*paths, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
-    assert proc.stderr == ""
+    # one line saying which file is which end (a wrong name sort scrambles depth silently)
+    assert proc.stderr == ("imported 3 slices, farthest focus first: shot_0.jpg, shot_1.jpg, shot_2.jpg "
+                           "(if that is the wrong way round: --order near-to-far)\n")
     st = FocalStack.read(out)
     assert sorted(p.name for p in out.iterdir()) == ["slice_00.png", "slice_01.png", "slice_02.png", "stack.yaml"]
     assert st.images.dtype == np.uint8 and st.channels == 3 and st.image_hw == (24, 32)
@@ -253,3 +255,38 @@ def test_written_yaml_has_no_jpeg(tmp_path: Path) -> None:
     assert main([*map(str, paths), "--out", str(tmp_path / "s")]) == 0
     doc = yaml.safe_load((tmp_path / "s" / "stack.yaml").read_text())
     assert all(s["image"].endswith(".png") for s in doc["slices"])
+
+
+def test_a_folder_sorts_signed_and_decimal_positions_as_numbers(tmp_path: Path) -> None:
+    folder = tmp_path / "z"
+    folder.mkdir()
+    names = ["z_-10um.png", "z_-5um.png", "z_0um.png", "z_5um.png", "z_10um.png"]
+    for i, name in enumerate(reversed(names)):  # written in another order than the names sort
+        write_image(folder / name, np.full((8, 8), 10 * i, np.uint8))
+    assert [p.name for p in collect_inputs([str(folder)])] == names
+    for name in ("f1.5.png", "f1.25.png", "f2.png"):
+        write_image(tmp_path / name, np.zeros((8, 8), np.uint8))
+    sub = tmp_path / "dec"
+    sub.mkdir()
+    for name in ("f1.5.png", "f1.25.png", "f2.png"):
+        (tmp_path / name).rename(sub / name)
+    assert [p.name for p in collect_inputs([str(sub)])] == ["f1.25.png", "f1.5.png", "f2.png"]
+
+
+def test_a_folder_reads_bmp_and_webp_and_names_what_it_leaves_out_or_doubts(tmp_path: Path, caplog) -> None:
+    import cv2
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, suffix in enumerate((".png", ".bmp", ".png", ".webp")):
+        cv2.imwrite(str(folder / f"s{i}{suffix}"), np.full((8, 8, 3), 40 * i, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])
+    (folder / "s9.cr2").write_bytes(b"raw")  # a camera raw: cannot be read
+    cv2.imwrite(str(folder / "expected.png"), np.zeros((8, 8, 3), np.uint8))  # a fused reference left among the slices
+    with caplog.at_level("WARNING", logger="capture.import_images"):
+        paths = collect_inputs([str(folder)])
+    assert [p.name for p in paths] == ["expected.png", "s0.png", "s1.bmp", "s2.png", "s3.webp"]
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "left out 1 file(s) that are not PNG, TIFF, JPEG, BMP or WebP: s9.cr2" in messages
+    assert "expected.png do(es) not fit the numbered series of the other 4 files" in messages
+    stack = build_stack(paths)
+    assert stack.n_slices == 5 and int(stack.images[2].mean()) == 40  # the BMP, read
