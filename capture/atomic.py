@@ -103,3 +103,19 @@ def move_into_place(tmp: Path, final: Path, *, overwrite: bool, what: str) -> No
     fsync_dir(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def probe_writable(final: Path) -> None:
+    """Fail before the work rather than after it: create ``final``'s parent folder and a
+    temporary sibling there (removed at once). Raises :class:`OutputError` naming the folder
+    (read-only, no permission, a file in the way)."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{final.parent}: cannot create the output folder ({err.strerror or err})") from err
+    probe = make_sibling(final, "tmp")
+    try:
+        os.rmdir(probe)
+    except OSError:
+        pass

@@ -30,6 +30,7 @@ import numpy as np
 
 from capture.cli import OneLineArgumentParser, quiet_opencv
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError
+from capture.atomic import probe_writable
 from capture.imageio import IMAGE_SUFFIXES, read_image
 from capture.stack import FocalStack
 
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if os.path.lexists(out) and not args.overwrite:
             raise OutputError(f"{out}: already exists (pass --overwrite to replace it)")
+        probe_writable(out)  # before reading every image
         paths = collect_inputs(args.images)
         if args.focus_distances_m is not None:
             _check_order_against_distances(args.order, args.focus_distances_m)

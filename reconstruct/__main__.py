@@ -11,6 +11,7 @@ from pathlib import Path
 
 from capture.cli import OneLineArgumentParser, one_line_errors, quiet_opencv
 from capture.errors import OutputError, ReconstructionError, StackFormatError
+from capture.atomic import probe_writable
 from capture.imageio import IMAGE_SUFFIXES
 from capture.stack import STACK_YAML, FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
@@ -116,6 +117,7 @@ def _as_flags(exc: ReconstructionError) -> ReconstructionError:
 def _run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
+    probe_writable(args.out)  # a read-only or full place is found before the reconstruction, not after it
     if args.focus_measure is not None and args.method != "classical":
         logger.warning("--focus-measure applies to --method classical only; ignored with --method %s", args.method)
     network_flags = [flag for flag, value in (("--model", args.model), ("--weights", args.weights), ("--backend", args.backend),

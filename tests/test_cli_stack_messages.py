@@ -278,3 +278,34 @@ def test_a_truncated_slice_is_one_line_without_opencvs_own_warning(tmp_path: Pat
     out = tmp_path / "out"
     line = _one_error_line(_run("-m", "reconstruct", stack, "--out", out, "--method", "classical"), victim.name)
     assert "cannot decode" in line and not out.exists()
+
+
+def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch) -> None:
+    """A read-only --out was found only after the whole reconstruction (45 s with alignment)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from capture.stack import FocalStack
+
+    if os.geteuid() == 0:
+        # root writes anywhere: a file where the parent folder should be stands in for a read-only place
+        blocked_parent = tmp_path / "blocked"
+        blocked_parent.write_text("a file, not a folder")
+    else:
+        blocked_parent = tmp_path / "ro"
+        blocked_parent.mkdir()
+        blocked_parent.chmod(0o555)
+    # the inputs are bad too: reading them first would report them, not the output place
+    FocalStack(np.random.default_rng(0).integers(0, 255, (3, 16, 16), dtype=np.uint8), focus_distance_m=[2.0, 1.0, 0.5]).write(tmp_path / "st")
+    (tmp_path / "st" / "slice_01.png").write_bytes(b"not a png")
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    for cmd in ([sys.executable, "-m", "reconstruct", str(tmp_path / "st"), "--out", str(blocked_parent / "res"), "--method", "classical"],
+                [sys.executable, "-m", "capture.import_images", str(tmp_path / "st" / "slice_00.png"), str(tmp_path / "st" / "slice_01.png"),
+                 "--out", str(blocked_parent / "imp")]):
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and str(blocked_parent) in proc.stderr, proc.stderr
+        assert "depth" not in proc.stdout
