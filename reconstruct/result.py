@@ -153,6 +153,11 @@ def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16:
     write_png16 = png16 and metric
     try:
         np.save(tmp / "depth.npy", result.depth.astype(np.float32))
+        # the same float32 depth as a TIFF, for Fiji and other image tools that cannot read .npy
+        # (depth.png holds whole millimetres: a macro or microscope relief needs this one)
+        import tifffile
+
+        tifffile.imwrite(tmp / "depth.tif", result.depth.astype(np.float32), metadata={"unit": "metre" if metric else "focus_index"})
         np.save(tmp / "confidence.npy", result.confidence.astype(np.float32))
         _write_png(tmp / "all_in_focus.png", _to_bgr(result.all_in_focus))
         if preview:

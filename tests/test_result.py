@@ -116,3 +116,21 @@ def test_the_preview_shows_infinity_as_far_and_only_nan_as_no_depth() -> None:
     grey = (img == 128).all(axis=-1)
     assert grey[30:, :20].all() and not grey[:10, :20].any()
     assert (img[5, 5] == img[5, 50]).all()  # infinity in the far colour
+
+
+def test_depth_is_also_written_as_a_float32_tiff_for_image_tools(tmp_path) -> None:
+    """depth.png holds whole millimetres (the format's contract): a 0.8 mm relief at 50 mm is two
+    grey levels there; depth.tif keeps every value, NaN included, and Fiji opens it."""
+    import tifffile
+
+    from reconstruct.result import DepthResult, write_result
+
+    depth = np.linspace(0.0500, 0.0508, 12, dtype=np.float32).reshape(3, 4)
+    depth[0, 0] = np.nan
+    res = DepthResult(depth=depth, confidence=np.ones((3, 4), np.float32), all_in_focus=np.zeros((3, 4), np.uint8),
+                      depth_unit="metre", method="classical", backend="numpy", device="cpu", slices=5, aligned=False)
+    out = write_result(res, tmp_path / "r", png16=True)
+    tif = tifffile.imread(out / "depth.tif")
+    assert tif.dtype == np.float32 and tif.shape == (3, 4)
+    np.testing.assert_array_equal(tif, depth)  # NaN where NaN, every value kept
+    assert len(np.unique(cv2.imread(str(out / "depth.png"), cv2.IMREAD_UNCHANGED)[np.isfinite(depth)])) <= 2
