@@ -446,6 +446,21 @@ class FocalStack:
         order = np.argsort(self.focus_dpt, kind="stable")
         return self._replace(order=order)
 
+    def alignment_coverage(self) -> np.ndarray:
+        """bool ``[H, W]``: True where every slice's ``alignment`` warp (as :meth:`aligned`
+        applies it) samples inside that slice's image; False where at least one slice shows
+        reflected border content instead of the scene. All True without alignment."""
+        h, w = self.image_hw
+        covered = np.ones((h, w), bool)
+        ones = np.ones((h, w), np.uint8)
+        for entry in self.slice_meta:
+            affine = entry.get("alignment")
+            if affine is not None:
+                inside = cv2.warpAffine(ones, np.asarray(affine, dtype=np.float64), (w, h), flags=cv2.INTER_NEAREST,
+                                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                covered &= inside.astype(bool)
+        return covered
+
     def aligned(self, *, interpolation: str = "lanczos") -> FocalStack:
         """A new stack with each slice warped by its ``alignment`` affine onto the reference.
 

@@ -131,7 +131,9 @@ def reconstruct_stack(
         i, j = next(((i, j) for j in range(len(values)) for i in range(j) if values[i] == values[j]), (0, 1))
         raise ReconstructionError(f"stack: slices[{i}].{key} and slices[{j}].{key} are the same focus; each slice needs its own")
     aligned = False
+    coverage: np.ndarray | None = None  # where every aligned slice shows the scene (not reflected border)
     if align == "apply" and ordered.has_alignment:
+        coverage = ordered.alignment_coverage()
         ordered = ordered.aligned()
         aligned = True
     elif align == "estimate":
@@ -146,7 +148,9 @@ def reconstruct_stack(
             ) from err
         # Lanczos, not aligned()'s bilinear: bilinear resampling blurs every slice but the
         # reference and biases the focus measures toward it (worse depth than no alignment)
-        ordered = ordered.with_alignment(affines).aligned(interpolation="lanczos")
+        ordered = ordered.with_alignment(affines)
+        coverage = ordered.alignment_coverage()
+        ordered = ordered.aligned(interpolation="lanczos")
         aligned = True
     seconds["align"] = time.perf_counter() - t0
 
@@ -175,6 +179,12 @@ def reconstruct_stack(
         out = depth_from_focus(grey, focus, params=p, slices=ordered.images)
         focus_out, confidence, aif = out.focus_dpt, out.confidence, out.all_in_focus
         extra["focus_measure"] = p.focus_measure
+    if coverage is not None and not coverage.all():
+        # a pixel that some slice shows only as mirrored border content has no focus curve of its own
+        confidence = np.where(coverage, confidence, np.float32(0.0))
+        extra["alignment_coverage"] = round(float(coverage.mean()), 4)
+        logger.info("alignment: %.1f %% of the pixels lie outside at least one slice after the warp: confidence 0 there",
+                    100 * (1 - float(coverage.mean())))
     if _all_slices_identical(stack.images):
         # nothing changes from slice to slice, so nothing tells one focus from another; a network
         # would still answer (confidence up to 0.87 on such stacks), so the answer is declined here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -318,3 +319,25 @@ def test_fit_breathing_keeps_the_tolerance_it_is_given(texture):
     bare = BreathingModel([0.0, 1.0], np.stack([np.eye(2, 3)] * 2), image_hw=(8, 8), reference_value=0.5)
     with pytest.raises(CalibrationError, match=r"actuator value 2 is outside the calibrated range 0\.\.1;"):  # no unit: no blank
         bare.affine_at(2.0)
+
+
+def test_pixels_outside_a_slice_after_alignment_get_confidence_zero() -> None:
+    """Warped slices show reflected border content near the edges: those pixels have no focus
+    curve of their own and were as confident as any (implausible depth twice as often there)."""
+    from capture.stack import FocalStack
+    from reconstruct.api import reconstruct_stack
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 40, 60), dtype=np.uint8)
+    shift = [[1.0, 0.0, 6.0], [0.0, 1.0, 0.0]]  # slice 2 moved 6 px right: its left 6 columns are border
+    identity = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    stack = FocalStack(images, focus_distance_m=[2.0, 1.0, 0.7, 0.5],
+                       slice_meta=[{"alignment": shift if i == 2 else identity} for i in range(4)])
+    coverage = stack.alignment_coverage()
+    assert not coverage[:, :6].any() and coverage[:, 6:].all()
+    res = reconstruct_stack(stack, method="classical", align="apply")
+    assert (res.confidence[:, :6] == 0).all() and res.confidence[:, 6:].max() > 0
+    assert res.extra["alignment_coverage"] == pytest.approx(54 / 60, abs=1e-3)
+    plain = FocalStack(images, focus_distance_m=[2.0, 1.0, 0.7, 0.5])
+    assert plain.alignment_coverage().all()
+    assert "alignment_coverage" not in reconstruct_stack(plain, method="classical", align="apply").extra
