@@ -109,6 +109,9 @@ def _as_flags(exc: ReconstructionError) -> ReconstructionError:
     set --precision to auto or fp32``); ``exc`` itself when it names none."""
     text = str(exc)
     renamed = _CONFIG_KEY.sub(lambda m: _CONFIG_KEY_FLAGS[m.group(0)], text)
+    renamed = re.sub(r"\balign='(apply|estimate|none)'", r"--align \1", renamed)  # the API's argument, as this command's flag
+    if renamed.startswith("align: "):
+        renamed = "--" + renamed
     if renamed.startswith("precision: "):
         renamed = "--" + renamed
     return exc if renamed == text else ReconstructionError(renamed)

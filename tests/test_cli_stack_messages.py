@@ -258,6 +258,10 @@ def test_flag_names_replace_whole_config_keys_only() -> None:
         "--precision: fp16 needs a CUDA GPU; set --precision to auto or fp32")
     for untouched in ("backend: failed in reconstruct.backends.base", "weights: runs/reconstruct.precision_sweep/w.safetensors: unreadable"):
         assert str(_as_flags(ReconstructionError(untouched))) == untouched
+    # the API's align= argument, as this command's flag
+    assert str(_as_flags(ReconstructionError("align: could not estimate the slice alignment (x); use align='apply' with a "
+                                             "calibrated alignment, or align='none'"))) == (
+        "--align: could not estimate the slice alignment (x); use --align apply with a calibrated alignment, or --align none")
 
 
 @pytest.mark.skipif(sys.platform.startswith("win"), reason="symbolic links")
