@@ -495,10 +495,19 @@ class GcodeFocusStage(FocusActuator):
         logger.info("%s: firmware %s", self._label(), self.firmware)
 
     def _wake_marlin(self) -> None:
+        # an empty line first: it ends whatever an earlier program left in Marlin's line buffer
+        # (a GRBL attempt's 0x18 and '?' bytes made the next M115 "Unknown command"); Marlin
+        # ignores empty lines, and what it answers meanwhile is dropped
+        self._write(b"\n", "(empty line)")
+        self._drain()
         for attempt in range(2):
             try:
                 lines = self._transact("M115", allow_banner=True)
                 break
+            except ProtocolError as exc:
+                if attempt or "unknown command" not in str(exc).lower():
+                    raise
+                logger.info("%s: M115 refused as %s; asking again", self._label(), exc)
             except DeviceTimeout:
                 if attempt:
                     raise DeviceTimeout(

@@ -531,3 +531,18 @@ def test_a_stage_left_moving_is_held_at_close_and_waited_for_at_the_next_open(st
     assert time.monotonic() - t0 >= 0.3
     assert emulator2.alarm_code is None or emulator2.alarm_code != 3
     assert stage2.position() == pytest.approx(-5.0, abs=0.01)
+
+
+def test_marlin_opens_after_a_grbl_attempt_left_bytes_in_its_line_buffer(started) -> None:
+    """flavor grbl on a Marlin board fails (as it should); the fix the message suggests,
+    flavor marlin, then failed too: the GRBL attempt's 0x18 and '?' were still in Marlin's line
+    buffer and its M115 came back "Unknown command"."""
+    emulator = GcodeEmulator(flavor="marlin", homing_time_s=HOMING_S).start()
+    started.append(emulator)
+    with serial.Serial(emulator.port, 115200, timeout=0.01) as port:
+        port.write(b"?\\x18")  # what a GRBL wake-up leaves behind, no newline
+        time.sleep(0.05)
+    stage = GcodeFocusStage(emulator.port, flavor="marlin", home_on_start=False, timeout_s=TIMEOUT_S)
+    started.append(stage)
+    stage.open()
+    assert stage.is_open and "Marlin" in stage.firmware
