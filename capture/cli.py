@@ -34,10 +34,10 @@ def one_line_errors(body: Callable[[], int], *, debug: bool) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
-        print("error: interrupted by the user", file=sys.stderr)
+        print(f"error: {exc or 'interrupted by the user'}", file=sys.stderr)  # SIGTERM's says so
         return EXIT_INTERRUPTED
 
 

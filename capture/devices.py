@@ -134,6 +134,11 @@ class Camera(_Device):
     def _do_grab(self, *, start_after_host_s: float, deadline_host_s: float) -> Frame: ...
 
 
+class SettleTimeout(DeviceTimeout):
+    """:meth:`FocusActuator.wait_settled` ran out of time (the device answered, but did not
+    report settled); other timeouts while waiting are the device's own."""
+
+
 class FocusActuator(_Device):
     """Role: something that sets focus in a device unit (mA for a liquid lens, mm for a stage).
 
@@ -184,7 +189,7 @@ class FocusActuator(_Device):
                 return time.monotonic()  # after the check: a driver's check may block until settled
             now = time.monotonic()  # after the check too: it may have taken a while
             if now >= deadline:
-                raise DeviceTimeout(f"{self.name}: not settled within {timeout_s:g} s (target {self.target:.4g} {self.unit})")
+                raise SettleTimeout(f"{self.name}: not settled within {timeout_s:g} s (target {self.target:.4g} {self.unit})")
             time.sleep(min(poll_s, deadline - now))
 
     @property

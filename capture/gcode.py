@@ -62,7 +62,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from capture.devices import FocusActuator
+from capture.devices import FocusActuator, SettleTimeout
 from capture.errors import DeviceError, DeviceTimeout, InputError, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ _AXES = "XYZABC"
 _READ_SLICE_S = 0.01  # pyserial read timeout; every wait loops on its own deadline
 _QUIET_S = 0.05  # silence that ends a drain of stale input
 STATUS_POLL_S = 0.1  # between two status queries while a move runs (GRBL: 5-10 Hz at most)
+_FAST_STATUS_POLL_S = 0.02  # ... for the first _FAST_STATUS_WINDOW_S after the move's expected end at its feed rate
+_FAST_STATUS_WINDOW_S = 0.1
+_CHECK_S = 0.01  # wait_settled's own loop (abort checks, the sync ok read in slices)
 _SYNC_LINE = {"grbl": "G4 P0", "marlin": "M400"}
 _MARLIN_POSITION = re.compile(r"([XYZE]):\s*(-?\d+(?:\.\d*)?)")
 
@@ -228,6 +231,8 @@ class GcodeFocusStage(FocusActuator):
         self._sync: tuple[str, float] | None = None  # (sync line, deadline) awaiting its ok
         self._settled_at_s: float | None = None
         self._last_status: StageStatus | None = None  # the last status report seen while waiting to settle
+        self._next_status_s = -math.inf  # no '?' before this (host monotonic): the move cannot have ended yet
+        self._expect_done_s = -math.inf  # when the last move would end at its feed rate
         self._settle_deadline_s: float | None = None
         self._dirty = False  # an exchange failed: drop stale input before the next line
         self._wco_mm: tuple[float, ...] | None = None
@@ -303,6 +308,8 @@ class GcodeFocusStage(FocusActuator):
         Best effort: a port that is gone is only logged."""
         try:
             if self.flavor == "grbl":
+                if not self._grbl_status().state.startswith(("Run", "Jog")):
+                    return  # finished, or never started: nothing to stop
                 self._write(b"!", "feed hold (!)")
                 deadline = time.monotonic() + max(1.0, self.timeout_s)  # deceleration to a stop
                 state = ""
@@ -586,8 +593,18 @@ class GcodeFocusStage(FocusActuator):
     def _do_move(self, value: float) -> None:
         line = f"G1 {self.axis}{value:.4f} F{self.feed_mm_min:g}"
         with self._io_lock:
+            try:
+                self._transact(line)
+            except DeviceTimeout:
+                self._synced, self._settled_at_s = False, None  # no answer: it may be moving
+                raise
+            # refused (error:N, a Marlin refusal) moves nothing: still synced; accepted, it runs
             self._synced, self._settled_at_s = False, None
-            self._transact(line)
+            now = time.monotonic()
+            # when the move would end at its feed rate: status queries at 10 Hz until then (GRBL's docs:
+            # '?' costs the controller; an unplugged cable is still seen within 0.1 s), briefly faster after
+            self._expect_done_s = now + abs(value - self._target_mm) / self.feed_mm_min * 60.0
+            self._next_status_s = min(self._expect_done_s, now + STATUS_POLL_S)
             self._target_mm = value
 
     def wait_settled(self, *, timeout_s: float, poll_s: float = 0.002) -> float:
@@ -606,11 +623,9 @@ class GcodeFocusStage(FocusActuator):
         if self._settle_deadline_s is not None and not math.isfinite(self._settle_deadline_s):
             self._settle_deadline_s = None
         try:
-            # GRBL's status reports cost the controller's CPU (its docs: poll '?' at 5-10 Hz)
-            seen_s = super().wait_settled(timeout_s=timeout_s, poll_s=max(poll_s, STATUS_POLL_S))
-        except DeviceTimeout as exc:
-            if self._settle_deadline_s is not None and time.monotonic() < self._settle_deadline_s:
-                raise  # not the settle wait running out: the controller stopped answering (its own message)
+            # checks every 10 ms; the status queries themselves are spaced in _do_is_settled
+            seen_s = super().wait_settled(timeout_s=timeout_s, poll_s=max(poll_s, _CHECK_S))
+        except SettleTimeout as exc:  # other timeouts (no status report) keep their own message
             last = self._last_status
             if last is not None and not last.state.startswith(("Idle", "Run", "Home", "Jog")):
                 # the controller answered, in a state in which it does not move on by itself
@@ -636,10 +651,20 @@ class GcodeFocusStage(FocusActuator):
                 return True
             if self._sync is None:
                 if self.flavor == "grbl":
+                    now = time.monotonic()
+                    if now < self._next_status_s:
+                        return False
                     status = self._grbl_status()
                     if status.state.startswith("Alarm"):
                         raise DeviceError(f"{self._label()}: controller in the alarm state while moving to {self._target_mm:.4f} mm ({status.raw})")
                     if not status.state.startswith("Idle"):
+                        # at 10 Hz, up to the move's expected end; just after it (acceleration) every 20 ms for a moment
+                        if now < self._expect_done_s:
+                            self._next_status_s = min(now + STATUS_POLL_S, self._expect_done_s)
+                        elif now - self._expect_done_s < _FAST_STATUS_WINDOW_S:
+                            self._next_status_s = now + _FAST_STATUS_POLL_S
+                        else:
+                            self._next_status_s = now + STATUS_POLL_S
                         return False
                 self._start_sync()
             # in slices of STATUS_POLL_S, so that wait_settled sees an abort while a long move drains

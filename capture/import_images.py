@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from decimal import Decimal
 import os
 import re
 import sys
@@ -56,7 +57,7 @@ class _Parser(OneLineArgumentParser):
 IMPORT_SUFFIXES = (*IMAGE_SUFFIXES, ".bmp", ".webp")
 #: files a folder may hold that are images we cannot read: named in a warning, not skipped silently
 _OTHER_IMAGE_SUFFIXES = (".cr2", ".cr3", ".nef", ".arw", ".dng", ".raf", ".orf", ".rw2", ".heic", ".heif", ".gif", ".jp2",
-                         ".ome.tif", ".czi", ".nd2", ".lif")
+                         ".czi", ".nd2", ".lif")
 # a number in a file name: signed where the sign follows a separator (z_-10um, focus_+0.5), with a
 # decimal part (z1.25); "img-3" is image 3 (the dash after a letter separates)
 _NUMBER = re.compile(r"((?:(?<=^)|(?<=[_\s=(\[]))[-+]?\d+(?:\.\d+)?(?=\D|$)|\d+(?:\.\d+)?(?=\D|$))")
@@ -66,12 +67,13 @@ def _natural_key(name: str) -> list[object]:
     """Sort key: numbers in the name compared as numbers (``z_-10um`` before ``z_-5um`` before
     ``z_0um``; ``z1.25`` before ``z1.5``), the rest case-insensitively."""
     parts = _NUMBER.split(name)
-    return [float(part) if i % 2 else part.casefold() for i, part in enumerate(parts)]
+    # Decimal, not float: a 17-digit time stamp in a name must not tie with the next one
+    return [Decimal(part) if i % 2 else part.casefold() for i, part in enumerate(parts)]
 
 
 def _series_pattern(name: str) -> str:
     """The name without its suffix, every number as ``#``: ``pcb_003.JPG`` -> ``pcb_#``."""
-    return re.sub(r"\d+", "#", Path(name).stem.casefold())
+    return _NUMBER.sub("#", Path(name).stem.casefold())
 
 
 def _warn_odd_files(folder: Path, images: list[Path], others: list[Path]) -> None:
@@ -83,9 +85,11 @@ def _warn_odd_files(folder: Path, images: list[Path], others: list[Path]) -> Non
         logger.warning("%s: left out %d file(s) that are not PNG, TIFF, JPEG, BMP or WebP: %s (convert them to import them)",
                        folder, len(others), names)
     patterns = [_series_pattern(p.name) for p in images]
-    common = max(set(patterns), key=patterns.count)
+    counts = sorted(((patterns.count(pat), pat) for pat in set(patterns)), reverse=True)
+    common = counts[0][1]
     odd = [p.name for p, pat in zip(images, patterns) if pat != common]
-    if odd and patterns.count(common) >= 2 and "#" in common:
+    # only a clear majority makes a series (two halves of equal size are two series, or none)
+    if odd and counts[0][0] >= 2 and counts[0][0] > len(patterns) / 2 and "#" in common:
         logger.warning("%s: %s do(es) not fit the numbered series of the other %d files (%s) and is imported as a slice all the "
                        "same; move it out if it is not one", folder, ", ".join(odd), patterns.count(common), common.replace("#", "N"))
 

@@ -123,10 +123,14 @@ def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(beyond | (mm < 0), 0, mm).astype(np.uint16), int(beyond.sum())
 
 
-def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16: bool = True, preview: bool = True, overwrite: bool = False) -> Path:
+def write_result(
+    result: DepthResult, out_dir: str | os.PathLike[str], *, png16: bool = True, preview: bool = True, overwrite: bool = False,
+    tiff: bool = True,
+) -> Path:
     """Write ``depth.npy``, ``confidence.npy``, ``all_in_focus.png``, ``depth_preview.png``,
     ``result.yaml`` (and ``depth.png``, 16-bit millimetres, when ``png16`` and the depth is
-    metric) into ``out_dir``, atomically: every file fsynced in a hidden sibling folder that is
+    metric; ``depth.tif``, the float32 depth for image tools, when ``tiff``; continuous mode
+    leaves it out: a second float copy of every stack) into ``out_dir``, atomically: every file fsynced in a hidden sibling folder that is
     then renamed into place; with ``overwrite``, an old result there is moved aside and removed
     only once the new one is in place.
 
@@ -155,9 +159,10 @@ def write_result(result: DepthResult, out_dir: str | os.PathLike[str], *, png16:
         np.save(tmp / "depth.npy", result.depth.astype(np.float32))
         # the same float32 depth as a TIFF, for Fiji and other image tools that cannot read .npy
         # (depth.png holds whole millimetres: a macro or microscope relief needs this one)
-        import tifffile
+        if tiff:
+            import tifffile
 
-        tifffile.imwrite(tmp / "depth.tif", result.depth.astype(np.float32), metadata={"unit": "metre" if metric else "focus_index"})
+            tifffile.imwrite(tmp / "depth.tif", result.depth.astype(np.float32), metadata={"unit": "metre" if metric else "focus_index"})
         np.save(tmp / "confidence.npy", result.confidence.astype(np.float32))
         _write_png(tmp / "all_in_focus.png", _to_bgr(result.all_in_focus))
         if preview:

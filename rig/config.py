@@ -334,12 +334,15 @@ class ReconstructConfig(_Strict):
     # long side, larger frames scaled down to it (the network learnt from small crops; a full frame's blur is wider)
     input_scale: Literal["auto"] | float = "auto"
 
-    @field_validator("input_scale")
+    @field_validator("input_scale", mode="before")
     @classmethod
-    def _input_scale(cls, v: str | float) -> str | float:
-        if v != "auto" and not 0.1 <= float(v) <= 4.0:
-            raise ValueError(f"must be auto or a number from 0.1 to 4.0, got {v}")
-        return v
+    def _input_scale(cls, v: object) -> str | float:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        number = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+        if not 0.1 <= number <= 4.0:
+            raise ValueError("must be auto or a number from 0.1 to 4.0")
+        return number
 
 
 class OutputConfig(_Strict):

@@ -241,6 +241,8 @@ class _Pipeline:
                     if not isinstance(err.cause, DeviceError):
                         raise
                     rig, attempts_left = self._reconnect(rig, err, attempts_left)
+                    if rig is None:  # a Ctrl-C while waiting to reconnect: a user's stop, not a device error
+                        return
                     index += 1
                     continue
                 self.stats.record("capture", time.monotonic() - t0)
@@ -259,8 +261,9 @@ class _Pipeline:
                     logger.warning("closing the rig: %s", exc)
             self.q1.put(_STOP)
 
-    def _reconnect(self, rig: Rig, err: BaseException, attempts_left: int) -> tuple[Rig, int]:
-        """Close the rig and reopen it, spending one of ``attempts_left`` per try."""
+    def _reconnect(self, rig: Rig, err: BaseException, attempts_left: int) -> tuple[Rig | None, int]:
+        """Close the rig and reopen it, spending one of ``attempts_left`` per try; (None, 0)
+        when the run is stopped (Ctrl-C) meanwhile."""
         logger.warning("device error (%s); reconnecting (%d attempts left)", err, attempts_left)
         try:
             rig.close()
@@ -272,7 +275,7 @@ class _Pipeline:
             attempts_left -= 1
             # a USB device that re-enumerates, or a board that reboots on the port's DTR, takes seconds
             if self.stop.wait(delay_s):
-                break
+                return None, 0
             delay_s = min(2 * delay_s, RECONNECT_MAX_DELAY_S)
             try:
                 new = open_rig(self.config)
@@ -284,6 +287,8 @@ class _Pipeline:
             self.stats.add("reconnects")
             logger.warning("reconnected")
             return new, attempts_left
+        if self.stop.is_set():
+            return None, 0
         raise last
 
     def reconstruct_stage(self) -> None:

@@ -454,7 +454,7 @@ class DepthSink(Sink):
 
     def _write(self, index: int, stack: FocalStack | None, result: DepthResult | None) -> None:
         assert result is not None
-        write_result(result, self.path_for(index), png16=self.png16, preview=self.preview)
+        write_result(result, self.path_for(index), png16=self.png16, preview=self.preview, tiff=False)  # depth.npy holds the floats
 
 
 def _ply_header(n_points: int, comments: Sequence[str]) -> bytes:

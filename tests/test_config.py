@@ -499,6 +499,7 @@ def test_reconstruct_input_scale_is_auto_by_default_and_checked() -> None:
     base = {"camera": {"driver": "simulated"}, "focus": {"driver": "simulated", "nominal": {"offset_dpt": -0.5, "dpt_per_ma": 0.0165}}}
     assert parse_config(base, source="rig.yaml").reconstruct.input_scale == "auto"
     assert parse_config({**base, "reconstruct": {"input_scale": 1.5}}, source="rig.yaml").reconstruct.input_scale == 1.5
-    for bad in (5, 0.05, "big"):
-        with pytest.raises(ConfigError, match=r"rig\.yaml: reconstruct\.input_scale"):
+    assert parse_config({**base, "reconstruct": {"input_scale": "AUTO"}}, source="rig.yaml").reconstruct.input_scale == "auto"
+    for bad in (5, 0.05, "big", True):
+        with pytest.raises(ConfigError, match=r"^rig\.yaml: reconstruct\.input_scale: must be auto or a number from 0\.1 to 4\.0 \(got"):
             parse_config({**base, "reconstruct": {"input_scale": bad}}, source="rig.yaml")

@@ -565,3 +565,42 @@ def test_a_second_ctrl_c_ends_a_wait_for_an_actuator_that_never_settles(tmp_path
     assert s["stopped_by"] == "user (Ctrl-C)" and s["stacks_unaccounted"] == 0
     incomplete = run_dir / "stacks" / "000000.incomplete"
     assert len(list(incomplete.glob("slice_*.png"))) == 3, list(incomplete.iterdir()) if incomplete.exists() else "no .incomplete"
+
+
+def test_a_ctrl_c_while_waiting_to_reconnect_is_a_users_stop(tmp_path: Path, monkeypatch) -> None:
+    """The reconnect back-off (0.5, 1, 2 s ...) widened the window in which a Ctrl-C ended the run
+    as the device error it was recovering from (exit 3, stopped_by 'error: ...')."""
+    import _thread
+    import threading
+
+    from rig import continuous as cont_mod
+
+    real_open = cont_mod.open_rig
+    opens = {"n": 0}
+
+    def open_rig(cfg):  # noqa: ANN001
+        opens["n"] += 1
+        if opens["n"] > 1:
+            raise DeviceError("lens: port gone (still unplugged)")
+        return real_open(cfg)
+
+    monkeypatch.setattr(cont_mod, "open_rig", open_rig)
+    calls = {"n": 0}
+
+    def capture(rig):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SweepInterrupted("sweep stopped: cable pulled", cause=DeviceError("lens: cable pulled"), frames=[], distances_m=[], slice_meta=[])
+        return rig.capture_stack()
+
+    def ctrl_c_when_reconnecting() -> None:
+        deadline = time.monotonic() + 30
+        while opens["n"] < 2 and time.monotonic() < deadline:  # the first reopening failed: now in the 1 s back-off
+            time.sleep(0.01)
+        time.sleep(0.3)
+        _thread.interrupt_main()
+
+    threading.Thread(target=ctrl_c_when_reconnecting, daemon=True).start()
+    run = run_continuous(parse_config(_doc(tmp_path, reconnect_attempts=4)), count=10, show_status=False, capture=capture)
+    assert run.exit_code == 130 and run.summary["stopped_by"] == "user (Ctrl-C)"
+    assert run.summary["stacks_unaccounted"] == 0

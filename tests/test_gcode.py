@@ -540,7 +540,7 @@ def test_marlin_opens_after_a_grbl_attempt_left_bytes_in_its_line_buffer(started
     emulator = GcodeEmulator(flavor="marlin", homing_time_s=HOMING_S).start()
     started.append(emulator)
     with serial.Serial(emulator.port, 115200, timeout=0.01) as port:
-        port.write(b"?\\x18")  # what a GRBL wake-up leaves behind, no newline
+        port.write(b"?\x18")  # what a GRBL wake-up leaves behind, no newline
         time.sleep(0.05)
     stage = GcodeFocusStage(emulator.port, flavor="marlin", home_on_start=False, timeout_s=TIMEOUT_S)
     started.append(stage)

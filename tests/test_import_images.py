@@ -257,13 +257,14 @@ def test_written_yaml_has_no_jpeg(tmp_path: Path) -> None:
     assert all(s["image"].endswith(".png") for s in doc["slices"])
 
 
-def test_a_folder_sorts_signed_and_decimal_positions_as_numbers(tmp_path: Path) -> None:
+def test_a_folder_sorts_signed_and_decimal_positions_as_numbers(tmp_path: Path, caplog) -> None:
     folder = tmp_path / "z"
     folder.mkdir()
     names = ["z_-10um.png", "z_-5um.png", "z_0um.png", "z_5um.png", "z_10um.png"]
     for i, name in enumerate(reversed(names)):  # written in another order than the names sort
         write_image(folder / name, np.full((8, 8), 10 * i, np.uint8))
     assert [p.name for p in collect_inputs([str(folder)])] == names
+    assert not [r for r in caplog.records if "numbered series" in r.getMessage()]  # signs are part of the numbers
     for name in ("f1.5.png", "f1.25.png", "f2.png"):
         write_image(tmp_path / name, np.zeros((8, 8), np.uint8))
     sub = tmp_path / "dec"
@@ -271,6 +272,11 @@ def test_a_folder_sorts_signed_and_decimal_positions_as_numbers(tmp_path: Path) 
     for name in ("f1.5.png", "f1.25.png", "f2.png"):
         (tmp_path / name).rename(sub / name)
     assert [p.name for p in collect_inputs([str(sub)])] == ["f1.25.png", "f1.5.png", "f2.png"]
+    stamps = tmp_path / "stamps"  # 17-digit time stamps: exact, not rounded to floats that tie
+    stamps.mkdir()
+    for name in ("cam_20241128123456002.png", "cam_20241128123456001.png"):
+        write_image(stamps / name, np.zeros((8, 8), np.uint8))
+    assert [p.name for p in collect_inputs([str(stamps)])] == ["cam_20241128123456001.png", "cam_20241128123456002.png"]
 
 
 def test_a_folder_reads_bmp_and_webp_and_names_what_it_leaves_out_or_doubts(tmp_path: Path, caplog) -> None:

@@ -892,7 +892,8 @@ def test_a_set_command_the_ld4_saw_corrupted_is_sent_again_while_settling(driver
     emu = _SetCrcFailEmulator(fail_sets=1)
     emu.start()
     try:
-        lens = make_driver(drivers, emu.port, retries=2, settle_time_s=0.05)
+        # settle time 0.5 s: the E1 must arrive within it on a loaded machine (a resend restarts it)
+        lens = make_driver(drivers, emu.port, retries=2, settle_time_s=0.5)
         lens.open()
         frame = ld4.set_current(ld4.current_to_raw(50.0, I_MAX_MA)).frame
         with caplog.at_level("WARNING", logger="capture.optotune"):
@@ -902,7 +903,7 @@ def test_a_set_command_the_ld4_saw_corrupted_is_sent_again_while_settling(driver
         assert lens.is_open and lens.position() == pytest.approx(50.0, abs=STEP_MA)
         assert emu.current_ma == pytest.approx(50.0, abs=STEP_MA)
         # settled counts from the second write, not the first
-        assert t_settled - lens._written_at_s >= 0.05 - 1e-3
+        assert t_settled - lens._written_at_s >= 0.5 - 1e-3
         lines = [r.getMessage() for r in caplog.records if "sent again" in r.getMessage()]
         assert len(lines) == 1 and "Aw (set current)" in lines[0] and "send 2 of 3" in lines[0]
         lens.close()
@@ -915,7 +916,7 @@ def test_a_set_command_refused_on_every_send_stops_the_driver(drivers: list) -> 
     emu = _SetCrcFailEmulator(fail_sets=99)
     emu.start()
     try:
-        lens = make_driver(drivers, emu.port, retries=1, settle_time_s=0.05)
+        lens = make_driver(drivers, emu.port, retries=1, settle_time_s=0.5)
         lens.open()
         lens.move_to(50.0)
         with pytest.raises(ProtocolError) as info:
