@@ -122,9 +122,33 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
             raise InputError(f"{p}: no such file")
         if p.suffix.lower() not in IMPORT_SUFFIXES:
             raise InputError(f"{p}: unsupported image type {p.suffix or '(none)'!r} (use PNG, TIFF, JPEG, BMP or WebP)")
-    if len(paths) < 2:
-        raise InputError(f"need at least 2 images for a focal stack, got {len(paths)}")
+    if len(paths) < 2 and not (len(paths) == 1 and paths[0].suffix.lower() in (".tif", ".tiff")):
+        raise InputError(f"need at least 2 images for a focal stack (or one multi-page TIFF z-stack), got {len(paths)}")
     return paths
+
+
+def read_tiff_pages(path: Path) -> list[np.ndarray]:
+    """The planes of a multi-page TIFF z-stack (Fiji's or Micro-Manager's export: axes ZYX,
+    ZYXS or a plain run of pages), first page first, as ``[H, W]`` or ``[H, W, 3|4]`` uint8 or
+    uint16. A single page is one plane; other layouts (channels or time points besides Z,
+    float samples) are one line naming the file and what to do."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes, data = series.axes, series.asarray()
+    except (OSError, ValueError, tifffile.TiffFileError) as err:
+        raise InputError(f"{path}: not a readable TIFF ({err})") from err
+    if data.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"{path}: {data.dtype} samples; a focal stack takes 8- or 16-bit images (convert it in Fiji: Image > Type)")
+    if axes in ("YX", "YXS"):
+        return [data]
+    plane_axes = axes[1:]
+    if len(axes) >= 3 and axes[0] in "ZIQT" and plane_axes in ("YX", "YXS") and (plane_axes == "YX" or data.shape[-1] in (3, 4)):
+        return [np.ascontiguousarray(page) for page in data]
+    raise InputError(f"{path}: a TIFF with axes {axes} {list(data.shape)}; a focal stack takes one plane per focus "
+                     "(axes ZYX or ZYXS): split its channels or time points first (Fiji: Image > Stacks > Tools)")
 
 
 def _describe(image: np.ndarray) -> str:
@@ -146,7 +170,12 @@ def build_stack(
     """
     if order not in ORDERS:
         raise InputError(f"--order: must be one of {', '.join(ORDERS)}, got {order!r}")
-    n = len(paths)
+    pages: list[np.ndarray] | None = None
+    if len(paths) == 1:  # one multi-page TIFF: its planes are the slices
+        pages = read_tiff_pages(paths[0])
+        if len(pages) < 2:
+            raise InputError(f"{paths[0]}: a single image; a focal stack needs at least 2 (images, or a multi-page TIFF's planes)")
+    n = len(paths) if pages is None else len(pages)
     if focus_distances_m is not None:
         if len(focus_distances_m) != n:
             raise InputError(f"--focus-distances-m: got {len(focus_distances_m)} values for {n} images")
@@ -154,15 +183,15 @@ def build_stack(
             if not d > 0:  # also NaN
                 raise InputError(f"--focus-distances-m: value {i + 1} must be > 0 (metres), got {d}")
         _check_distinct_focus(focus_distances_m)
-    images: list[np.ndarray] = []
-    for path in paths:
+    images: list[np.ndarray] = [] if pages is None else pages
+    for path in paths if pages is None else ():
         image = read_image(path)
         if images and (image.shape != images[0].shape or image.dtype != images[0].dtype):
             raise InputError(f"{path}: {_describe(image)} differs from {paths[0]}: {_describe(images[0])}")
         images.append(image)
     meta = {
         "capture": {
-            "imported_from": [p.name for p in paths],
+            "imported_from": [p.name for p in paths] if pages is None else [f"{paths[0].name} (page {i + 1})" for i in range(n)],
             "imported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     }
@@ -215,10 +244,10 @@ def _parser() -> _Parser:
     return parser
 
 
-def _print_order(paths: Sequence[Path], order: str, distances_m: Sequence[float] | None) -> None:
+def _print_order(names: Sequence[str], order: str, distances_m: Sequence[float] | None) -> None:
     """One line on stderr saying which file became which end of the stack (a wrong sort of the
     file names scrambles the depth without any other sign)."""
-    names = [p.name for p in paths]
+    names = list(names)
     shown = ", ".join(names) if len(names) <= 6 else ", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:])
     if distances_m is not None:
         print(f"imported {len(names)} slices in the order given, with their focus distances: {shown}", file=sys.stderr)
@@ -247,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         stack = build_stack(paths, order=args.order or "far-to-near",
                             focus_distances_m=args.focus_distances_m)
         written = stack.write(out, overwrite=args.overwrite)
-        _print_order(paths, args.order or "far-to-near", args.focus_distances_m)
+        _print_order(stack.meta["capture"]["imported_from"], args.order or "far-to-near", args.focus_distances_m)
     except _UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -296,3 +296,23 @@ def test_a_folder_reads_bmp_and_webp_and_names_what_it_leaves_out_or_doubts(tmp_
     assert "expected.png do(es) not fit the numbered series of the other 4 files" in messages
     stack = build_stack(paths)
     assert stack.n_slices == 5 and int(stack.images[2].mean()) == 40  # the BMP, read
+
+
+def test_a_multi_page_tiff_z_stack_is_imported_page_by_page(tmp_path: Path) -> None:
+    """Fiji's and Micro-Manager's usual export: one TIFF, one page per focus. It was refused as
+    "got 1" image (one file), and several such files gave their first pages only."""
+    import tifffile
+
+    planes = np.stack([np.full((12, 16), 20 * (i + 1), np.uint16) for i in range(5)])
+    tifffile.imwrite(tmp_path / "zstack.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "stack"
+    proc = _run(tmp_path / "zstack.tif", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    st = FocalStack.read(out)
+    assert st.n_slices == 5 and st.images.dtype == np.uint16 and st.image_hw == (12, 16)
+    assert [int(st.images[i].mean()) for i in range(5)] == [20, 40, 60, 80, 100]  # page order = far to near
+    assert "zstack.tif (page 1), zstack.tif (page 2)" in proc.stderr
+    tifffile.imwrite(tmp_path / "czyx.tif", np.zeros((3, 2, 12, 16), np.uint8), imagej=True, metadata={"axes": "ZCYX"})
+    proc = _run(tmp_path / "czyx.tif", "--out", tmp_path / "other")
+    assert proc.returncode == 2 and "a TIFF with axes ZCYX" in proc.stderr and "split its channels" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
