@@ -226,3 +226,20 @@ def test_a_nominal_model_that_misses_the_travel_is_one_line_naming_it(tmp_path: 
     with pytest.raises(ConfigError, match=r"^focus\.nominal puts the target distances .* at .* mm, and .*limits are \[-50, -1\] mm: nothing"):
         run_calibration(config, interactive=True, show_progress=False, ask=lambda prompt: "")
     assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+def test_the_stage_dry_run_config_completes_through_run_rig(tmp_path: Path) -> None:
+    """configs/dryrun_viky_grbl.yaml: viky and the GRBL emulator on a pseudo-terminal, homing and
+    every move real G-code; the stack records the stage positions in mm."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "run_rig.py"), "--config", str(ROOT / "configs" / "dryrun_viky_grbl.yaml"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run_dir = next(tmp_path.iterdir())
+    stack = FocalStack.read(run_dir / "stacks" / "000000")
+    assert stack.n_slices == 8
+    assert {e["actuator_unit"] for e in stack.slice_meta} == {"mm"}
+    values = [e["actuator_value"] for e in stack.slice_meta]
+    assert values == sorted(values) and all(v < 0 for v in values)  # far to near along a GRBL rail's negative travel
+    assert (run_dir / "depth" / "000000" / "depth.npy").is_file()
