@@ -10,6 +10,8 @@ __all__ = ["depth_preview"]
 
 def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Turbo-coloured depth (near = red, far = blue; +inf at the far end), NaN in grey, with a labelled colour bar.
+    With ``unit="focus index"`` the high indices are red: a stack's focus index grows toward the
+    near end, so the same scene is coloured the same with or without its focus distances.
 
     Args:
         depth: float ``[H, W]``, NaN where unknown.
@@ -31,7 +33,8 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     # like anything beyond hi; only NaN (no answer) is grey
     no_depth = np.isnan(depth)
     norm = np.clip((np.where(finite, depth, np.where(np.isposinf(depth), hi, lo)) - lo) / (hi - lo), 0, 1)
-    idx = (255 * (1.0 - norm)).astype(np.uint8)  # near = red end of turbo
+    high_is_near = unit == "focus index"
+    idx = (255 * (norm if high_is_near else 1.0 - norm)).astype(np.uint8)  # near = red end of turbo
     bgr = cv2.applyColorMap(idx, cv2.COLORMAP_TURBO)
     bgr[no_depth] = (128, 128, 128)
     bar_h = max(28, h // 12)
@@ -40,8 +43,9 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     bar[: bar_h // 2] = ramp
     scale = max(0.35, min(1.0, w / 900))
     text_y = bar_h - 4
-    cv2.putText(bar, f"{lo:.3g} {unit}", (3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    label = f"{hi:.3g} {unit}"
+    near_end, far_end = (hi, lo) if high_is_near else (lo, hi)  # the bar runs red (near, left) to blue (far, right)
+    cv2.putText(bar, f"{near_end:.3g} {unit}", (3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    label = f"{far_end:.3g} {unit}"
     (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
     cv2.putText(bar, label, (w - tw - 3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     if no_depth.any():

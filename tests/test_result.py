@@ -134,3 +134,16 @@ def test_depth_is_also_written_as_a_float32_tiff_for_image_tools(tmp_path) -> No
     assert tif.dtype == np.float32 and tif.shape == (3, 4)
     np.testing.assert_array_equal(tif, depth)  # NaN where NaN, every value kept
     assert len(np.unique(cv2.imread(str(out / "depth.png"), cv2.IMREAD_UNCHANGED)[np.isfinite(depth)])) <= 2
+
+
+def test_the_preview_colours_the_near_end_red_with_or_without_focus_distances() -> None:
+    """Metric depth is small near; a focus index is large near (it grows toward the near end):
+    the same scene came out with reversed colours depending on whether distances were given."""
+    from reconstruct.preview import depth_preview
+
+    ramp_m = np.tile(np.linspace(0.5, 2.0, 64, dtype=np.float32), (16, 1))  # near on the left
+    ramp_index = np.tile(np.linspace(9.0, 0.0, 64, dtype=np.float32), (16, 1))  # near (high index) on the left
+    for depth, unit in ((ramp_m, "m"), (ramp_index, "focus index")):
+        rgb = depth_preview(depth, unit=unit)
+        left, right = rgb[8, 2].astype(int), rgb[8, 61].astype(int)
+        assert left[0] > left[2] and right[2] > right[0], (unit, left, right)  # red near, blue far
