@@ -3,6 +3,8 @@ a device that fails and comes back (and one that does not)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import signal
@@ -291,6 +293,29 @@ def test_stopped_by_names_the_limit_that_stopped_the_run(tmp_path: Path) -> None
     assert run.summary["stopped_by"] == "duration" and run.summary["stacks_written"] < 10_000
 
 
+@contextlib.contextmanager
+def _child_rig(tmp_path: Path, doc: dict, source: str, *, what: str):  # noqa: ANN202
+    """run_rig.py --mode continuous in a child process that runs ``source`` (a script with a
+    ``{root}`` field); yields (process, stderr path); a child still running at the end is
+    killed and the test fails, saying it did not stop ``what``."""
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    child = tmp_path / "child.py"
+    child.write_text(source.format(root=str(ROOT)), encoding="utf-8")
+    err_path = tmp_path / "stderr.txt"
+    with open(tmp_path / "stdout.txt", "w") as out_f, open(err_path, "w") as err_f:
+        # a shell that started the tests in the background ignores SIGINT, and children inherit that
+        proc = subprocess.Popen([sys.executable, str(child), "--config", str(path), "--mode", "continuous"], cwd=ROOT, stdout=out_f,
+                                stderr=err_f, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            yield proc, err_path
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"run_rig.py did not stop {what}:\n" + err_path.read_text()[-3000:])
+
+
 _SLOW_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
@@ -310,29 +335,16 @@ raise SystemExit(main(sys.argv[1:]))
 def test_sigterm_and_a_second_ctrl_c_still_write_every_stack_and_the_summary(tmp_path: Path, signals) -> None:
     doc = _doc(tmp_path / "runs", when_behind="block")
     doc["continuous"]["queue_size"] = 2
-    path = tmp_path / "rig.yaml"
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    child = tmp_path / "child.py"
-    child.write_text(_SLOW_CHILD.format(root=str(ROOT)), encoding="utf-8")
-    err_path = tmp_path / "stderr.txt"
-    with open(tmp_path / "stdout.txt", "w") as out_f, open(err_path, "w") as err_f:
-        proc = subprocess.Popen([sys.executable, str(child), "--config", str(path), "--mode", "continuous"], cwd=ROOT, stdout=out_f, stderr=err_f,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/depth/000001")):
-                assert proc.poll() is None, err_path.read_text()
-                time.sleep(0.05)
-            for k, name in enumerate(signals):
-                if k:
-                    time.sleep(0.5)
-                proc.send_signal(getattr(signal, name))
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                pytest.fail("run_rig.py did not stop:\n" + err_path.read_text()[-3000:])
+    with _child_rig(tmp_path, doc, _SLOW_CHILD, what=f"at {', '.join(signals)}") as (proc, err_path):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/depth/000001")):
+            assert proc.poll() is None, err_path.read_text()
+            time.sleep(0.05)
+        for k, name in enumerate(signals):
+            if k:
+                time.sleep(0.5)
+            proc.send_signal(getattr(signal, name))
+        proc.wait(timeout=120)
     err = err_path.read_text()
     assert proc.returncode == 130 and "Traceback" not in err, err
     run_dir = next((tmp_path / "runs").iterdir())
@@ -532,31 +544,18 @@ def test_a_second_ctrl_c_ends_a_wait_for_an_actuator_that_never_settles(tmp_path
     feed hold kept the run going for the whole settle wait (up to focus.move_timeout_s, 600 s)."""
     doc = _doc(tmp_path / "runs", when_behind="block")
     doc["sweep"]["settle_timeout_s"] = 60
-    path = tmp_path / "rig.yaml"
-    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
-    child = tmp_path / "child.py"
-    child.write_text(_STUCK_CHILD.format(root=str(ROOT)), encoding="utf-8")
-    err_path = tmp_path / "stderr.txt"
-    with open(tmp_path / "stdout.txt", "w") as out_f, open(err_path, "w") as err_f:
-        proc = subprocess.Popen([sys.executable, str(child), "--config", str(path), "--mode", "continuous"], cwd=ROOT, stdout=out_f,
-                                stderr=err_f, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/config.yaml")):
-                assert proc.poll() is None, err_path.read_text()
-                time.sleep(0.05)
-            time.sleep(2.0)  # three slices, then the wait that never ends
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=20)
-            stopped_s = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-                pytest.fail("run_rig.py did not stop at the second Ctrl-C:\n" + err_path.read_text()[-3000:])
+    with _child_rig(tmp_path, doc, _STUCK_CHILD, what="at the second Ctrl-C") as (proc, err_path):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/config.yaml")):
+            assert proc.poll() is None, err_path.read_text()
+            time.sleep(0.05)
+        time.sleep(2.0)  # three slices, then the wait that never ends
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+        stopped_s = time.monotonic() - t0
     err = err_path.read_text()
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert stopped_s < 10, stopped_s
@@ -571,31 +570,12 @@ def test_a_ctrl_c_while_waiting_to_reconnect_is_a_users_stop(tmp_path: Path, mon
     """The reconnect back-off (0.5, 1, 2 s ...) widened the window in which a Ctrl-C ended the run
     as the device error it was recovering from (exit 3, stopped_by 'error: ...')."""
     import _thread
-    import threading
 
-    from rig import continuous as cont_mod
-
-    real_open = cont_mod.open_rig
-    opens = {"n": 0}
-
-    def open_rig(cfg):  # noqa: ANN001
-        opens["n"] += 1
-        if opens["n"] > 1:
-            raise DeviceError("lens: port gone (still unplugged)")
-        return real_open(cfg)
-
-    monkeypatch.setattr(cont_mod, "open_rig", open_rig)
-    calls = {"n": 0}
-
-    def capture(rig):  # noqa: ANN001
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise SweepInterrupted("sweep stopped: cable pulled", cause=DeviceError("lens: cable pulled"), frames=[], distances_m=[], slice_meta=[])
-        return rig.capture_stack()
+    capture, opened = _stays_gone_after(monkeypatch, 1)
 
     def ctrl_c_when_reconnecting() -> None:
         deadline = time.monotonic() + 30
-        while opens["n"] < 2 and time.monotonic() < deadline:  # the first reopening failed: now in the 1 s back-off
+        while opened["n"] < 2 and time.monotonic() < deadline:  # the first reopening failed: now in the 1 s back-off
             time.sleep(0.01)
         time.sleep(0.3)
         _thread.interrupt_main()
