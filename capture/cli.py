@@ -37,7 +37,7 @@ def one_line_errors(body: Callable[[], int], *, debug: bool) -> int:
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(f"error: {exc or 'interrupted by the user'}", file=sys.stderr)  # SIGTERM's says so
+        print(f"error: {str(exc) or 'interrupted by the user'}", file=sys.stderr)  # SIGTERM's says so
         return EXIT_INTERRUPTED
 
 

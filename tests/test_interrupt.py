@@ -46,3 +46,19 @@ def test_ctrl_c_mid_sweep_keeps_partial_slices(tmp_path: Path, sig: int, reason:
     assert reason in (incomplete / "reason.txt").read_text()
     assert list(incomplete.glob("slice_*.png")), "the slices captured before Ctrl-C are kept"
     assert "error" in yaml.safe_load((runs[0] / "summary.yaml").read_text())
+
+
+def test_the_one_line_for_an_interrupt_says_which_signal(capsys) -> None:
+    from capture.cli import one_line_errors
+    from rig.signals import Terminated
+
+    def ctrl_c() -> int:
+        raise KeyboardInterrupt
+
+    def sigterm() -> int:
+        raise Terminated("stopped by SIGTERM")
+
+    assert one_line_errors(ctrl_c, debug=False) == 130
+    assert capsys.readouterr().err == "error: interrupted by the user\n"
+    assert one_line_errors(sigterm, debug=False) == 130
+    assert capsys.readouterr().err == "error: stopped by SIGTERM\n"
