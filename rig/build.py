@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -260,6 +261,7 @@ def check_focus_map(config: RigConfig) -> None:
     focus drivers cannot go together: one ConfigError."""
     _check_driver_pair(config)
     focus_map = _focus_map(config)
+    _check_plan_within_stage_limits(config, focus_map)
     unit = _configured_unit(config)
     if config.calibration.file is not None and focus_map.unit and unit and focus_map.unit != unit:
         foc = config.focus
@@ -267,6 +269,29 @@ def check_focus_map(config: RigConfig) -> None:
         raise ConfigError(
             f"{config.calibration.file}: focus_model is in {focus_map.unit}, but {moves} moves in {unit}: calibrate in this set-up "
             "(run_rig.py --mode calibrate) or use a calibration file made in it"
+        )
+
+
+def _check_plan_within_stage_limits(config: RigConfig, focus_map: FocusModel) -> None:
+    """A stage with ``focus.limits_mm`` set: the sweep's planned positions are known before it
+    opens, so a plan beyond the limits is refused before the stage homes (a physical move) and
+    before a run folder exists. (A lens's limits come from the device: checked after it opens.)"""
+    foc = config.focus
+    if foc.driver != "gcode" or foc.limits_mm is None:
+        return
+    s = config.sweep
+    distances = plan_focus_distances(range_m=s.range_m, slices=s.slices, distances_m=s.distances_m)
+    lo, hi = foc.limits_mm
+    try:
+        values = [float(focus_map.actuator_value(float(d))) for d in distances]
+    except RigError:
+        return  # outside a calibrated range: the run's own checks say so
+    bad = [(float(d), v) for d, v in zip(distances, values, strict=True) if not (math.isfinite(v) and lo <= v <= hi)]
+    if bad:
+        d, v = bad[0]
+        raise ConfigError(
+            f"sweep.range_m: focus distance {d:.4g} m needs the stage at {v:.4g} mm, outside focus.limits_mm [{lo:g}, {hi:g}] mm "
+            f"({len(bad)} of {len(values)} planned slices); narrow sweep.range_m, or check focus.nominal or calibration.file"
         )
 
 

@@ -243,3 +243,18 @@ def test_the_stage_dry_run_config_completes_through_run_rig(tmp_path: Path) -> N
     values = [e["actuator_value"] for e in stack.slice_meta]
     assert values == sorted(values) and all(v < 0 for v in values)  # far to near along a GRBL rail's negative travel
     assert (run_dir / "depth" / "000000" / "depth.npy").is_file()
+
+
+def test_a_stage_plan_beyond_its_limits_is_refused_before_the_stage_opens(tmp_path: Path) -> None:
+    """With focus.limits_mm given, the planned positions are known before the stage opens: the
+    run homed the stage (a physical move) and made a run folder before refusing the plan."""
+    doc = yaml.safe_load((ROOT / "configs" / "dryrun_viky_grbl.yaml").read_text(encoding="utf-8"))
+    doc["focus"]["port"] = str(tmp_path / "no-such-port")  # opening it would be a device error, exit 3
+    doc["focus"]["limits_mm"] = [-10.0, 0.0]  # the plan needs -40 .. -5 mm
+    path = tmp_path / "rig.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--out", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "sweep.range_m: focus distance 2 m needs the stage at -40 mm, outside focus.limits_mm [-10, 0] mm" in proc.stderr
+    assert not (tmp_path / "runs").exists()
