@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RigError
+from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RigError, interrupt_reason
 
 __all__ = ["OneLineArgumentParser", "one_line_errors", "quiet_opencv"]
 
@@ -37,7 +37,7 @@ def one_line_errors(body: Callable[[], int], *, debug: bool) -> int:
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(f"error: {str(exc) or 'interrupted by the user'}", file=sys.stderr)  # SIGTERM's says so
+        print(f"error: {interrupt_reason(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -95,3 +95,9 @@ class DeviceTimeout(DeviceError):
 
 class ProtocolError(DeviceError):
     """A device answered with something the protocol does not allow (bad CRC, error reply)."""
+
+
+def interrupt_reason(exc: KeyboardInterrupt) -> str:
+    """What stopped the run, for messages: a KeyboardInterrupt's own text where a signal handler
+    gave it one (``stopped by SIGTERM``), else Ctrl-C's."""
+    return str(exc) or "interrupted by the user"

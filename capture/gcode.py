@@ -452,7 +452,7 @@ class GcodeFocusStage(FocusActuator):
                 state = ""
                 for text in self._drain():
                     if text.startswith("<"):
-                        state = text[1:].split("|", 1)[0].split(">", 1)[0]
+                        state = self._parse_grbl_status(text).state
                 if not state.startswith(("Run", "Home", "Jog", "Hold:1")):
                     return
                 logger.info("%s: the stage is still moving (%s) from before: waiting before the reset", self._label(), state)

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from decimal import Decimal
 import os
 import re
 import sys
+from decimal import Decimal
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from capture.atomic import probe_writable
 from capture.cli import OneLineArgumentParser, quiet_opencv
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError
-from capture.atomic import probe_writable
 from capture.imageio import IMAGE_SUFFIXES, read_image
 from capture.stack import FocalStack
 
@@ -252,7 +252,7 @@ def _print_order(names: Sequence[str], order: str, distances_m: Sequence[float] 
     if distances_m is not None:
         print(f"imported {len(names)} slices in the order given, with their focus distances: {shown}", file=sys.stderr)
     else:
-        first, last = ("farthest", "nearest") if order == "far-to-near" else ("nearest", "farthest")
+        first = "farthest" if order == "far-to-near" else "nearest"
         print(f"imported {len(names)} slices, {first} focus first: {shown} (if that is the wrong way round: --order "
               f"{'near-to-far' if order == 'far-to-near' else 'far-to-near'})", file=sys.stderr)
 

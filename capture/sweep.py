@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from capture.devices import Camera, FocusActuator, Frame
-from capture.errors import ConfigError, InputError, RigError
+from capture.errors import ConfigError, InputError, RigError, interrupt_reason
 from capture.repeat_log import RepeatLimiter
 from capture.stack import FocalStack
 
@@ -213,8 +213,7 @@ def sweep(
     except ConfigError:
         raise  # the plan does not fit the rig: nothing was captured
     except (RigError, KeyboardInterrupt) as exc:
-        # a KeyboardInterrupt with a message is a signal that stands for Ctrl-C (SIGTERM)
-        what = (str(exc) or "interrupted by the user") if isinstance(exc, KeyboardInterrupt) else str(exc)
+        what = interrupt_reason(exc) if isinstance(exc, KeyboardInterrupt) else str(exc)
         raise SweepInterrupted(
             f"sweep stopped after {len(frames)} of {n} slices: {what}",
             cause=exc, frames=frames, distances_m=done_m, slice_meta=slice_meta,

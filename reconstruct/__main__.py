@@ -9,9 +9,9 @@ import shlex
 import time
 from pathlib import Path
 
+from capture.atomic import probe_writable
 from capture.cli import OneLineArgumentParser, one_line_errors, quiet_opencv
 from capture.errors import OutputError, ReconstructionError, StackFormatError
-from capture.atomic import probe_writable
 from capture.imageio import IMAGE_SUFFIXES
 from capture.stack import STACK_YAML, FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack

@@ -45,7 +45,7 @@ from reconstruct.result import DepthResult
 from rig.build import Rig, check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
-from rig.signals import Terminated, restore_sigterm, sigterm_as_ctrl_c
+from rig.signals import Terminated, sigterm_stops_like_ctrl_c
 from rig.sinks import StackSink, build_sinks, check_sinks, folder_name
 from rig.single import save_incomplete
 
@@ -188,7 +188,7 @@ class _Pipeline:
         self.stats.errors.append(str(exc))
         self.stop.set()
 
-    def _done_capturing(self, index: int) -> bool:
+    def _done_capturing(self) -> bool:
         if self.stop.is_set():
             return True
         if self.count is not None and self.stats.captured >= self.count:  # N stacks: a failed sweep is not one
@@ -227,15 +227,14 @@ class _Pipeline:
             if self.config.reconstruct.method == "dualfocus":
                 # the backend opens (export, quantisation, CUDA start-up) while the first stack is captured
                 self.q1.put(_WarmUp(tuple(rig.camera.image_hw), tuple(float(d) for d in rig.planned_distances_m())))
-            while not self._done_capturing(index):
+            while not self._done_capturing():
                 t0 = time.monotonic()
                 try:
                     stack = self.capture_fn(rig)
                 except SweepInterrupted as err:
-                    if isinstance(err.cause, KeyboardInterrupt):  # a second Ctrl-C stopped a focus wait
-                        save_incomplete(err, self.run_dir / "stacks" / f"{index:06d}")
-                        return  # the main thread has the Ctrl-C; the rig closes (below)
                     save_incomplete(err, self.run_dir / "stacks" / f"{index:06d}")
+                    if isinstance(err.cause, KeyboardInterrupt):  # a second Ctrl-C stopped a focus wait
+                        return  # the main thread has the Ctrl-C; the rig closes (below)
                     self.stats.add("failed")
                     self.stats.errors.append(str(err))
                     if not isinstance(err.cause, DeviceError):
@@ -465,11 +464,10 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     sinks = build_sinks(config.output, config.live, run_dir, **geometry)
     status = (lambda line: print("\r" + line, end="", file=sys.stderr, flush=True)) if show_status else None
     pipeline = _Pipeline(config, run_dir, sinks, count=count, duration_s=duration_s, capture=capture, status=status)
-    installed, previous_term = sigterm_as_ctrl_c()
     try:
-        pipeline.run()
+        with sigterm_stops_like_ctrl_c():
+            pipeline.run()
     finally:
-        restore_sigterm(installed, previous_term)
         for sink in sinks:
             try:
                 sink.close()

@@ -244,14 +244,14 @@ def predict(
     every backend returns normalised depth (``reconstruct.backends.base``), converted here to
     focus units on the CPU in float32, so the units step is the same for all backends.
     """
+    full = np.asarray(slices).shape[1:3]
     setting = input_scale
-    input_scale = resolve_input_scale(input_scale, np.asarray(slices).shape[1:3])
+    input_scale = resolve_input_scale(input_scale, full)
     if setting == "auto" and input_scale != 1.0:
-        h0, w0 = np.asarray(slices).shape[1:3]
+        h0, w0 = full
         logger.info("input_scale auto: the network sees the %dx%d slices at %dx%d (x%.3f; set reconstruct.input_scale / "
                     "--input-scale to choose)", w0, h0, round(w0 * input_scale), round(h0 * input_scale), input_scale)
     if input_scale != 1.0:
-        full = np.asarray(slices).shape[1:3]
         pred = predict(_resize_slices(np.asarray(slices, np.float32), input_scale), focus, weights=weights, backend=backend,
                        precision=precision, input_scale=1.0)
         pred.depth_focus = _resize_back(pred.depth_focus, full, input_scale)
