@@ -201,13 +201,14 @@ def sweep(
             for key in ("exposure_s", "gain_db"):
                 if getattr(frame, key) is not None:
                     entry[key] = getattr(frame, key)
-            temperature = actuator.temperature_c()
-            if temperature is not None:
-                entry["lens_temperature_c"] = round(float(temperature), 3)
-            # all three lists grow together, after the last device call of this slice
+            # the frame is taken: all three lists grow together now, so a temperature read that
+            # fails (a cable pulled just then) stops the sweep without losing this slice
             frames.append(frame)
             done_m.append(float(distance_m))
             slice_meta.append(entry)
+            temperature = actuator.temperature_c()
+            if temperature is not None:
+                entry["lens_temperature_c"] = round(float(temperature), 3)
             if progress is not None:
                 progress(i + 1, n)
     except ConfigError:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.focus_model import LiquidLensFocusModel
-from capture.errors import ConfigError, DeviceTimeout, InputError
+from capture.errors import ConfigError, DeviceError, DeviceTimeout, InputError
 from capture.optics import ThinLens
 from capture.scenes import procedural_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
@@ -160,6 +160,32 @@ def test_device_timeout_mid_sweep_keeps_the_frames_captured(rig) -> None:
     assert err.distances_m == [math.inf]
     assert len(err.slice_meta) == 1 and err.slice_meta[0]["actuator_value"] == 0.0
     assert "1 of 3" in str(err)
+
+
+def test_a_temperature_read_failing_after_a_grab_keeps_that_slice(rig, monkeypatch) -> None:
+    """The lens temperature is read after each frame: a cable pulled between the grab and that
+    read stops the sweep, and the frame already taken is among the kept ones (without a
+    temperature)."""
+    cam, lens, grabbed = rig
+    calls = []
+    real = lens.temperature_c
+
+    def failing_on_third_read():
+        calls.append(1)
+        if len(calls) == 3:  # read 1 is before planning, 2 after slice 0, 3 after slice 1
+            raise DeviceError("/dev/ttyACM0: the Lens Driver stopped answering")
+        return real()
+
+    monkeypatch.setattr(lens, "temperature_c", failing_on_third_read)
+    planned = plan_focus_distances(range_m=(0.4, 2.0), slices=4)
+    with pytest.raises(SweepInterrupted) as info:
+        sweep(cam, lens, NOMINAL, planned)
+    err = info.value
+    assert len(err.frames) == 2 and err.frames[1] is grabbed[1]
+    assert err.distances_m == pytest.approx(list(planned[:2]))
+    assert err.slice_meta[0]["lens_temperature_c"] == 27.0
+    assert "lens_temperature_c" not in err.slice_meta[1]
+    assert "2 of 4" in str(err) and "stopped answering" in str(err)
 
 
 def test_the_settle_wait_is_at_least_the_actuators_own_move_limit(rig) -> None:
