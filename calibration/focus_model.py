@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from capture.errors import CalibrationError, ConfigError, yaml_problem
+from capture.yaml_load import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def load_focus_model(path: str | Path) -> FocusModel:
     """
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read calibration file ({exc.strerror})") from exc
     except yaml.YAMLError as exc:

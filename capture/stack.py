@@ -35,6 +35,7 @@ import yaml
 from capture.atomic import make_sibling, move_into_place
 from capture.errors import InputError, OutputError, StackFormatError, yaml_problem
 from capture.imageio import decode_image_file
+from capture.yaml_load import load_yaml
 
 __all__ = ["FORMAT", "FocalStack", "read_stack", "write_stack"]
 
@@ -637,7 +638,7 @@ class FocalStack:
         if not yaml_path.is_file():
             raise StackFormatError(f"{yaml_path}: missing (a focal-stack folder needs a {STACK_YAML})")
         try:
-            doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+            doc = load_yaml(yaml_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
             raise StackFormatError(f"{yaml_path}: cannot read ({err})") from err
         except yaml.YAMLError as err:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from capture.atomic import fsync_file
 from capture.cli import OneLineArgumentParser, one_line_errors
 from capture.errors import ConfigError, InputError, RigError, yaml_problem
+from capture.yaml_load import load_yaml
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
 from reconstruct.backends.select import cpu_bf16_native
@@ -114,7 +115,7 @@ class TrainConfig(_Strict):
 
 def load_train_config(path: Path) -> TrainConfig:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
     except yaml.YAMLError as exc:
@@ -378,7 +379,7 @@ def _card_problem(out: Path, name: str, best_step: int) -> str | None:
     if step != str(best_step):
         return f"{weights.name} holds step {step}, the checkpoint's best is step {best_step}"
     try:
-        sha = (yaml.safe_load(card.read_text(encoding="utf-8")) or {}).get("weights_sha256")
+        sha = (load_yaml(card.read_text(encoding="utf-8")) or {}).get("weights_sha256")
     except (OSError, yaml.YAMLError, AttributeError):
         return f"{card.name} is missing or unreadable"
     if sha != sha256_of(weights):
@@ -429,7 +430,7 @@ def _init_record(path: Path | None) -> dict[str, Any] | None:
     card = path.with_suffix(".yaml")
     if card.is_file():
         try:
-            record["trained"] = (yaml.safe_load(card.read_text(encoding="utf-8")) or {}).get("trained")
+            record["trained"] = (load_yaml(card.read_text(encoding="utf-8")) or {}).get("trained")
         except yaml.YAMLError:
             record["trained"] = "unreadable model card"
     return record

@@ -25,6 +25,7 @@ from capture.scenes import Scene, procedural_scene, rgbd_scene
 from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensModel
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted, plan_focus_distances, sweep
+from capture.yaml_load import load_yaml
 from rig.config import RgbdSceneConfig, RigConfig, check_calibration_file
 
 logger = logging.getLogger(__name__)
@@ -341,9 +342,7 @@ def _calibration_doc(config: RigConfig) -> dict:
     path = config.calibration.file
     if path is None:
         return {}
-    import yaml
-
-    doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    doc = load_yaml(Path(path).read_text(encoding="utf-8"))
     return doc if isinstance(doc, dict) else {}
 
 

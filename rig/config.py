@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from capture.errors import ConfigError, yaml_problem
+from capture.yaml_load import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +468,7 @@ def load_config(path: str | Path) -> RigConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML {yaml_problem(exc)}") from exc
     config = parse_config(raw, source=str(path))

@@ -39,6 +39,7 @@ import numpy as np
 from capture.errors import DeviceError, DiskFull, RigError
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
+from capture.yaml_load import load_yaml
 from reconstruct.api import reconstruct_stack, warm_up_network
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
@@ -505,11 +506,9 @@ def _sink_geometry(config: RigConfig) -> dict[str, Any]:
     geometry: dict[str, Any] = {}
     cal = config.calibration.file
     if cal is not None:
-        import yaml
-
         from calibration.intrinsics import Intrinsics
 
-        doc = yaml.safe_load(Path(cal).read_text(encoding="utf-8")) or {}
+        doc = load_yaml(Path(cal).read_text(encoding="utf-8")) or {}
         if isinstance(doc, dict) and doc.get("intrinsics"):
             try:
                 geometry["intrinsics"] = Intrinsics.from_dict(doc["intrinsics"])

@@ -247,6 +247,16 @@ def test_rig_invalid_yaml(tmp_path: Path) -> None:
     assert "line" in line
 
 
+def test_rig_repeated_key_is_refused_naming_it(tmp_path: Path) -> None:
+    """PyYAML alone keeps the last of two equal keys: a rig.yaml that sets a field twice would
+    run with whichever came last."""
+    config = tmp_path / "rig.yaml"
+    config.write_text("mode: single\nreconstruct:\n  method: classical\n  method: dualfocus\n", encoding="utf-8")
+    line = _assert_bad_input(rig("--config", config), config, "duplicate key 'method'")
+    assert "line 4" in line and "first at line 3" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_rig_count_outside_continuous_mode_is_refused(tmp_path: Path) -> None:
     config = _fast_config(tmp_path)
     line = _assert_bad_input(rig("--config", config, "--count", "3"), "--count")

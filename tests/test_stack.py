@@ -416,6 +416,16 @@ def test_read_invalid_yaml(tmp_path: Path) -> None:
         FocalStack.read(folder)
 
 
+def test_read_refuses_a_repeated_key(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    doc, images = _valid_raw(folder)
+    _write_raw(folder, doc, images)
+    text = (folder / "stack.yaml").read_text() + "format: dualfocus-stack/9\n"
+    (folder / "stack.yaml").write_text(text)
+    with pytest.raises(StackFormatError, match="not valid YAML at line .*duplicate key 'format'"):
+        FocalStack.read(folder)
+
+
 def test_read_refuses_python_tags(tmp_path: Path) -> None:
     folder = tmp_path / "z"
     doc, images = _valid_raw(folder)
