@@ -32,7 +32,6 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from tqdm import tqdm
 from capture.atomic import fsync_file
 from capture.cli import OneLineArgumentParser, one_line_errors
 from capture.errors import ConfigError, InputError, RigError, yaml_problem
+from capture.signals import sigterm_stops_like_ctrl_c
 from capture.yaml_load import load_yaml
 from reconstruct.dualfocus.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights, sha256_of
 from reconstruct.dualfocus.losses import LossWeights, total_loss
@@ -689,10 +689,6 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     return state
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     p = OneLineArgumentParser(prog="python -m reconstruct.train", description="Train a DualFocus model on synthesised focal stacks.")
     p.add_argument("--config", type=Path, required=True)
@@ -704,10 +700,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         cfg = load_train_config(args.config)
-        if threading.current_thread() is threading.main_thread():
-            # SIGTERM (kill, a scheduler's time limit) stops as Ctrl-C does: checkpoint kept, one line, exit 130
-            signal.signal(signal.SIGTERM, _terminate)
-        state = train(cfg, config_path=args.config, resume=args.resume, show_progress=not args.no_progress)
+        # SIGTERM (kill, a scheduler's time limit) stops as Ctrl-C does: checkpoint kept, one line, exit 130
+        with sigterm_stops_like_ctrl_c():
+            state = train(cfg, config_path=args.config, resume=args.resume, show_progress=not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"trained {state['step']} steps in {state['wall_s'] / 60:.1f} min; best tuning AbsRel {state['best_abs_rel']} at step {state['best_step']}; weights in {cfg.out_dir}")
         return 0

@@ -71,7 +71,7 @@ def _print_summary(run) -> None:  # noqa: ANN001 (rig.single.SingleRun)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args)
-    from rig.signals import sigterm_stops_like_ctrl_c
+    from capture.signals import sigterm_stops_like_ctrl_c
 
     with sigterm_stops_like_ctrl_c():  # single runs and calibration sessions keep what they captured
         return one_line_errors(lambda: _run_saying_where(args), debug=args.debug)

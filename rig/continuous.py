@@ -46,7 +46,7 @@ from reconstruct.result import DepthResult
 from rig.build import Rig, check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
-from rig.signals import Terminated, sigterm_stops_like_ctrl_c
+from capture.signals import Terminated, sigterm_stops_like_ctrl_c
 from rig.sinks import StackSink, build_sinks, check_sinks, folder_name
 from rig.single import save_incomplete
 

@@ -50,7 +50,7 @@ def test_ctrl_c_mid_sweep_keeps_partial_slices(tmp_path: Path, sig: int, reason:
 
 def test_the_one_line_for_an_interrupt_says_which_signal(capsys) -> None:
     from capture.cli import one_line_errors
-    from rig.signals import Terminated
+    from capture.signals import Terminated
 
     def ctrl_c() -> int:
         raise KeyboardInterrupt
