@@ -28,7 +28,7 @@ from capture.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "NonMonotonicPeaks", "PeakAtSweepEdge", "fit_focus_model"]
+__all__ = ["sharpness", "SharpnessCurve", "refine_peak", "FocusFit", "NonMonotonicPeaks", "PeakAtSweepEdge", "FlatSharpness", "fit_focus_model"]
 
 #: a curve whose maximum is less than this many times its median shows no usable peak
 MIN_PEAK_CONTRAST = 1.25
@@ -48,6 +48,11 @@ class NonMonotonicPeaks(CalibrationError):
     def __init__(self, message: str, *, distances_m: list[float]) -> None:
         super().__init__(message)
         self.distances_m = distances_m
+
+
+class FlatSharpness(CalibrationError):
+    """The sharpness hardly changes over the sweep (max/median below :data:`MIN_PEAK_CONTRAST`):
+    no texture, or a sweep narrower than the sharpness curve, or a target outside it."""
 
 
 class PeakAtSweepEdge(CalibrationError):
@@ -150,7 +155,7 @@ def refine_peak(
         )
     contrast = s.max() / max(float(np.median(s)), 1e-12)
     if check_contrast and contrast < MIN_PEAK_CONTRAST:
-        raise CalibrationError(
+        raise FlatSharpness(
             f"target at {distance_m:.3f} m: no sharpness peak (max/median {contrast:.2f}); "
             "use a textured target that fills the centre of the view, and check it lies inside the swept focus range"
         )

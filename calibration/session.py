@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from calibration.focus_fit import FocusFit, NonMonotonicPeaks, PeakAtSweepEdge, SharpnessCurve, fit_focus_model, refine_peak, sharpness
+from calibration.focus_fit import FlatSharpness, FocusFit, NonMonotonicPeaks, PeakAtSweepEdge, SharpnessCurve, fit_focus_model, refine_peak, sharpness
 from calibration.focus_model import FocusModel
 from capture.devices import Camera, FocusActuator
 from capture.atomic import write_text_atomic
@@ -40,9 +40,19 @@ from capture.sweep import settle_wait_s
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SessionPlan", "TargetPlacer", "CalibrationSession", "STATE_FILE"]
+__all__ = ["SessionPlan", "TargetPlacer", "CalibrationSession", "ImplausiblePeaks", "STATE_FILE"]
 
 STATE_FILE = "session.yaml"
+
+#: the measured peaks' spread (nearest to farthest target) against the nominal model's: outside
+#: this band they do not follow the targets (a target never moved, a lens that does not respond)
+PEAK_SPREAD_RATIO_RANGE = (0.2, 5.0)
+#: how many times a coarse sweep whose peak is at one end goes on past it (by half its span)
+EDGE_EXTENSIONS = 2
+
+
+class ImplausiblePeaks(CalibrationError):
+    """The sharpness peaks do not follow the target distances; the measurements were dropped."""
 
 
 class TargetPlacer(Protocol):
@@ -79,6 +89,9 @@ class SessionPlan:
     #: the lens or stage measured where it reports no serial number (e.g. its driver and port;
     #: None: its name); one that reports a serial number is known by that
     actuator_identity: str | None = None
+    #: the actuator values the nominal focus model expects at ``distances_m`` (same order), where
+    #: there is one: measured peaks that do not follow them at all are refused (:class:`ImplausiblePeaks`)
+    nominal_values: list[float] | None = None
 
 
 def _same_distance(a: float, b: float) -> bool:
@@ -145,10 +158,13 @@ class CalibrationSession:
         serial = ident.get("serial_number") if isinstance(ident, dict) else None
         identity = f"serial number {serial}" if serial not in (None, "") else (self.plan.actuator_identity or self.actuator.name)
         mode = getattr(self.actuator, "mode", None)
+        h, w = self.camera.image_hw
         return {
             "distances_m": [float(d) for d in self.plan.distances_m],
             "actuator": str(identity),
             "focus_mode": f"{mode} ({self.actuator.unit})" if isinstance(mode, str) else self.actuator.unit,
+            # breathing tables and board views are per image size: a session is not continued at another
+            "image_size": f"{w}x{h} px",
         }
 
     def _load_state(self) -> SessionState:
@@ -162,13 +178,19 @@ class CalibrationSession:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         try:
             state = SessionState.from_dict(doc)
-            self._check_plan(state, plan)
+            if _measured_anything(state):
+                self._check_plan(state, plan)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or damaged file
             what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             raise InputError(f"{path}: not a readable calibration session ({what}); move that run folder away to start a new session") from exc
-        if state.plan is None:  # an older session file: from now on it carries the plan
+        if state.plan is None or not _measured_anything(state):
+            # an older session file: from now on it carries the plan; a session that measured
+            # nothing yet (it failed at its first target) takes the plan it is run with now
             state.plan = plan
-        logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))
+        if _measured_anything(state):
+            logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))
+        else:
+            logger.info("the session in %s had measured nothing yet: it starts again with this plan", self.folder)
         return state
 
     def _check_plan(self, state: SessionState, plan: dict[str, Any]) -> None:
@@ -184,7 +206,7 @@ class CalibrationSession:
             stray = [c.distance_m for c in state.curves if not any(_same_distance(c.distance_m, d) for d in plan["distances_m"])]
             if stray:
                 diffs.append(f"measured distances {sorted(stray)} m that the plan {sorted(plan['distances_m'])} m lacks")
-        for key, label in (("actuator", "actuator"), ("focus_mode", "focus mode")):
+        for key, label in (("actuator", "actuator"), ("focus_mode", "focus mode"), ("image_size", "image size")):
             if key in old and str(old[key]) != str(plan[key]):
                 diffs.append(f"{label} {old[key]}, now {plan[key]}")
         if diffs:
@@ -216,26 +238,42 @@ class CalibrationSession:
         return scores
 
     def measure_distance(self, distance_m: float) -> SharpnessCurve:
-        """Coarse sweep over the whole span, fine sweep around its peak; the refined peak."""
+        """Coarse sweep over the plan's span, fine sweep around its peak; the refined peak.
+
+        A peak at an end of the span (the nominal model is off, or the sharpness curve is wider
+        than the span's margin: a narrow range of targets) extends the coarse sweep beyond that
+        end by half the span, within the actuator's limits, up to :data:`EDGE_EXTENSIONS` times.
+        """
         lo, hi = self.plan.actuator_span
         coarse = np.linspace(lo, hi, self.plan.coarse_steps)
-        coarse_scores = self._sweep(coarse, f"{distance_m:.3f} m coarse")
-        i = int(np.argmax(coarse_scores))
-        try:
-            refine_peak(coarse, coarse_scores, distance_m=distance_m, half_window=1)  # raises on no peak / edge
-        except PeakAtSweepEdge as exc:
-            # say which sweep, and what sets it (refine_peak knows neither)
-            unit = self.actuator.unit
-            if self.plan.span_from_nominal:
-                why = (f"the span focus.nominal gives the target distances, with a margin, within {self.actuator.name}'s limits); "
-                       "check the target's distance, then focus.nominal and the actuator's limits")
-            else:
-                why = f"{self.actuator.name}'s whole limits, without a focus.nominal); check the target's distance and the actuator's limits"
-            raise CalibrationError(f"{exc.what} ({lo:.4g}..{hi:.4g} {unit}: {why}") from exc
         step = coarse[1] - coarse[0]
+        coarse_scores = np.asarray(self._sweep(coarse, f"{distance_m:.3f} m coarse"), dtype=float)
+        last_value = float(coarse[-1])  # where the actuator stands
+        for extension in range(EDGE_EXTENSIONS + 1):
+            try:
+                refine_peak(coarse, coarse_scores, distance_m=distance_m, half_window=1)  # raises on no peak / edge
+                break
+            except (PeakAtSweepEdge, FlatSharpness) as exc:
+                # at an edge: on past it; flat: the curve may be wider than the span, so on past both ends
+                edges = [exc.edge] if isinstance(exc, PeakAtSweepEdge) else ["far", "near"]
+                more = np.concatenate([self._beyond_edge(coarse, step, e) for e in edges]) if extension < EDGE_EXTENSIONS else np.empty(0)
+                if more.size == 0:
+                    if isinstance(exc, FlatSharpness):
+                        raise
+                    raise self._edge_error(exc, float(coarse[0]), float(coarse[-1]), extended=extension > 0) from exc
+                logger.info("target at %.3f m: %s over %.4g..%.4g %s; sweeping on past %s", distance_m,
+                            "sharpest at the " + exc.edge + " end" if isinstance(exc, PeakAtSweepEdge) else "no clear peak",
+                            coarse[0], coarse[-1], self.actuator.unit, " and ".join(f"the {e} end" for e in edges))
+                more_scores = np.asarray(self._sweep(more, f"{distance_m:.3f} m coarse+"), dtype=float)
+                last_value = float(more[-1])
+                coarse = np.concatenate([coarse, more])
+                coarse_scores = np.concatenate([coarse_scores, more_scores])
+                order = np.argsort(coarse)
+                coarse, coarse_scores = coarse[order], coarse_scores[order]
+        i = int(np.argmax(coarse_scores))
         fine = np.linspace(coarse[i] - 1.5 * step, coarse[i] + 1.5 * step, self.plan.fine_steps)
-        fine = fine[(fine >= min(lo, hi)) & (fine <= max(lo, hi))]
-        if fine.size > 1 and (coarse[-1] - fine[0]) * (fine[1] - fine[0]) > 0:
+        fine = fine[(fine >= coarse.min()) & (fine <= coarse.max())]
+        if fine.size > 1 and (last_value - fine[0]) * (fine[1] - fine[0]) > 0:
             # the coarse sweep ended beyond the fine one's start: come back past it, so every fine
             # point is approached in the sweep's own direction (a lead screw's backlash, a
             # lens's hysteresis would shift the first point alone)
@@ -246,9 +284,32 @@ class CalibrationSession:
         values = np.concatenate([coarse, fine])
         scores = np.concatenate([coarse_scores, fine_scores])
         order = np.argsort(values)
-        peak = refine_peak(values[order], scores[order], distance_m=distance_m)
+        # the coarse sweep showed a peak: the fine samples, all near its top, would lift the median of a contrast check
+        peak = refine_peak(values[order], scores[order], distance_m=distance_m, check_contrast=False)
         return SharpnessCurve(distance_m=distance_m, values=values[order].tolist(), sharpness=scores[order].tolist(),
                               temperature_c=self.actuator.temperature_c(), peak_value=peak)
+
+    def _beyond_edge(self, coarse: np.ndarray, step: float, edge: str) -> np.ndarray:
+        """Coarse values past the ``edge`` end ("near": the highest values, "far": the lowest) of
+        the sweep so far, half the plan's span at its step, within the actuator's limits, in the
+        order they are swept (outward)."""
+        lim_lo, lim_hi = sorted(float(v) for v in self.actuator.limits)
+        lo, hi = self.plan.actuator_span
+        count = max(2, int(math.ceil(0.5 * abs(hi - lo) / abs(step))))
+        outward = np.arange(1, count + 1) * abs(step)
+        values = coarse.max() + outward if edge == "near" else coarse.min() - outward
+        return values[(values >= lim_lo - 1e-9) & (values <= lim_hi + 1e-9)]
+
+    def _edge_error(self, exc: PeakAtSweepEdge, lo: float, hi: float, *, extended: bool) -> CalibrationError:
+        """Say which sweep the peak was at the edge of, and what sets it (refine_peak knows neither)."""
+        unit = self.actuator.unit
+        if self.plan.span_from_nominal:
+            why = (f"the span focus.nominal gives the target distances, with a margin, "
+                   f"{'then extended as far as ' if extended else 'within '}{self.actuator.name}'s limits); "
+                   "check the target's distance, then focus.nominal and the actuator's limits")
+        else:
+            why = f"{self.actuator.name}'s whole limits, without a focus.nominal); check the target's distance and the actuator's limits"
+        return CalibrationError(f"{exc.what} ({lo:.4g}..{hi:.4g} {unit}: {why}")
 
     # ------------------------------------------------------------------ the steps
     def run(self) -> SessionResult:
@@ -263,6 +324,7 @@ class CalibrationSession:
             self._save_state()
             logger.info("target at %.3f m: focused at %.4f %s", distance_m, curve.peak_value, self.actuator.unit)
         curves = sorted(self.state.curves, key=lambda c: c.distance_m)
+        self._check_peaks_follow_targets(curves)  # before the fit: a target never moved also gives peaks out of order
         try:
             fit = fit_focus_model(
                 [c.distance_m for c in curves], [float(c.peak_value) for c in curves], unit=self.actuator.unit,
@@ -284,6 +346,36 @@ class CalibrationSession:
         self._save_state()
         temps = [float(c.temperature_c) for c in curves if c.temperature_c is not None]
         return SessionResult(fit=fit, curves=curves, breathing=breathing, intrinsics=intrinsics, temperatures_c=temps)
+
+    def _check_peaks_follow_targets(self, curves: list[SharpnessCurve]) -> None:
+        """Refuse peaks that do not follow the target distances the way the nominal model says
+        (their spread from the nearest to the farthest target a fraction or a multiple of the
+        nominal one's, or reversed): a target that was never moved between the steps gives a fit
+        with a small residual and a nonsense slope. The measurements are dropped, so running the
+        session again measures them anew (keeping them would refuse the same fit for ever)."""
+        nominal = self.plan.nominal_values
+        if nominal is None or len(curves) < 2:
+            return
+        expected = dict(zip((round(float(d), 9) for d in self.plan.distances_m), nominal, strict=True))
+        near, far = curves[0], curves[-1]  # sorted by distance
+        want = expected.get(round(near.distance_m, 9), math.nan) - expected.get(round(far.distance_m, 9), math.nan)
+        got = float(near.peak_value) - float(far.peak_value)
+        if not (math.isfinite(want) and want != 0):
+            return
+        ratio = got / want
+        lo, hi = PEAK_SPREAD_RATIO_RANGE
+        if lo <= ratio <= hi:
+            return
+        unit = self.actuator.unit
+        peaks = [float(c.peak_value) for c in curves]
+        self.state.curves = []
+        self._save_state()
+        raise ImplausiblePeaks(
+            f"the sharpness peaks do not follow the targets: {min(peaks):.4g}..{max(peaks):.4g} {unit} for targets at "
+            f"{near.distance_m:.3g}..{far.distance_m:.3g} m, where focus.nominal expects {min(nominal):.4g}..{max(nominal):.4g} {unit} "
+            f"(spread {ratio:.2g}x the expected); was the target moved to each distance, and does {self.actuator.name} change focus? "
+            f"The session in {self.folder} dropped these {len(peaks)} measurements: run the calibration again to measure them anew"
+        )
 
     def _breathing(self, model: FocusModel) -> Any:
         from calibration.alignment import BreathingModel, fit_breathing
@@ -358,6 +450,10 @@ class CalibrationSession:
                 f"{exc}; the session in {self.folder} set those {len(view_files)} views aside ({rejected.name}) and keeps "
                 "what it measured: run the calibration again to take new board views"
             ) from exc
+
+
+def _measured_anything(state: SessionState) -> bool:
+    return bool(state.curves) or state.breathing is not None or state.board_views_done > 0
 
 
 def _middle_m(model: FocusModel) -> float:

@@ -1,7 +1,7 @@
 """``--mode calibrate``: a guided calibration session on the configured rig.
 
 A person at the bench is prompted for each target placement; the simulated rig moves its
-virtual target itself (``--non-interactive``). An unfinished session of the same rig in the
+virtual target itself (after the same prompts, or without them with ``--non-interactive``). An unfinished session of the same rig in the
 output folder is resumed, provided it was started with the same plan (distances, lens or
 stage, focus mode). The result is ``calibration.yaml`` and a ``report/`` folder in the
 run folder; set ``calibration.file`` to that file to use it. A calibration file the config
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from calibration.focus_model import FocusModel
 from calibration.report import calibration_document, write_calibration, write_report
 from calibration.session import STATE_FILE, CalibrationSession, SessionPlan
-from capture.errors import ConfigError, InputError, OutputError, yaml_problem
+from capture.errors import ConfigError, InputError, OutputError, RigError, yaml_problem
 from capture.simulated import SimulatedCamera
 from capture.sweep import plan_focus_distances
 from rig.build import Rig, _focus_map, open_rig
@@ -106,6 +106,24 @@ class SimulatedPlacer:
         return float(pose.distance_m)
 
 
+class PromptedSimulatedPlacer:
+    """The simulated rig without ``--non-interactive``: the prompts a person at the bench would
+    see, then the simulator moves its virtual target (nobody can move it by hand, and a session
+    that measured a target that never moved wrote a nonsense calibration)."""
+
+    def __init__(self, human: HumanPlacer, simulated: SimulatedPlacer) -> None:
+        self.human, self.simulated = human, simulated
+        self.board_square_m = simulated.board_square_m
+
+    def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
+        self.human.place_texture(distance_m, step=step, total=total)
+        self.simulated.place_texture(distance_m, step=step, total=total)
+
+    def place_board(self, view: int, *, total: int) -> float | None:
+        self.human.place_board(view, total=total)
+        return self.simulated.place_board(view, total=total)
+
+
 @dataclass
 class CalibrationRun:
     run_dir: Path
@@ -165,6 +183,17 @@ def _actuator_span(rig: Rig, nominal: FocusModel | None, distances_m: list[float
     return ca, cb
 
 
+def _nominal_values(nominal: FocusModel | None, distances_m: list[float]) -> list[float] | None:
+    """The actuator values the nominal model expects at the target distances (None without one,
+    or where it cannot say)."""
+    if nominal is None:
+        return None
+    try:
+        return [float(nominal.actuator_value(float(d))) for d in distances_m]
+    except (RigError, ValueError):
+        return None
+
+
 def _actuator_identity(config: RigConfig) -> str | None:
     """The lens or stage a session measures where it reports no serial number (the session
     prefers one): its driver and port (None: the actuator's name)."""
@@ -221,11 +250,12 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         bar.refresh()
 
     with bar, open_rig(rig_config, need_focus_map=nominal is not None) as rig:
-        if isinstance(rig.camera, SimulatedCamera) and not interactive:
+        placer: HumanPlacer | SimulatedPlacer | PromptedSimulatedPlacer = HumanPlacer(ask, before_ask=bar.clear)
+        if isinstance(rig.camera, SimulatedCamera):
             middle_m = 2.0 / (1.0 / min(distances) + 1.0 / max(distances))
-            placer = SimulatedPlacer(rig.camera, board_cols=s.board.cols, board_rows=s.board.rows, board_distance_m=middle_m, views=s.board_views)
-        else:
-            placer = HumanPlacer(ask, before_ask=bar.clear)
+            simulated = SimulatedPlacer(rig.camera, board_cols=s.board.cols, board_rows=s.board.rows, board_distance_m=middle_m,
+                                        views=s.board_views)
+            placer = simulated if not interactive else PromptedSimulatedPlacer(placer, simulated)
         plan = SessionPlan(
             distances_m=distances, actuator_span=_actuator_span(rig, nominal, distances), coarse_steps=s.coarse_steps,
             fine_steps=s.fine_steps, roi_fraction=s.roi_fraction, degree=s.degree, settle_timeout_s=config.sweep.settle_timeout_s,
@@ -233,6 +263,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
             board_cols=s.board.cols, board_rows=s.board.rows, board_views=s.board_views,
             board_square_m=getattr(placer, "board_square_m", s.board.square_mm / 1000.0),
             actuator_identity=_actuator_identity(config), span_from_nominal=nominal is not None,
+            nominal_values=_nominal_values(nominal, distances),
         )
         # the run folder only now, with the plan made: a failure before leaves none behind; from
         # here on the session folder holds its state at once, so the run folder is resumable

@@ -613,3 +613,68 @@ def test_a_nominal_model_that_does_not_fit_the_focus_mode_is_refused_by_calibrat
     with pytest.raises(ConfigError, match=r"^focus\.nominal: offset_dpt and dpt_per_ma describe the lens in current mode"):
         run_calibration(parse_config(doc, source="fp"), interactive=True, show_progress=False, ask=lambda prompt: "")
     assert not any(tmp_path.iterdir())
+
+
+# ---- sessions that could not go on: a target never moved, nothing measured, another image size -------
+
+
+def test_a_target_that_never_moves_is_refused_and_measured_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peaks that stay put while the targets (should) go from 2 m to 0.4 m: the session wrote a
+    calibration with a slope of -20 dpt/mA (the lens's is +0.017) and exited 0."""
+    from calibration.session import ImplausiblePeaks
+    from rig import calibrate as cal_mod
+
+    config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.0, 0.6, 0.4]), source="stuck")
+    real = cal_mod.SimulatedPlacer.place_texture
+    monkeypatch.setattr(cal_mod.SimulatedPlacer, "place_texture",
+                        lambda self, distance_m, *, step, total: real(self, 0.8, step=1, total=total))  # always the same place
+    with pytest.raises(ImplausiblePeaks, match=r"the sharpness peaks do not follow the targets: .* mA for targets at 0\.4\.\.2 m, "
+                       r"where focus.nominal expects .*was the target moved.*dropped these 4 measurements") as info:
+        run_calibration(config, interactive=False, show_progress=False)
+    assert "\n" not in str(info.value)
+    (run_dir,) = tmp_path.glob("*_sim")
+    assert not (run_dir / "calibration.yaml").exists()
+    state = yaml.safe_load((run_dir / "calibration_session" / "session.yaml").read_text(encoding="utf-8"))
+    assert state["curves"] == [] and not state["complete"]
+    monkeypatch.setattr(cal_mod.SimulatedPlacer, "place_texture", real)  # the targets placed: measured anew, and good
+    again = run_calibration(config, interactive=False, show_progress=False)
+    assert again.resumed and again.document["focus_model"]["fit"]["rms_dpt"] < 0.01
+
+
+def test_a_session_that_measured_nothing_takes_the_new_plan(tmp_path: Path) -> None:
+    first = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[80.0, 120.0, 160.0]), source="cm")
+    _interrupt_after(first, 0)  # stopped before its first measurement (as a session that failed at its first target)
+    fixed = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[1.6, 1.2, 0.8, 0.5]), source="m")
+    cal = run_calibration(fixed, interactive=False, show_progress=False)
+    assert cal.resumed and sorted(cal.document["focus_model"]["fit"]["distances_m"]) == [0.5, 0.8, 1.2, 1.6]
+    assert len(list(tmp_path.glob("*_sim"))) == 1
+
+
+def test_a_session_is_not_continued_at_another_image_size(tmp_path: Path) -> None:
+    from capture.errors import InputError
+
+    first = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[1.6, 1.0, 0.6]), source="a")
+    _interrupt_after(first, 1)
+    other = parse_config(_config_dict(tmp_path, size=(256, 192), breathing=False, intrinsics=False, distances_m=[1.6, 1.0, 0.6]), source="b")
+    with pytest.raises(InputError, match=r"started with another plan \(image size 320x240 px, now 256x192 px\)"):
+        run_calibration(other, interactive=False, show_progress=False)
+
+
+def test_the_simulated_rig_prompts_and_moves_its_target_itself(tmp_path: Path) -> None:
+    """Without --non-interactive the simulated rig prompted for each target, which nobody can
+    move: the session measured one place again and again."""
+    config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[1.6, 1.0, 0.6, 0.4]), source="prompted")
+    prompts: list[str] = []
+    cal = run_calibration(config, interactive=True, show_progress=False, ask=lambda text: prompts.append(text) or "")
+    assert len(prompts) == 4 and "Place the textured target at 1.600 m" in prompts[0]
+    assert cal.document["focus_model"]["fit"]["rms_dpt"] < 0.01
+
+
+def test_a_narrow_range_of_targets_is_calibrated(tmp_path: Path) -> None:
+    """Targets 0.8-1.2 m: the coarse span's 30 % margin (0.13 dpt) is narrower than the sharpness
+    curve, so the far target's peak sat at the edge of the sweep and the session stopped there,
+    blaming focus.nominal. The sweep now goes on past that edge."""
+    config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[1.2, 1.0, 0.8]), source="narrow")
+    cal = run_calibration(config, interactive=False, show_progress=False)
+    fit = cal.document["focus_model"]["fit"]
+    assert sorted(fit["distances_m"]) == [0.8, 1.0, 1.2] and fit["rms_dpt"] < 0.01
