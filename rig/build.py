@@ -262,6 +262,8 @@ def check_focus_map(config: RigConfig) -> None:
     focus drivers cannot go together: one ConfigError."""
     _check_driver_pair(config)
     focus_map = _focus_map(config)
+    _check_plan_within_calibrated_range(config, focus_map)
+    _breathing(config, _calibration_doc(config))  # a breathing table that cannot be read: named now, not after the devices open
     _check_plan_within_stage_limits(config, focus_map)
     unit = _configured_unit(config)
     if config.calibration.file is not None and focus_map.unit and unit and focus_map.unit != unit:
@@ -271,6 +273,22 @@ def check_focus_map(config: RigConfig) -> None:
             f"{config.calibration.file}: focus_model is in {focus_map.unit}, but {moves} moves in {unit}: calibrate in this set-up "
             "(run_rig.py --mode calibrate) or use a calibration file made in it"
         )
+
+
+def _check_plan_within_calibrated_range(config: RigConfig, focus_map: FocusModel) -> None:
+    """With ``calibration.file``: a sweep plan reaching outside the calibrated range is refused
+    before a run folder exists (the sweep refused it only after the devices opened, leaving an
+    empty ``.incomplete`` stack)."""
+    if config.calibration.file is None:
+        return
+    s = config.sweep
+    distances = plan_focus_distances(range_m=s.range_m, slices=s.slices, distances_m=s.distances_m)
+    for d in distances:
+        try:
+            focus_map.actuator_value(float(d))
+        except CalibrationError as exc:
+            field = "sweep.distances_m" if s.distances_m is not None else "sweep.range_m"
+            raise ConfigError(f"{field}: {exc} (calibration.file {config.calibration.file})") from exc
 
 
 def _check_plan_within_stage_limits(config: RigConfig, focus_map: FocusModel) -> None:
@@ -356,6 +374,8 @@ def _breathing(config: RigConfig, doc: dict) -> Any:
 
     try:
         return BreathingModel.from_dict(section)
+    except CalibrationError as exc:  # read, but not a usable table: name the file it is in
+        raise ConfigError(f"{path}: breathing: {str(exc).removeprefix('breathing model: ')}") from exc
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: breathing: unreadable ({exc})") from exc
 

@@ -678,3 +678,29 @@ def test_a_narrow_range_of_targets_is_calibrated(tmp_path: Path) -> None:
     cal = run_calibration(config, interactive=False, show_progress=False)
     fit = cal.document["focus_model"]["fit"]
     assert sorted(fit["distances_m"]) == [0.8, 1.0, 1.2] and fit["rms_dpt"] < 0.01
+
+
+def test_a_sweep_beyond_the_calibrated_range_is_refused_before_a_run_folder(calibrated: dict, tmp_path: Path) -> None:
+    """It was refused by the sweep, after the devices opened, leaving a run folder with an empty
+    .incomplete stack."""
+    from rig.single import run_single
+
+    doc = dict(calibrated["doc"], output={"dir": str(tmp_path / "runs")}, calibration={"file": str(calibrated["run"].calibration_path)})
+    doc["sweep"] = dict(doc["sweep"], range_m=[0.3, 2.0])
+    with pytest.raises(ConfigError, match=r"^sweep\.range_m: focus distance 0\.3\d* m is outside the calibrated range 0\.4-2 m.*"
+                                          r"\(calibration\.file .*calibration\.yaml\)$"):
+        run_single(parse_config(doc, source="wide"), show_progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_damaged_breathing_table_names_the_file_before_a_run_folder(calibrated: dict, tmp_path: Path) -> None:
+    from rig.single import run_single
+
+    cal = yaml.safe_load(calibrated["run"].calibration_path.read_text(encoding="utf-8"))
+    cal["breathing"]["affines"] = cal["breathing"]["affines"][:-1]  # one affine short
+    damaged = tmp_path / "calibration.yaml"
+    damaged.write_text(yaml.safe_dump(cal), encoding="utf-8")
+    doc = dict(calibrated["doc"], output={"dir": str(tmp_path / "runs")}, calibration={"file": str(damaged)})
+    with pytest.raises(ConfigError, match=rf"^{damaged}: breathing: need one 2x3 affine per actuator value"):
+        run_single(parse_config(doc, source="damaged"), show_progress=False)
+    assert not (tmp_path / "runs").exists()
