@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, RigError, interrupt_reason
@@ -26,17 +27,19 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def one_line_errors(body: Callable[[], int], *, debug: bool) -> int:
     """Run a command's body; a :class:`RigError` becomes one ``error:`` line on stderr and its
-    exit code (2 bad input, 3 device), Ctrl-C becomes 130. ``debug`` re-raises instead."""
+    exit code (2 bad input, 3 device), Ctrl-C becomes 130. ``debug`` prints the traceback
+    before that line; the exit code stays (INTERFACES.md: the codes hold everywhere, and a
+    script that checks them must not see 1 because someone asked for a traceback)."""
     try:
         return body()
     except RigError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"error: {interrupt_reason(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from capture.atomic import probe_writable
 from capture.cli import OneLineArgumentParser, quiet_opencv
-from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError
+from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError, interrupt_reason
 from capture.imageio import IMAGE_SUFFIXES, read_image
 from capture.stack import FocalStack
 
@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.exception("import failed")
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"error: {interrupt_reason(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # a bug or an exhausted machine: one line, traceback with --debug
         if debug:

@@ -115,13 +115,19 @@ def _check_distance(value: Any, where: str) -> float:
     return dist
 
 
+#: focus indices are stored as int64; beyond this their diopter-like order is not exact in float64 either
+MAX_ABS_FOCUS_INDEX = 2**53
+
+
 def _check_index(value: Any, where: str) -> int:
-    """A focus index: an integer (an integral float is accepted)."""
+    """A focus index: an integer (an integral float is accepted), within +-2**53."""
     if isinstance(value, (bool, np.bool_)):
         raise StackFormatError(f"{where}: must be an integer, got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        return int(value)
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, (int, np.integer)):
+        if abs(int(value)) > MAX_ABS_FOCUS_INDEX:
+            raise StackFormatError(f"{where}: {value} is out of range (focus indices must lie within +-2**53)")
         return int(value)
     raise StackFormatError(f"{where}: must be an integer, got {value!r}")
 

@@ -349,8 +349,9 @@ def test_rig_bad_argument_is_one_line(tmp_path: Path) -> None:
 def test_rig_debug_shows_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     proc = rig("--debug", "--config", missing)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # the exit code stays (it was 1 with --debug)
     assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {missing}")
     assert "ConfigError" in proc.stderr
     assert str(missing) in proc.stderr
 
@@ -358,7 +359,7 @@ def test_rig_debug_shows_traceback(tmp_path: Path) -> None:
 def test_rig_debug_shows_traceback_for_bad_field(tmp_path: Path) -> None:
     config = _fast_config(tmp_path, sweep={"slices": "ten"})
     proc = rig("--debug", "--config", config)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" in proc.stderr
     assert "sweep.slices" in proc.stderr
     assert not (tmp_path / "runs").exists()
@@ -552,7 +553,7 @@ def test_reconstruct_dualfocus_with_missing_weights(stack_dir: Path, tmp_path: P
 def test_reconstruct_debug_shows_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "no_stack"
     proc = reconstruct(missing, "--out", tmp_path / "out", "--debug")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" in proc.stderr
     assert str(missing) in proc.stderr
 

@@ -361,6 +361,10 @@ def _mutate(case: str, doc: dict, images: dict, folder: Path) -> tuple[str, str]
     if case == "bad_significant_bits":
         doc["significant_bits"] = 12  # 8-bit images
         return yaml_file, "significant_bits"
+    if case == "huge_focus_index":  # was an OverflowError traceback (int64)
+        doc["slices"] = [{"image": sl["image"], "focus_index": i} for i, sl in enumerate(doc["slices"])]
+        doc["slices"][1]["focus_index"] = 10**23
+        return yaml_file, "slices[1].focus_index: 100000000000000000000000 is out of range"
     if case == "absolute_image":
         doc["slices"][0]["image"] = "/etc/passwd.png"
         return yaml_file, "slices[0].image"
@@ -372,7 +376,7 @@ READ_ERRORS = [
     "mismatched_channels", "mismatched_depth", "mixed_focus_keys", "both_focus_keys",
     "negative_distance", "zero_distance", "text_distance", "one_slice", "no_slices",
     "missing_image_key", "missing_focus_key", "bad_alignment", "bad_significant_bits",
-    "absolute_image",
+    "absolute_image", "huge_focus_index",
 ]
 
 
