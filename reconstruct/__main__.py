@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         if rephrased is not exc:
             raise rephrased from exc
         raise
-    result.seconds = {"read": t_read, **result.seconds}
+    result.seconds["read"] = t_read
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
     total = time.perf_counter() - t_start
     rng = result.depth_range()

@@ -121,7 +121,9 @@ def reconstruct_stack(
         raise ReconstructionError(f"align: unknown mode {align!r}; valid: {', '.join(ALIGN_MODES)}")
     if focus_measure not in FOCUS_MEASURES:
         raise ReconstructionError(f"focus_measure: unknown measure {focus_measure!r}; valid: {', '.join(FOCUS_MEASURES)}")
-    seconds: dict[str, float] = {}
+    # FOCAL_STACK_FORMAT.md's stages; "read" is 0 for a stack handed over in memory (a rig's),
+    # and python -m reconstruct puts its own read time there
+    seconds: dict[str, float] = {"read": 0.0}
     t0 = time.perf_counter()
     ordered = stack.sorted_by_focus()
     focus = ordered.focus_dpt
