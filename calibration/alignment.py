@@ -549,6 +549,23 @@ def estimate_stack_alignment(
     return out
 
 
+def _relative_to_slice(affines: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """Affines into the table's reference frame (a setting between slices) re-expressed into
+    slice ``k``'s frame: ``inv(A_k) @ A_i`` (as 3x3), and exactly the identity for slice ``k``.
+
+    Args:
+        affines: one 2x3 per slice, slice pixels -> reference frame (``cv2.warpAffine`` convention).
+    """
+    to_k = np.linalg.inv(np.vstack([np.asarray(affines[k], np.float64), [0.0, 0.0, 1.0]]))
+    out = []
+    for i, a in enumerate(affines):
+        if i == k:
+            out.append(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        else:
+            out.append((to_k @ np.vstack([np.asarray(a, np.float64), [0.0, 0.0, 1.0]]))[:2])
+    return out
+
+
 class BreathingModel:
     """Focus breathing as a table: actuator value -> alignment affine, linearly interpolated.
 
@@ -686,7 +703,13 @@ class BreathingModel:
                     "estimate the alignment from the images instead"
                 )
             affines.append(self.affine_at(float(meta["actuator_value"])))
-        return stack.with_alignment(affines)
+        return stack.with_alignment(_relative_to_slice(affines, self._reference_slice(stack)))
+
+    def _reference_slice(self, stack: FocalStack) -> int:
+        """The slice whose actuator value is nearest the table's reference value: its frame is
+        the stack's reference frame (FOCAL_STACK_FORMAT.md: the reference slice has the identity)."""
+        values = np.array([float(m["actuator_value"]) for m in stack.slice_meta])
+        return int(np.argmin(np.abs(values - self.reference_value)))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe values for ``calibration.yaml`` (see :meth:`from_dict`)."""

@@ -187,7 +187,13 @@ def test_breathing_model_applies_to_a_stack_and_refuses_bad_input(texture):
     stack = FocalStack(images, focus_distance_m=[1 / 0.7, 1 / 2.3], slice_meta=meta)
     out = model.align_stack(stack)
     assert out.has_alignment
-    np.testing.assert_allclose(out.slice_meta[1]["alignment"], model.affine_at(140.0), atol=1e-12)
+    # FOCAL_STACK_FORMAT.md: the reference slice has the identity. The table's reference (100 mA)
+    # lies between the slices, so the stack's reference is the slice nearest it (60, the first
+    # of two equally near), and the other slice maps onto that one: inv(A(60)) @ A(140)
+    assert out.slice_meta[0]["alignment"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    as3 = lambda a: np.vstack([a, [0.0, 0.0, 1.0]])  # noqa: E731
+    np.testing.assert_allclose(out.slice_meta[1]["alignment"], (np.linalg.inv(as3(model.affine_at(60.0))) @ as3(model.affine_at(140.0)))[:2],
+                               atol=1e-12)
     with pytest.raises(CalibrationError, match="no actuator_value"):
         model.align_stack(FocalStack(images, focus_distance_m=[1.0, 2.0]))
     with pytest.raises(CalibrationError, match="recalibrate"):
