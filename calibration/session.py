@@ -32,11 +32,12 @@ import yaml
 
 from calibration.focus_fit import FlatSharpness, FocusFit, NonMonotonicPeaks, PeakAtSweepEdge, SharpnessCurve, fit_focus_model, refine_peak, sharpness
 from calibration.focus_model import FocusModel
-from capture.devices import Camera, FocusActuator
 from capture.atomic import write_text_atomic
+from capture.devices import Camera, FocusActuator, Frame
 from capture.errors import CalibrationError, InputError, OutputError
 from capture.imageio import read_image, write_image
-from capture.sweep import settle_wait_s
+from capture.stack import FocalStack
+from capture.sweep import settle_wait_s, slice_entry
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class SessionPlan:
     #: the actuator values the nominal focus model expects at ``distances_m`` (same order), where
     #: there is one: measured peaks that do not follow them at all are refused (:class:`ImplausiblePeaks`)
     nominal_values: list[float] | None = None
+    #: keep each target's raw sweep (and the breathing sweep) as a focal-stack folder in ``sweeps/``
+    keep_sweeps: bool = True
 
 
 def _same_distance(a: float, b: float) -> bool:
@@ -224,18 +227,65 @@ class CalibrationSession:
                               "before this step: free space and run the calibration again to resume") from exc
 
     # ------------------------------------------------------------------ capture helpers
-    def _frame_at(self, value: float) -> np.ndarray:
+    def _grab_at(self, value: float) -> tuple[Frame, dict[str, Any]]:
+        """The first frame after the actuator settled at ``value``, and its per-slice keys."""
         self.actuator.move_to(value)
         t_ready = self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
-        return self.camera.grab(start_after_host_s=t_ready).image
+        frame = self.camera.grab(start_after_host_s=t_ready)
+        return frame, slice_entry(frame, self.actuator)
 
-    def _sweep(self, values: np.ndarray, label: str) -> list[float]:
+    def _frame_at(self, value: float) -> np.ndarray:
+        return self._grab_at(value)[0].image
+
+    def _sweep(self, values: np.ndarray, label: str, kept: list[tuple[Frame, dict[str, Any]]] | None = None) -> list[float]:
+        """Sharpness at each value; with ``kept``, each frame and its keys (with its sharpness) go there too."""
         scores = []
         for i, v in enumerate(values):
-            scores.append(sharpness(self._frame_at(float(v)), roi_fraction=self.plan.roi_fraction))
+            frame, entry = self._grab_at(float(v))
+            score = sharpness(frame.image, roi_fraction=self.plan.roi_fraction)
+            scores.append(score)
+            if kept is not None:
+                entry["sharpness"] = round(float(score), 8)
+                kept.append((frame, entry))
             if self.progress is not None:
                 self.progress(i + 1, len(values), label)
         return scores
+
+    def _ascending_is_nearer(self) -> tuple[bool, str]:
+        """Whether a larger actuator value focuses nearer, and what says so: the nominal focus
+        model where the plan has it, else the usual convention (more lens current or focal power)."""
+        nominal = self.plan.nominal_values
+        if nominal is not None and len(nominal) >= 2:
+            pairs = sorted(zip(self.plan.distances_m, nominal, strict=True))
+            if pairs[0][1] != pairs[-1][1]:
+                return pairs[0][1] > pairs[-1][1], "focus.nominal"
+        return True, "assumed (no focus.nominal): a larger actuator value focuses nearer"
+
+    def _write_sweep(self, name: str, kept: list[tuple[Frame, dict[str, Any]]], *, capture: dict[str, Any],
+                     focus_distance_m: list[float] | None = None) -> Path:
+        """Keep a sweep's frames as a focal-stack folder ``sweeps/<name>`` (FOCAL_STACK_FORMAT.md:
+        calibration sessions keep their raw sweeps in it), slices in capture order. Without
+        ``focus_distance_m`` (a target's sweep: what focus each value gives is being measured)
+        each slice carries a ``focus_index``, its rank by actuator value, larger for nearer focus.
+        Replaces an earlier sweep of that name (a measurement taken again)."""
+        values = [float(e["actuator_value"]) for _, e in kept]
+        meta: dict[str, Any] = {"capture": {"kind": "calibration sweep", **capture, "camera": self.camera.name,
+                                            "focus": self.actuator.name, "roi_fraction": self.plan.roi_fraction}}
+        first = kept[0][0]
+        if first.image.dtype == np.uint16 and getattr(first, "significant_bits", None):
+            meta["significant_bits"] = int(first.significant_bits)
+        images = np.stack([f.image for f, _ in kept])
+        entries = [dict(e) for _, e in kept]
+        if focus_distance_m is not None:
+            stack = FocalStack(images, focus_distance_m=focus_distance_m, slice_meta=entries, meta=meta)
+        else:
+            nearer_up, basis = self._ascending_is_nearer()
+            order = sorted(range(len(values)), key=lambda i: (values[i], i))  # a repeated value: in capture order
+            rank = {i: r for r, i in enumerate(order)}
+            index = [rank[i] if nearer_up else len(values) - 1 - rank[i] for i in range(len(values))]
+            meta["capture"]["focus_index_from"] = f"rank by actuator value, larger nearer ({basis})"
+            stack = FocalStack(images, focus_index=index, slice_meta=entries, meta=meta)
+        return stack.write(self.folder / "sweeps" / name, overwrite=True)
 
     def measure_distance(self, distance_m: float) -> SharpnessCurve:
         """Coarse sweep over the plan's span, fine sweep around its peak; the refined peak.
@@ -245,9 +295,10 @@ class CalibrationSession:
         end by half the span, within the actuator's limits, up to :data:`EDGE_EXTENSIONS` times.
         """
         lo, hi = self.plan.actuator_span
+        kept: list[tuple[Frame, dict[str, Any]]] | None = [] if self.plan.keep_sweeps else None
         coarse = np.linspace(lo, hi, self.plan.coarse_steps)
         step = coarse[1] - coarse[0]
-        coarse_scores = np.asarray(self._sweep(coarse, f"{distance_m:.3f} m coarse"), dtype=float)
+        coarse_scores = np.asarray(self._sweep(coarse, f"{distance_m:.3f} m coarse", kept), dtype=float)
         last_value = float(coarse[-1])  # where the actuator stands
         for extension in range(EDGE_EXTENSIONS + 1):
             try:
@@ -264,7 +315,7 @@ class CalibrationSession:
                 logger.info("target at %.3f m: %s over %.4g..%.4g %s; sweeping on past %s", distance_m,
                             "sharpest at the " + exc.edge + " end" if isinstance(exc, PeakAtSweepEdge) else "no clear peak",
                             coarse[0], coarse[-1], self.actuator.unit, " and ".join(f"the {e} end" for e in edges))
-                more_scores = np.asarray(self._sweep(more, f"{distance_m:.3f} m coarse+"), dtype=float)
+                more_scores = np.asarray(self._sweep(more, f"{distance_m:.3f} m coarse+", kept), dtype=float)
                 last_value = float(more[-1])
                 coarse = np.concatenate([coarse, more])
                 coarse_scores = np.concatenate([coarse_scores, more_scores])
@@ -280,14 +331,21 @@ class CalibrationSession:
             lim_lo, lim_hi = self.actuator.limits
             self.actuator.move_to(float(np.clip(fine[0] - (fine[1] - fine[0]), lim_lo, lim_hi)))
             self.actuator.wait_settled(timeout_s=settle_wait_s(self.plan.settle_timeout_s, self.actuator))
-        fine_scores = self._sweep(fine, f"{distance_m:.3f} m fine")
+        fine_scores = self._sweep(fine, f"{distance_m:.3f} m fine", kept)
         values = np.concatenate([coarse, fine])
         scores = np.concatenate([coarse_scores, fine_scores])
         order = np.argsort(values)
         # the coarse sweep showed a peak: the fine samples, all near its top, would lift the median of a contrast check
         peak = refine_peak(values[order], scores[order], distance_m=distance_m, check_contrast=False)
+        temperature_c = self.actuator.temperature_c()
+        if kept:
+            # before the measurement is saved: a sweep that cannot be kept (a full disk) is measured again next time
+            capture = {"target_distance_m": float(distance_m), "peak_actuator_value": round(float(peak), 6)}
+            if temperature_c is not None:
+                capture["lens_temperature_c"] = round(float(temperature_c), 3)
+            self._write_sweep(f"target_{distance_m:.4g}m", kept, capture=capture)
         return SharpnessCurve(distance_m=distance_m, values=values[order].tolist(), sharpness=scores[order].tolist(),
-                              temperature_c=self.actuator.temperature_c(), peak_value=peak)
+                              temperature_c=temperature_c, peak_value=peak)
 
     def _beyond_edge(self, coarse: np.ndarray, step: float, edge: str) -> np.ndarray:
         """Coarse values past the ``edge`` end ("near": the highest values, "far": the lowest) of
@@ -390,13 +448,17 @@ class CalibrationSession:
         lim_lo, lim_hi = self.actuator.limits
         lo_v, hi_v = float(np.clip(min(ends), lim_lo, lim_hi)), float(np.clip(max(ends), lim_lo, lim_hi))
         values = np.linspace(lo_v, hi_v, self.plan.breathing_steps)
-        frames = []
+        kept: list[tuple[Frame, dict[str, Any]]] = []
         for i, v in enumerate(values):
-            frames.append(self._frame_at(float(v)))
+            kept.append(self._grab_at(float(v)))
             if self.progress is not None:
                 self.progress(i + 1, len(values), "breathing")
+        frames = [f.image for f, _ in kept]
         breathing = fit_breathing(frames, [float(v) for v in values], actuator_unit=self.actuator.unit,
                                   tolerance_frac=_breathing_tolerance(model, hi_v - lo_v))
+        if self.plan.keep_sweeps:
+            distances = _distances_or_none(model, [float(e["actuator_value"]) for _, e in kept])
+            self._write_sweep("breathing", kept, capture={"target_distance_m": float(middle_m)}, focus_distance_m=distances)
         self.state.breathing = breathing.to_dict()
         self._save_state()
         return breathing
@@ -450,6 +512,21 @@ class CalibrationSession:
                 f"{exc}; the session in {self.folder} set those {len(view_files)} views aside ({rejected.name}) and keeps "
                 "what it measured: run the calibration again to take new board views"
             ) from exc
+
+
+def _distances_or_none(model: FocusModel, values: list[float]) -> list[float] | None:
+    """The focus distance the just-fitted model gives each value (a breathing sweep's slices),
+    or None where one is not a usable distance (then the sweep is kept with focus indices)."""
+    out = []
+    for v in values:
+        try:
+            d = float(model.focus_distance_m(v))
+        except (CalibrationError, ValueError, ZeroDivisionError):
+            return None
+        if not (d > 0):
+            return None
+        out.append(d)
+    return out if len({round(d, 12) for d in out}) == len(out) else None
 
 
 def _measured_anything(state: SessionState) -> bool:

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 #: sweeps for hours)
 _repeating = RepeatLimiter(logger)
 
-__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "settle_wait_s", "sweep", "thermal_kwargs"]
+__all__ = ["plan_focus_distances", "FocusMap", "SweepInterrupted", "settle_wait_s", "slice_entry", "sweep", "thermal_kwargs"]
 
 
 class FocusMap(Protocol):
@@ -33,6 +33,23 @@ class FocusMap(Protocol):
     unit: str
 
     def actuator_value(self, focus_distance_m: float) -> float: ...
+
+
+def slice_entry(frame: Frame, actuator: FocusActuator) -> dict[str, Any]:
+    """A slice's per-slice keys (FOCAL_STACK_FORMAT.md) for ``frame``, taken with ``actuator``
+    where it stands: the value is what was sent, the device's own step (an LD4 in focal-power
+    mode takes 1/200 dpt), not the planned value."""
+    entry: dict[str, Any] = {
+        "actuator_value": round(float(actuator.target), 6),
+        "actuator_unit": actuator.unit,
+        "timestamp_s": round(frame.timestamp_s, 6),
+        "timestamp_source": frame.timestamp_source,
+        "frame_id": frame.frame_id,
+    }
+    for key in ("exposure_s", "gain_db"):
+        if getattr(frame, key) is not None:
+            entry[key] = getattr(frame, key)
+    return entry
 
 
 def thermal_kwargs(method: Callable[..., Any], temperature_c: float | None) -> dict[str, float]:
@@ -189,18 +206,7 @@ def sweep(
             t_cmd = time.monotonic()
             t_ready = actuator.wait_settled(timeout_s=settle_s) if wait_settled else t_cmd
             frame = camera.grab(start_after_host_s=t_ready, timeout_s=grab_timeout_s)
-            entry = {
-                # what was sent (FOCAL_STACK_FORMAT.md): the device's own step (an LD4 in focal-power
-                # mode takes 1/200 dpt), not the planned value
-                "actuator_value": round(float(actuator.target), 6),
-                "actuator_unit": actuator.unit,
-                "timestamp_s": round(frame.timestamp_s, 6),
-                "timestamp_source": frame.timestamp_source,
-                "frame_id": frame.frame_id,
-            }
-            for key in ("exposure_s", "gain_db"):
-                if getattr(frame, key) is not None:
-                    entry[key] = getattr(frame, key)
+            entry = slice_entry(frame, actuator)
             # the frame is taken: all three lists grow together now, so a temperature read that
             # fails (a cable pulled just then) stops the sweep without losing this slice
             frames.append(frame)

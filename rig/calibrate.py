@@ -263,7 +263,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
             board_cols=s.board.cols, board_rows=s.board.rows, board_views=s.board_views,
             board_square_m=getattr(placer, "board_square_m", s.board.square_mm / 1000.0),
             actuator_identity=_actuator_identity(config), span_from_nominal=nominal is not None,
-            nominal_values=_nominal_values(nominal, distances),
+            nominal_values=_nominal_values(nominal, distances), keep_sweeps=s.keep_sweeps,
         )
         # the run folder only now, with the plan made: a failure before leaves none behind; from
         # here on the session folder holds its state at once, so the run folder is resumable

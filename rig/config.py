@@ -309,6 +309,8 @@ class CalibrationSessionConfig(_Strict):
     intrinsics: bool = True
     board: BoardConfig = Field(default_factory=BoardConfig)
     board_views: int = Field(10, ge=5, le=100, description="chessboard views; the intrinsics fit needs the board found in at least 5")
+    keep_sweeps: bool = Field(True, description="keep each target's raw focus sweep (and the breathing sweep) as a focal-stack "
+                              "folder under calibration_session/sweeps/")
 
     @field_validator("distances_m")
     @classmethod
@@ -316,6 +318,16 @@ class CalibrationSessionConfig(_Strict):
         if v is not None and (any(not d > 0 for d in v) or len(set(v)) != len(v)):
             raise ValueError("distances must be positive and distinct")
         return v
+
+    @model_validator(mode="after")
+    def _enough_distances(self) -> CalibrationSessionConfig:
+        # the fit needs one distance more than its parameters (a residual, a leave-one-out
+        # error): refused here, not after every target has been measured
+        need = self.degree + 2
+        if self.distances_m is not None and len(self.distances_m) < need:
+            raise ValueError(f"distances_m: {len(self.distances_m)} distances are too few for a degree-{self.degree} focus model; "
+                             f"give at least {need}, spread over the range")
+        return self
 
 
 class CalibrationConfig(_Strict):

@@ -110,6 +110,49 @@ def test_session_writes_file_and_report(calibrated: dict) -> None:
     assert "leave-one-out" in text and str(run.calibration_path) in text
 
 
+def test_the_session_keeps_its_raw_sweeps_as_focal_stacks(calibrated: dict) -> None:
+    """FOCAL_STACK_FORMAT.md: calibration sessions keep their raw sweeps in it (they kept only
+    the sharpness numbers, so a session could not be re-scored)."""
+    from capture.stack import FocalStack
+
+    run = calibrated["run"]
+    sweeps = run.run_dir / "calibration_session" / "sweeps"
+    session = yaml.safe_load((run.run_dir / "calibration_session" / "session.yaml").read_text(encoding="utf-8"))
+    curves = {round(c["distance_m"], 9): c for c in session["curves"]}
+    targets = sorted(p for p in sweeps.iterdir() if p.name.startswith("target_"))
+    assert len(targets) == len(curves) == 7
+    for folder in targets:
+        stack = FocalStack.read(folder)  # a valid focal stack, as any reader sees it
+        capture = stack.meta["capture"]
+        curve = curves[round(capture["target_distance_m"], 9)]
+        values = [m["actuator_value"] for m in stack.slice_meta]
+        # every frame of the coarse and fine sweeps, in capture order, with its score
+        assert stack.n_slices == len(curve["values"]) and sorted(values) == pytest.approx(sorted(curve["values"]), abs=1e-5)
+        assert [m["sharpness"] for m in stack.slice_meta] != [] and all(m["actuator_unit"] == "mA" for m in stack.slice_meta)
+        assert capture["kind"] == "calibration sweep" and capture["peak_actuator_value"] == pytest.approx(curve["peak_value"], abs=1e-5)
+        # focus_index: the rank by value, larger nearer (more current focuses nearer on this lens)
+        assert sorted(stack.focus_index) == list(range(stack.n_slices))
+        by_index = [values[i] for i in np.argsort(stack.focus_index)]
+        assert by_index == sorted(by_index)
+        ts = [m["timestamp_s"] for m in stack.slice_meta]
+        assert ts == sorted(ts)
+    breathing = FocalStack.read(sweeps / "breathing")  # the breathing sweep, with the fitted model's distances
+    assert breathing.has_distances and breathing.n_slices == calibrated["config"].calibration.session.breathing_steps
+
+
+def test_sweeps_are_not_kept_when_keep_sweeps_is_off(tmp_path: Path) -> None:
+    config = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[1.6, 1.0, 0.6], keep_sweeps=False), source="x")
+    cal = run_calibration(config, interactive=False, show_progress=False)
+    assert not (cal.run_dir / "calibration_session" / "sweeps").exists()
+
+
+@pytest.mark.parametrize(("degree", "distances"), [(1, [1.0, 0.5]), (2, [1.5, 1.0, 0.5])])
+def test_too_few_distances_are_refused_when_the_config_loads(tmp_path: Path, degree: int, distances: list) -> None:
+    with pytest.raises(ConfigError, match=rf"calibration\.session.*{len(distances)} distances are too few for a degree-{degree} "
+                                          rf"focus model; give at least {degree + 2}"):
+        parse_config(_config_dict(tmp_path, degree=degree, distances_m=distances), source="few")
+
+
 def test_calibrated_stack_beats_the_uncalibrated_one(calibrated: dict, tmp_path: Path) -> None:
     """Same simulated rig (breathing on), default scene: the calibration (true focus map +
     breathing alignment) lowers the classical depth error."""
