@@ -7,15 +7,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from calibration.focus_model import FocusModel, LiquidLensFocusModel, load_focus_model
 from capture.devices import Camera, FocusActuator
@@ -26,7 +29,7 @@ from capture.simulated import SimulatedCamera, SimulatedLiquidLens, TrueLensMode
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted, plan_focus_distances, sweep
 from capture.yaml_load import load_yaml
-from rig.config import RgbdSceneConfig, RigConfig, check_calibration_file
+from rig.config import RgbdSceneConfig, RigConfig, check_calibration_file, config_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,8 @@ class Rig:
     focus_map: FocusModel | None  # None only for a calibration session without a nominal model
     breathing: Any = None  # calibration.alignment.BreathingModel from the calibration file, if any
     wave: Any = field(default=None, repr=False)  # capture.periodic.TriangleWave while a continuous sweep runs
+    _config_sha256: str | None = field(default=None, repr=False)  # computed on the first stack
+    _calibration: dict[str, str] | None = field(default=None, repr=False)
 
     def planned_distances_m(self) -> np.ndarray:
         s = self.config.sweep
@@ -149,7 +154,8 @@ class Rig:
         """Sweep focus once and return the stack (far to near)."""
         s = self.config.sweep
         optics = getattr(self.config.camera, "optics", None)
-        meta: dict[str, Any] = {"capture": {"rig": self.config.name, "camera": self.camera.name, "focus": self.actuator.name}}
+        meta: dict[str, Any] = {"capture": {"rig": self.config.name, "camera": self.camera.name, "focus": self.actuator.name,
+                                            **self._provenance()}}
         if optics is not None:
             meta["optics"] = {"focal_length_mm": optics.focal_length_mm, "f_number": optics.f_number, "pixel_pitch_um": optics.pixel_pitch_um}
         if isinstance(self.camera, SimulatedCamera):
@@ -174,6 +180,20 @@ class Rig:
             self._check_breathing_size(stack.image_hw)
             stack = self.breathing.align_stack(stack)
         return stack
+
+    def _provenance(self) -> dict[str, str]:
+        """FOCAL_STACK_FORMAT.md's capture provenance: the start time (UTC ISO 8601), the
+        resolved config's hash (sha256 of config.yaml's content, keys sorted), and the
+        calibration file used with its hash."""
+        if self._config_sha256 is None:
+            text = yaml.safe_dump(config_to_dict(self.config), sort_keys=True, allow_unicode=True)
+            self._config_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            self._calibration = calibration_record(self.config)
+        out = {"started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "config_sha256": self._config_sha256}
+        if self._calibration is not None:
+            out["calibration_file"] = self._calibration["file"]
+            out["calibration_sha256"] = self._calibration["sha256"]
+        return out
 
     def _check_breathing_size(self, image_hw: tuple[int, int]) -> None:
         """The breathing table's affines are in pixels of its calibration images: refuse
@@ -239,6 +259,19 @@ class Rig:
             self.close()
         except Exception as close_exc:
             logger.warning("while stopping after an error, closing the rig also failed: %s", close_exc)
+
+
+def calibration_record(config: RigConfig) -> dict[str, str] | None:
+    """``{"file": path, "sha256": checksum}`` of the calibration file a run uses (None without
+    one): which calibration made a stack's distances, for its stack.yaml and the run summary."""
+    path = config.calibration.file
+    if path is None:
+        return None
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"calibration.file: {path}: cannot read ({exc.strerror or exc})") from exc
+    return {"file": str(path), "sha256": digest}
 
 
 def check_reconstruction(config: RigConfig) -> None:

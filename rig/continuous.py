@@ -43,7 +43,7 @@ from capture.yaml_load import load_yaml
 from reconstruct.api import reconstruct_stack, warm_up_network
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult
-from rig.build import Rig, check_focus_map, check_reconstruction, open_rig
+from rig.build import Rig, calibration_record, check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import check_free_space, create_run_folder, write_yaml_atomic
 from capture.signals import Terminated, sigterm_stops_like_ctrl_c
@@ -458,6 +458,7 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
     rc = config.reconstruct
     check_reconstruction(config)  # before any capture
     check_focus_map(config)  # a calibration file or nominal model that cannot serve: before the run folder
+    calibration = calibration_record(config)
     geometry = _sink_geometry(config)
     check_sinks(config.output, config.live, **geometry)  # a bad config leaves no run folder behind
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)
@@ -478,6 +479,8 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
             print(file=sys.stderr)
     summary = {"mode": "continuous", **pipeline.stats.to_dict(),
                "method": rc.method, "backend": rc.backend, "when_behind": config.continuous.when_behind}
+    if calibration is not None:
+        summary["calibration"] = calibration
     fatal = pipeline.fatal
     exit_code = 0
     if isinstance(fatal, KeyboardInterrupt):

@@ -19,7 +19,7 @@ from capture.sweep import SweepInterrupted
 from reconstruct.api import reconstruct_stack
 from reconstruct.metrics import depth_metrics
 from reconstruct.result import DepthResult, write_result
-from rig.build import check_focus_map, check_reconstruction, open_rig
+from rig.build import calibration_record, check_focus_map, check_reconstruction, open_rig
 from rig.config import RigConfig, config_to_dict
 from rig.runfolder import create_run_folder, write_yaml_atomic
 
@@ -87,7 +87,7 @@ def _capture_and_reconstruct(config: RigConfig, run_dir: Path, seconds: dict[str
         seconds["open"] = time.perf_counter() - t0
         n = len(rig.planned_distances_m())
         bar = tqdm(total=n, desc="sweep", unit="slice", disable=not show_progress, leave=False)
-        t0 = time.perf_counter()
+        t0 = t_capture0 = time.perf_counter()
         try:
             stack = rig.capture_stack(progress=lambda i, _n: bar.update(1))
         except SweepInterrupted as err:
@@ -112,7 +112,12 @@ def _capture_and_reconstruct(config: RigConfig, run_dir: Path, seconds: dict[str
     seconds["write_depth"] = time.perf_counter() - t0
     accuracy = None
     summary: dict[str, Any] = {
+        "mode": "single",
         "stacks": 1,
+        "stacks_dropped": 0,  # INTERFACES.md's summary: counts, rates, latencies, drops, errors (one stack: none dropped)
+        "errors": [],
+        # from the sweep's start to the depth written
+        "latency_s": round(time.perf_counter() - t_capture0, 4),
         "slices": stack.n_slices,
         "image_hw": list(stack.image_hw),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
@@ -123,6 +128,9 @@ def _capture_and_reconstruct(config: RigConfig, run_dir: Path, seconds: dict[str
         "backend": result.backend,
         "device": result.device,
     }
+    calibration = calibration_record(config)
+    if calibration is not None:
+        summary["calibration"] = calibration
     if "precision" in result.extra:
         summary["precision"] = result.extra["precision"]
     if truth is not None and result.depth_unit == "metre":

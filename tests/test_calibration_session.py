@@ -747,3 +747,21 @@ def test_a_damaged_breathing_table_names_the_file_before_a_run_folder(calibrated
     with pytest.raises(ConfigError, match=rf"^{damaged}: breathing: need one 2x3 affine per actuator value"):
         run_single(parse_config(doc, source="damaged"), show_progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_records_which_calibration_made_its_distances(calibrated: dict, tmp_path: Path) -> None:
+    """The calibration file was named only in the run's config.yaml: a stack copied elsewhere
+    did not say which calibration made its distances."""
+    import hashlib
+
+    from rig.single import run_single
+
+    path = calibrated["run"].calibration_path
+    doc = dict(calibrated["doc"], output={"dir": str(tmp_path / "runs")}, calibration={"file": str(path)})
+    doc["reconstruct"] = dict(doc["reconstruct"], method="classical")
+    run = run_single(parse_config(doc, source="with-calibration"), show_progress=False)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    capture = yaml.safe_load((run.run_dir / "stacks" / "000000" / "stack.yaml").read_text(encoding="utf-8"))["capture"]
+    assert capture["calibration_file"] == str(path) and capture["calibration_sha256"] == sha
+    summary = yaml.safe_load((run.run_dir / "summary.yaml").read_text(encoding="utf-8"))
+    assert summary["calibration"] == {"file": str(path), "sha256": sha}

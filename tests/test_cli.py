@@ -161,6 +161,10 @@ def test_rig_summary(run: dict) -> None:
     assert summary["stacks"] == 1
     assert summary["slices"] == SLICES
     assert summary["image_hw"] == [H, W]
+    # INTERFACES.md: counts, rates, latencies, drops, errors
+    assert summary["mode"] == "single" and summary["stacks_dropped"] == 0 and summary["errors"] == []
+    assert summary["latency_s"] >= summary["seconds"]["capture"] > 0
+    assert "calibration" not in summary  # the fast config has no calibration file
     acc = summary["accuracy"]
     assert isinstance(acc["abs_rel"], float)
     assert 0.0 <= acc["abs_rel"] < 1.0
@@ -173,6 +177,15 @@ def test_rig_stack_yaml(run: dict, stack_dir: Path) -> None:
     for entry in doc["slices"]:
         assert (stack_dir / entry["image"]).is_file()
         assert entry["focus_distance_m"] > 0
+    # FOCAL_STACK_FORMAT.md's provenance: start time (UTC ISO 8601) and the resolved config's hash,
+    # which an outside tool can check against the run's config.yaml
+    import datetime
+    import hashlib
+
+    capture = doc["capture"]
+    assert capture["rig"] and datetime.datetime.strptime(capture["started_utc"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    config_text = yaml.safe_dump(yaml.safe_load((run["run_dir"] / "config.yaml").read_text(encoding="utf-8")), sort_keys=True, allow_unicode=True)
+    assert capture["config_sha256"] == hashlib.sha256(config_text.encode("utf-8")).hexdigest()
 
 
 def test_rig_result_yaml(run: dict) -> None:
