@@ -299,6 +299,14 @@ def fit_focus_model(
         loo.append(float(dpt[k] - A[k] @ ck))
     suspects = _loo_outliers(A, dpt, d)
     c = [float(coef[0]), float(coef[1]), float(coef[2]) if degree == 2 else 0.0]
+    if c[2] != 0.0:
+        turn = -c[1] / (2.0 * c[2])  # where the power's slope changes sign
+        if float(v.min()) < turn < float(v.max()):
+            raise CalibrationError(
+                f"focus calibration: the degree-{degree} fit turns at {turn:.4g} {unit}, inside the measured span "
+                f"{float(v.min()):.4g}..{float(v.max()):.4g} {unit}, so one actuator value there would focus at two distances; "
+                "use degree 1 (calibration.session.degree), or check the targets near that end of the range"
+            )
     t_coef = float(coef[-1]) if use_temp else 0.0
     model = PolynomialFocusModel(
         coefficients_dpt=(c[0], c[1], c[2]), unit=unit, temperature_dpt_per_c=t_coef,
@@ -310,7 +318,8 @@ def fit_focus_model(
     for p in suspects:
         logger.warning(
             "focus fit: the target at %.3f m is %.1f mdpt off the fit of the other points (%.1fx their typical "
-            "leave-one-out error); check that distance (mistyped?) and repeat that step",
+            "leave-one-out error); check that distance (mistyped, or the target not where it was asked for?): "
+            "if it was wrong, this calibration is too, and a new session (run the calibration again) measures every distance anew",
             p["distance_m"], 1000 * p["loo_error_dpt"], p["ratio"],
         )
     logger.info("focus fit (%d distances, degree %d%s): rms %.4f dpt, leave-one-out rms %.4f dpt",

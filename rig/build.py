@@ -432,6 +432,16 @@ def _warn_other_devices(config: RigConfig, doc: dict, camera: Camera, actuator: 
     rig_doc = doc.get("rig")
     if not isinstance(rig_doc, dict):
         return
+    for section, driver in (("camera", config.camera.driver), ("focus", config.focus.driver)):
+        # the driver it was made with (older files: only whether it was the simulator, from the device's name)
+        was = rig_doc.get(f"{section}_driver") or ("simulated" if str(rig_doc.get(section, "")).startswith("simulated") else None)
+        if was is not None and str(was) != driver:
+            logger.warning(
+                "calibration.file %s was made with %s.driver %s (%s); this rig's %s.driver is %s: its %s do not hold here; "
+                "recalibrate on this rig (run_rig.py --mode calibrate)",
+                path, section, was, rig_doc.get(section, "?"), section, driver,
+                "breathing table and intrinsics" if section == "camera" else "focus distances",
+            )
     for role, device in (("camera_identity", camera), ("focus_identity", actuator)):
         then, now = rig_doc.get(role), getattr(device, "identity", None)
         if not isinstance(then, dict) or not isinstance(now, dict):

@@ -283,6 +283,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
             raise
         identity = {
             "name": config.name, "camera": rig.camera.name, "focus": rig.actuator.name,
+            "camera_driver": config.camera.driver, "focus_driver": config.focus.driver,
             "camera_identity": {str(k): str(v) for k, v in (getattr(rig.camera, "identity", None) or {}).items()},
             "focus_identity": {str(k): str(v) for k, v in (getattr(rig.actuator, "identity", None) or {}).items()},
             "actuator_unit": rig.actuator.unit,
@@ -307,5 +308,7 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); {calibration_path} was written and is usable") from exc
     if math.isfinite(fit.loo_rms_dpt) and fit.loo_rms_dpt > 0.05:
-        logger.warning("leave-one-out error %.3f dpt is large: check the target distances, or try calibration.session.degree: 2", fit.loo_rms_dpt)
+        # one point far off (named above) is a target's distance, not the model's shape
+        advice = "the target named above" if fit.suspects else "the target distances, or try calibration.session.degree: 2"
+        logger.warning("leave-one-out error %.3f dpt is large: check %s", fit.loo_rms_dpt, advice)
     return CalibrationRun(run_dir=run_dir, calibration_path=calibration_path, summary_path=summary_path, resumed=resumed, document=doc)

@@ -138,6 +138,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.backend:
         config.reconstruct.backend = args.backend
     show_progress = not (args.quiet or args.no_progress) and sys.stderr.isatty()
+    if config.mode != "continuous" and (args.count is not None or args.duration is not None):
+        raise ConfigError("--count/--duration: only for --mode continuous")
+    if config.mode != "calibrate" and args.non_interactive:
+        raise ConfigError("--non-interactive: only for --mode calibrate")
     if config.mode == "calibrate":
         from rig.calibrate import run_calibration
 
@@ -179,8 +183,6 @@ def _run(args: argparse.Namespace) -> int:
     if config.mode != "single":
         where = "--mode" if args.mode else f"{args.config}: mode"
         raise ConfigError(f"{where}: {config.mode!r} is not available; valid: single, calibrate, continuous")
-    if args.count is not None or args.duration is not None:
-        raise ConfigError("--count/--duration: only for --mode continuous")
     run = run_single(config, show_progress=show_progress)
     _print_summary(run)
     return 0

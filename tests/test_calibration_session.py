@@ -330,6 +330,16 @@ def test_a_mistyped_distance_is_named(caplog: pytest.LogCaptureFixture) -> None:
     assert point["distance_m"] == 1.1 and point["loo_error_dpt"] == pytest.approx(0.0769, abs=1e-4) and point["ratio"] > 5
 
 
+def test_a_degree_2_fit_that_turns_inside_the_measured_span_is_refused() -> None:
+    """Such a model maps one actuator value to two distances: a target measured at 50 mA came
+    back as 37.7 mA from the inverse map, with only a suspect-point warning."""
+    values = [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+    dpt = [0.5, 1.0, 1.35, 1.55, 1.62, 1.64]
+    with pytest.raises(CalibrationError, match=r"the degree-2 fit turns at 4\d\.\d+ mA, inside the measured span 0\.\.50 mA.*use degree 1"):
+        fit_focus_model([1 / x for x in dpt], values, unit="mA", degree=2)
+    fit_focus_model([1 / x for x in dpt[:4]], values[:4], unit="mA", degree=2)  # the bend alone, monotonic: accepted
+
+
 # ---- resuming: only the same plan; a failed fit re-measures the bad step -----------------------------
 
 

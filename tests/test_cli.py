@@ -271,10 +271,18 @@ def test_rig_repeated_key_is_refused_naming_it(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_rig_count_outside_continuous_mode_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [[], ["--mode", "calibrate", "--non-interactive"]])
+def test_rig_count_outside_continuous_mode_is_refused(tmp_path: Path, mode: list) -> None:
     config = _fast_config(tmp_path)
-    line = _assert_bad_input(rig("--config", config, "--count", "3"), "--count")
+    line = _assert_bad_input(rig("--config", config, *mode, "--count", "3"), "--count")
     assert "continuous" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rig_non_interactive_outside_calibrate_mode_is_refused(tmp_path: Path) -> None:
+    config = _fast_config(tmp_path)
+    line = _assert_bad_input(rig("--config", config, "--non-interactive"), "--non-interactive")
+    assert "calibrate" in line
     assert not (tmp_path / "runs").exists()
 
 

@@ -166,6 +166,26 @@ def test_a_calibration_of_another_lens_is_named_at_open(tmp_path: Path, caplog: 
         assert messages == []
 
 
+@pytest.mark.parametrize("rig_doc", [
+    {"name": "sim", "camera": "simulated camera", "focus": "simulated liquid lens"},  # a file from before *_driver was recorded
+    {"name": "sim", "camera": "simulated camera", "focus": "simulated liquid lens", "camera_driver": "simulated", "focus_driver": "simulated"},
+])
+def test_a_calibration_made_on_the_simulator_is_named_on_hardware(tmp_path: Path, caplog: pytest.LogCaptureFixture, rig_doc: dict) -> None:
+    """The simulator's calibration (no serial numbers to compare) loaded on a real lens without a word."""
+    cal = tmp_path / "calibration.yaml"
+    cal.write_text(yaml.safe_dump({"format": 1, "rig": rig_doc,
+                                   "focus_model": {"kind": "liquid_lens_linear", "offset_dpt": -0.49, "dpt_per_ma": 0.0166}}), encoding="utf-8")
+    config = load_config(DRYRUN)
+    config.calibration.file = cal
+    with caplog.at_level("WARNING", logger="rig.build"), open_rig(config):
+        pass
+    messages = [r.getMessage() for r in caplog.records if r.name == "rig.build"]
+    assert len(messages) == 2, messages
+    assert "camera.driver simulated" in messages[0] and "this rig's camera.driver is genicam" in messages[0]
+    assert "focus.driver simulated" in messages[1] and "this rig's focus.driver is optotune" in messages[1]
+    assert all(str(cal) in m and "recalibrate" in m for m in messages)
+
+
 def test_ctrl_c_at_a_calibration_prompt_stops_the_session(tmp_path: Path) -> None:
     """With a GenICam camera open, Ctrl-C at the bench prompt did nothing (harvesters had taken
     SIGINT); pressing Enter then failed as a disconnected camera, exit 3. Now: exit 130."""
