@@ -145,7 +145,7 @@ def write_report(result: Any, folder: Path, *, doc: dict[str, Any], calibration_
         f"leave-one-out rms {fit.loo_rms_dpt * 1000:.2f} mdpt",
         *[f"- **check the target at {p['distance_m']:.3f} m**: {abs(p['loo_error_dpt']) * 1000:.1f} mdpt off the fit of the "
           f"other points ({p['ratio']:.1f}x their typical leave-one-out error); a mistyped distance? repeat that step" for p in getattr(fit, "suspects", [])],
-        f"- lens temperature: {doc['temperature_range_c'] or 'not logged'} °C"
+        f"- lens temperature: {_temperature_text(doc['temperature_range_c'])}"
         + (f"; temperature term {model.temperature_dpt_per_c:.4f} dpt/°C" if model.temperature_dpt_per_c else ""),
         "",
         "![sharpness curves](sharpness_curves.png)",
@@ -168,3 +168,12 @@ def write_report(result: Any, folder: Path, *, doc: dict[str, Any], calibration_
     path = folder / "summary.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _temperature_text(span_c: list[float] | None) -> str:
+    """``27.0 °C``, ``26.5-28.1 °C`` or ``not logged`` (was the raw list, ``[27.0, 27.0] °C``)."""
+    if not span_c:
+        return "not logged"
+    lo, hi = span_c
+    return f"{lo:.1f} °C" if lo == hi else f"{lo:.1f}-{hi:.1f} °C"
+

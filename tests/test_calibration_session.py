@@ -108,6 +108,7 @@ def test_session_writes_file_and_report(calibrated: dict) -> None:
         assert (report / name).is_file() and (report / name).stat().st_size > (300 if name.endswith(".md") else 5000), name
     text = (report / "summary.md").read_text(encoding="utf-8")
     assert "leave-one-out" in text and str(run.calibration_path) in text
+    assert "- lens temperature: 27.0 °C" in text  # not the raw list "[27.0, 27.0] °C"
 
 
 def test_the_session_keeps_its_raw_sweeps_as_focal_stacks(calibrated: dict) -> None:
