@@ -623,7 +623,7 @@ def test_rig_calibrate_with_stdin_closed_is_one_line(tmp_path: Path) -> None:
     assert "run folder: " in proc.stdout and "the calibration session resumes there when run again" in proc.stdout
 
 
-@pytest.mark.parametrize("content", ["complete: [\n", "- a\n", "curves:\n- {distance_m: 1.0, values: [1, 2]}\n", "plan: {distances_m: [2.0, 1.2, x]}\n"])  # the last: hand-edited, was a KeyError traceback
+@pytest.mark.parametrize("content", ["complete: [\n", "- a\n", "curves:\n- {distance_m: 1.0, values: [1, 2]}\n", "plan: {distances_m: [2.0, 1.2, x]}\nboard_views_done: 1\n"])  # the last: hand-edited, was a KeyError traceback (a session that measured nothing takes the new plan)
 def test_rig_calibrate_with_a_corrupt_session_file_names_it(tmp_path: Path, content: str) -> None:
     config = _fast_config(tmp_path)
     state = tmp_path / "runs" / "2026-01-01T00-00-00Z_sim" / "calibration_session" / "session.yaml"
