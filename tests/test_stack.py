@@ -420,23 +420,16 @@ def test_read_invalid_yaml(tmp_path: Path) -> None:
         FocalStack.read(folder)
 
 
-def test_read_refuses_a_repeated_key(tmp_path: Path) -> None:
-    folder = tmp_path / "d"
-    doc, images = _valid_raw(folder)
-    _write_raw(folder, doc, images)
-    text = (folder / "stack.yaml").read_text() + "format: dualfocus-stack/9\n"
-    (folder / "stack.yaml").write_text(text)
-    with pytest.raises(StackFormatError, match="not valid YAML at line .*duplicate key 'format'"):
-        FocalStack.read(folder)
-
-
-def test_read_refuses_python_tags(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("appended", "match"), [
+    ("format: dualfocus-stack/9\n", "not valid YAML at line .*duplicate key 'format'"),  # safe_load kept the last one
+    ("evil: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+])
+def test_read_refuses_repeated_keys_and_python_tags(tmp_path: Path, appended: str, match: str) -> None:
     folder = tmp_path / "z"
     doc, images = _valid_raw(folder)
     _write_raw(folder, doc, images)
-    text = (folder / "stack.yaml").read_text() + "evil: !!python/object/apply:os.system ['true']\n"
-    (folder / "stack.yaml").write_text(text)
-    with pytest.raises(StackFormatError, match="not valid YAML"):
+    (folder / "stack.yaml").write_text((folder / "stack.yaml").read_text() + appended)
+    with pytest.raises(StackFormatError, match=match):
         FocalStack.read(folder)
 
 
