@@ -45,8 +45,9 @@ __all__ = ["SessionPlan", "TargetPlacer", "CalibrationSession", "ImplausiblePeak
 
 STATE_FILE = "session.yaml"
 
-#: the measured peaks' spread (nearest to farthest target) against the nominal model's: outside
-#: this band they do not follow the targets (a target never moved, a lens that does not respond)
+#: the measured peaks' spread (nearest to farthest target) against the nominal model's: under
+#: the first (in size) they do not follow the targets (a target never moved, a lens that does not
+#: respond) and are refused; reversed or over the second, focus.nominal is off (a warning)
 PEAK_SPREAD_RATIO_RANGE = (0.2, 5.0)
 #: how many times a coarse sweep whose peak is at one end goes on past it (by half its span)
 EDGE_EXTENSIONS = 2
@@ -406,11 +407,13 @@ class CalibrationSession:
         return SessionResult(fit=fit, curves=curves, breathing=breathing, intrinsics=intrinsics, temperatures_c=temps)
 
     def _check_peaks_follow_targets(self, curves: list[SharpnessCurve]) -> None:
-        """Refuse peaks that do not follow the target distances the way the nominal model says
-        (their spread from the nearest to the farthest target a fraction or a multiple of the
-        nominal one's, or reversed): a target that was never moved between the steps gives a fit
-        with a small residual and a nonsense slope. The measurements are dropped, so running the
-        session again measures them anew (keeping them would refuse the same fit for ever)."""
+        """Refuse peaks that hardly move from the nearest to the farthest target (their spread
+        under a fifth of what the nominal model expects): a target never moved between the
+        steps, or a lens that does not respond, gives a fit with a small residual and a
+        nonsense slope. Those measurements are dropped, so running the session again measures
+        them anew (kept, they would be refused for ever). Peaks that move the other way than
+        focus.nominal says, or far more, are measurements of a nominal model that is off: kept,
+        with a warning naming it."""
         nominal = self.plan.nominal_values
         if nominal is None or len(curves) < 2:
             return
@@ -422,17 +425,22 @@ class CalibrationSession:
             return
         ratio = got / want
         lo, hi = PEAK_SPREAD_RATIO_RANGE
-        if lo <= ratio <= hi:
-            return
         unit = self.actuator.unit
         peaks = [float(c.peak_value) for c in curves]
+        what = (f"{min(peaks):.4g}..{max(peaks):.4g} {unit} for targets at {near.distance_m:.3g}..{far.distance_m:.3g} m, where "
+                f"focus.nominal expects {min(nominal):.4g}..{max(nominal):.4g} {unit}")
+        if abs(ratio) >= lo:
+            if ratio < 0 or ratio > hi:
+                logger.warning("the sharpness peaks move %s than focus.nominal says (%s; spread %.2gx): the calibration is "
+                               "measured and kept; correct focus.nominal (its sign or scale) for sweeps planned without this file",
+                               "the other way" if ratio < 0 else "much further", what, ratio)
+            return
         self.state.curves = []
         self._save_state()
         raise ImplausiblePeaks(
-            f"the sharpness peaks do not follow the targets: {min(peaks):.4g}..{max(peaks):.4g} {unit} for targets at "
-            f"{near.distance_m:.3g}..{far.distance_m:.3g} m, where focus.nominal expects {min(nominal):.4g}..{max(nominal):.4g} {unit} "
-            f"(spread {ratio:.2g}x the expected); was the target moved to each distance, and does {self.actuator.name} change focus? "
-            f"The session in {self.folder} dropped these {len(peaks)} measurements: run the calibration again to measure them anew"
+            f"the sharpness peaks do not follow the targets: {what} (spread {ratio:.2g}x the expected); was the target moved "
+            f"to each distance, and does {self.actuator.name} change focus? The session in {self.folder} dropped these "
+            f"{len(peaks)} measurements: run the calibration again to measure them anew"
         )
 
     def _breathing(self, model: FocusModel) -> Any:

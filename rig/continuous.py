@@ -81,6 +81,7 @@ class ContinuousStats:
     written_without_depth: int = 0
     dropped: int = 0
     failed: int = 0
+    not_written: int = 0  # captured, but writing had stopped (a full disk, a write error) before it was written whole
     reconnects: int = 0
     stage_s: dict[str, collections.deque] = field(default_factory=lambda: {k: collections.deque(maxlen=10_000) for k in ("capture", "reconstruct", "write")})
     latency_s: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10_000))
@@ -131,7 +132,8 @@ class ContinuousStats:
             return {
                 "stacks_captured": self.captured, "stacks_reconstructed": self.reconstructed, "stacks_written": self.written,
                 "stacks_written_without_depth": self.written_without_depth,
-                "stacks_dropped": self.dropped, "stacks_failed": self.failed, "reconnects": self.reconnects,
+                "stacks_dropped": self.dropped, "stacks_failed": self.failed, "stacks_not_written": self.not_written,
+                "reconnects": self.reconnects,
                 "seconds": round(self.elapsed_s(), 3), "stacks_per_s": round(self.rate_per_s(), 4),
                 "latency_s": {"p50": round(float(np.percentile(lat, 50)), 4), "p95": round(float(np.percentile(lat, 95)), 4)} if lat else None,
                 "stages": stages, "errors": list(self.errors),
@@ -307,7 +309,8 @@ class _Pipeline:
                         threading.Thread(target=self._warm_up, args=(item,), name="warm-up", daemon=True).start()
                     continue
                 if isinstance(self.fatal, DiskFull):
-                    continue  # recording stopped: let capture wind down
+                    self.stats.add("not_written")  # recording stopped: let capture wind down, counting what it brings
+                    continue
                 if failed or self.hurry.is_set():
                     self.q2.put(item)  # written raw: nothing captured is lost
                     continue
@@ -385,7 +388,8 @@ class _Pipeline:
                 self.stats.add("written")
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
-            self._drain(self.q2)
+            # the stack being written (some of its files may be in place: each sink's own are whole) and those queued
+            self.stats.add("not_written", 1 + self._drain(self.q2))
 
     def _write_raw(self, item: _Item) -> None:
         """A stack without depth: the sinks that need none, and the stack folder in any case."""
@@ -400,12 +404,15 @@ class _Pipeline:
         logger.warning("stack %06d written without depth: %s", item.index, self.run_dir / "stacks" / folder_name(item.index))
 
     @staticmethod
-    def _drain(q: queue.Queue) -> None:
+    def _drain(q: queue.Queue) -> int:
+        """Take everything up to the stop mark off ``q``; how many stacks that was."""
+        n = 0
         while True:
             item = q.get()
             if item is _STOP:
                 q.put(item)
-                return
+                return n
+            n += 1
 
     def run(self) -> None:
         # The main thread (where Ctrl-C lands) only polls flags and sleeps: a KeyboardInterrupt
@@ -491,14 +498,18 @@ def run_continuous(config: RigConfig, *, count: int | None = None, duration_s: f
         exit_code = getattr(fatal, "exit_code", 3) if isinstance(fatal, RigError) else 3
     else:
         summary["stopped_by"] = "count" if count is not None and summary["stacks_captured"] >= count else "duration"
-    accounted = summary["stacks_written"] + summary["stacks_dropped"]
+    accounted = summary["stacks_written"] + summary["stacks_dropped"] + summary["stacks_not_written"]
     summary["stacks_unaccounted"] = summary["stacks_captured"] - accounted
     try:
         write_yaml_atomic(run_dir / "summary.yaml", summary)
     except RigError as exc:  # a full disk may refuse even the summary
         logger.error("could not write the run summary: %s", exc)
     if fatal is not None and not isinstance(fatal, KeyboardInterrupt):
-        error = fatal if isinstance(fatal, RigError) else RigError(str(fatal))
+        if isinstance(fatal, RigError):
+            error = fatal
+        else:  # an unexpected failure (a network that ran out of memory): exit 3 as the summary says, not 2 (bad input)
+            error = RigError(f"{type(fatal).__name__}: {fatal}")
+            error.exit_code = exit_code
         error.run_dir = run_dir  # the command line prints it
         raise error
     return ContinuousRun(run_dir=run_dir, summary=summary, exit_code=exit_code)

@@ -16,7 +16,7 @@ from capture.errors import DiskFull, OutputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_run_folder", "write_yaml_atomic", "check_free_space"]
+__all__ = ["create_run_folder", "write_yaml_atomic", "check_free_space", "free_bytes"]
 
 
 def check_free_space(path: str | os.PathLike[str], min_free_gb: float) -> float:
@@ -30,19 +30,26 @@ def check_free_space(path: str | os.PathLike[str], min_free_gb: float) -> float:
         OutputError: the free space cannot be queried.
     """
     target = Path(path)
-    probe = target
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
-        free_gb = shutil.disk_usage(probe).free / 1e9
+        free_gb = free_bytes(target) / 1e9
     except OSError as exc:
         raise OutputError(f"{target}: cannot query the free space ({exc.strerror or exc})") from exc
     if free_gb < min_free_gb:
+        # three significant figures: "0.50 GB free, requires 0.5 GB" read as enough
         raise DiskFull(
-            f"{target}: disk full: {free_gb:.2f} GB free, output.min_free_gb requires {min_free_gb:g} GB "
+            f"{target}: disk full: {free_gb:.3g} GB free, output.min_free_gb requires {min_free_gb:g} GB "
             "(free some space or lower output.min_free_gb)"
         )
     return free_gb
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent).
+    Raises ``OSError`` where that cannot be asked."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
 
 
 def create_run_folder(base: Path, rig_name: str, *, min_free_gb: float, now: dt.datetime | None = None) -> Path:

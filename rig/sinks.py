@@ -51,7 +51,7 @@ from capture.stack import FocalStack
 from reconstruct.preview import depth_preview
 from reconstruct.result import DepthResult, write_result
 from rig.config import LiveConfig, OutputConfig
-from rig.runfolder import check_free_space
+from rig.runfolder import check_free_space, free_bytes
 
 if TYPE_CHECKING:
     from calibration.intrinsics import Intrinsics
@@ -109,6 +109,24 @@ def _disk_full_cause(exc: BaseException) -> OSError | None:
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+#: a failed write on a filesystem with less than this free is taken for a full disk: numpy's and
+#: tifffile's short writes raise an OSError without ENOSPC ("... requested and ... written")
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _nearly_full(target: Path | None) -> OSError | None:
+    """An ENOSPC ``OSError`` standing for a write that failed on a (nearly) full filesystem."""
+    if target is None:
+        return None
+    try:
+        free = free_bytes(target)
+    except OSError:
+        return None
+    if free >= NEARLY_FULL_BYTES:
+        return None
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free} bytes free")
 
 
 @contextmanager
@@ -379,7 +397,7 @@ class Sink:
         except DiskFull:
             raise
         except (OSError, OutputError) as exc:
-            full = _disk_full_cause(exc)
+            full = _disk_full_cause(exc) or _nearly_full(target)
             where = target if target is not None else self.name
             if full is not None:
                 raise DiskFull(

@@ -776,3 +776,15 @@ def test_a_run_records_which_calibration_made_its_distances(calibrated: dict, tm
     assert capture["calibration_file"] == str(path) and capture["calibration_sha256"] == sha
     summary = yaml.safe_load((run.run_dir / "summary.yaml").read_text(encoding="utf-8"))
     assert summary["calibration"] == {"file": str(path), "sha256": sha}
+
+
+def test_a_nominal_model_with_the_wrong_sign_keeps_good_measurements(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A focus.nominal whose direction is reversed (a sign slip, likely on a stage) covers the
+    same span: the peaks, measured right, were refused and dropped on every run."""
+    doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.0, 0.6, 0.4])
+    doc["focus"]["nominal"] = {"offset_dpt": 3.49, "dpt_per_ma": -0.0166}  # the default rises; this one falls over the same span
+    with caplog.at_level("WARNING", logger="calibration.session"):
+        cal = run_calibration(parse_config(doc, source="reversed"), interactive=False, show_progress=False)
+    assert cal.document["focus_model"]["fit"]["rms_dpt"] < 0.01
+    assert cal.document["focus_model"]["coefficients_dpt"][1] > 0  # the lens's true direction, measured
+    assert "move the other way than focus.nominal says" in caplog.text

@@ -299,7 +299,7 @@ def _all_sinks(root: Path) -> list:
 def test_low_free_space_raises_disk_full_before_writing(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10e9, 9.5e9, 0.4e9))
-    with pytest.raises(DiskFull, match=r"0\.40 GB free.*requires 1 GB"):
+    with pytest.raises(DiskFull, match=r"0\.4 GB free.*requires 1 GB"):
         check_free_space(tmp_path / "not" / "yet", 1.0)
     assert check_free_space(tmp_path, 0.25) == pytest.approx(0.4)
     run = tmp_path / "run"
@@ -339,6 +339,27 @@ def test_enospc_in_a_depth_write_leaves_no_partial_result(tmp_path, monkeypatch)
     with pytest.raises(DiskFull):
         DepthSink(tmp_path).write(4, None, _result())
     assert not (tmp_path / "depth" / "000004").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(("free", "full"), [(4096, True), (10**12, False)])
+def test_a_short_write_without_enospc_on_a_full_disk_is_a_full_disk(tmp_path, monkeypatch, free, full):
+    """numpy and tifffile report a write the disk had no room for as OSError("... requested
+    and ... written") without an errno: a full disk stopped the run as 'cannot write' (exit 2),
+    and reconstruction went on for stacks nobody could write."""
+    import rig.sinks as sinks_mod
+    from capture.errors import OutputError
+
+    def short_save(file, arr, *args, **kwargs):
+        raise OSError("19200 requested and 992 written")
+
+    monkeypatch.setattr(np, "save", short_save)
+    monkeypatch.setattr(sinks_mod, "free_bytes", lambda path: free)
+    with pytest.raises(DiskFull if full else OutputError) as info:
+        DepthSink(tmp_path).write(2, None, _result())
+    assert isinstance(info.value, DiskFull) == full
+    if full:
+        assert "disk full while writing stack 000002" in str(info.value) and "4096 bytes free" in str(info.value)
+    assert not (tmp_path / "depth" / "000002").exists() and not _leftovers(tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["ply", "ome", "preview"])
