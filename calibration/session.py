@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ from capture.atomic import write_text_atomic
 from capture.devices import Camera, FocusActuator, Frame
 from capture.errors import CalibrationError, InputError, OutputError
 from capture.imageio import read_image, write_image
-from capture.stack import FocalStack
+from capture.stack import SliceStreamWriter
 from capture.sweep import settle_wait_s, slice_entry
 
 logger = logging.getLogger(__name__)
@@ -238,8 +239,8 @@ class CalibrationSession:
     def _frame_at(self, value: float) -> np.ndarray:
         return self._grab_at(value)[0].image
 
-    def _sweep(self, values: np.ndarray, label: str, kept: list[tuple[Frame, dict[str, Any]]] | None = None) -> list[float]:
-        """Sharpness at each value; with ``kept``, each frame and its keys (with its sharpness) go there too."""
+    def _sweep(self, values: np.ndarray, label: str, kept: SliceStreamWriter | None = None) -> list[float]:
+        """Sharpness at each value; with ``kept``, each frame (with its keys and sharpness) is written there as it comes."""
         scores = []
         for i, v in enumerate(values):
             frame, entry = self._grab_at(float(v))
@@ -247,10 +248,18 @@ class CalibrationSession:
             scores.append(score)
             if kept is not None:
                 entry["sharpness"] = round(float(score), 8)
-                kept.append((frame, entry))
+                with _keeping_sweeps():
+                    kept.add(frame.image, entry)
             if self.progress is not None:
                 self.progress(i + 1, len(values), label)
         return scores
+
+    def _sweep_writer(self, name: str) -> SliceStreamWriter | None:
+        """Where a sweep's frames go as they are grabbed (None with keep_sweeps off)."""
+        if not self.plan.keep_sweeps:
+            return None
+        with _keeping_sweeps():
+            return SliceStreamWriter(self.folder / "sweeps" / name)
 
     def _ascending_is_nearer(self) -> tuple[bool, str]:
         """Whether a larger actuator value focuses nearer, and what says so: the nominal focus
@@ -262,31 +271,24 @@ class CalibrationSession:
                 return pairs[0][1] > pairs[-1][1], "focus.nominal"
         return True, "assumed (no focus.nominal): a larger actuator value focuses nearer"
 
-    def _write_sweep(self, name: str, kept: list[tuple[Frame, dict[str, Any]]], *, capture: dict[str, Any],
-                     focus_distance_m: list[float] | None = None) -> Path:
-        """Keep a sweep's frames as a focal-stack folder ``sweeps/<name>`` (FOCAL_STACK_FORMAT.md:
+    def _finish_sweep(self, kept: SliceStreamWriter, *, capture: dict[str, Any], focus_distance_m: list[float] | None = None) -> Path:
+        """Close a kept sweep as a focal-stack folder ``sweeps/<name>`` (FOCAL_STACK_FORMAT.md:
         calibration sessions keep their raw sweeps in it), slices in capture order. Without
         ``focus_distance_m`` (a target's sweep: what focus each value gives is being measured)
-        each slice carries a ``focus_index``, its rank by actuator value, larger for nearer focus.
+        each slice carries a ``focus_index``, its rank by actuator value, larger for nearer focus
+        (by focus.nominal here; the fitted model corrects it at the end of the session).
         Replaces an earlier sweep of that name (a measurement taken again)."""
-        values = [float(e["actuator_value"]) for _, e in kept]
         meta: dict[str, Any] = {"capture": {"kind": "calibration sweep", **capture, "camera": self.camera.name,
                                             "focus": self.actuator.name, "roi_fraction": self.plan.roi_fraction}}
-        first = kept[0][0]
-        if first.image.dtype == np.uint16 and getattr(first, "significant_bits", None):
-            meta["significant_bits"] = int(first.significant_bits)
-        images = np.stack([f.image for f, _ in kept])
-        entries = [dict(e) for _, e in kept]
-        if focus_distance_m is not None:
-            stack = FocalStack(images, focus_distance_m=focus_distance_m, slice_meta=entries, meta=meta)
-        else:
+        bits = getattr(self.camera, "significant_bits", None)
+        if isinstance(bits, int) and bits < 16 and kept._kind is not None and kept._kind[1] == np.uint16:
+            meta["significant_bits"] = bits
+        with _keeping_sweeps():
+            if focus_distance_m is not None:
+                return kept.finish(meta=meta, focus_distance_m=focus_distance_m)
             nearer_up, basis = self._ascending_is_nearer()
-            order = sorted(range(len(values)), key=lambda i: (values[i], i))  # a repeated value: in capture order
-            rank = {i: r for r, i in enumerate(order)}
-            index = [rank[i] if nearer_up else len(values) - 1 - rank[i] for i in range(len(values))]
             meta["capture"]["focus_index_from"] = f"rank by actuator value, larger nearer ({basis})"
-            stack = FocalStack(images, focus_index=index, slice_meta=entries, meta=meta)
-        return stack.write(self.folder / "sweeps" / name, overwrite=True)
+            return kept.finish(meta=meta, focus_index=_ranks([float(e["actuator_value"]) for e in kept.entries], nearer_up))
 
     def measure_distance(self, distance_m: float) -> SharpnessCurve:
         """Coarse sweep over the plan's span, fine sweep around its peak; the refined peak.
@@ -295,8 +297,16 @@ class CalibrationSession:
         than the span's margin: a narrow range of targets) extends the coarse sweep beyond that
         end by half the span, within the actuator's limits, up to :data:`EDGE_EXTENSIONS` times.
         """
+        kept = self._sweep_writer(f"target_{distance_m:.6g}m")
+        try:
+            return self._measure(distance_m, kept)
+        except BaseException:
+            if kept is not None:
+                kept.abort()
+            raise
+
+    def _measure(self, distance_m: float, kept: SliceStreamWriter | None) -> SharpnessCurve:
         lo, hi = self.plan.actuator_span
-        kept: list[tuple[Frame, dict[str, Any]]] | None = [] if self.plan.keep_sweeps else None
         coarse = np.linspace(lo, hi, self.plan.coarse_steps)
         step = coarse[1] - coarse[0]
         coarse_scores = np.asarray(self._sweep(coarse, f"{distance_m:.3f} m coarse", kept), dtype=float)
@@ -339,12 +349,12 @@ class CalibrationSession:
         # the coarse sweep showed a peak: the fine samples, all near its top, would lift the median of a contrast check
         peak = refine_peak(values[order], scores[order], distance_m=distance_m, check_contrast=False)
         temperature_c = self.actuator.temperature_c()
-        if kept:
+        if kept is not None:
             # before the measurement is saved: a sweep that cannot be kept (a full disk) is measured again next time
             capture = {"target_distance_m": float(distance_m), "peak_actuator_value": round(float(peak), 6)}
             if temperature_c is not None:
                 capture["lens_temperature_c"] = round(float(temperature_c), 3)
-            self._write_sweep(f"target_{distance_m:.4g}m", kept, capture=capture)
+            self._finish_sweep(kept, capture=capture)
         return SharpnessCurve(distance_m=distance_m, values=values[order].tolist(), sharpness=scores[order].tolist(),
                               temperature_c=temperature_c, peak_value=peak)
 
@@ -399,12 +409,43 @@ class CalibrationSession:
                 "place the target again and run the calibration again to re-measure it",
                 distances_m=exc.distances_m,
             ) from exc
+        if plan.keep_sweeps:
+            self._orient_kept_sweeps(fit.model)
         breathing = self._breathing(fit.model) if plan.breathing else None
         intrinsics = self._intrinsics(fit.model) if plan.intrinsics else None
         self.state.complete = True
         self._save_state()
         temps = [float(c.temperature_c) for c in curves if c.temperature_c is not None]
         return SessionResult(fit=fit, curves=curves, breathing=breathing, intrinsics=intrinsics, temperatures_c=temps)
+
+    def _orient_kept_sweeps(self, model: FocusModel) -> None:
+        """The kept target sweeps' focus indices by the fitted model's direction (they were
+        ranked by focus.nominal's, or by the usual convention without one): a sweep ranked the
+        other way has its indices reversed in its stack.yaml (the images stay)."""
+        lo, hi = model.valid_values if getattr(model, "valid_values", None) else (None, None)  # type: ignore[union-attr]
+        if lo is None or lo == hi:
+            return
+        nearer_up = bool(model.focus_dpt(float(hi)) > model.focus_dpt(float(lo)))  # type: ignore[attr-defined]
+        for path in sorted((self.folder / "sweeps").glob("target_*/stack.yaml")):
+            try:
+                doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+                slices = doc["slices"]
+                values = [float(e["actuator_value"]) for e in slices]
+                index = [int(e["focus_index"]) for e in slices]
+            except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
+                logger.warning("%s: not re-ranked by the fitted focus model (%s)", path, exc)
+                continue
+            wanted = _ranks(values, nearer_up)
+            basis = "rank by actuator value, larger nearer (the fitted focus model)"
+            if wanted == index and doc.get("capture", {}).get("focus_index_from") == basis:
+                continue
+            for entry, i in zip(slices, wanted, strict=True):
+                entry["focus_index"] = i
+            doc.setdefault("capture", {})["focus_index_from"] = basis
+            try:
+                write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+            except OSError as exc:
+                logger.warning("%s: could not re-rank it by the fitted focus model (%s)", path, exc.strerror or exc)
 
     def _check_peaks_follow_targets(self, curves: list[SharpnessCurve]) -> None:
         """Refuse peaks that hardly move from the nearest to the farthest target (their spread
@@ -456,17 +497,31 @@ class CalibrationSession:
         lim_lo, lim_hi = self.actuator.limits
         lo_v, hi_v = float(np.clip(min(ends), lim_lo, lim_hi)), float(np.clip(max(ends), lim_lo, lim_hi))
         values = np.linspace(lo_v, hi_v, self.plan.breathing_steps)
-        kept: list[tuple[Frame, dict[str, Any]]] = []
-        for i, v in enumerate(values):
-            kept.append(self._grab_at(float(v)))
-            if self.progress is not None:
-                self.progress(i + 1, len(values), "breathing")
-        frames = [f.image for f, _ in kept]
-        breathing = fit_breathing(frames, [float(v) for v in values], actuator_unit=self.actuator.unit,
-                                  tolerance_frac=_breathing_tolerance(model, hi_v - lo_v))
-        if self.plan.keep_sweeps:
-            distances = _distances_or_none(model, [float(e["actuator_value"]) for _, e in kept])
-            self._write_sweep("breathing", kept, capture={"target_distance_m": float(middle_m)}, focus_distance_m=distances)
+        kept = self._sweep_writer("breathing")
+        try:
+            frames, sent = [], []
+            for i, v in enumerate(values):
+                frame, entry = self._grab_at(float(v))
+                frames.append(frame.image)  # the breathing fit needs them all (breathing_steps frames, 9 by default)
+                sent.append(float(entry["actuator_value"]))
+                if kept is not None:
+                    with _keeping_sweeps():
+                        kept.add(frame.image, entry)
+                if self.progress is not None:
+                    self.progress(i + 1, len(values), "breathing")
+            breathing = fit_breathing(frames, [float(v) for v in values], actuator_unit=self.actuator.unit,
+                                      tolerance_frac=_breathing_tolerance(model, hi_v - lo_v))
+            if kept is not None:
+                distances = _distances_or_none(model, sent)
+                capture = {"target_distance_m": float(middle_m)}
+                if distances is None:
+                    self._finish_sweep(kept, capture=capture)
+                else:
+                    self._finish_sweep(kept, capture=capture, focus_distance_m=distances)
+        except BaseException:
+            if kept is not None:
+                kept.abort()
+            raise
         self.state.breathing = breathing.to_dict()
         self._save_state()
         return breathing
@@ -520,6 +575,24 @@ class CalibrationSession:
                 f"{exc}; the session in {self.folder} set those {len(view_files)} views aside ({rejected.name}) and keeps "
                 "what it measured: run the calibration again to take new board views"
             ) from exc
+
+
+def _ranks(values: list[float], nearer_up: bool) -> list[int]:
+    """Each value's rank (0 = smallest; a repeated value in the order given), reversed where a
+    larger value focuses farther: focus indices, larger for nearer focus."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    rank = {i: r for r, i in enumerate(order)}
+    return [rank[i] if nearer_up else len(values) - 1 - rank[i] for i in range(len(values))]
+
+
+@contextmanager
+def _keeping_sweeps() -> Iterator[None]:
+    """A raw sweep that cannot be written (a full disk) says what to do about it."""
+    try:
+        yield
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the raw sweeps (calibration.session.keep_sweeps) need room: free some space, or set "
+                          "keep_sweeps: false; the session keeps what it measured before this step") from exc
 
 
 def _distances_or_none(model: FocusModel, values: list[float]) -> list[float] | None:

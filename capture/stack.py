@@ -37,7 +37,7 @@ from capture.errors import InputError, OutputError, StackFormatError, yaml_probl
 from capture.imageio import decode_image_file
 from capture.yaml_load import load_yaml
 
-__all__ = ["FORMAT", "FocalStack", "read_stack", "write_stack"]
+__all__ = ["FORMAT", "FocalStack", "SliceStreamWriter", "read_stack", "write_stack"]
 
 #: interpolation name -> OpenCV flag, for :meth:`FocalStack.aligned`
 _INTERPOLATIONS = {"lanczos": cv2.INTER_LANCZOS4, "cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR}
@@ -750,3 +750,86 @@ def read_stack(folder: str | os.PathLike[str]) -> FocalStack:
 def write_stack(stack: FocalStack, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Alias of :meth:`FocalStack.write`."""
     return stack.write(folder, overwrite=overwrite)
+
+
+class SliceStreamWriter:
+    """Write a focal-stack folder one slice at a time, holding one image in memory, not all of
+    them (a calibration session keeps sweeps of dozens of full frames).
+
+    Slices go into a temporary sibling folder as they come (``slice_000.png``, ...); :meth:`finish`
+    writes ``stack.yaml`` with each slice's focus key and renames the folder into place
+    (replacing an older stack folder of that name); :meth:`abort` (or any exception inside a
+    ``with`` block) removes the temporary folder. Nothing half-written appears under the final
+    name. Raises :class:`OutputError` naming the file that could not be written.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.final = Path(os.path.abspath(os.fspath(folder)))
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"{self.final.parent}: cannot create the output folder ({err.strerror or err})") from err
+        self.tmp: Path | None = make_sibling(self.final, "tmp")
+        self.entries: list[dict[str, Any]] = []
+        self._kind: tuple[tuple[int, ...], np.dtype] | None = None
+
+    def __enter__(self) -> SliceStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, image: np.ndarray, entry: dict[str, Any]) -> None:
+        """Write one slice now; ``entry`` holds its per-slice keys (not the focus key)."""
+        assert self.tmp is not None, "add() after finish() or abort()"
+        image = np.asarray(image)
+        kind = (image.shape, image.dtype)
+        if self._kind is None:
+            self._kind = kind
+        elif kind != self._kind:
+            raise OutputError(f"{self.final}: slice {len(self.entries)} is {image.dtype} {list(image.shape)}, "
+                              f"the first was {self._kind[1]} {list(self._kind[0])}")
+        name = f"slice_{len(self.entries):03d}.png"
+        try:
+            _write_image(self.tmp / name, image)
+        except (OSError, ValueError, cv2.error) as err:
+            raise OutputError(f"{self.final / name}: cannot write image ({getattr(err, 'strerror', None) or err})") from err
+        self.entries.append({"image": name, **_plain(entry, f"slices[{len(self.entries)}]")})
+
+    def finish(self, *, meta: dict[str, Any], focus_distance_m: Sequence[float] | None = None,
+               focus_index: Sequence[int] | None = None) -> Path:
+        """Write ``stack.yaml`` (slices in the order added, with one focus key each) and move the
+        folder into place; returns its path."""
+        assert self.tmp is not None, "finish() after finish() or abort()"
+        if (focus_distance_m is None) == (focus_index is None):
+            raise ValueError("give focus_distance_m or focus_index")
+        key, values = ("focus_distance_m", focus_distance_m) if focus_distance_m is not None else ("focus_index", focus_index)
+        assert values is not None
+        if len(values) != len(self.entries) or len(values) < 2:
+            raise ValueError(f"{len(values)} {key} values for {len(self.entries)} slices (a stack needs 2 or more)")
+        check = _check_distance if key == "focus_distance_m" else _check_index
+        slices = [{"image": e["image"], key: check(v, f"slices[{i}].{key}"), **{k: x for k, x in e.items() if k != "image"}}
+                  for i, (e, v) in enumerate(zip(self.entries, values, strict=True))]
+        doc = {"format": FORMAT, "slices": slices, **_plain(meta, "meta")}
+        try:
+            with open(self.tmp / STACK_YAML, "w", encoding="utf-8") as fh:
+                fh.write(yaml.dump(doc, Dumper=_StackDumper, sort_keys=False, allow_unicode=True))
+                fh.flush()
+                os.fsync(fh.fileno())
+            move_into_place(self.tmp, self.final, overwrite=True, what="stack")
+        except OSError as err:
+            self.abort()
+            raise OutputError(f"{self.final / STACK_YAML}: cannot write ({err.strerror or err})") from err
+        except BaseException:
+            self.abort()
+            raise
+        self.tmp = None
+        return self.final
+
+    def abort(self) -> None:
+        """Remove the temporary folder (nothing under the final name is touched)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+

@@ -788,3 +788,11 @@ def test_a_nominal_model_with_the_wrong_sign_keeps_good_measurements(tmp_path: P
     assert cal.document["focus_model"]["fit"]["rms_dpt"] < 0.01
     assert cal.document["focus_model"]["coefficients_dpt"][1] > 0  # the lens's true direction, measured
     assert "move the other way than focus.nominal says" in caplog.text
+    # the kept sweeps were ranked by the reversed nominal, then re-ranked by the fitted model: larger index, nearer focus
+    from capture.stack import FocalStack
+
+    for folder in sorted((cal.run_dir / "calibration_session" / "sweeps").glob("target_*")):
+        stack = FocalStack.read(folder)
+        values = [m["actuator_value"] for m in stack.slice_meta]
+        assert [values[i] for i in np.argsort(stack.focus_index)] == sorted(values)  # more current focuses nearer on this lens
+        assert stack.meta["capture"]["focus_index_from"].endswith("(the fitted focus model)")

@@ -555,3 +555,25 @@ def test_big_endian_uint16_is_taken_in_native_order() -> None:
     stack = FocalStack(images, focus_distance_m=[1.0, 0.5])
     assert stack.images.dtype == np.uint16 and stack.images.dtype.isnative
     assert np.array_equal(stack.images, images.astype(np.uint16))
+
+
+def test_slice_stream_writer_writes_a_stack_one_slice_at_a_time(tmp_path: Path) -> None:
+    from capture.stack import SliceStreamWriter
+
+    images = [np.full((8, 10), 10 * i, np.uint8) for i in range(3)]
+    writer = SliceStreamWriter(tmp_path / "s")
+    for i, image in enumerate(images):
+        writer.add(image, {"actuator_value": float(i), "sharpness": 0.5})
+    assert not (tmp_path / "s").exists()  # nothing under the final name before finish
+    writer.finish(meta={"capture": {"kind": "test"}}, focus_index=[2, 1, 0])
+    stack = FocalStack.read(tmp_path / "s")
+    assert stack.focus_index.tolist() == [2, 1, 0] and stack.meta["capture"]["kind"] == "test"
+    assert [m["actuator_value"] for m in stack.slice_meta] == [0.0, 1.0, 2.0]
+    np.testing.assert_array_equal(stack.images[1], images[1])
+    # a slice of another size is refused naming it; an aborted writer leaves nothing
+    with pytest.raises(OutputError, match=r"slice 1 is uint8 \[4, 4\], the first was uint8 \[8, 10\]"):
+        with SliceStreamWriter(tmp_path / "t") as other:
+            other.add(images[0], {})
+            other.add(np.zeros((4, 4), np.uint8), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
