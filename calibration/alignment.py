@@ -703,13 +703,19 @@ class BreathingModel:
                     "estimate the alignment from the images instead"
                 )
             affines.append(self.affine_at(float(meta["actuator_value"])))
-        return stack.with_alignment(_relative_to_slice(affines, self._reference_slice(stack)))
+        k = self._reference_slice(stack)
+        out = stack.with_alignment(_relative_to_slice(affines, k))
+        # the reference slice's frame onto the table's (the calibration's, where its intrinsics hold): what a
+        # point cloud applies to the depth's pixels before the intrinsics (a few tenths of a per cent of scale)
+        out.meta["breathing_reference_affine"] = [[round(float(x), 12) for x in row] for row in np.asarray(affines[k])]
+        return out
 
     def _reference_slice(self, stack: FocalStack) -> int:
         """The slice whose actuator value is nearest the table's reference value: its frame is
         the stack's reference frame (FOCAL_STACK_FORMAT.md: the reference slice has the identity)."""
-        values = np.array([float(m["actuator_value"]) for m in stack.slice_meta])
-        return int(np.argmin(np.abs(values - self.reference_value)))
+        values = [float(m["actuator_value"]) for m in stack.slice_meta]
+        # two slices equally near: the lower value, whatever the capture order (a triangle sweep alternates it)
+        return min(range(len(values)), key=lambda i: (abs(values[i] - self.reference_value), values[i]))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-safe values for ``calibration.yaml`` (see :meth:`from_dict`)."""

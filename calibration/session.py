@@ -322,7 +322,9 @@ class CalibrationSession:
                 if more.size == 0:
                     if isinstance(exc, FlatSharpness):
                         raise
-                    raise self._edge_error(exc, float(coarse[0]), float(coarse[-1]), extended=extension > 0) from exc
+                    how = ("" if extension == 0 else f", then {extension} times by half the span" +
+                           (" (the actuator's limits stopped it)" if extension < EDGE_EXTENSIONS else ""))
+                    raise self._edge_error(exc, float(coarse[0]), float(coarse[-1]), extended=how) from exc
                 logger.info("target at %.3f m: %s over %.4g..%.4g %s; sweeping on past %s", distance_m,
                             "sharpest at the " + exc.edge + " end" if isinstance(exc, PeakAtSweepEdge) else "no clear peak",
                             coarse[0], coarse[-1], self.actuator.unit, " and ".join(f"the {e} end" for e in edges))
@@ -369,13 +371,13 @@ class CalibrationSession:
         values = coarse.max() + outward if edge == "near" else coarse.min() - outward
         return values[(values >= lim_lo - 1e-9) & (values <= lim_hi + 1e-9)]
 
-    def _edge_error(self, exc: PeakAtSweepEdge, lo: float, hi: float, *, extended: bool) -> CalibrationError:
-        """Say which sweep the peak was at the edge of, and what sets it (refine_peak knows neither)."""
+    def _edge_error(self, exc: PeakAtSweepEdge, lo: float, hi: float, *, extended: str) -> CalibrationError:
+        """Say which sweep the peak was at the edge of, and what sets it (refine_peak knows neither);
+        ``extended`` says how the sweep went on past the plan's span ("" where it did not)."""
         unit = self.actuator.unit
         if self.plan.span_from_nominal:
-            why = (f"the span focus.nominal gives the target distances, with a margin, "
-                   f"{'then extended as far as ' if extended else 'within '}{self.actuator.name}'s limits); "
-                   "check the target's distance, then focus.nominal and the actuator's limits")
+            why = (f"the span focus.nominal gives the target distances, with a margin, within {self.actuator.name}'s limits"
+                   f"{extended}); check the target's distance, then focus.nominal and the actuator's limits")
         else:
             why = f"{self.actuator.name}'s whole limits, without a focus.nominal); check the target's distance and the actuator's limits"
         return CalibrationError(f"{exc.what} ({lo:.4g}..{hi:.4g} {unit}: {why}")

@@ -204,7 +204,7 @@ class CameraModel:
     distortion: tuple[float, ...] = ()
     image_hw: tuple[int, int] | None = None
     source: str = "intrinsics"
-    _rays: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _rays: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("fx_px", "fy_px"):
@@ -251,32 +251,38 @@ class CameraModel:
         cx, cy = self.principal_point_px(image_hw)
         return np.array([[self.fx_px, 0.0, cx], [0.0, self.fy_px, cy], [0.0, 0.0, 1.0]])
 
-    def rays(self, image_hw: tuple[int, int]) -> np.ndarray:
+    def rays(self, image_hw: tuple[int, int], pixel_affine: Sequence[Sequence[float]] | None = None) -> np.ndarray:
         """float32 ``[H, W, 2]``: ``(x / z, y / z)`` of the ray through each pixel centre
-        (undistorted when the model has distortion). Cached per image size."""
+        (undistorted when the model has distortion). ``pixel_affine``: a 2x3 affine that maps the
+        depth's pixels onto the frame the model holds for (a breathing-aligned stack's reference
+        slice onto the calibration's frame). Cached per image size and affine."""
         h, w = int(image_hw[0]), int(image_hw[1])
+        key_affine = None if pixel_affine is None else tuple(float(x) for row in pixel_affine for x in row)
         if self.image_hw is not None and (h, w) != tuple(self.image_hw):
             raise OutputError(
                 f"point cloud: the camera model ({self.source}) is for {self.image_hw[1]}x{self.image_hw[0]} "
                 f"pixels, the depth is {w}x{h}; recalibrate at this resolution"
             )
-        cached = self._rays.get((h, w))
+        cached = self._rays.get((h, w, key_affine))
         if cached is not None:
             return cached
         cx, cy = self.principal_point_px((h, w))
         u, v = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+        if key_affine is not None:
+            a = np.asarray(key_affine, np.float64).reshape(2, 3)
+            u, v = a[0, 0] * u + a[0, 1] * v + a[0, 2], a[1, 0] * u + a[1, 1] * v + a[1, 2]
         if any(c != 0.0 for c in self.distortion):
             pts = np.stack([u.ravel(), v.ravel()], axis=1).reshape(-1, 1, 2)
             norm = cv2.undistortPoints(pts, self.matrix((h, w)), np.asarray(self.distortion, np.float64))
             rays = norm.reshape(h, w, 2).astype(np.float32)
         else:
             rays = np.stack([(u - cx) / self.fx_px, (v - cy) / self.fy_px], axis=2).astype(np.float32)
-        self._rays[(h, w)] = rays
+        self._rays[(h, w, key_affine)] = rays
         return rays
 
 
 def depth_to_points(
-    depth_m: np.ndarray, camera: CameraModel, colours: np.ndarray | None = None
+    depth_m: np.ndarray, camera: CameraModel, colours: np.ndarray | None = None, *, pixel_affine: Sequence[Sequence[float]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Back-project z-depth to camera-frame points (x right, y down, z forward, metres).
 
@@ -288,6 +294,7 @@ def depth_to_points(
         camera: the pinhole model.
         colours: optional ``[H, W]`` or ``[H, W, C]`` image (any dtype :func:`_to_rgb8` takes) or
             uint8 ``[H, W, 3]``.
+        pixel_affine: see :meth:`CameraModel.rays` (a stack's ``breathing_reference_affine``).
 
     Returns:
         ``(xyz, rgb)``: float32 ``[N, 3]`` and uint8 ``[N, 3]`` (``None`` without colours),
@@ -296,7 +303,7 @@ def depth_to_points(
     depth = np.asarray(depth_m, dtype=np.float32)
     if depth.ndim != 2:
         raise ValueError(f"depth must be [H, W], got shape {depth.shape}")
-    rays = camera.rays(depth.shape)
+    rays = camera.rays(depth.shape, pixel_affine)
     valid = np.isfinite(depth) & (depth > 0)
     z = depth[valid]
     xyz = np.empty((z.size, 3), np.float32)
@@ -534,7 +541,9 @@ class PointCloudSink(Sink):
     def _write(self, index: int, stack: FocalStack | None, result: DepthResult | None) -> None:
         assert result is not None
         colours = _to_rgb8(result.all_in_focus, _significant_bits(stack))
-        xyz, rgb = depth_to_points(result.depth, self.camera, colours)
+        # a breathing-aligned depth is in its reference slice's frame; the intrinsics hold in the calibration's
+        affine = stack.meta.get("breathing_reference_affine") if (stack is not None and result.aligned) else None
+        xyz, rgb = depth_to_points(result.depth, self.camera, colours, pixel_affine=affine)
         assert rgb is not None
         h, w = result.depth.shape
         cx, cy = self.camera.principal_point_px((h, w))

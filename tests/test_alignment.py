@@ -188,12 +188,17 @@ def test_breathing_model_applies_to_a_stack_and_refuses_bad_input(texture):
     out = model.align_stack(stack)
     assert out.has_alignment
     # FOCAL_STACK_FORMAT.md: the reference slice has the identity. The table's reference (100 mA)
-    # lies between the slices, so the stack's reference is the slice nearest it (60, the first
-    # of two equally near), and the other slice maps onto that one: inv(A(60)) @ A(140)
+    # lies between the slices, so the stack's reference is the slice nearest it (of two equally
+    # near, the lower value, 60 mA, in either capture order), and the other slice maps onto that
+    # one: inv(A(60)) @ A(140)
     assert out.slice_meta[0]["alignment"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     as3 = lambda a: np.vstack([a, [0.0, 0.0, 1.0]])  # noqa: E731
     np.testing.assert_allclose(out.slice_meta[1]["alignment"], (np.linalg.inv(as3(model.affine_at(60.0))) @ as3(model.affine_at(140.0)))[:2],
                                atol=1e-12)
+    # what a point cloud applies before the intrinsics: the reference slice onto the table's frame
+    np.testing.assert_allclose(out.meta["breathing_reference_affine"], model.affine_at(60.0), atol=1e-12)
+    reversed_order = model.align_stack(FocalStack(images[::-1], focus_distance_m=[1 / 2.3, 1 / 0.7], slice_meta=meta[::-1]))
+    assert reversed_order.slice_meta[1]["alignment"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]  # the 60 mA slice again
     with pytest.raises(CalibrationError, match="no actuator_value"):
         model.align_stack(FocalStack(images, focus_distance_m=[1.0, 2.0]))
     with pytest.raises(CalibrationError, match="recalibrate"):

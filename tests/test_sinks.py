@@ -3,6 +3,8 @@ stack and result, every_nth, the preview throttle, a full disk and ENOSPC, rerun
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import logging
 import os
@@ -164,6 +166,26 @@ def test_point_cloud_with_distortion_reprojects_onto_its_pixels():
     uv, _ = cv2.projectPoints(xyz.astype(np.float64), np.zeros(3), np.zeros(3), k.camera_matrix, k.distortion)
     v, u = np.mgrid[0:H, 0:W]
     np.testing.assert_allclose(uv.reshape(-1, 2), np.stack([u.ravel(), v.ravel()], 1), atol=0.02)
+
+
+def test_point_cloud_maps_a_breathing_aligned_depth_into_the_calibrations_frame(tmp_path):
+    """A breathing-aligned stack's depth is in its reference slice's frame; the intrinsics hold
+    in the calibration's. The stack's breathing_reference_affine maps one onto the other."""
+    camera = CameraModel.from_focal_length(50.0, (H, W))
+    depth = np.full((H, W), 2.0, np.float32)
+    plain, _ = depth_to_points(depth, camera)
+    scale = [[1.004, 0.0, -0.002 * (W - 1)], [0.0, 1.004, -0.002 * (H - 1)]]  # 0.4 % about the centre
+    mapped, _ = depth_to_points(depth, camera, pixel_affine=scale)
+    np.testing.assert_allclose(mapped[:, :2], plain[:, :2] * 1.004, atol=1e-6)
+    stack = _stack()
+    stack.meta["breathing_reference_affine"] = scale
+    sink = PointCloudSink(tmp_path, camera)
+    sink.write(0, stack, dataclasses.replace(_result(depth), aligned=True))
+    _, pts = _read_ply(tmp_path / "depth" / "000000" / "points.ply")
+    np.testing.assert_allclose(pts["x"], mapped[:, 0], atol=1e-6)
+    sink.write(1, stack, _result(depth))  # a depth taken without the alignment: its pixels are the slices' own
+    _, pts = _read_ply(tmp_path / "depth" / "000001" / "points.ply")
+    np.testing.assert_allclose(pts["x"], plain[:, 0], atol=1e-6)
 
 
 def test_point_cloud_falls_back_to_the_focal_length_and_says_so(tmp_path, caplog):
