@@ -4,7 +4,6 @@ stack and result, every_nth, the preview throttle, a full disk and ENOSPC, rerun
 from __future__ import annotations
 
 import dataclasses
-
 import errno
 import logging
 import os
