@@ -154,6 +154,7 @@ class CalibrationSession:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.progress = progress
+        self.restarted = False  # an unfinished session that had measured nothing took this plan
         self.state = self._load_state()
 
     # ------------------------------------------------------------------ state
@@ -191,6 +192,7 @@ class CalibrationSession:
         if state.plan is None or not _measured_anything(state):
             # an older session file: from now on it carries the plan; a session that measured
             # nothing yet (it failed at its first target) takes the plan it is run with now
+            self.restarted = state.plan is not None and state.plan != plan
             state.plan = plan
         if _measured_anything(state):
             logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))

@@ -123,11 +123,12 @@ def _check_index(value: Any, where: str) -> int:
     """A focus index: an integer (an integral float is accepted), within +-2**53."""
     if isinstance(value, (bool, np.bool_)):
         raise StackFormatError(f"{where}: must be an integer, got {value!r}")
+    given = value
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
         value = int(value)
     if isinstance(value, (int, np.integer)):
         if abs(int(value)) > MAX_ABS_FOCUS_INDEX:
-            raise StackFormatError(f"{where}: {value} is out of range (focus indices must lie within +-2**53)")
+            raise StackFormatError(f"{where}: {given!r} is out of range (focus indices must lie within +-2**53)")
         return int(value)
     raise StackFormatError(f"{where}: must be an integer, got {value!r}")
 

@@ -115,6 +115,14 @@ class PromptedSimulatedPlacer:
         self.human, self.simulated = human, simulated
         self.board_square_m = simulated.board_square_m
 
+    @property
+    def board_focus_m(self) -> float | None:
+        return self.human.board_focus_m
+
+    @board_focus_m.setter
+    def board_focus_m(self, value: float | None) -> None:  # the session sets it: the prompt names it
+        self.human.board_focus_m = value
+
     def place_texture(self, distance_m: float, *, step: int, total: int) -> None:
         self.human.place_texture(distance_m, step=step, total=total)
         self.simulated.place_texture(distance_m, step=step, total=total)
@@ -273,6 +281,8 @@ def run_calibration(config: RigConfig, *, interactive: bool, show_progress: bool
         else:
             run_dir = found
         session = CalibrationSession(rig.camera, rig.actuator, placer, plan, run_dir / "calibration_session", progress=progress)
+        if resumed and session.restarted:  # it measured nothing and takes this plan: config.yaml is the config as run
+            write_yaml_atomic(run_dir / "config.yaml", config_to_dict(config))
         if resumed:
             logger.warning("resuming the unfinished calibration session in %s", found)
         try:

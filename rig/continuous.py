@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from capture.errors import DeviceError, DiskFull, RigError
+from capture.repeat_log import RepeatLimiter
 from capture.stack import FocalStack
 from capture.sweep import SweepInterrupted
 from capture.yaml_load import load_yaml
@@ -182,6 +183,7 @@ class _Pipeline:
         self.stats = ContinuousStats()
         self.fatal: BaseException | None = None
         self._fatal_lock = threading.Lock()
+        self._repeating = RepeatLimiter(logger)  # a reconstruction slower than capture drops a stack every sweep, for hours
 
     # ------------------------------------------------------------------ helpers
     def _fail(self, exc: BaseException) -> None:
@@ -217,7 +219,8 @@ class _Pipeline:
                 if isinstance(old, _WarmUp):  # not a stack: nothing is lost
                     continue
                 self.stats.add("dropped")
-                logger.warning("reconstruction is behind: dropped stack %06d (continuous.when_behind: drop_oldest)", old.index)
+                self._repeating.warning("dropped", "reconstruction is behind: dropped stack %06d (continuous.when_behind: drop_oldest; "
+                                        "summary.yaml counts every drop)", old.index)
 
     # ------------------------------------------------------------------ stages
     def capture_stage(self) -> None:

@@ -702,6 +702,8 @@ def test_a_session_that_measured_nothing_takes_the_new_plan(tmp_path: Path) -> N
     cal = run_calibration(fixed, interactive=False, show_progress=False)
     assert cal.resumed and sorted(cal.document["focus_model"]["fit"]["distances_m"]) == [0.5, 0.8, 1.2, 1.6]
     assert len(list(tmp_path.glob("*_sim"))) == 1
+    as_run = yaml.safe_load((cal.run_dir / "config.yaml").read_text(encoding="utf-8"))  # the config as run, not the first try's
+    assert as_run["calibration"]["session"]["distances_m"] == [1.6, 1.2, 0.8, 0.5]
 
 
 def test_a_session_is_not_continued_at_another_image_size(tmp_path: Path) -> None:

@@ -68,11 +68,13 @@ def _slow_reconstruction(monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(cont_mod, "reconstruct_stack", slow)
 
 
-def test_drop_oldest_counts_every_drop(tmp_path: Path, monkeypatch) -> None:
+def test_drop_oldest_counts_every_drop(tmp_path: Path, monkeypatch, caplog) -> None:
     _slow_reconstruction(monkeypatch, 0.4)
-    run = run_continuous(parse_config(_doc(tmp_path, when_behind="drop_oldest")), count=8, show_status=False)
+    with caplog.at_level("WARNING", logger="rig.continuous"):
+        run = run_continuous(parse_config(_doc(tmp_path, when_behind="drop_oldest")), count=8, show_status=False)
     s = run.summary
     assert s["stacks_captured"] == 8 and s["stacks_dropped"] >= 2
+    assert caplog.text.count("dropped stack") == 1  # one line a minute, not one per drop (a run of hours)
     assert s["stacks_written"] + s["stacks_dropped"] == s["stacks_captured"] and s["stacks_unaccounted"] == 0
     assert len(_stack_folders(run.run_dir)) == s["stacks_written"]
 
