@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -125,14 +126,15 @@ def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
 
 def write_result(
     result: DepthResult, out_dir: str | os.PathLike[str], *, png16: bool = True, preview: bool = True, overwrite: bool = False,
-    tiff: bool = True,
+    tiff: bool = True, also: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write ``depth.npy``, ``confidence.npy``, ``all_in_focus.png``, ``depth_preview.png``,
     ``result.yaml`` (and ``depth.png``, 16-bit millimetres, when ``png16`` and the depth is
     metric; ``depth.tif``, the float32 depth for image tools, when ``tiff``; continuous mode
     leaves it out: a second float copy of every stack) into ``out_dir``, atomically: every file fsynced in a hidden sibling folder that is
     then renamed into place; with ``overwrite``, an old result there is moved aside and removed
-    only once the new one is in place.
+    only once the new one is in place. ``also`` writes more files into the temporary folder
+    (a point cloud), so they appear with the rest.
 
     Raises:
         OutputError: the folder exists (and not ``overwrite``, or it is not a result folder:
@@ -176,6 +178,8 @@ def write_result(
                 logger.warning("%s: %d pixels lie beyond depth.png's 65.535 m (or at infinity) and are 0 there; depth.npy has them", final, beyond)
                 extra["png16_beyond_range_pixels"] = beyond
             _write_png(tmp / "depth.png", mm)
+        if also is not None:
+            also(tmp)
         # result.yaml is written last; its write time covers everything before it (and is kept
         # in result.seconds, which the command line prints)
         result.seconds["write"] = time.perf_counter() - t_start

@@ -468,10 +468,12 @@ class DepthSink(Sink):
     needs_result = True
 
     def __init__(self, root: str | os.PathLike[str], *, png16: bool = True, preview: bool = True,
-                 every_nth: int = 1, min_free_gb: float = 0.0) -> None:
+                 every_nth: int = 1, min_free_gb: float = 0.0, point_cloud: PointCloudSink | None = None) -> None:
         super().__init__(root, every_nth=every_nth, min_free_gb=min_free_gb)
         self.png16 = bool(png16)
         self.preview = bool(preview)
+        #: writes each result's points.ply inside the result folder before it is renamed into place
+        self.point_cloud = point_cloud
 
     def path_for(self, index: int) -> Path:
         assert self.root is not None
@@ -479,7 +481,9 @@ class DepthSink(Sink):
 
     def _write(self, index: int, stack: FocalStack | None, result: DepthResult | None) -> None:
         assert result is not None
-        write_result(result, self.path_for(index), png16=self.png16, preview=self.preview, tiff=False)  # depth.npy holds the floats
+        cloud = self.point_cloud
+        also = None if cloud is None else (lambda folder: cloud.write_into(folder, index, stack, result))
+        write_result(result, self.path_for(index), png16=self.png16, preview=self.preview, tiff=False, also=also)  # depth.npy holds the floats
 
 
 def _ply_header(n_points: int, comments: Sequence[str]) -> bytes:
@@ -539,6 +543,20 @@ class PointCloudSink(Sink):
         return True
 
     def _write(self, index: int, stack: FocalStack | None, result: DepthResult | None) -> None:
+        self._write_to(self.path_for(index), index, stack, result)
+
+    def write_into(self, folder: Path, index: int, stack: FocalStack | None, result: DepthResult) -> bool:
+        """Write ``points.ply`` into ``folder`` (a depth result's temporary folder, renamed into
+        place with it, so no result folder is ever seen without its cloud); counts as this sink's
+        own writes. False where the depth is not metric (skipped, as :meth:`write` skips it)."""
+        if not self._due(index, stack, result):
+            self.throttled += 1
+            return False
+        self._write_to(folder / "points.ply", index, stack, result)
+        self.written += 1
+        return True
+
+    def _write_to(self, path: Path, index: int, stack: FocalStack | None, result: DepthResult | None) -> None:
         assert result is not None
         colours = _to_rgb8(result.all_in_focus, _significant_bits(stack))
         # a breathing-aligned depth is in its reference slice's frame; the intrinsics hold in the calibration's
@@ -552,7 +570,7 @@ class PointCloudSink(Sink):
             "camera frame: x right, y down, z forward, metres",
             f"camera: fx {self.camera.fx_px:.6g} fy {self.camera.fy_px:.6g} cx {cx:.6g} cy {cy:.6g} px ({self.camera.source})",
         ]
-        _write_ply(self.path_for(index), xyz, rgb, comments)
+        _write_ply(path, xyz, rgb, comments)
 
 
 class OmeTiffSink(Sink):
@@ -849,7 +867,7 @@ def build_sinks(
 ) -> list[Sink]:
     """The sinks the config asks for, writing into ``run_dir``.
 
-    Order: stacks, OME-TIFF, depth, point cloud, preview, rerun. ``output.every_nth`` thins
+    Order: stacks, OME-TIFF, depth (with the point cloud inside each result folder), preview, rerun. ``output.every_nth`` thins
     the stack sinks; ``output.min_free_gb`` applies to every file sink; ``output.preview``
     turns on both ``live_preview.png`` and each result's ``depth_preview.png`` (as in single
     mode). With ``live.rerun`` and no display (no ``DISPLAY``/``WAYLAND_DISPLAY`` on Linux),
@@ -875,7 +893,7 @@ def build_sinks(
         sinks.append(StackSink(root, every_nth=output_cfg.every_nth, min_free_gb=min_free))
     if output_cfg.ome_tiff:
         sinks.append(OmeTiffSink(root, every_nth=output_cfg.every_nth, min_free_gb=min_free))
-    sinks.append(DepthSink(root, png16=output_cfg.depth_png16, preview=output_cfg.preview, min_free_gb=min_free))
+    cloud: PointCloudSink | None = None
     if output_cfg.point_cloud:
         assert camera is not None  # check_sinks refused a point cloud without one
         if intrinsics is None:
@@ -883,7 +901,9 @@ def build_sinks(
                 "output.point_cloud: no calibrated intrinsics; using fx = fy = %.1f px from the lens model with the "
                 "principal point at the image centre (calibrate for accurate point clouds)", camera.fx_px,
             )
-        sinks.append(PointCloudSink(root, camera, min_free_gb=min_free))
+        cloud = PointCloudSink(root, camera, min_free_gb=min_free)
+    # the depth sink writes the cloud into each result folder before it is renamed into place
+    sinks.append(DepthSink(root, png16=output_cfg.depth_png16, preview=output_cfg.preview, min_free_gb=min_free, point_cloud=cloud))
     if output_cfg.preview:
         sinks.append(PreviewSink(root, min_free_gb=min_free))
     if live_cfg.rerun:

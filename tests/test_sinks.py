@@ -192,12 +192,35 @@ def test_point_cloud_falls_back_to_the_focal_length_and_says_so(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="rig.sinks"):
         sinks = build_sinks(cfg, LiveConfig(), tmp_path, focal_length_px=50.0, image_hw=(H, W))
     assert "principal point at the image centre" in caplog.text
-    pc = next(s for s in sinks if isinstance(s, PointCloudSink))
-    pc.write(0, None, _result(np.full((H, W), 2.0, np.float32)))
+    assert not any(isinstance(s, PointCloudSink) for s in sinks)  # the depth sink writes it, inside each result folder
+    (depth_sink,) = [s for s in sinks if isinstance(s, DepthSink)]
+    depth_sink.write(0, None, _result(np.full((H, W), 2.0, np.float32)))
+    assert depth_sink.point_cloud is not None and depth_sink.point_cloud.written == 1
     _, pts = _read_ply(tmp_path / "depth" / "000000" / "points.ply")
     assert len(pts) == H * W
     np.testing.assert_allclose(pts["x"][:W], (np.arange(W) - (W - 1) / 2) * 2.0 / 50.0, atol=1e-6)
     np.testing.assert_allclose(pts["y"][0], -(H - 1) / 2 * 2.0 / 50.0, atol=1e-6)
+
+
+def test_the_point_cloud_appears_with_its_result_folder_never_after_it(tmp_path, monkeypatch):
+    """points.ply was written into depth/NNNNNN/ after that folder had been renamed into place:
+    a script picking up new result folders could read one without its cloud (10 of 40 in a review),
+    and a full disk at the PLY step left one without it for good."""
+    import reconstruct.result as result_mod
+
+    cloud = PointCloudSink(tmp_path, CameraModel.from_focal_length(50.0))
+    sink = DepthSink(tmp_path, point_cloud=cloud)
+    seen = []
+    real_move = result_mod.move_into_place
+    monkeypatch.setattr(result_mod, "move_into_place",
+                        lambda tmp, final, **kw: (seen.append(sorted(p.name for p in tmp.iterdir())), real_move(tmp, final, **kw))[1])
+    sink.write(0, _stack(), _result())
+    assert "points.ply" in seen[0] and "result.yaml" in seen[0]  # in the folder before it takes its final name
+    assert (tmp_path / "depth" / "000000" / "points.ply").is_file() and cloud.written == 1
+    monkeypatch.setattr("rig.sinks._write_ply", _raise_enospc)  # the disk fills at the cloud: no result folder at all
+    with pytest.raises(DiskFull):
+        sink.write(1, _stack(), _result())
+    assert not (tmp_path / "depth" / "000001").exists() and not _leftovers(tmp_path)
 
 
 def test_point_cloud_config_errors(tmp_path):
