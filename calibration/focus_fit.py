@@ -305,7 +305,8 @@ def fit_focus_model(
             raise CalibrationError(
                 f"focus calibration: the degree-{degree} fit turns at {turn:.4g} {unit}, inside the measured span "
                 f"{float(v.min()):.4g}..{float(v.max()):.4g} {unit}, so one actuator value there would focus at two distances; "
-                "use degree 1 (calibration.session.degree), or check the targets near that end of the range"
+                "use degree 1 (calibration.session.degree: run again and the session refits what it measured), or, if a "
+                "target near that end stood elsewhere, start a new session (move this run folder away) to measure again"
             )
     t_coef = float(coef[-1]) if use_temp else 0.0
     model = PolynomialFocusModel(

@@ -449,9 +449,10 @@ class _Pipeline:
             while not all(done.is_set() for done in finished):
                 try:
                     time.sleep(0.05)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as again:
                     if not self.hurry.is_set():
-                        logger.warning("Ctrl-C again: writing the queued stacks without depth, then the summary")
+                        logger.warning("%s again: writing the queued stacks without depth, then the summary",
+                                       "SIGTERM" if isinstance(again, Terminated) else "Ctrl-C")
                     self.hurry.set()
             if self.fatal is None:
                 self.fatal = exc

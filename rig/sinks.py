@@ -832,11 +832,12 @@ def check_sinks(
     camera: CameraModel | None = None
     if intrinsics is not None:
         camera = CameraModel.from_intrinsics(intrinsics)
-        if image_hw is not None and camera.image_hw is not None and tuple(image_hw) != camera.image_hw:
+        users = [name for name, on in (("output.point_cloud", output_cfg.point_cloud), ("live.rerun", live_cfg.rerun)) if on]
+        if users and image_hw is not None and camera.image_hw is not None and tuple(image_hw) != camera.image_hw:
             raise ConfigError(
                 f"calibration.file: the intrinsics are for {camera.image_hw[1]}x{camera.image_hw[0]} pixels, "
                 f"the camera gives {image_hw[1]}x{image_hw[0]}; recalibrate at this resolution "
-                "(needed by output.point_cloud and live.rerun)"
+                f"(needed by {' and '.join(users)})"
             )
     elif focal_length_px is not None and focal_length_px > 0 and math.isfinite(focal_length_px):
         camera = CameraModel.from_focal_length(focal_length_px, image_hw)

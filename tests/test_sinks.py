@@ -235,8 +235,10 @@ def test_check_sinks_raises_the_config_errors_without_a_run_folder(monkeypatch):
     """The checks alone, before any folder exists (continuous mode runs them first)."""
     with pytest.raises(ConfigError, match=r"^output\.point_cloud: needs camera intrinsics"):
         check_sinks(OutputConfig(point_cloud=True), LiveConfig())
-    with pytest.raises(ConfigError, match=r"^calibration\.file.*recalibrate"):
-        check_sinks(OutputConfig(), LiveConfig(), intrinsics=_intrinsics(40, 40, 16, 12, size=(64, 48)), image_hw=(H, W))
+    with pytest.raises(ConfigError, match=r"^calibration\.file.*recalibrate at this resolution \(needed by output\.point_cloud\)$"):
+        check_sinks(OutputConfig(point_cloud=True), LiveConfig(), intrinsics=_intrinsics(40, 40, 16, 12, size=(64, 48)), image_hw=(H, W))
+    # intrinsics of another size with neither a point cloud nor rerun: nothing needs them (a run was refused for them)
+    check_sinks(OutputConfig(), LiveConfig(), intrinsics=_intrinsics(40, 40, 16, 12, size=(64, 48)), image_hw=(H, W))
     camera = check_sinks(OutputConfig(point_cloud=True), LiveConfig(), focal_length_px=50.0, image_hw=(H, W))
     assert camera is not None and camera.fx_px == 50.0
     monkeypatch.setitem(sys.modules, "rerun", None)  # import rerun -> ImportError
