@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  stacks:   {s['stacks_written']} written{raw}, {s['stacks_dropped']} dropped, {s['stacks_captured']} captured "
               f"({s['stacks_per_s']:.2f} stacks/s over {s['seconds']:.1f} s); stopped by {s['stopped_by']}")
         if lat:
-            print(f"  latency:  p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s (first exposure to depth ready)")
+            print(f"  latency:  p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s (sweep start to depth ready: the first move, every slice, the queue and reconstruction)")
         if s.get("network"):
             warm = f", opened in {s['network_warm_up_s']:.2f} s while the first stack was captured" if s.get("network_warm_up_s") is not None else ""
             print(f"  network:  {s['network']}{warm}")

@@ -156,7 +156,7 @@ class ContinuousStats:
 class _Item:
     index: int
     stack: FocalStack
-    t_first_exposure_host_s: float
+    t_sweep_start_host_s: float  # when the capture call began (before the first move), host monotonic clock
     result: DepthResult | None = None
     truth: Any = None  # the simulator's scene (true depth) where the rig knows it
 
@@ -252,7 +252,7 @@ class _Pipeline:
                     continue
                 self.stats.record("capture", time.monotonic() - t0)
                 self.stats.add("captured")
-                self._put_for_reconstruction(_Item(index=index, stack=stack, t_first_exposure_host_s=t0, truth=rig.truth()))
+                self._put_for_reconstruction(_Item(index=index, stack=stack, t_sweep_start_host_s=t0, truth=rig.truth()))
                 index += 1
                 attempts_left = self.config.continuous.reconnect_attempts  # a good stack restores the budget
         except BaseException as exc:  # noqa: BLE001 (the main thread reports it)
@@ -331,7 +331,7 @@ class _Pipeline:
                     continue
                 t1 = time.monotonic()
                 self.stats.record("reconstruct", t1 - t0)
-                self.stats.latency_s.append(t1 - item.t_first_exposure_host_s)
+                self.stats.latency_s.append(t1 - item.t_sweep_start_host_s)
                 self.stats.add("reconstructed")
                 if self.stats.network is None and item.result.method == "dualfocus":
                     precision = item.result.extra.get("precision")
