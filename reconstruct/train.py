@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gc
 import json
 import logging
 import math
@@ -685,6 +686,12 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
     bar.close()
     if distributed:
         dist.barrier()
+        # DDP's reducer holds the process group: let it go first, so the group's gloo threads are
+        # joined by destroy_process_group here, not by a destructor at interpreter exit (once, under
+        # a loaded CI machine, rank 1 aborted there with "terminate called without an active exception"
+        # after training had finished; gloo's teardown order, pytorch/pytorch PR 179291)
+        del ddp_model
+        gc.collect()
         dist.destroy_process_group()
     return state
 
