@@ -184,17 +184,18 @@ class CalibrationSession:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         try:
             state = SessionState.from_dict(doc)
-            if _measured_anything(state):
+            measured = _measured_anything(state)
+            if measured:
                 self._check_plan(state, plan)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or damaged file
             what = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
             raise InputError(f"{path}: not a readable calibration session ({what}); move that run folder away to start a new session") from exc
-        if state.plan is None or not _measured_anything(state):
+        if state.plan is None or not measured:
             # an older session file: from now on it carries the plan; a session that measured
             # nothing yet (it failed at its first target) takes the plan it is run with now
             self.restarted = state.plan is not None and state.plan != plan
             state.plan = plan
-        if _measured_anything(state):
+        if measured:
             logger.info("resuming the session in %s: %d distances done", self.folder, len(state.curves))
         else:
             logger.info("the session in %s had measured nothing yet: it starts again with this plan", self.folder)
@@ -238,9 +239,6 @@ class CalibrationSession:
         frame = self.camera.grab(start_after_host_s=t_ready)
         return frame, slice_entry(frame, self.actuator)
 
-    def _frame_at(self, value: float) -> np.ndarray:
-        return self._grab_at(value)[0].image
-
     def _sweep(self, values: np.ndarray, label: str, kept: SliceStreamWriter | None = None) -> list[float]:
         """Sharpness at each value; with ``kept``, each frame (with its keys and sharpness) is written there as it comes."""
         scores = []
@@ -283,7 +281,7 @@ class CalibrationSession:
         meta: dict[str, Any] = {"capture": {"kind": "calibration sweep", **capture, "camera": self.camera.name,
                                             "focus": self.actuator.name, "roi_fraction": self.plan.roi_fraction}}
         bits = getattr(self.camera, "significant_bits", None)
-        if isinstance(bits, int) and bits < 16 and kept._kind is not None and kept._kind[1] == np.uint16:
+        if isinstance(bits, int) and bits < 16 and kept.dtype == np.uint16:
             meta["significant_bits"] = bits
         with _keeping_sweeps():
             if focus_distance_m is not None:

@@ -774,6 +774,11 @@ class SliceStreamWriter:
         self.entries: list[dict[str, Any]] = []
         self._kind: tuple[tuple[int, ...], np.dtype] | None = None
 
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The slices' sample type (None before the first slice)."""
+        return None if self._kind is None else self._kind[1]
+
     def __enter__(self) -> SliceStreamWriter:
         return self
 

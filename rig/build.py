@@ -147,8 +147,7 @@ class Rig:
     _calibration: dict[str, str] | None = field(default=None, repr=False)
 
     def planned_distances_m(self) -> np.ndarray:
-        s = self.config.sweep
-        return plan_focus_distances(range_m=s.range_m, slices=s.slices, distances_m=s.distances_m)
+        return planned_distances_m(self.config)
 
     def capture_stack(self, *, progress: Callable[[int, int], None] | None = None) -> FocalStack:
         """Sweep focus once and return the stack (far to near)."""
@@ -261,6 +260,12 @@ class Rig:
             logger.warning("while stopping after an error, closing the rig also failed: %s", close_exc)
 
 
+def planned_distances_m(config: RigConfig) -> np.ndarray:
+    """The sweep's focus distances (metres) as ``sweep`` in the config plans them."""
+    s = config.sweep
+    return plan_focus_distances(range_m=s.range_m, slices=s.slices, distances_m=s.distances_m)
+
+
 def calibration_record(config: RigConfig) -> dict[str, str] | None:
     """``{"file": path, "sha256": checksum}`` of the calibration file a run uses (None without
     one): which calibration made a stack's distances, for its stack.yaml and the run summary."""
@@ -315,8 +320,7 @@ def _check_plan_within_calibrated_range(config: RigConfig, focus_map: FocusModel
     if config.calibration.file is None:
         return
     s = config.sweep
-    distances = plan_focus_distances(range_m=s.range_m, slices=s.slices, distances_m=s.distances_m)
-    for d in distances:
+    for d in planned_distances_m(config):
         try:
             focus_map.actuator_value(float(d))
         except CalibrationError as exc:
@@ -331,8 +335,7 @@ def _check_plan_within_stage_limits(config: RigConfig, focus_map: FocusModel) ->
     foc = config.focus
     if foc.driver != "gcode" or foc.limits_mm is None:
         return
-    s = config.sweep
-    distances = plan_focus_distances(range_m=s.range_m, slices=s.slices, distances_m=s.distances_m)
+    distances = planned_distances_m(config)
     lo, hi = foc.limits_mm
     try:
         values = [float(focus_map.actuator_value(float(d))) for d in distances]

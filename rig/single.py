@@ -111,13 +111,14 @@ def _capture_and_reconstruct(config: RigConfig, run_dir: Path, seconds: dict[str
     write_result(result, run_dir / "depth" / "000000", png16=config.output.depth_png16, preview=config.output.preview)
     seconds["write_depth"] = time.perf_counter() - t0
     accuracy = None
+    latency_s = round(time.perf_counter() - t_capture0, 4)
     summary: dict[str, Any] = {
         "mode": "single",
         "stacks": 1,
         "stacks_dropped": 0,  # INTERFACES.md's summary: counts, rates, latencies, drops, errors (one stack: none dropped)
         "errors": [],
         # from the sweep's start to the depth written; as continuous mode's (p50, p95), over the one stack
-        "latency_s": {"p50": round(time.perf_counter() - t_capture0, 4), "p95": round(time.perf_counter() - t_capture0, 4)},
+        "latency_s": {"p50": latency_s, "p95": latency_s},
         "slices": stack.n_slices,
         "image_hw": list(stack.image_hw),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
