@@ -129,6 +129,16 @@ _QUIET_S = 0.05  # silence that ends a drain of stale input
 STATUS_POLL_S = 0.1  # between two status queries while a move runs (GRBL: 5-10 Hz at most)
 _FAST_STATUS_POLL_S = 0.02  # ... for the first _FAST_STATUS_WINDOW_S after the move's expected end at its feed rate
 _FAST_STATUS_WINDOW_S = 0.1
+def _plain_number(value: float) -> str:
+    """``value`` as G-code takes it: fixed point, no exponent (``{:g}`` writes 2e+06, which
+    GRBL refuses with error:20), trailing zeros dropped: 600 -> "600", 2.5 -> "2.5"."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+#: Marlin answers M400 only when the moves are done, and meanwhile sends "echo:busy: processing"
+#: every 2 s (HOST_KEEPALIVE_FEATURE, on by default): this long without a byte while waiting, and
+#: this long past the move's expected end at its feed rate, it is taken as silent (hung, unplugged)
+MARLIN_SILENCE_S = 5.0
 _CHECK_S = 0.01  # wait_settled's own loop (abort checks, the sync ok read in slices)
 _SYNC_LINE = {"grbl": "G4 P0", "marlin": "M400"}
 _MARLIN_POSITION = re.compile(r"([XYZE]):\s*(-?\d+(?:\.\d*)?)")
@@ -201,6 +211,8 @@ class GcodeFocusStage(FocusActuator):
         for what, value in (("feed_mm_min", feed_mm_min), ("timeout_s", timeout_s), ("move_timeout_s", move_timeout_s)):
             if not (math.isfinite(value) and value > 0):
                 raise InputError(f"gcode stage: {what} must be finite and > 0, got {value}")
+        if feed_mm_min < 0.01:
+            raise InputError(f"gcode stage: feed_mm_min must be at least 0.01 mm/min (written with 3 decimals), got {feed_mm_min}")
         if int(baudrate) <= 0:
             raise InputError(f"gcode stage: baudrate must be > 0, got {baudrate}")
         if not port:
@@ -233,6 +245,8 @@ class GcodeFocusStage(FocusActuator):
         self._last_status: StageStatus | None = None  # the last status report seen while waiting to settle
         self._next_status_s = -math.inf  # no '?' before this (host monotonic): the move cannot have ended yet
         self._expect_done_s = -math.inf  # when the last move would end at its feed rate
+        self._sync_sent_s = -math.inf  # when the outstanding sync line was sent
+        self._last_rx_s = -math.inf  # when the last bytes came in
         self._settle_deadline_s: float | None = None
         self._dirty = False  # an exchange failed: drop stale input before the next line
         self._wco_mm: tuple[float, ...] | None = None
@@ -591,7 +605,7 @@ class GcodeFocusStage(FocusActuator):
 
     # ------------------------------------------------------------------ role hooks
     def _do_move(self, value: float) -> None:
-        line = f"G1 {self.axis}{value:.4f} F{self.feed_mm_min:g}"
+        line = f"G1 {self.axis}{value:.4f} F{_plain_number(self.feed_mm_min)}"
         with self._io_lock:
             try:
                 self._transact(line)
@@ -637,9 +651,16 @@ class GcodeFocusStage(FocusActuator):
             # the device, its port and the command it did not answer in time (the generic
             # message named the stage alone), and what to change
             waiting = self._sync[0] if self._sync is not None else "?" if self.flavor == "grbl" else _SYNC_LINE[self.flavor]
+            overdue_s = time.monotonic() - self._expect_done_s
+            advice = (
+                f"a long move at focus.feed_mm_min {self.feed_mm_min:g} needs a larger focus.move_timeout_s"
+                if overdue_s < 1.0
+                else f"the move should have ended {overdue_s:.1f} s ago at focus.feed_mm_min {self.feed_mm_min:g}: "
+                "a controller that stays busy that long is stuck (or its feed rate is capped far lower)"
+            )
             raise DeviceTimeout(
                 f"{self._label()}: not settled within {float(timeout_s):g} s (target {self._target_mm:.4g} mm; no answer to {waiting!r} "
-                f"saying the move finished); a long move at focus.feed_mm_min {self.feed_mm_min:g} needs a larger focus.move_timeout_s"
+                f"saying the move finished); {advice}"
             ) from exc
         finally:
             self._settle_deadline_s = None
@@ -680,7 +701,8 @@ class GcodeFocusStage(FocusActuator):
         if self._dirty:
             self._resync()
         self._send_line(line)
-        self._sync = (line, time.monotonic() + self.move_timeout_s)
+        self._sync_sent_s = time.monotonic()
+        self._sync = (line, self._sync_sent_s + self.move_timeout_s)
 
     def _await_sync(self, soft_deadline_s: float | None) -> bool:
         """Wait for the outstanding sync line's ``ok``; False if ``soft_deadline_s`` came first."""
@@ -692,9 +714,27 @@ class GcodeFocusStage(FocusActuator):
             self._sync = None
             raise
         if lines is None:
+            self._check_silence(line)
             return False
         self._sync_done()
         return True
+
+    def _check_silence(self, line: str) -> None:
+        """Marlin: raise once the controller has sent nothing at all (not even its busy
+        keepalive) for :data:`MARLIN_SILENCE_S` while a move should long be over, instead of
+        waiting out ``move_timeout_s`` (GRBL's status queries catch silence within seconds)."""
+        if self.flavor != "marlin":
+            return
+        now = time.monotonic()
+        quiet_s = now - max(self._last_rx_s, self._sync_sent_s)
+        if quiet_s < MARLIN_SILENCE_S or now < self._expect_done_s + MARLIN_SILENCE_S:
+            return
+        self._sync, self._dirty = None, True
+        raise DeviceTimeout(
+            f"{self._label()}: no reply and no busy keepalive to {line!r} for {quiet_s:.1f} s, although the move to "
+            f"{self._target_mm:.4g} mm should have ended {now - self._expect_done_s:.1f} s ago; "
+            "is the controller hung, powered off or unplugged?"
+        )
 
     def _sync_done(self) -> None:
         self._sync = None
@@ -734,9 +774,10 @@ class GcodeFocusStage(FocusActuator):
             self._dirty = True
             raise self._port_lost(what, exc) from exc
 
-    def _port_lost(self, what: str, exc: BaseException) -> DeviceError:
+    def _port_lost(self, what: str, exc: BaseException, *, reading: bool = False) -> DeviceError:
+        doing = ("draining stale input" if what == "(draining)" else f"reading the reply to {what!r}") if reading else f"sending {what!r}"
         return DeviceError(
-            f"{self._label()}: serial port {self._port_path} failed while sending {what!r} ({exc}); "
+            f"{self._label()}: serial port {self._port_path} failed while {doing} ({exc}); "
             f"was the controller unplugged or powered off?"
         )
 
@@ -763,7 +804,9 @@ class GcodeFocusStage(FocusActuator):
                 chunk = ser.read(max(1, waiting))
             except (serial.SerialException, OSError) as exc:
                 self._dirty = True
-                raise self._port_lost(what, exc) from exc
+                raise self._port_lost(what, exc, reading=True) from exc
+            if chunk:
+                self._last_rx_s = time.monotonic()
             self._rx += chunk
             if expired and self._rx.find(b"\n") < 0:
                 return None

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from capture.devices import Camera, Frame
-from capture.errors import ConfigError, DeviceError, DeviceTimeout
+from capture.errors import ConfigError, DeviceError, DeviceTimeout, RigError
 from capture.gentl import info_field, resolve_producers
 from capture.pixel_formats import to_image
 
@@ -53,6 +53,16 @@ def node(node_map: Any, name: str) -> Any | None:
     except AttributeError:  # a plain object standing in for a node map
         has = hasattr(node_map, name)
     return getattr(node_map, name) if has else None
+
+
+def _producers_not_loaded(harvester: Any, producers: Sequence[Path]) -> list[Path]:
+    """The producers harvesters skipped at ``update()`` (it only logs them). Read from its
+    ``_producers`` list (each with a ``path_name``); an empty list where that is unavailable."""
+    try:
+        loaded = {str(Path(p.path_name).resolve()) for p in harvester._producers}
+    except Exception:  # another harvesters release: nothing to tell
+        return []
+    return [p for p in producers if str(Path(p).resolve()) not in loaded]
 
 
 @contextlib.contextmanager
@@ -175,6 +185,14 @@ class GenicamCamera(Camera):
                 harvester.add_file(str(p), check_existence=True)
             harvester.update()
             infos = list(harvester.device_info_list)
+            unloaded = _producers_not_loaded(harvester, producers)
+            if unloaded and not infos:
+                raise ConfigError(
+                    f"camera.producer: {', '.join(map(str, unloaded))} is not a loadable GenTL producer "
+                    "(harvesters could not open it: not a .cti library, or one for another platform)"
+                )
+            for p in unloaded:
+                logger.warning("%s: GenTL producer %s could not be loaded; using the others", self.name, p)
             pick = self._pick(infos, producers)
             try:
                 with _own_sigint():
@@ -186,8 +204,16 @@ class GenicamCamera(Camera):
             self.identity = {k: str(info_field(info, a)) for k, a in (("id", "id_"), ("serial_number", "serial_number"), ("model", "model"), ("vendor", "vendor"))}
             self.identity["producer"] = ", ".join(str(p) for p in producers)
             self.name = f"genicam {self.identity['model']} #{self.identity['serial_number']}"
-            self._configure()
-            self._acquirer.start()
+            try:
+                self._configure()
+            except RigError:
+                raise
+            except Exception as exc:  # a GenApi AccessException, OutOfRange, a removed device
+                raise DeviceError(f"{self.name}: configuring the camera failed: {exc}") from exc
+            try:
+                self._acquirer.start()
+            except Exception as exc:
+                raise DeviceError(f"{self.name}: starting acquisition failed: {exc}") from exc
         except BaseException:
             self._teardown(harvester)
             raise

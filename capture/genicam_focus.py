@@ -68,7 +68,11 @@ class GenicamFocus(FocusActuator):
     @property
     def limits(self) -> tuple[float, float]:
         n = self._focus_node()
-        return float(n.min), float(n.max)
+        with self._lock:
+            try:
+                return float(n.min), float(n.max)
+            except Exception as exc:
+                raise DeviceError(f"{self.name}: reading the limits of {self._feature} failed: {exc}") from exc
 
     @property
     def target(self) -> float:
@@ -91,7 +95,7 @@ class GenicamFocus(FocusActuator):
             present = [f for f in wanted if node(nm, f) is not None]
             if not present:
                 raise ConfigError(
-                    f"focus.driver genicam: the camera has no {' or '.join(wanted)} feature (SFNC OpticControl); "
+                    f"focus.driver: genicam: the camera has no {' or '.join(wanted)} feature (SFNC OpticControl); "
                     "use a serial focus driver (optotune, gcode) instead"
                 )
             self._nm, self._feature = nm, present[0]
@@ -101,9 +105,12 @@ class GenicamFocus(FocusActuator):
                 for command in ("FocusInitialize", "OpticControllerInitialize"):
                     n = node(nm, command)
                     if n is not None:
-                        n.execute()
+                        try:
+                            n.execute()
+                        except Exception as exc:
+                            raise DeviceError(f"{self.name}: executing {command} (FocusStatus NotInitialized) failed: {exc}") from exc
                         break
-            self._target = float(node(nm, self._feature).value)
+            self._target = self._read_focus()
         logger.info("%s: %s (%s) on %s", self.name, self._feature, self.unit, self.controller)
 
     def _do_close(self) -> None:
@@ -139,7 +146,15 @@ class GenicamFocus(FocusActuator):
 
     def _do_position(self) -> float:
         with self._lock:
+            return self._read_focus()
+
+    def _read_focus(self) -> float:
+        """The focus feature's value; any GenApi failure (device removed, not readable) is a
+        :class:`DeviceError` naming the feature. Call with the lock held."""
+        try:
             return float(node(self._nm, self._feature).value)
+        except Exception as exc:
+            raise DeviceError(f"{self.name}: reading {self._feature} failed: {exc}") from exc
 
     def temperature_c(self) -> float | None:
         if self._nm is None:

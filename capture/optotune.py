@@ -180,6 +180,7 @@ class OptotuneLensDriver(FocusActuator):
         self._refusable = False  # E2/E3 raise _Refused instead of failing (optional queries)
         self._informational = False  # any unanswered query raises _Unanswered, logged quietly
         self._temperature_command: ld4.Command | None = None  # the TCA/TA form that answered at open
+        self._readback_pending = False  # a move not yet followed by any query (see _do_is_settled)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -413,6 +414,7 @@ class OptotuneLensDriver(FocusActuator):
             raw = ld4.focal_power_to_raw(value, self._firmware_type)
             self._set(ld4.set_focal_power(raw))
             self._target = ld4.raw_to_focal_power(raw, self._firmware_type)
+        self._readback_pending = True
 
     def _do_is_settled(self) -> bool:
         """True once ``settle_time_s`` has passed since the last set command: the LD4 cannot
@@ -420,7 +422,14 @@ class OptotuneLensDriver(FocusActuator):
         a fixed wait timed from the write. Meanwhile, an error reply the LD4 sent for that
         command is raised."""
         self._check_unsolicited()
-        return time.monotonic() - self._written_at_s >= self.settle_time_s
+        settled = time.monotonic() - self._written_at_s >= self.settle_time_s
+        if settled and self._readback_pending and self._temperature_command is None:
+            # Set commands have no reply, and a sweep's only other query is the per-slice
+            # temperature: without TCA/TA a silent LD4 (hung, unplugged behind a hub) would go
+            # unnoticed for a whole sweep. One read-back per move times out instead.
+            self._readback_pending = False
+            self._do_position()
+        return settled
 
     def _do_position(self) -> float:
         if self.mode == "current":

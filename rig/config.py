@@ -228,7 +228,7 @@ class GcodeFocusConfig(_Strict):
     home_on_start: bool = True
     limits_mm: tuple[float, float] | None = Field(
         None, description="soft limits in work coordinates, mm; null: the controller's travel ($13x on GRBL, M211 on Marlin)")
-    feed_mm_min: float = Field(600.0, gt=0)
+    feed_mm_min: float = Field(600.0, ge=0.01, le=100000, description="feed rate of every move")
     baudrate: int = Field(115200, gt=0, description="serial speed: 115200 for GRBL 1.1 and most boards, 250000 for stock Marlin")
     timeout_s: float = Field(2.0, gt=0, le=60)
     move_timeout_s: float = Field(30.0, gt=0, le=600)

@@ -419,6 +419,8 @@ def _hw(camera: dict, focus: dict) -> dict:
         (_hw({}, {"driver": "optotune", "port": "emulator", "mode": "voltage"}), "focus.mode"),
         (_hw({}, {"driver": "gcode", "port": "/dev/ttyUSB0", "limits_mm": [5, 1]}), "focus.limits_mm: need [low, high] with low < high"),
         (_hw({}, {"driver": "gcode", "port": "/dev/ttyUSB0", "flavor": "smoothie"}), "focus.flavor"),
+        (_hw({}, {"driver": "gcode", "port": "/dev/ttyUSB0", "feed_mm_min": 2e6}), "focus.feed_mm_min"),
+        (_hw({}, {"driver": "gcode", "port": "/dev/ttyUSB0", "feed_mm_min": 5e-5}), "focus.feed_mm_min"),
         (_hw({}, {"driver": "lens9000"}), "focus.driver: unknown driver 'lens9000'; valid: gcode, genicam, optotune, simulated"),
     ],
 )

@@ -546,3 +546,49 @@ def test_marlin_opens_after_a_grbl_attempt_left_bytes_in_its_line_buffer(started
     started.append(stage)
     stage.open()
     assert stage.is_open and "Marlin" in stage.firmware
+
+
+def test_a_marlin_that_goes_silent_while_moving_is_caught_without_waiting_out_the_move_timeout(started, monkeypatch) -> None:
+    """Marlin answers M400 only when the moves are done, meanwhile sending its busy keepalive:
+    nothing at all, well past the move's expected end, is a hung or unplugged controller."""
+    monkeypatch.setattr("capture.gcode.MARLIN_SILENCE_S", 0.5)
+    emulator, stage = make(started, "marlin", home_on_start=False, move_timeout_s=30.0)
+    stage.open()
+    stage.move_to(mm("marlin", 1.0))  # 0.1 s of motion at 600 mm/min
+    emulator.inject("stall")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout) as info:
+        stage.wait_settled(timeout_s=30.0)
+    assert time.monotonic() - t0 < 0.5 + 0.1 + 1.0
+    message = str(info.value)
+    assert "no reply and no busy keepalive to 'M400'" in message and emulator.port in message
+    assert "move_timeout_s" not in message  # not blamed on a long move
+
+
+def test_a_marlin_busy_keepalive_keeps_a_long_move_waiting(started, monkeypatch) -> None:
+    """The busy keepalive counts as an answer: a move longer than the silence limit settles."""
+    monkeypatch.setattr("capture.gcode.MARLIN_SILENCE_S", 0.3)
+    emulator, stage = make(started, "marlin", home_on_start=False)
+    emulator.BUSY_INTERVAL_S = 0.1
+    stage.open()
+    stage.move_to(mm("marlin", 10.0))  # 1 s of motion at 600 mm/min
+    stage.wait_settled(timeout_s=5.0)
+    assert stage.position() == pytest.approx(mm("marlin", 10.0), abs=0.01)
+
+
+@pytest.mark.parametrize(("feed", "written"), [(2_000_000.0, "F2000000"), (12.5, "F12.5"), (600.0, "F600")])
+def test_feed_rates_are_written_without_an_exponent(started, feed: float, written: str) -> None:
+    """'{:g}' wrote F2e+06, which GRBL refuses (error:20)."""
+    emulator, stage = make(started, "grbl", home_on_start=False, feed_mm_min=feed)
+    stage.open()
+    stage.move_to(mm("grbl", 0.5))
+    assert f"G1 Z{mm('grbl', 0.5):.4f} {written}".encode() in emulator.received
+
+
+def test_a_port_that_fails_while_reading_says_reading(started) -> None:
+    emulator, stage = make(started, "grbl", home_on_start=False)
+    stage.open()
+    stage.move_to(mm("grbl", 20.0))
+    emulator.inject("disconnect")  # the next request is read, then the port goes: its reply never comes
+    with pytest.raises(DeviceError, match=r"failed while reading the reply to '\?'"):
+        stage.wait_settled(timeout_s=5.0)

@@ -425,3 +425,67 @@ def test_a_write_the_device_fails_for_other_reasons_stays_a_device_error(tmp_pat
     with pytest.raises(DeviceError, match=r"writing Gain = 6.0 failed: AccessException") as err:
         GenicamCamera(producer=str(cti), gain_db=6.0).open()
     assert err.value.exit_code == 3 and not isinstance(err.value, ConfigError)
+
+
+def test_a_failing_genapi_call_in_camera_focus_is_a_device_error_not_a_traceback() -> None:
+    """GenApi raises its own exceptions (AccessException, a removed device): in-camera focus
+    turns them into DeviceError (exit 3, one line) at open and while reading the position."""
+
+    class AccessException(Exception):  # stands in for genicam.genapi.AccessException
+        pass
+
+    def refuse() -> None:
+        raise AccessException("Node is not writable")
+
+    lens = FakeLens("FocalPower", initialized=False)
+    lens.node_map._nodes["FocusInitialize"] = FakeNode(on_execute=refuse)
+    focus = GenicamFocus(lambda: lens.node_map)
+    with pytest.raises(DeviceError, match=r"executing FocusInitialize \(FocusStatus NotInitialized\) failed: Node is not writable") as err:
+        focus.open()
+    assert err.value.exit_code == 3 and not focus.is_open
+
+    lens = FakeLens("FocalPower")
+    with GenicamFocus(lambda: lens.node_map) as focus:
+        def removed() -> float:
+            raise AccessException("Node is not readable (device removed)")
+
+        lens._focus._value = removed
+        with pytest.raises(DeviceError, match=r"reading FocalPower failed: Node is not readable"):
+            focus.position()
+
+
+def test_a_camera_without_focus_features_names_the_field() -> None:
+    """The message starts with the field, so run_rig.py can prefix the config file."""
+    nm = FakeNodeMap()
+    with pytest.raises(ConfigError, match=r"^focus\.driver: genicam: the camera has no FocalPower or FocusStepper feature"):
+        GenicamFocus(lambda: nm).open()
+
+
+def test_a_failure_starting_acquisition_is_a_device_error(tmp_path: Path, monkeypatch) -> None:
+    cti = tmp_path / "standin.cti"
+    cti.write_bytes(b"")
+
+    class _NoStart(_FakeHarvester):
+        def create(self, index: int) -> _FakeAcquirer:
+            ia = super().create(index)
+
+            def refuse() -> None:
+                raise RuntimeError("GenTL error -1004: resource in use")
+
+            ia.start = refuse
+            return ia
+
+    monkeypatch.setattr("harvesters.core.Harvester", _NoStart)
+    with pytest.raises(DeviceError, match=r"starting acquisition failed: GenTL error -1004") as err:
+        GenicamCamera(producer=str(cti)).open()
+    assert err.value.exit_code == 3
+
+
+def test_a_file_that_is_not_a_gentl_producer_is_a_config_error(tmp_path: Path) -> None:
+    """Real harvesters skips a .cti it cannot load and finds no camera; that is the producer's
+    fault (exit 2 naming camera.producer), not 'no camera found' (exit 3)."""
+    fake = tmp_path / "fake.cti"
+    fake.write_text("not a shared library\n")
+    with pytest.raises(ConfigError, match=rf"^camera\.producer: {fake} is not a loadable GenTL producer") as err:
+        GenicamCamera(producer=str(fake)).open()
+    assert err.value.exit_code == 2

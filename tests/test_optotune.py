@@ -926,3 +926,26 @@ def test_a_set_command_refused_on_every_send_stops_the_driver(drivers: list) -> 
         assert not lens.is_open
     finally:
         emu.stop()
+
+
+@needs_pty
+def test_without_a_temperature_query_each_move_is_read_back_so_a_silent_ld4_is_seen(emulator: OptotuneEmulator, drivers: list) -> None:
+    """Set commands have no reply; a sweep's only query per slice is the temperature. On a
+    firmware that answers neither TCA nor TA, one read-back (Ar) per move stands in, so an LD4
+    gone silent stops the sweep at the next slice instead of 'capturing' a whole stack."""
+    emulator.error_replies[b"TCA"] = 3
+    emulator.error_replies[b"TA"] = 3
+    lens = make_driver(drivers, emulator.port, timeout_s=0.15, retries=1, settle_time_s=0.005)
+    lens.open()
+    assert lens.temperature_c() is None
+    n_before = len(emulator.received)
+    lens.move_to(40.0)
+    lens.wait_settled(timeout_s=1.0)
+    lens.wait_settled(timeout_s=1.0)  # settled again: no second read-back for the same move
+    assert emulator.received[n_before:].count(ld4.get_current().frame) == 1
+    lens.move_to(50.0)
+    emulator.inject("stall")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceTimeout, match=r"Ar \(get current\): no reply") as info:
+        lens.wait_settled(timeout_s=5.0)
+    assert emulator.port in str(info.value) and time.monotonic() - t0 < 1.5

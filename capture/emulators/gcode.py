@@ -361,7 +361,8 @@ class GcodeEmulator(PtyEmulator):
                 elif released and fault == "drop_bytes":
                     released = released[:-1]
                 out += released
-            if self.flavor == "marlin" and self._blocked is not None and now - self._busy_since_s >= self.BUSY_INTERVAL_S:
+            # a stalled (hung) firmware sends nothing, its busy keepalive included
+            if fault != "stall" and self.flavor == "marlin" and self._blocked is not None and now - self._busy_since_s >= self.BUSY_INTERVAL_S:
                 out += b"echo:busy: processing\n"
                 self._busy_since_s = now
             return bytes(out)
