@@ -107,15 +107,34 @@ def move_into_place(tmp: Path, final: Path, *, overwrite: bool, what: str) -> No
 
 def probe_writable(final: Path) -> None:
     """Fail before the work rather than after it: create ``final``'s parent folder and a
-    temporary sibling there (removed at once). Raises :class:`OutputError` naming the folder
-    (read-only, no permission, a file in the way)."""
+    temporary sibling there, then remove both again (the parent folders only where this call
+    created them: a run that fails later on bad input leaves nothing behind). Raises
+    :class:`OutputError` naming the folder (read-only, no permission, a file in the way)."""
     final = Path(final)
+    created: list[Path] = []
+    folder = final.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        _remove_empty(created)
         raise OutputError(f"{final.parent}: cannot create the output folder ({err.strerror or err})") from err
-    probe = make_sibling(final, "tmp")
     try:
-        os.rmdir(probe)
-    except OSError:
-        pass
+        probe = make_sibling(final, "tmp")
+        try:
+            os.rmdir(probe)
+        except OSError:
+            pass
+    finally:
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first), each only if empty; errors ignored."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

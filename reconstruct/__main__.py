@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shlex
 import time
@@ -16,7 +17,7 @@ from capture.imageio import IMAGE_SUFFIXES
 from capture.stack import STACK_YAML, FocalStack
 from reconstruct.api import ALIGN_MODES, METHODS, reconstruct_stack
 from reconstruct.classical import FOCUS_MEASURES
-from reconstruct.result import write_result
+from reconstruct.result import check_replaceable, write_result
 
 logger = logging.getLogger("reconstruct")
 
@@ -114,12 +115,15 @@ def _as_flags(exc: ReconstructionError) -> ReconstructionError:
         renamed = "--" + renamed
     if renamed.startswith("precision: "):
         renamed = "--" + renamed
+    if renamed.startswith("input_scale: "):
+        renamed = "--input-scale: " + renamed.removeprefix("input_scale: ")
     return exc if renamed == text else ReconstructionError(renamed)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.out.exists() and not args.overwrite:
+    if os.path.lexists(args.out) and not args.overwrite:
         raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
+    check_replaceable(args.out, overwrite=True)  # what --overwrite would refuse, refused before the work
     probe_writable(args.out)  # a read-only or full place is found before the reconstruction, not after it
     if args.focus_measure is not None and args.method != "classical":
         logger.warning("--focus-measure applies to --method classical only; ignored with --method %s", args.method)
@@ -146,6 +150,8 @@ def _run(args: argparse.Namespace) -> int:
             raise rephrased from exc
         raise
     result.seconds["read"] = t_read
+    if args.model is not None and args.weights is not None and result.model not in (None, args.model):
+        logger.warning("--model %s: %s holds %s; reconstructed with %s", args.model, args.weights, result.model, result.model)
     out = write_result(result, args.out, png16=True, preview=not args.no_preview, overwrite=args.overwrite)
     total = time.perf_counter() - t_start
     rng = result.depth_range()

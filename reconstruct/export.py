@@ -37,7 +37,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="python -m reconstruct.export", description="Export the DualFocus network for one stack shape.")
-    p.add_argument("--model", default="dualfocus-s", help="registered model name (default: dualfocus-s)")
+    p.add_argument("--model", default=None, help="registered model name (default: dualfocus-s; with --weights, the file's own architecture is used)")
     p.add_argument("--weights", type=Path, default=None, help="safetensors weights (default: the model's shipped ones)")
     p.add_argument("--shape", type=_shape, required=True, help="NxHxW: slices x height x width, H and W multiples of 4 (e.g. 10x288x384)")
     p.add_argument("--to", required=True, choices=["onnx", "tensorrt"], help="artefact kind")
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         raise OutputError(f"{args.out}: already exists (choose another --out, or pass --overwrite)")
     if args.out.is_dir():
         raise OutputError(f"{args.out}: is a folder; --out names the output file")
-    weights = resolve_weights(args.model, args.weights)
+    weights = resolve_weights(args.model or "dualfocus-s", args.weights)
     if args.int8 and (args.fp16 or args.to != "onnx"):
         raise ReconstructionError("--int8: an int8 graph is exported --to onnx only, and not together with --fp16")
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
@@ -87,7 +87,10 @@ def _run(args: argparse.Namespace) -> int:
         handle = load_or_build_engine(art.path, art.sha256, shapes=io_shapes(args.shape), precision=precision, cache_root=cache_dir())
         copy_atomic(handle.path, args.out)
         what = f"TensorRT {handle.key['tensorrt']} engine for {handle.key['gpu']} (sm {handle.key['compute_capability']})"
-    print(f"{args.out}  {args.model} {n}x{h}x{w} {precision}, {what}{' (from the cache)' if art.reused else ''}")
+    model = art.key["model"]  # what the weights file holds (its metadata), whatever --model said
+    if args.model is not None and args.model != model:
+        logger.warning("--model %s: %s holds %s; exported %s", args.model, weights, model, model)
+    print(f"{args.out}  {model} {n}x{h}x{w} {precision}, {what}{' (from the cache)' if art.reused else ''}")
     return 0
 
 

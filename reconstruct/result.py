@@ -27,7 +27,7 @@ from reconstruct.preview import depth_preview
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DepthResult", "write_result", "png16_millimetres", "RESULT_FORMAT", "PNG16_SCALE_M"]
+__all__ = ["DepthResult", "check_replaceable", "write_result", "png16_millimetres", "RESULT_FORMAT", "PNG16_SCALE_M"]
 
 RESULT_FORMAT = "depth-result/1"
 PNG16_SCALE_M = 0.001
@@ -124,6 +124,27 @@ def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
     return np.where(beyond | (mm < 0), 0, mm).astype(np.uint16), int(beyond.sum())
 
 
+def check_replaceable(final: Path, *, overwrite: bool) -> None:
+    """Raise :class:`OutputError` unless a result may be written at ``final``: it does not exist,
+    or ``overwrite`` and it is an earlier result (a real folder with ``result.yaml``, or empty).
+    Command lines call it before the work; :func:`write_result` again before writing."""
+    final = Path(final)
+    if not os.path.lexists(final):
+        return
+    if not overwrite:
+        raise OutputError(f"{final}: already exists (choose another --out, or remove it)")
+    if final.is_symlink():
+        raise OutputError(f"{final}: is a symbolic link; refusing to replace it (give the folder it points to)")
+    if not final.is_dir():
+        raise OutputError(f"{final}: exists and is not a folder; refusing to replace it")
+    try:
+        foreign = not (final / "result.yaml").is_file() and any(final.iterdir())
+    except OSError as exc:
+        raise OutputError(f"{final}: cannot look inside ({exc.strerror or exc}); refusing to replace it") from exc
+    if foreign:
+        raise OutputError(f"{final}: exists and is not a reconstruction result (no result.yaml); refusing to replace it")
+
+
 def write_result(
     result: DepthResult, out_dir: str | os.PathLike[str], *, png16: bool = True, preview: bool = True, overwrite: bool = False,
     tiff: bool = True, also: Callable[[Path], object] | None = None,
@@ -141,13 +162,7 @@ def write_result(
             no ``result.yaml``, and not empty) or cannot be written.
     """
     final = Path(out_dir)
-    if os.path.lexists(final):
-        if not overwrite:
-            raise OutputError(f"{final}: already exists (choose another --out, or remove it)")
-        if not final.is_dir() or final.is_symlink():
-            raise OutputError(f"{final}: exists and is not a folder; refusing to replace it")
-        if not (final / "result.yaml").is_file() and any(final.iterdir()):
-            raise OutputError(f"{final}: exists and is not a reconstruction result (no result.yaml); refusing to replace it")
+    check_replaceable(final, overwrite=overwrite)
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

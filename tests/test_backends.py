@@ -347,6 +347,7 @@ def test_auto_picks_a_cpu_backend_and_says_why(isolated_cache: Path, caplog: pyt
     monkeypatch.setattr(select_mod, "cpu_bf16_native", lambda: True)
     choice = select_mod.select_backend("auto")
     assert choice.name == "torch" and "has no bf16 figure" in choice.reason
+    assert "no CPU measurement yet" not in choice.reason  # it names the measurement file: one exists
     assert select_mod.select_backend("auto", "fp32").name == "onnxruntime"  # fp32 asked for: the fp32 figures decide
     # without onnxruntime: torch
     monkeypatch.setattr(select_mod, "onnxruntime_providers", lambda: None)
@@ -843,6 +844,17 @@ def test_export_cli_writes_a_loadable_onnx_file(tiny_weights: Path, tmp_path: Pa
     depth, _conf, _pos = sess.run(None, {"stack": np.random.default_rng(0).random((1, 3, 3, 32, 48), dtype=np.float32),
                                          "focus": np.array([[0.5, 1.0, 2.0]], np.float32)})
     assert depth.shape == (1, 32, 48) and 0.0 <= depth.min() <= depth.max() <= 1.0
+
+
+def test_export_cli_names_the_model_the_weights_hold(tiny_weights: Path, tmp_path: Path, isolated_cache: Path) -> None:
+    """--model with --weights of another architecture: the file's architecture is exported,
+    and the printed line says so (it echoed --model), with a warning about the mismatch."""
+    out = tmp_path / "tiny.onnx"
+    proc = _run("-m", "reconstruct.export", "--model", "dualfocus-paper", "--weights", str(tiny_weights),
+                "--shape", "3x32x48", "--to", "onnx", "--out", str(out), cache=isolated_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "dualfocus-tiny 3x32x48 fp32" in proc.stdout and "dualfocus-paper" not in proc.stdout
+    assert "--model dualfocus-paper" in proc.stderr and "holds dualfocus-tiny" in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -187,6 +187,13 @@ def test_load_weights_refuses_corrupt_metadata(tmp_path: Path, kind: str) -> Non
         load_weights(path)
 
 
+def test_a_shape_mismatch_names_the_first_tensor_that_does_not_fit(tmp_path: Path) -> None:
+    """torch's message starts with a heading line; the one-line error carried only that."""
+    path = _corrupt_metadata_file(tmp_path, "tensor-shapes-do-not-fit")
+    with pytest.raises(InputError, match=r"\(size mismatch for [\w.]+: copying a param with shape .*; \d+ more\)"):
+        load_weights(path)
+
+
 def _adamw_after_steps(model: torch.nn.Module, steps: int) -> torch.optim.AdamW:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, betas=(0.8, 0.99))
     x, f = _inputs()

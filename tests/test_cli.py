@@ -557,6 +557,28 @@ def test_reconstruct_out_already_exists(stack_dir: Path, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_reconstruct_bad_input_leaves_no_output_parent_folders(tmp_path: Path) -> None:
+    """The writability probe made --out's parents and left them when the stack then failed."""
+    out = tmp_path / "new" / "deeper" / "out"
+    _assert_bad_input(reconstruct(tmp_path / "no_stack", "--out", out), "no_stack")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_reconstruct_overwrite_refuses_what_it_cannot_replace_before_the_work(tmp_path: Path) -> None:
+    """A folder that is not a result, or a link, is refused first: here the stack does not even
+    exist, and the line is about --out (it used to come after the whole reconstruction)."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine", encoding="utf-8")
+    line = _assert_bad_input(reconstruct(tmp_path / "no_stack", "--out", foreign, "--overwrite"), foreign)
+    assert "not a reconstruction result" in line
+    assert (foreign / "keep.txt").read_text(encoding="utf-8") == "mine"
+    link = tmp_path / "link"
+    link.symlink_to(foreign, target_is_directory=True)
+    line = _assert_bad_input(reconstruct(tmp_path / "no_stack", "--out", link, "--overwrite"), link)
+    assert "is a symbolic link" in line
+
+
 def test_reconstruct_out_under_a_file(stack_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder", encoding="utf-8")
@@ -595,6 +617,14 @@ def test_reconstruct_bad_argument_is_one_line(stack_dir: Path, tmp_path: Path, a
     args = [str(stack_dir) if a == "STACK" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     _assert_bad_input(reconstruct(*args))
     _assert_no_output(tmp_path / "out")
+
+
+def test_reconstruct_names_its_flags_in_the_api_s_messages() -> None:
+    from capture.errors import ReconstructionError
+    from reconstruct.__main__ import _as_flags
+
+    message = "input_scale: 0.1 makes the 64x80 slices 6x8 px; the network needs at least 8 px a side"
+    assert str(_as_flags(ReconstructionError(message))) == "--" + message.replace("input_scale", "input-scale", 1)
 
 
 def test_rig_with_the_network_records_model_and_backend(tmp_path: Path) -> None:

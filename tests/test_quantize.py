@@ -416,3 +416,17 @@ def test_int8_is_refused_before_any_capture_where_the_quantiser_is_too_old(monke
     for backend in ("auto", "onnxruntime"):
         with pytest.raises(ReconstructionError, match=r"^precision: int8 needs onnxruntime 1.27"):
             check_ready("dualfocus", backend=backend, precision="int8")
+
+
+@needs_quantiser
+def test_int8_export_survives_a_cache_limit_smaller_than_its_graphs(isolated_cache: Path, monkeypatch) -> None:
+    """A stack above the calibration size exports two fp32 graphs (the base and a smaller one to
+    calibrate on); the second export's pruning under a small DUALFOCUS_CACHE_MAX_MB removed the
+    base, and the quantisation then failed as 'cannot write the ONNX cache'."""
+    monkeypatch.setattr(quantize, "CALIBRATION_MAX_PIXELS", 16 * 24)
+    monkeypatch.setenv(export_mod.CACHE_MAX_ENV, "0.001")  # 1 kB: every graph is over it
+    weights = infer.shipped_weights("dualfocus-s")
+    shape = (2, 32, 48)
+    assert quantize.calibration_shape(shape) != shape
+    art = export_mod.export_onnx(weights, shape, precision="int8")
+    assert art.path.is_file() and "_int8_" in art.path.name

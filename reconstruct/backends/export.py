@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,9 +175,11 @@ def export_onnx(
     precision: str = "fp32",
     opset: int = DEFAULT_OPSET,
     cache: Path | None = None,
+    keep: Collection[Path] = (),
 ) -> OnnxArtifact:
     """The ONNX graph of ``weights`` for stacks ``shape = (N, H, W)`` (H, W multiples of 4),
-    from the cache or exported into it.
+    from the cache or exported into it. ``keep``: cache files a caller still needs, never
+    pruned to make room for this one.
 
     ``precision="fp16"`` exports the graph with the network body in half precision and the
     softmax, expectations and confidence in float32 (:class:`InferenceGraph`), the form a
@@ -210,10 +212,12 @@ def export_onnx(
         _torch_export(graph, (n, h, w), tmp, opset)
         return {}
 
-    return _cached_or_built(final, key, build, weights=weights, what=f"ONNX export of {model} for {n}x{h}x{w} ({precision}, opset {opset})")
+    return _cached_or_built(final, key, build, weights=weights, what=f"ONNX export of {model} for {n}x{h}x{w} ({precision}, opset {opset})", keep=keep)
 
 
-def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, weights: Path, what: str) -> OnnxArtifact:
+def _cached_or_built(
+    final: Path, key: dict, build: Callable[[Path], dict], *, weights: Path, what: str, keep: Collection[Path] = ()
+) -> OnnxArtifact:
     """The cache entry ``final`` for ``key``, or ``build(tmp)`` written atomically under it with a
     JSON sidecar (``key``, what ``build`` returned, the ONNX sha256); errors as one line."""
     sidecar = final.with_suffix(".json")
@@ -242,7 +246,7 @@ def _cached_or_built(final: Path, key: dict, build: Callable[[Path], dict], *, w
             final.unlink(missing_ok=True)
             raise OutputError(f"{final.parent}: cannot write the ONNX cache ({exc.strerror or exc}); set {CACHE_ENV} to a writable folder") from exc
         logger.info("%s: %s in %.1f s", what, final, time.perf_counter() - t0)
-        prune_cache(final.parent, keep={final}, max_bytes=max_bytes)
+        prune_cache(final.parent, keep={final, *keep}, max_bytes=max_bytes)
         return OnnxArtifact(final, onnx_sha, key, False)
 
 
@@ -341,7 +345,9 @@ def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cach
         raise ReconstructionError(f"precision: int8 needs the onnx and onnxruntime packages (pip install 'dualfocus-rig[onnx]'): {exc}") from exc
     base = export_onnx(weights, shape, precision="fp32", opset=opset, cache=cache)
     cal_shape = q.calibration_shape(shape)
-    cal = export_onnx(weights, cal_shape, precision="fp32", opset=opset, cache=cache) if cal_shape != tuple(shape) else None
+    # the base graph must survive the calibration graph's export (a small DUALFOCUS_CACHE_MAX_MB
+    # pruned it there, and the quantisation then failed), and both graphs the quantisation
+    cal = export_onnx(weights, cal_shape, precision="fp32", opset=opset, cache=cache, keep=(base.path,)) if cal_shape != tuple(shape) else None
     n, h, w = shape
     key = {**base.key, "precision": "int8", "fp32_onnx_sha256": base.sha256, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
            "recipe": q.RECIPE, "calibration_shape": list(cal_shape), "calibration_stacks": q.CALIBRATION_STACKS,
@@ -351,6 +357,7 @@ def _export_int8(weights: Path, shape: tuple[int, int, int], *, opset: int, cach
     return _cached_or_built(
         final, key, lambda tmp: q.quantize_int8(base.path, tmp, shape, calibration_onnx=cal.path if cal else None),
         weights=weights, what=f"int8 quantisation of {key['model']} for {n}x{h}x{w}",
+        keep=(base.path,) if cal is None else (base.path, cal.path),
     )
 
 

@@ -58,9 +58,10 @@ __all__ = [
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 LATENCY_FILE = "backends_cpu.json"
 REPO_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / LATENCY_FILE
-UNMEASURED_REASON = ("no CPU measurement yet (benchmarks/bench_backends.py writes one); torch by default (no export step; on a 2-core "
+DEFAULT_REASON = ("torch by default (no export step; on a 2-core "
                      "Zen 5 with native bfloat16 its bf16 path was the fastest float one, 194-217 ms per 10x288x384 stack against "
                      "ONNX Runtime fp32 340-354 ms and torch fp32 367-384 ms; without native bfloat16 ONNX Runtime fp32 may be the faster)")
+UNMEASURED_REASON = f"no CPU measurement yet (benchmarks/bench_backends.py writes one); {DEFAULT_REASON}"
 
 UNMEASURED_OPENVINO_REASON = ("onnxruntime in bf16 by default where its OpenVINO build is installed and the CPU computes bfloat16 "
                               "natively (on a 2-core Xeon with AMX it ran a 10x288x384 stack in 80 ms against torch bf16's 158 ms); "
@@ -209,7 +210,11 @@ def _cpu_choice(precision: str = "auto") -> BackendChoice:
             return BackendChoice("onnxruntime", "cpu", f"no CUDA GPU; {path} has no figures for both bf16 paths; {UNMEASURED_OPENVINO_REASON}")
         if precision in ("auto", "bf16") and cpu_bf16_native():
             if "torch-bf16" not in figures:  # measured before bf16 was: it cannot speak for bf16 torch
-                return BackendChoice("torch", "cpu", f"no CUDA GPU; this CPU computes bfloat16 natively and {path} has no bf16 figure; {UNMEASURED_REASON}")
+                return BackendChoice(
+                    "torch", "cpu",
+                    f"no CUDA GPU; this CPU computes bfloat16 natively and {path} has no bf16 figure (measured before bf16 was; "
+                    f"benchmarks/bench_backends.py measures it); {DEFAULT_REASON}",
+                )
             candidates["torch"] = (figures["torch-bf16"], "torch (bf16, native on this CPU)")
             if ort_bf16:
                 candidates["onnxruntime"] = (figures["onnxruntime-bf16"], "onnxruntime (bf16 in OpenVINO)")

@@ -101,7 +101,11 @@ def load_weights(path: str | Path) -> tuple[DualFocusNet, dict[str, str]]:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
-        raise InputError(f"{path}: weights do not fit the architecture in its metadata ({str(exc).splitlines()[0]})") from exc
+        # torch's message is a heading line, then one indented line per tensor: keep the first of those
+        details = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = details[1] if len(details) > 1 else details[0] if details else type(exc).__name__
+        more = f"; {len(details) - 2} more" if len(details) > 2 else ""
+        raise InputError(f"{path}: weights do not fit the architecture in its metadata ({detail}{more})") from exc
     if missing or unexpected:
         raise InputError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()

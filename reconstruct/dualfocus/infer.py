@@ -55,7 +55,7 @@ def shipped_weights(model: str) -> Path:
     path = WEIGHTS_DIR / f"{model}.safetensors"
     if not path.is_file():
         raise ReconstructionError(
-            f"model: no shipped weights for {model!r} (expected {path}); pass --weights, or use --method classical"
+            f"model: no shipped weights for {model!r} (expected {path}); pass --weights (or reconstruct with the classical method)"
         )
     return path
 
