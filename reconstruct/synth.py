@@ -61,6 +61,7 @@ def load_middlebury(root: str | Path, *, names: list[str] | None = None, exclude
     if columns:
         raise InputError(f"{manifest}: no {', '.join(sorted(columns))} column (expected a Middlebury-layout manifest)")
     seen: set[str] = set()
+    excluded = {e.lower() for e in exclude}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{manifest}: line {line}"
         short = [k for k in ("scene", "rgb", "gt_disparity", "gt_scale") if row.get(k) in (None, "")]
@@ -70,7 +71,8 @@ def load_middlebury(root: str | Path, *, names: list[str] | None = None, exclude
         if name in seen:
             raise InputError(f"{where}: scene {name!r} is listed twice")
         seen.add(name)
-        if (names is not None and name not in names) or name in exclude:
+        # excluded scenes are matched ignoring case: a manifest saying 'art' must not leak the report scene Art
+        if (names is not None and name not in names) or name.lower() in excluded:
             continue
         out.append(_load_row(root, row, name, where))
     if names is not None:
@@ -139,6 +141,7 @@ class SynthRanges:
 
 def _crop_source(rng: np.random.Generator, src: RgbdSource, size: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     h, w = src.disparity.shape
+    scale = max(scale, size / h, size / w)  # one factor for both axes: a crop larger than the scaled image keeps the aspect
     sh, sw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
     rgb = cv2.resize(src.rgb, (sw, sh), interpolation=cv2.INTER_AREA)
     disp = cv2.resize(src.disparity, (sw, sh), interpolation=cv2.INTER_NEAREST) * (sw / w)
@@ -173,15 +176,15 @@ def _render_slices(
             m = np.array([[s, 0, cx * (1 - s) + tx], [0, s, cy * (1 - s) + ty]], np.float32)
             img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         img = np.clip(img, 0, 1) ** (1.0 / gamma)
-        if grey:
-            img = np.repeat((img @ np.array([0.299, 0.587, 0.114], np.float32))[..., None], 3, axis=2)
+        if grey:  # a grey sensor: one channel through noise and JPEG, repeated at the end (R = G = B)
+            img = img @ np.array([0.299, 0.587, 0.114], np.float32)
         if noise_sigma > 0:
             img = img + noise_rng.normal(0, noise_sigma, img.shape).astype(np.float32)
         u8 = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
         if jpeg_quality is not None:
             ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-            u8 = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        out[i] = u8
+            u8 = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
+        out[i] = u8[..., None] if grey else u8
     return out
 
 

@@ -62,7 +62,7 @@ logger = logging.getLogger("reconstruct.train")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataSection(_Strict):
@@ -99,7 +99,7 @@ class TrainConfig(_Strict):
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="architecture changes, e.g. for ablations")
     name: str | None = Field(None, description="name of the trained weights (default: the model name)")
     out_dir: Path = Path("runs/train")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     threads: int = Field(0, ge=0, description="torch threads per process (0 = cores / processes)")
     max_minutes: float | None = Field(None, gt=0, description="stop (with a checkpoint) after this much wall time in this "
                                       "invocation; a --resume gets it again (the total is the card's trained.wall_minutes)")
@@ -119,6 +119,12 @@ def load_train_config(path: Path) -> TrainConfig:
         raw = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path}: is a folder; --config names a YAML file") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}); a training config is YAML text") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML {yaml_problem(exc)}") from exc
     try:
@@ -127,7 +133,7 @@ def load_train_config(path: Path) -> TrainConfig:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ConfigError(f"{path}: {loc}: {msg}") from exc
+        raise ConfigError(f"{path}: {loc}: {msg}" if loc else f"{path}: the config must be a mapping of sections ({msg})") from exc
     try:
         model_config(cfg.model)  # unknown model names fail here, listing the valid ones
     except RigError as exc:
@@ -148,6 +154,43 @@ def load_train_config(path: Path) -> TrainConfig:
         if not cfg.init_weights.is_file():
             raise ConfigError(f"{path}: init_weights: no file at {cfg.init_weights}")
     return cfg
+
+
+#: what a --resume may change: how long and where it runs, not what it trains (the model card
+#: describes one run); data.rgbd_root, tuning_scenes and val_width have their own check
+RESUMABLE_CHANGES = frozenset({"max_minutes", "optim.steps", "threads", "device", "out_dir", "data.render_workers",
+                               "data.rgbd_root", "data.tuning_scenes", "data.val_width"})
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as ``{"optim.lr": 0.001, ...}`` (JSON values), as a checkpoint records it."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and (node or not prefix):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+        else:
+            flat[prefix] = node
+
+    walk(json.loads(cfg.model_dump_json()), "")
+    return flat
+
+
+def check_resumed_config(was: dict[str, Any] | None, cfg: TrainConfig, *, config_path: Path, out: Path) -> None:
+    """Refuse a --resume whose config changed what the run trains (the learning rate, losses,
+    seed, data mix, starting weights, ...): the card would describe a run that never happened.
+    A checkpoint from before configs were recorded (``was`` None) is taken as it is."""
+    if was is None:
+        logger.warning("%s: the checkpoint in %s does not record its config (older code): changes to it cannot be checked", config_path, out)
+        return
+    now = flat_config(cfg)
+    changed = [k for k in sorted(set(was) | set(now)) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
+    if changed:
+        shown = "; ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(f"{config_path}: {changed[0]}: the run in {out} was trained with other settings ({shown}); "
+                          f"a resume may change only {', '.join(sorted(RESUMABLE_CHANGES - {'data.rgbd_root', 'data.tuning_scenes', 'data.val_width'}))}: "
+                          "restore them, or start a new out_dir")
 
 
 def check_scene_lists(cfg: TrainConfig, path: Path) -> None:
@@ -551,6 +594,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         except InputError as exc:
             raise ConfigError(f"{config_path}: data.rgbd_root: {root} (a relative rgbd_root is relative to the config file's folder, "
                               f"{config_path.resolve().parent}): {exc}") from exc
+        if not cfg.data.tuning_scenes and main_proc:
+            logger.warning("%s: data.tuning_scenes is empty: no validation, so every epoch's weights count as the best and the card "
+                           "has no metrics (name tuning scenes, e.g. Aloe, Flowerpots, Rocks1, for a run to keep)", config_path)
         try:
             val_sources = load_middlebury(root, names=cfg.data.tuning_scenes)
         except InputError as exc:
@@ -594,8 +640,13 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
                                "differ from those of an uninterrupted run", world)
         if main_proc:
             repair_best(out, name, cfg=cfg, model=model, state=state, train_scenes=train_scenes, config_path=config_path)
+        check_resumed_config(state.get("config"), cfg, config_path=config_path, out=out)
     elif main_proc:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{config_path}: out_dir: cannot create {out} ({exc.strerror or exc})") from exc
+    state["config"] = flat_config(cfg)
     state["world_size"] = world
     state["validation"] = validation
     val = [render_eval_stack(s, width=cfg.data.val_width, seed=i) for i, s in enumerate(val_sources)]
@@ -635,7 +686,14 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         loss, parts = total_loss(out_net, pos, t, m, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        # the gradients are averaged over the processes: a non-finite norm is seen by all of them alike
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if not torch.isfinite(grad_norm) or (not distributed and not torch.isfinite(loss)):
+            raise ConfigError(
+                f"{config_path}: training diverged at step {step + 1}: the loss is {float(loss.detach()):g}, the gradient norm {float(grad_norm):g} "
+                f"(optim.lr {cfg.optim.lr:g}); nothing of this step was applied, and {last} keeps the last checkpoint: "
+                "lower optim.lr, or check the data"
+            )
         optimizer.step()
         state["step"] = step + 1
         for k, v in parts.items():

@@ -99,3 +99,42 @@ def test_manifest_values_are_read_as_spreadsheets_write_them(tmp_path) -> None:
     assert np.allclose(src16.rgb, src8.rgb, atol=1e-5)
     # 'none' (as the shared Middlebury manifest writes it): no marker, every positive value known
     assert load_middlebury(_scene_folder(tmp_path, rgb=rgb8, disp=disp, row="s1,s1.png,s1d.png,4,none"))[0].known.all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grey_stacks_are_grey_through_noise_and_jpeg(seed) -> None:
+    """The grey conversion came before the noise, drawn per channel: 'grey' stacks carried
+    colour speckle (mean |R - G| of 6 grey levels at noise 0.02)."""
+    ranges = SynthRanges(procedural_share=0.0, grey_share=1.0, noise_sigma=(0.015, 0.02), jpeg_share=0.5 if seed % 2 else 0.0)
+    stack = render_item(np.random.default_rng(seed), [_flat_source()], ranges)["stack"]
+    assert np.array_equal(stack[..., 0], stack[..., 1]) and np.array_equal(stack[..., 1], stack[..., 2])
+    assert stack.std() > 0  # not blank: the noise and the texture are there
+
+
+def test_colour_stacks_keep_independent_channel_noise() -> None:
+    ranges = SynthRanges(procedural_share=0.0, grey_share=0.0, noise_sigma=(0.02, 0.02), jpeg_share=0.0)
+    stack = render_item(np.random.default_rng(0), [_flat_source()], ranges)["stack"]
+    assert not np.array_equal(stack[..., 0], stack[..., 1])
+
+
+def test_a_crop_larger_than_the_scaled_scene_keeps_its_aspect() -> None:
+    """Each side was raised to the crop size on its own, squashing wide scenes; disparity was
+    scaled by the width's factor only. Here disparity = the row index, so after a uniform
+    scale (and disparity scaled with it) it still grows by 1 per row."""
+    from reconstruct.synth import _crop_source
+
+    h, w = 60, 180
+    disp = np.repeat(np.arange(1, h + 1, dtype=np.float32)[:, None], w, axis=1)
+    src = RgbdSource("wide", np.zeros((h, w, 3), np.float32), disp, np.ones((h, w), bool))
+    _rgb, out, _known = _crop_source(np.random.default_rng(0), src, 96, 0.5)
+    slope = np.polyfit(np.arange(out.shape[0]), out[:, 48], 1)[0]  # nearest-neighbour steps: fit, not diff
+    assert slope == pytest.approx(1.0, abs=0.05)
+
+
+def test_excluded_scenes_are_matched_ignoring_case(tmp_path) -> None:
+    """A manifest spelling a report scene 'art' must not put it into training."""
+    from reconstruct.synth import load_middlebury
+
+    folder = _scene_folder(tmp_path, row="art,s1.png,s1d.png,4,0")
+    assert load_middlebury(folder, exclude=("Art",)) == []
+    assert [s.name for s in load_middlebury(folder)] == ["art"]

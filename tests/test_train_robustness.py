@@ -270,14 +270,68 @@ def test_resume_repairs_a_card_left_behind_between_the_renames(tmp_path: Path, m
     ({"model_overrides": {"focal_difference": "agument"}}, ["model_overrides.focal_difference", "augment"]),
     ({"model_overrides": {"dec_channels": 0}}, ["model_overrides.dec_channels"]),
     ({"data": {"rgbd_root": "no_such_data/middlebury"}}, ["data.rgbd_root", "relative to the config file", "no_such_data"]),
-], ids=["report-scene", "report-scene-lowercase", "unknown-field", "enc-channels-int", "bad-choice", "zero-width", "missing-data"])
+    ({"seed": -1}, ["seed", "greater than or equal to 0"]),
+    ({"optim": {"lr": float("inf")}}, ["optim.lr", "finite"]),
+    ({"max_minutes": float("nan")}, ["max_minutes", "finite"]),
+    ({"out_dir": "a_file/out"}, ["out_dir", "a_file"]),
+], ids=["report-scene", "report-scene-lowercase", "unknown-field", "enc-channels-int", "bad-choice", "zero-width", "missing-data",
+        "negative-seed", "infinite-lr", "nan-minutes", "out-dir-under-a-file"])
 def test_config_mistakes_are_one_line_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: dict, needles: list[str]) -> None:
-    config = _config(tmp_path / "bad.yaml", tmp_path / "out", steps=2, **edit)
+    (tmp_path / "a_file").write_text("in the way", encoding="utf-8")
+    out_dir = tmp_path / edit.pop("out_dir") if "out_dir" in edit else tmp_path / "out"
+    config = _config(tmp_path / "bad.yaml", out_dir, steps=2, **edit)
     rc, line = _main_one_line(["--config", str(config)], capsys)
     assert rc == 2 and str(config) in line, line
     for needle in needles:
         assert needle in line, (needle, line)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "not-utf8", "a-list"])
+def test_a_config_file_that_is_no_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    path = tmp_path / "c.yaml"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "not-utf8":
+        path.write_bytes(b"model: dualfocus-tiny\nname: caf\xe9\n")
+    else:
+        path.write_text("- model\n- seed\n", encoding="utf-8")
+    rc, line = _main_one_line(["--config", str(path)], capsys)
+    assert rc == 2 and str(path) in line and ": :" not in line, line
+
+
+def test_resume_with_changed_training_settings_is_refused(reference_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The card describes one run: a resume that changed the learning rate or the seed would
+    have trained on under the new values while the card claimed them for the whole run."""
+    raw = yaml.safe_load(reference_run["config"].read_text())
+    raw["optim"]["lr"] = 0.002
+    raw["seed"] = 7
+    config = tmp_path / "changed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    before = sha256_of(reference_run["out"] / "last.safetensors")
+    rc, line = _main_one_line(["--config", str(config), "--resume"], capsys)
+    assert rc == 2 and "optim.lr 0.001 -> 0.002" in line and "seed 0 -> 7" in line, line
+    assert sha256_of(reference_run["out"] / "last.safetensors") == before
+
+
+def test_a_diverged_step_stops_the_run_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A non-finite loss used to be stepped into the weights and saved as the 'best' pair."""
+    config = _config(tmp_path / "c.yaml", tmp_path / "out", steps=6)
+    real_loss = T.total_loss
+    calls = {"n": 0}
+
+    def loss_going_nan(*args: Any, **kwargs: Any) -> Any:
+        loss, parts = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(T, "total_loss", loss_going_nan)
+    rc, line = _main_one_line(["--config", str(config)], capsys)
+    assert rc == 2 and "training diverged at step 3" in line and "optim.lr" in line, line
+    state = _state(tmp_path / "out" / "last.safetensors")
+    assert state["step"] == 2  # the epoch-1 checkpoint, not overwritten
+    weights = load_file(str(tmp_path / "out" / "last.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
 
 
 def test_resume_with_another_architecture_is_one_line(reference_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
