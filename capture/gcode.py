@@ -136,8 +136,9 @@ def _plain_number(value: float) -> str:
 
 
 #: Marlin answers M400 only when the moves are done, and meanwhile sends "echo:busy: processing"
-#: every 2 s (HOST_KEEPALIVE_FEATURE, on by default): this long without a byte while waiting, and
-#: this long past the move's expected end at its feed rate, it is taken as silent (hung, unplugged)
+#: every 2 s (HOST_KEEPALIVE_FEATURE, on by default): this long (or 4x the move's duration at its
+#: feed rate, if longer) without a byte while waiting, and as long past the move's expected end,
+#: it is taken as silent (hung, unplugged)
 MARLIN_SILENCE_S = 5.0
 _CHECK_S = 0.01  # wait_settled's own loop (abort checks, the sync ok read in slices)
 _SYNC_LINE = {"grbl": "G4 P0", "marlin": "M400"}
@@ -245,6 +246,7 @@ class GcodeFocusStage(FocusActuator):
         self._last_status: StageStatus | None = None  # the last status report seen while waiting to settle
         self._next_status_s = -math.inf  # no '?' before this (host monotonic): the move cannot have ended yet
         self._expect_done_s = -math.inf  # when the last move would end at its feed rate
+        self._expect_duration_s = 0.0  # how long the last move takes at its feed rate
         self._sync_sent_s = -math.inf  # when the outstanding sync line was sent
         self._last_rx_s = -math.inf  # when the last bytes came in
         self._settle_deadline_s: float | None = None
@@ -617,7 +619,8 @@ class GcodeFocusStage(FocusActuator):
             now = time.monotonic()
             # when the move would end at its feed rate: status queries at 10 Hz until then (GRBL's docs:
             # '?' costs the controller; an unplugged cable is still seen within 0.1 s), briefly faster after
-            self._expect_done_s = now + abs(value - self._target_mm) / self.feed_mm_min * 60.0
+            self._expect_duration_s = abs(value - self._target_mm) / self.feed_mm_min * 60.0
+            self._expect_done_s = now + self._expect_duration_s
             self._next_status_s = min(self._expect_done_s, now + STATUS_POLL_S)
             self._target_mm = value
 
@@ -727,7 +730,10 @@ class GcodeFocusStage(FocusActuator):
             return
         now = time.monotonic()
         quiet_s = now - max(self._last_rx_s, self._sync_sent_s)
-        if quiet_s < MARLIN_SILENCE_S or now < self._expect_done_s + MARLIN_SILENCE_S:
+        # longer moves get a longer grace: a firmware built without HOST_KEEPALIVE_FEATURE is silent
+        # for a whole move, and one whose max feed rate (M203) is below feed_mm_min moves slower
+        limit_s = max(MARLIN_SILENCE_S, 4.0 * self._expect_duration_s)
+        if quiet_s < limit_s or now < self._expect_done_s + limit_s:
             return
         self._sync, self._dirty = None, True
         raise DeviceTimeout(
