@@ -34,6 +34,33 @@ def machine() -> dict:
     }
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB since the last :func:`reset_peak_rss`
+    (Linux ``VmHWM``), else since it started (``ru_maxrss``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # kB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_mb` afresh from the current resident size (Linux: ``5`` to
+    ``/proc/self/clear_refs``), so that set-up (an export, a quantisation) is not counted in an
+    inference's peak. False where the platform cannot: the peak then includes everything before."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 RESULTS_ENV = "DUALFOCUS_BENCH_RESULTS"
 
 

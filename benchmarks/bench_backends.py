@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import machine, save  # noqa: E402
+from benchmarks._common import machine, peak_rss_mb, reset_peak_rss, save  # noqa: E402
 
 #: benchmark name -> (backend, device, precision)
 SPECS = {
@@ -61,10 +60,6 @@ SPECS = {
 CPU_BACKENDS = ("torch-cpu", "torch-nchw-cpu", "torch-bf16-cpu", "onnxruntime-cpu", "onnxruntime-int8-cpu", "onnxruntime-bf16-cpu")
 TARGET_RATIO = 2.5
 TARGET_ORT_MS = 250.0
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -107,7 +102,7 @@ def child(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     shape = parse_shape(args.shape)
     name, device, precision = SPECS[args.child]
-    rss_imports = _rss_mb()
+    rss_imports = peak_rss_mb()
     stack, focus = _stack(shape)
     t0 = time.perf_counter()
     if args.child == "torch-nchw-cpu":
@@ -117,6 +112,8 @@ def child(args: argparse.Namespace) -> int:
     else:
         backend = open_backend(name, device, weights=args.weights, shape=shape, precision=precision)
     setup_s = time.perf_counter() - t0
+    setup_peak_mb = peak_rss_mb()  # imports, the export or quantisation on a cold cache, the session
+    peak_is_inference = reset_peak_rss()  # from here the peak is inference's (plus what set-up left resident)
     times = []
     for i in range(args.warmup + args.repeats):
         t = time.perf_counter()
@@ -130,7 +127,8 @@ def child(args: argparse.Namespace) -> int:
         "backend": args.child, "device": backend.describe(), "threads": args.threads,
         "p50_ms": round(float(np.median(ms)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1),
         "min_ms": round(float(ms.min()), 1), "repeats": args.repeats, "setup_s": round(setup_s, 2),
-        "peak_rss_mb": round(_rss_mb(), 1), "rss_after_imports_mb": round(rss_imports, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "peak_rss_is_inference_only": peak_is_inference,
+        "setup_peak_rss_mb": round(setup_peak_mb, 1), "rss_after_imports_mb": round(rss_imports, 1),
     }))
     return 0
 

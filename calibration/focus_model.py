@@ -2,7 +2,7 @@
 
 A liquid lens adds optical power ``P = offset_dpt + dpt_per_ma * I`` to a camera lens that
 is focused at ``base_focus_m`` without it; the focus then lies at
-``1 / D_f = 1 / base_focus_m + P`` (diopters add for thin lenses in contact). Sweep planning
+``D_f = 1 / base_focus_m + P`` diopters, i.e. at ``1 / D_f`` metres (diopters add for thin lenses in contact). Sweep planning
 uses the inverse map, distance -> actuator value, and refuses distances the model cannot reach.
 """
 

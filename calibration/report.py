@@ -9,6 +9,7 @@ range and the date. The report folder holds ``summary.md`` and PNG plots.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import math
 from pathlib import Path
@@ -134,7 +135,7 @@ def write_report(result: Any, folder: Path, *, doc: dict[str, Any], calibration_
         "# Calibration summary",
         "",
         f"- date (UTC): {doc['created_utc']}; rig: {doc['rig'].get('name')}",
-        f"- file: `{calibration_path}`; use it with `calibration: {{file: {calibration_path}}}` in rig.yaml",
+        f"- file: `{calibration_path}`; use it with `calibration: {{file: {json.dumps(str(calibration_path))}}}` in rig.yaml",
         "",
         "## Focus distance",
         "",

@@ -27,6 +27,19 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_GREY_ALPHA = 4  # IHDR colour type of a grey + alpha PNG
+
+
+def _png_colour_type(buf: np.ndarray) -> int | None:
+    """The IHDR colour type of PNG bytes (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA),
+    None for anything else."""
+    head = buf[:26].tobytes()
+    if len(head) < 26 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[25]
+
+
 def decode_image_file(path: Path) -> np.ndarray:
     """Decode one image file: ``[H, W]`` or ``[H, W, C]`` RGB(A), uint8/uint16.
 
@@ -49,6 +62,10 @@ def decode_image_file(path: Path) -> np.ndarray:
         raise ValueError(f"unsupported sample type {image.dtype} (need 8- or 16-bit)")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
+    if image.ndim == 3 and image.shape[2] == 4 and _png_colour_type(buf) == _PNG_GREY_ALPHA:
+        # OpenCV expands grey + alpha to BGRA: keep it grey (a focal stack is grey or colour;
+        # the alpha of a slice carries nothing a focus measure could use)
+        return np.ascontiguousarray(image[:, :, 0])
     if image.ndim == 3:
         if image.shape[2] == 3:
             image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -33,7 +33,7 @@ from capture.atomic import probe_writable
 from capture.cli import OneLineArgumentParser, quiet_opencv
 from capture.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError, OutputError, RigError, interrupt_reason
 from capture.imageio import IMAGE_SUFFIXES, read_image
-from capture.stack import FocalStack
+from capture.stack import OME_NAMESPACE, FocalStack
 
 __all__ = ["build_stack", "collect_inputs", "main"]
 
@@ -131,24 +131,68 @@ def read_tiff_pages(path: Path) -> list[np.ndarray]:
     """The planes of a multi-page TIFF z-stack (Fiji's or Micro-Manager's export: axes ZYX,
     ZYXS or a plain run of pages), first page first, as ``[H, W]`` or ``[H, W, 3|4]`` uint8 or
     uint16. A single page is one plane; other layouts (channels or time points besides Z,
-    float samples) are one line naming the file and what to do."""
+    float samples) and pages of different sizes are one line naming the file and what to do."""
+    return _read_tiff(path)[0]
+
+
+def _read_tiff(path: Path) -> tuple[list[np.ndarray], dict[str, list] | None]:
+    """:func:`read_tiff_pages`, and the focus values this project's own OME-TIFF recorded
+    (``{"focus_distance_m": [...]}`` or ``{"focus_index": [...]}``, one per plane, in page
+    order), else None."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            if len(tif.series) > 1 or len(series.pages) != len(tif.pages):
+                # tifffile groups pages of one shape into a series: a page of another size (or a
+                # thumbnail) would be left out of series[0] without a word
+                sizes = ", ".join(f"page {i + 1}: {'x'.join(map(str, page.shape))}" for i, page in enumerate(tif.pages[:12]))
+                raise InputError(f"{path}: its pages differ in size or kind ({sizes}{', ...' if len(tif.pages) > 12 else ''}); "
+                                 "a focal stack needs every plane the same size: crop or split it first (Fiji: Image > Stacks)")
             axes, data = series.axes, series.asarray()
+            own = _own_ome_focus(tif.ome_metadata) if tif.is_ome else None
     except (OSError, ValueError, tifffile.TiffFileError) as err:
         raise InputError(f"{path}: not a readable TIFF ({err})") from err
     if data.dtype not in (np.uint8, np.uint16):
         raise InputError(f"{path}: {data.dtype} samples; a focal stack takes 8- or 16-bit images (convert it in Fiji: Image > Type)")
     if axes in ("YX", "YXS"):
-        return [data]
+        return [data], None
     plane_axes = axes[1:]
     if len(axes) >= 3 and axes[0] in "ZIQT" and plane_axes in ("YX", "YXS") and (plane_axes == "YX" or data.shape[-1] in (3, 4)):
-        return [np.ascontiguousarray(page) for page in data]
+        pages = [np.ascontiguousarray(page) for page in data]
+        if own is not None and len(next(iter(own.values()))) != len(pages):
+            logger.warning("%s: its focus annotation lists %d values for %d planes; ignored", path, len(next(iter(own.values()))), len(pages))
+            own = None
+        return pages, own
     raise InputError(f"{path}: a TIFF with axes {axes} {list(data.shape)}; a focal stack takes one plane per focus "
                      "(axes ZYX or ZYXS): split its channels or time points first (Fiji: Image > Stacks > Tools)")
+
+
+def _own_ome_focus(ome_xml: str | None) -> dict[str, list] | None:
+    """The per-plane focus values in the MapAnnotation this project's OME-TIFF writer adds
+    (namespace :data:`capture.stack.OME_NAMESPACE`); None for any other OME file (a microscope's
+    ``PositionZ`` is a stage position, not a focus distance from the camera)."""
+    import xml.etree.ElementTree as ET
+
+    if not ome_xml:
+        return None
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rsplit("}", 1)[-1] != "MapAnnotation" or element.get("Namespace") != OME_NAMESPACE:
+            continue
+        values = {m.get("K"): (m.text or "") for m in element.iter() if m.tag.rsplit("}", 1)[-1] == "M"}
+        try:
+            if "focus_distance_m" in values:
+                return {"focus_distance_m": [float(v) for v in values["focus_distance_m"].split()]}
+            if "focus_index" in values:
+                return {"focus_index": [int(v) for v in values["focus_index"].split()]}
+        except ValueError:
+            return None
+    return None
 
 
 def _describe(image: np.ndarray) -> str:
@@ -171,10 +215,19 @@ def build_stack(
     if order not in ORDERS:
         raise InputError(f"--order: must be one of {', '.join(ORDERS)}, got {order!r}")
     pages: list[np.ndarray] | None = None
+    own: dict[str, list] | None = None
+    own_index: list[int] | None = None
     if len(paths) == 1:  # one multi-page TIFF: its planes are the slices
-        pages = read_tiff_pages(paths[0])
+        pages, own = _read_tiff(paths[0])
         if len(pages) < 2:
             raise InputError(f"{paths[0]}: a single image; a focal stack needs at least 2 (images, or a multi-page TIFF's planes)")
+        if own is not None and focus_distances_m is None:
+            key, values = next(iter(own.items()))
+            logger.info("%s: focus values from its own annotation (%s, written by DualFocus Rig); --order is not needed", paths[0], key)
+            if key == "focus_distance_m":
+                focus_distances_m = values
+            else:
+                own_index = values
     n = len(paths) if pages is None else len(pages)
     if focus_distances_m is not None:
         if len(focus_distances_m) != n:
@@ -195,8 +248,12 @@ def build_stack(
             "imported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     }
+    if own is not None and (own_index is not None or focus_distances_m is own.get("focus_distance_m")):
+        meta["capture"]["focus_values_from"] = "the file's own annotation (DualFocus Rig OME-TIFF)"
     if focus_distances_m is not None:
         return FocalStack(images, focus_distance_m=list(focus_distances_m), meta=meta)
+    if own_index is not None:
+        return FocalStack(images, focus_index=own_index, meta=meta)
     index = list(range(n)) if order == "far-to-near" else list(range(n - 1, -1, -1))
     return FocalStack(images, focus_index=index, meta=meta)
 
@@ -244,12 +301,14 @@ def _parser() -> _Parser:
     return parser
 
 
-def _print_order(names: Sequence[str], order: str, distances_m: Sequence[float] | None) -> None:
+def _print_order(names: Sequence[str], order: str, distances_m: Sequence[float] | None, from_file: str | None = None) -> None:
     """One line on stderr saying which file became which end of the stack (a wrong sort of the
     file names scrambles the depth without any other sign)."""
     names = list(names)
     shown = ", ".join(names) if len(names) <= 6 else ", ".join(names[:3]) + ", ..., " + ", ".join(names[-2:])
-    if distances_m is not None:
+    if from_file is not None:
+        print(f"imported {len(names)} slices with the focus values from {from_file}: {shown}", file=sys.stderr)
+    elif distances_m is not None:
         print(f"imported {len(names)} slices in the order given, with their focus distances: {shown}", file=sys.stderr)
     else:
         first = "farthest" if order == "far-to-near" else "nearest"
@@ -276,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         stack = build_stack(paths, order=args.order or "far-to-near",
                             focus_distances_m=args.focus_distances_m)
         written = stack.write(out, overwrite=args.overwrite)
-        _print_order(stack.meta["capture"]["imported_from"], args.order or "far-to-near", args.focus_distances_m)
+        _print_order(stack.meta["capture"]["imported_from"], args.order or "far-to-near", args.focus_distances_m,
+                     stack.meta["capture"].get("focus_values_from"))
     except _UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

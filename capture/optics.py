@@ -9,8 +9,9 @@ Conventions
 * Distances in metres, optical power and focus in diopters (``dpt = 1 / m``; 0 = infinity).
 * A thin lens of aperture diameter ``A`` with the sensor at distance ``v`` behind it images a
   point at ``D`` diopters, while focused at ``D_f``, as a disc of diameter
-  ``c = A * v * |D_f - D|`` on the sensor (exact for a thin lens, whichever of lens power or
-  sensor distance does the focusing). Defocus blur is therefore linear in diopters, which is
+  ``c = A * v * |D_f - D|`` on the sensor (exact for a thin lens whose sensor stays put while
+  the lens power changes, as with a liquid lens; where the sensor moves to focus, ``v`` is that
+  of the focused state, a few per cent apart at close range). Defocus blur is therefore linear in diopters, which is
   why every part of the project sorts and interpolates focus in diopters.
 * Radiance images are linear light, float32, ``[H, W, C]`` in ``[0, 1]``.
 """
@@ -208,7 +209,7 @@ class LayeredScene:
         # the layer that occludes for a pixel: the farther of its pair, unless all weight is nearer
         occluder = idx + (frac >= 1.0 - 1e-6)
         radiance = radiance.astype(np.float32)
-        margin = max(0, int(occlusion_margin_px))
+        margin = self.occlusion_margin_px = max(0, int(occlusion_margin_px))
         grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1)) if margin else None
         # channels per layer: C premultiplied colour, coverage, occlusion
         self._layers: list[tuple[float, tuple[int, int, int, int], np.ndarray]] = []
@@ -336,11 +337,12 @@ class SensorModel:
             uint8 or uint16 array of the same shape.
         """
         electrons = radiance.astype(np.float32) * np.float32(self.electrons_per_s * exposure_s)
-        np.minimum(electrons, np.float32(self.full_well_e), out=electrons)
         if self.noise:
             # Gaussian approximation of Poisson shot noise (var = mean), plus read noise
             sigma = np.sqrt(np.maximum(electrons, 0.0) + np.float32(self.read_noise_e**2))
             electrons += sigma * rng.standard_normal(electrons.shape, dtype=np.float32)
+        # the well fills up after the noise: a saturated pixel reads full scale, not full scale plus noise
+        np.minimum(electrons, np.float32(self.full_well_e), out=electrons)
         full_scale = 2**self.adc_bits - 1
         dn = electrons * np.float32(full_scale / self.full_well_e * 10 ** (gain_db / 20.0))
         if out_bits == 8:

@@ -67,11 +67,16 @@ class SimulatedLiquidLens(FocusActuator):
         time_constant_s: float = 0.015,
         settle_tolerance_ma: float = 0.05,
         current_limits_ma: tuple[float, float] = (-290.0, 290.0),
+        park_current_ma: float = 0.0,
         name: str = "simulated liquid lens",
     ) -> None:
         super().__init__(name=name)
         if not time_constant_s >= 0:
             raise InputError(f"focus.time_constant_s: must be >= 0, got {time_constant_s}")
+        if not (math.isfinite(park_current_ma) and current_limits_ma[0] <= park_current_ma <= current_limits_ma[1]):
+            raise InputError(f"focus.park_current_ma: {park_current_ma:g} mA is outside the current limits "
+                             f"[{current_limits_ma[0]:g}, {current_limits_ma[1]:g}] mA")
+        self.park_current_ma = float(park_current_ma)
         self.true_model = true_model
         self.base_dpt = 0.0 if math.isinf(base_focus_m) else 1.0 / base_focus_m
         self.time_constant_s = time_constant_s
@@ -152,9 +157,10 @@ class SimulatedLiquidLens(FocusActuator):
             self._triangle = None
 
     def _do_close(self) -> None:
-        # park at 0 mA, as the real driver does on close
+        # park at park_current_ma (0 by default), as the real driver does on close
         with self._lock:
-            self._from_ma, self._target_ma, self._t_cmd = 0.0, 0.0, time.monotonic()
+            self._from_ma = self._target_ma = self.park_current_ma
+            self._t_cmd = time.monotonic()
             self._triangle = None
 
     def _do_move(self, value: float) -> None:
@@ -256,7 +262,7 @@ class SimulatedCamera(Camera):
 
     def _do_open(self) -> None:
         if self._layered is None:
-            self._layered = LayeredScene(self.scene.radiance, self.scene.depth_m)
+            self._layered = self._layered_scene()
         self._t_open = time.monotonic()
         self._rng = np.random.default_rng(self._seed)
 
@@ -273,6 +279,18 @@ class SimulatedCamera(Camera):
         self._cache.clear()
         self._layered = None
 
+    def _layered_scene(self) -> LayeredScene:
+        """The scene cut into layers for these optics: layers at most 0.6 px of blur apart, and
+        continued behind nearer surfaces by the largest blur radius across the scene's depth
+        range (focus inside it; never less than the defaults, 0.05 dpt and 16 px). Fixed
+        defaults under-served long lenses and small pixels (3.45 um: 21 px of radius at 2 dpt)."""
+        k_px = float(self.lens.blur_px_per_dpt)
+        depth = np.asarray(self.scene.depth_m, np.float64)
+        span_dpt = float(1.0 / depth.min() - 1.0 / depth.max())
+        margin_px = max(16, int(math.ceil(k_px * span_dpt / 2.0)) + 2)
+        max_layer_dpt = min(0.05, 0.6 / max(k_px, 1e-6))
+        return LayeredScene(self.scene.radiance, self.scene.depth_m, max_layer_dpt=max_layer_dpt, occlusion_margin_px=margin_px)
+
     def render_clean(self, focus_dpt: float) -> np.ndarray:
         """The noise-free image (linear radiance, float32 ``[H, W, 3]``) at a focus, with
         breathing; cached per 1e-3 dpt."""
@@ -284,7 +302,7 @@ class SimulatedCamera(Camera):
             return cached
         t0 = time.perf_counter()
         if self._layered is None:
-            self._layered = LayeredScene(self.scene.radiance, self.scene.depth_m)
+            self._layered = self._layered_scene()
         focus_q = key / 1000.0
         img = self._layered.render(focus_q, blur_px_per_dpt=self.lens.blur_px_per_dpt)
         scale = breathing_scale(focus_q, breathing_per_dpt=self.breathing_per_dpt, reference_dpt=self.breathing_reference_dpt)

@@ -45,6 +45,8 @@ _INTERPOLATIONS = {"lanczos": cv2.INTER_LANCZOS4, "cubic": cv2.INTER_CUBIC, "lin
 logger = logging.getLogger(__name__)
 
 FORMAT = "focal-stack/1"
+#: the namespace of the MapAnnotation in which our OME-TIFF stacks carry their focus values
+OME_NAMESPACE = "dualfocus-rig/focal-stack"
 STACK_YAML = "stack.yaml"
 #: Suffixes a slice image may have (lower case); JPEG is read but never written.
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")

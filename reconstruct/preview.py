@@ -22,10 +22,12 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     """
     h, w = depth.shape
     finite = np.isfinite(depth)
+    clipped_lo = clipped_hi = False  # whether depths lie beyond an end of the colours
     if finite.any():
         p_lo, p_hi = np.percentile(depth[finite], [1, 99])
         lo = float(p_lo) if lo is None else lo
         hi = float(p_hi) if hi is None else hi
+        clipped_lo, clipped_hi = bool(depth[finite].min() < lo), bool(depth[finite].max() > hi or np.isposinf(depth).any())
     else:
         lo, hi = 0.0, 1.0
     hi = hi if hi > lo else lo + 1e-6
@@ -43,13 +45,29 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     bar[: bar_h // 2] = ramp
     scale = max(0.35, min(1.0, w / 900))
     text_y = bar_h - 4
+    font = cv2.FONT_HERSHEY_SIMPLEX
+
+    def width(text: str) -> int:
+        return cv2.getTextSize(text, font, scale, 1)[0][0]
+
+    # the ends say what each end colour stands for; where depths lie beyond (the colours span the
+    # 1st-99th percentile), "<=" / ">=" says the end colour takes them too (no invented range when
+    # nothing has a depth)
     near_end, far_end = (hi, lo) if high_is_near else (lo, hi)  # the bar runs red (near, left) to blue (far, right)
-    cv2.putText(bar, f"{near_end:.3g} {unit}", (3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    label = f"{far_end:.3g} {unit}"
-    (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    cv2.putText(bar, label, (w - tw - 3, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    if no_depth.any():
-        note = f"grey: no depth ({100 * no_depth.mean():.1f}%)"
-        (nw, _), _ = cv2.getTextSize(note, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        cv2.putText(bar, note, ((w - nw) // 2, text_y), cv2.FONT_HERSHEY_SIMPLEX, scale, (200, 200, 200), 1, cv2.LINE_AA)
+    near_clipped, far_clipped = (clipped_hi, clipped_lo) if high_is_near else (clipped_lo, clipped_hi)
+    labels = []
+    if finite.any() or np.isinf(depth).any():
+        labels = [f"{'<=' if near_clipped and not high_is_near else '>=' if near_clipped else ''}{near_end:.3g} {unit}",
+                  f"{'>=' if far_clipped and not high_is_near else '<=' if far_clipped else ''}{far_end:.3g} {unit}"]
+    note = f"grey: no depth ({100 * no_depth.mean():.1f}%)" if no_depth.any() else ""
+    if labels and width(labels[0]) + width(labels[1]) + 12 > w:
+        labels = labels[:1] if width(labels[0]) + 6 <= w else []  # too narrow for both: the near end, or nothing
+    if note and sum(width(t) for t in labels) + width(note) + 18 > w:
+        note = "no depth" if not labels and width("no depth") + 6 <= w else ""
+    if labels:
+        cv2.putText(bar, labels[0], (3, text_y), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if len(labels) == 2:
+        cv2.putText(bar, labels[1], (w - width(labels[1]) - 3, text_y), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if note:
+        cv2.putText(bar, note, ((w - width(note)) // 2, text_y), font, scale, (200, 200, 200), 1, cv2.LINE_AA)
     return np.ascontiguousarray(np.vstack([bgr, bar])[..., ::-1])

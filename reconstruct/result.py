@@ -115,13 +115,16 @@ def _to_bgr(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int]:
-    """``depth.png``'s pixels: depth in millimetres as uint16, 0 for no depth; and how many
-    pixels had a depth the format cannot hold (beyond 65.535 m, or at infinity), also written
-    as 0 rather than as a wrong distance (``depth.npy`` keeps their values)."""
-    mm = np.rint(np.where(np.isfinite(depth_m), depth_m, 0.0) / PNG16_SCALE_M)
+def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``depth.png``'s pixels: depth in millimetres as uint16, 0 for no depth; how many pixels
+    had a depth beyond what the format holds (beyond 65.535 m, or at infinity), and how many a
+    depth that rounds to 0 mm (under 0.5 mm: a macro stack), both also written as 0 rather than
+    as a wrong distance (``depth.npy`` and ``depth.tif`` keep their values)."""
+    finite = np.isfinite(depth_m)
+    mm = np.rint(np.where(finite, depth_m, 0.0) / PNG16_SCALE_M)
     beyond = np.isinf(depth_m) | (mm > 65535)
-    return np.where(beyond | (mm < 0), 0, mm).astype(np.uint16), int(beyond.sum())
+    below = finite & (mm < 1)
+    return np.where(beyond | below, 0, mm).astype(np.uint16), int(beyond.sum()), int(below.sum())
 
 
 def check_replaceable(final: Path, *, overwrite: bool) -> None:
@@ -186,12 +189,19 @@ def write_result(
             _write_png(tmp / "depth_preview.png", depth_preview(result.depth, unit="m" if metric else "focus index")[..., ::-1])
         # this write's own facts go into a copy: writing the same result again (say without
         # depth.png) must not carry a count about a depth.png it did not write
-        extra = {k: v for k, v in result.extra.items() if k != "png16_beyond_range_pixels"}
+        extra = {k: v for k, v in result.extra.items() if k not in ("png16_beyond_range_pixels", "png16_below_range_pixels")}
         if write_png16:
-            mm, beyond = png16_millimetres(result.depth)
+            mm, beyond, below = png16_millimetres(result.depth)
             if beyond:
                 logger.warning("%s: %d pixels lie beyond depth.png's 65.535 m (or at infinity) and are 0 there; depth.npy has them", final, beyond)
                 extra["png16_beyond_range_pixels"] = beyond
+            if below:
+                logger.warning("%s: %d pixels lie nearer than depth.png's 0.5 mm and are 0 there; depth.tif and depth.npy have them", final, below)
+                extra["png16_below_range_pixels"] = below
+            span = result.depth_range()
+            if span is not None and span[1] - span[0] < 0.05:
+                logger.warning("%s: the depth spans %.3g mm, and depth.png holds whole millimetres: read depth.tif or depth.npy", final,
+                               1000 * (span[1] - span[0]))
             _write_png(tmp / "depth.png", mm)
         if also is not None:
             also(tmp)

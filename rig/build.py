@@ -68,6 +68,7 @@ def _build_simulated(config: RigConfig) -> tuple[SimulatedCamera, SimulatedLiqui
         time_constant_s=foc.time_constant_s,
         settle_tolerance_ma=foc.settle_tolerance_ma,
         current_limits_ma=foc.current_limits_ma,
+        park_current_ma=foc.park_current_ma,
     )
     camera = SimulatedCamera(
         scene=build_scene(cam), lens=optics, focus_dpt_at=lens.true_focus_dpt_at, fps=cam.fps,

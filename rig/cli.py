@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -155,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         if "intrinsics" in cal.document:
             k = cal.document["intrinsics"]
             print(f"  intrinsics:  fx {k['fx_px']:.1f} px, fy {k['fy_px']:.1f} px, reprojection rms {k['rms_reprojection_px']:.3f} px")
-        print(f"  use it:      calibration: {{file: {cal.calibration_path}}}")
+        print(f"  use it:      calibration: {{file: {json.dumps(str(cal.calibration_path))}}}")  # quoted: valid YAML for any path
         return 0
     if config.mode == "continuous":
         from rig.continuous import run_continuous

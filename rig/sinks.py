@@ -47,7 +47,7 @@ import numpy as np
 
 from capture.atomic import fsync_dir, fsync_file
 from capture.errors import ConfigError, DiskFull, OutputError
-from capture.stack import FocalStack
+from capture.stack import OME_NAMESPACE, FocalStack
 from reconstruct.preview import depth_preview
 from reconstruct.result import DepthResult, write_result
 from rig.config import LiveConfig, OutputConfig
@@ -84,7 +84,6 @@ _DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT",
 _PLY_DTYPE = np.dtype(
     [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
 )
-_OME_NAMESPACE = "dualfocus-rig/focal-stack"
 
 
 def folder_name(index: int) -> str:
@@ -599,7 +598,7 @@ class OmeTiffSink(Sink):
         """The ``metadata=`` mapping for tifffile's OME writer, for slices in ``order``."""
         n = len(order)
         meta: dict[str, Any] = {"axes": "ZYX" if stack.channels == 1 else "ZYXS", "Name": "focal stack"}
-        annotation: dict[str, Any] = {"Namespace": _OME_NAMESPACE, "format": "focal-stack/1"}
+        annotation: dict[str, Any] = {"Namespace": OME_NAMESPACE, "format": "focal-stack/1"}
         if stack.focus_distance_m is not None:
             dist = stack.focus_distance_m[order]
             meta["Plane"] = {

@@ -4,6 +4,7 @@ truth, resuming, the report, bad input, and depth with vs without the calibratio
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,14 +285,20 @@ def test_sharpness_prefers_focused_images() -> None:
 
 
 def test_calibrate_mode_from_the_command_line(tmp_path: Path) -> None:
-    doc = _config_dict(tmp_path / "runs", intrinsics=False, breathing=False, distances_m=[2.0, 1.0, 0.7, 0.5, 0.4])
+    runs = tmp_path / "lab runs, #2"  # the suggested line must stay valid YAML for such a path
+    doc = _config_dict(runs, intrinsics=False, breathing=False, distances_m=[2.0, 1.0, 0.7, 0.5, 0.4])
     path = tmp_path / "rig.yaml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     proc = subprocess.run([sys.executable, str(ROOT / "run_rig.py"), "--config", str(path), "--mode", "calibrate", "--non-interactive"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "calibration:" in proc.stdout and "use it:" in proc.stdout
-    cal_path = next((tmp_path / "runs").glob("*_sim/calibration.yaml"))
+    cal_path = next(runs.glob("*_sim/calibration.yaml"))
+    (line,) = [ln for ln in proc.stdout.splitlines() if "use it:" in ln]
+    assert yaml.safe_load(line.split("use it:", 1)[1]) == {"calibration": {"file": str(cal_path)}}
+    summary = (cal_path.parent / "report" / "summary.md").read_text(encoding="utf-8")
+    snippet = re.search(r"`(calibration: \{file: .*\})`", summary)
+    assert snippet and yaml.safe_load(snippet.group(1)) == {"calibration": {"file": str(cal_path)}}
     config = load_config(path)
     config.calibration.file = cal_path
     with open_rig(config) as rig:

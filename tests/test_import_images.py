@@ -316,3 +316,70 @@ def test_a_multi_page_tiff_z_stack_is_imported_page_by_page(tmp_path: Path) -> N
     proc = _run(tmp_path / "czyx.tif", "--out", tmp_path / "other")
     assert proc.returncode == 2 and "a TIFF with axes ZCYX" in proc.stderr and "split its channels" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+
+
+def test_a_tiff_whose_pages_differ_in_size_is_refused_not_cut_short(tmp_path: Path) -> None:
+    """tifffile puts pages of one shape in a series: a page of another size was left out of the
+    stack without a word, and the recorded page names were off by one after it."""
+    import tifffile
+
+    path = tmp_path / "mixed.tif"
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(5):
+            tif.write(np.full((50, 40) if i == 3 else (40, 50), 10 * i, np.uint8))
+    with pytest.raises(InputError, match=r"mixed.tif: its pages differ in size or kind \(.*page 4: 50x40"):
+        build_stack([path])
+
+
+@pytest.mark.parametrize("focus", ["distances", "indices"])
+def test_our_own_ome_tiff_comes_back_with_its_focus_values(tmp_path: Path, focus: str) -> None:
+    """The continuous mode's OME-TIFF writes planes nearest first with the focus values in its
+    annotation; re-imported, it took page order as far-to-near and reversed the stack."""
+    from rig.sinks import OmeTiffSink
+
+    images = [np.full((12, 16), 30 * (i + 1), np.uint8) for i in range(4)]
+    if focus == "distances":
+        stack = FocalStack(images, focus_distance_m=[2.0, 0.5, 1.0, 0.4])
+    else:
+        stack = FocalStack(images, focus_index=[0, 3, 1, 2])
+    sink = OmeTiffSink(tmp_path)
+    sink.write(0, stack, None)
+    sink.close()
+    (ome,) = (tmp_path / "stacks").glob("*.ome.tif")
+    back = build_stack([ome])
+    assert back.meta["capture"]["focus_values_from"].startswith("the file's own annotation")
+    if focus == "distances":
+        assert back.focus_distance_m is not None
+        pairs = sorted(zip(back.focus_distance_m.tolist(), (int(im.mean()) for im in back.images)))
+        assert pairs == [(0.4, 120), (0.5, 60), (1.0, 90), (2.0, 30)]
+    else:
+        assert back.focus_index is not None
+        pairs = sorted(zip(back.focus_index.tolist(), (int(im.mean()) for im in back.images)))
+        assert pairs == [(0, 30), (1, 90), (2, 120), (3, 60)]
+
+
+def _grey_alpha_png(path: Path, grey: np.ndarray) -> None:
+    """A grey + alpha (colour type 4) 8-bit PNG, written by hand: OpenCV cannot write one."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = grey.shape
+    rows = b"".join(b"\x00" + np.stack([grey[y], np.full(w, 255, np.uint8)], axis=1).tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 4, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_grey_and_alpha_png_is_read_as_grey(tmp_path: Path) -> None:
+    """OpenCV expands grey + alpha to four channels: such slices became an RGBA stack (and an RGBA
+    all-in-focus image) although the format knows grey and colour only."""
+    grey = np.tile(np.arange(12, dtype=np.uint8) * 20, (10, 1))
+    _grey_alpha_png(tmp_path / "s0.png", grey)
+    image = read_image(tmp_path / "s0.png")
+    assert image.shape == (10, 12) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, grey)
+    _grey_alpha_png(tmp_path / "s1.png", grey // 2)
+    stack = build_stack([tmp_path / "s0.png", tmp_path / "s1.png"])
+    assert stack.channels == 1

@@ -313,6 +313,17 @@ def test_sensor_clips_at_full_well() -> None:
     assert dn.tolist() == [[4095, 4095]]
 
 
+def test_a_saturated_pixel_reads_full_scale_with_noise_on() -> None:
+    """The well was clipped before the noise was added: saturated highlights came out as noise
+    texture (mean 4078.6, std 24 DN at twice the full well) that a focus measure picks up."""
+    sensor = SensorModel(full_well_e=10_000.0, read_noise_e=3.0, electrons_per_s=800_000.0, adc_bits=12, noise=True)
+    radiance = np.full((100, 100), 2.0, np.float32)  # 16 000 e- in 10 ms
+    dn = sensor.expose(radiance, exposure_s=0.01, gain_db=0.0, out_bits=16, rng=np.random.default_rng(0))
+    assert (dn == 4095).all()
+    dn8 = sensor.expose(radiance, exposure_s=0.01, gain_db=0.0, out_bits=8, rng=np.random.default_rng(0))
+    assert (dn8 == 255).all()
+
+
 @pytest.mark.parametrize("level", [0.1, 0.6])
 def test_sensor_noise_matches_shot_plus_read_noise(level: float) -> None:
     sensor = SensorModel(full_well_e=10_000.0, read_noise_e=3.0, electrons_per_s=800_000.0, adc_bits=12, noise=True)

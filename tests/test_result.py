@@ -47,15 +47,16 @@ def test_depth_png_writes_unrepresentable_depth_as_no_depth_and_counts_it(tmp_pa
     depth[0, :4] = np.inf  # a slice focused at infinity answered here
     depth[1, :3] = 100.0  # beyond 65.535 m
     depth[2, :2] = np.nan  # no answer
-    mm, beyond = png16_millimetres(depth)
-    assert beyond == 7
-    assert (mm[0, :4] == 0).all() and (mm[1, :3] == 0).all() and (mm[2, :2] == 0).all()
-    assert (mm[3:] == 1250).all()
+    depth[4, :5] = 0.0004  # 0.4 mm: rounds to 0 mm, which reads as no depth
+    mm, beyond, below = png16_millimetres(depth)
+    assert beyond == 7 and below == 5
+    assert (mm[0, :4] == 0).all() and (mm[1, :3] == 0).all() and (mm[2, :2] == 0).all() and (mm[4, :5] == 0).all()
+    assert (mm[3] == 1250).all() and (mm[4, 5:] == 1250).all() and (mm[5:] == 1250).all()
     out = write_result(_result(depth), tmp_path / "r")
     png = cv2.imread(str(out / "depth.png"), cv2.IMREAD_UNCHANGED)
     assert png.dtype == np.uint16 and (png == mm).all()
     doc = yaml.safe_load((out / "result.yaml").read_text())
-    assert doc["png16_beyond_range_pixels"] == 7 and doc["png16_scale_m"] == 0.001
+    assert doc["png16_beyond_range_pixels"] == 7 and doc["png16_below_range_pixels"] == 5 and doc["png16_scale_m"] == 0.001
     npy = np.load(out / "depth.npy")
     assert np.isinf(npy[0, :4]).all() and (npy[1, :3] == 100.0).all()  # depth.npy keeps the values
     # the count is this write's, not the result's: written again without depth.png, it is gone
@@ -147,3 +148,32 @@ def test_the_preview_colours_the_near_end_red_with_or_without_focus_distances() 
         rgb = depth_preview(depth, unit=unit)
         left, right = rgb[8, 2].astype(int), rgb[8, 61].astype(int)
         assert left[0] > left[2] and right[2] > right[0], (unit, left, right)  # red near, blue far
+
+
+def test_the_preview_invents_no_range_where_nothing_has_a_depth() -> None:
+    """An all-NaN depth was labelled '0 m' and '1 m' (an invented range), and on a narrow
+    picture the labels overprinted each other."""
+    from reconstruct.preview import depth_preview
+
+    img = depth_preview(np.full((60, 200), np.nan, np.float32))
+    bar = img[60:]
+    assert not (bar == 255).all(axis=-1).any()  # no white range labels, only the grey note
+    assert (bar == 200).all(axis=-1).any()
+    for width in (50, 12):  # narrow pictures: drawn without error, labels dropped rather than overlapping
+        depth = np.tile(np.linspace(0.5, 2.0, width, dtype=np.float32), (30, 1))
+        assert depth_preview(depth).shape == (30 + 28, width, 3)
+
+
+def test_the_preview_says_when_the_colours_are_clipped(monkeypatch) -> None:
+    """The colours span the 1st-99th percentile: with depths beyond, the ends read '<=' / '>='."""
+    from reconstruct import preview
+
+    drawn: list[str] = []
+    real = preview.cv2.putText
+    monkeypatch.setattr(preview.cv2, "putText", lambda img, text, *a, **k: (drawn.append(text), real(img, text, *a, **k))[1])
+    depth = np.tile(np.linspace(0.5, 2.0, 400, dtype=np.float32), (40, 1))
+    preview.depth_preview(depth)
+    assert drawn[0].startswith("<=") and drawn[1].startswith(">=")
+    drawn.clear()
+    preview.depth_preview(np.where(depth < 1.0, 0.6, 1.8).astype(np.float32))  # two values: nothing beyond them
+    assert not drawn[0].startswith("<") and not drawn[1].startswith(">")

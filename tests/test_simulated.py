@@ -271,3 +271,29 @@ def test_frames_show_the_focus_at_exposure_time(small_scene) -> None:
             assert late.meta["true_focus_dpt"] == pytest.approx(settled_focus, abs=1e-3)
             # and the pictures differ: the early one is rendered at the wrong focus
             assert np.abs(early.image.astype(int) - late.image.astype(int)).mean() > 1.0
+
+
+def test_the_lens_parks_where_the_config_says() -> None:
+    """focus.park_current_ma was accepted in rig.yaml and ignored: the simulated lens parked at 0."""
+    lens = SimulatedLiquidLens(time_constant_s=0.0, park_current_ma=50.0)
+    with lens:
+        lens.move_to(120.0)
+        lens.wait_settled(timeout_s=1.0)
+    assert lens.current_at(time.monotonic()) == pytest.approx(50.0)
+    with pytest.raises(InputError, match=r"focus.park_current_ma: 400 mA is outside the current limits"):
+        SimulatedLiquidLens(park_current_ma=400.0)
+
+
+def test_layers_follow_the_optics() -> None:
+    """The layer spacing and the occlusion margin were fixed (0.05 dpt, 16 px) whatever the optics:
+    small pixels and long lenses blur far more per diopter than 16 px of margin covers."""
+    scene = procedural_scene(64, 80, near_m=0.4, far_m=2.0, seed=1)
+    small_pixels = ThinLens(focal_length_mm=25.0, f_number=2.0, pixel_pitch_um=3.45)
+    cam = SimulatedCamera(scene=scene, lens=small_pixels, focus_dpt_at=lambda t: 1.0)
+    k = small_pixels.blur_px_per_dpt
+    layered = cam._layered_scene()
+    span = 1 / scene.depth_m.min() - 1 / scene.depth_m.max()
+    assert layered.occlusion_margin_px >= k * span / 2 > 16
+    assert np.diff(layered.layer_dpt).max() <= 0.6 / k + 1e-6
+    default_like = _camera(scene)._layered_scene()  # the default optics keep the defaults
+    assert default_like.occlusion_margin_px == 16 and np.diff(default_like.layer_dpt).max() <= 0.05 + 1e-6
