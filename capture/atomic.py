@@ -73,6 +73,15 @@ def make_sibling(final: Path, tag: str) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except FileNotFoundError as err:
+            # the parent went away: another process's writability probe may have removed the empty
+            # folder it thought it had made (probe_writable); make it again, once
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.mkdir(candidate)
+                return candidate
+            except OSError:
+                raise OutputError(f"{final.parent}: cannot create a folder there ({err.strerror or err})") from err
         except OSError as err:
             raise OutputError(f"{final.parent}: cannot create a folder there ({err.strerror or err})") from err
     raise OutputError(f"{final.parent}: cannot find a free temporary name")

@@ -149,7 +149,8 @@ def _read_tiff(path: Path) -> tuple[list[np.ndarray], dict[str, list] | None]:
                 # thumbnail) would be left out of series[0] without a word
                 sizes = ", ".join(f"page {i + 1}: {'x'.join(map(str, page.shape))}" for i, page in enumerate(tif.pages[:12]))
                 raise InputError(f"{path}: its pages differ in size or kind ({sizes}{', ...' if len(tif.pages) > 12 else ''}); "
-                                 "a focal stack needs every plane the same size: crop or split it first (Fiji: Image > Stacks)")
+                                 "a focal stack needs every plane the same size: crop or split it first (Fiji: Image > Stacks), "
+                                 "or save it again without a preview/thumbnail page")
             axes, data = series.axes, series.asarray()
             own = _own_ome_focus(tif.ome_metadata) if tif.is_ome else None
     except (OSError, ValueError, tifffile.TiffFileError) as err:

@@ -180,6 +180,11 @@ class SimulatedLiquidLens(FocusActuator):
         return self.current_at(time.monotonic())
 
 
+#: bounds on the layered rendering's cost for strongly blurring optics (see SimulatedCamera._layered_scene)
+MAX_LAYERS = 96
+MAX_OCCLUSION_MARGIN_PX = 48
+
+
 class SimulatedCamera(Camera):
     """A free-running camera that renders a virtual scene through a focusable thin lens.
 
@@ -282,13 +287,18 @@ class SimulatedCamera(Camera):
     def _layered_scene(self) -> LayeredScene:
         """The scene cut into layers for these optics: layers at most 0.6 px of blur apart, and
         continued behind nearer surfaces by the largest blur radius across the scene's depth
-        range (focus inside it; never less than the defaults, 0.05 dpt and 16 px). Fixed
-        defaults under-served long lenses and small pixels (3.45 um: 21 px of radius at 2 dpt)."""
+        range (focus inside it; never less than the defaults, 0.05 dpt and 16 px; at most
+        :data:`MAX_LAYERS` layers and :data:`MAX_OCCLUSION_MARGIN_PX`). Fixed defaults
+        under-served long lenses and small pixels (3.45 um: 21 px of radius at 2 dpt)."""
         k_px = float(self.lens.blur_px_per_dpt)
         depth = np.asarray(self.scene.depth_m, np.float64)
+        if not (depth.size and np.isfinite(depth).all() and (depth > 0).all()):
+            return LayeredScene(self.scene.radiance, self.scene.depth_m)  # which refuses it, naming the problem
         span_dpt = float(1.0 / depth.min() - 1.0 / depth.max())
-        margin_px = max(16, int(math.ceil(k_px * span_dpt / 2.0)) + 2)
-        max_layer_dpt = min(0.05, 0.6 / max(k_px, 1e-6))
+        # bounded: rendering time grows with the layers and the margin (a 25 mm f/1.4 lens on 3.45 um
+        # pixels blurs 129 px per dpt: 650 layers and a 190 px margin would take minutes per open)
+        margin_px = min(MAX_OCCLUSION_MARGIN_PX, max(16, int(math.ceil(k_px * span_dpt / 2.0)) + 2))
+        max_layer_dpt = max(span_dpt / (MAX_LAYERS - 1), min(0.05, 0.6 / max(k_px, 1e-6)))
         return LayeredScene(self.scene.radiance, self.scene.depth_m, max_layer_dpt=max_layer_dpt, occlusion_margin_px=margin_px)
 
     def render_clean(self, focus_dpt: float) -> np.ndarray:

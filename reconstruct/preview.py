@@ -56,10 +56,12 @@ def depth_preview(depth: np.ndarray, *, unit: str = "m", lo: float | None = None
     near_end, far_end = (hi, lo) if high_is_near else (lo, hi)  # the bar runs red (near, left) to blue (far, right)
     near_clipped, far_clipped = (clipped_hi, clipped_lo) if high_is_near else (clipped_lo, clipped_hi)
     labels = []
-    if finite.any() or np.isinf(depth).any():
+    if finite.any():
         labels = [f"{'<=' if near_clipped and not high_is_near else '>=' if near_clipped else ''}{near_end:.3g} {unit}",
                   f"{'>=' if far_clipped and not high_is_near else '<=' if far_clipped else ''}{far_end:.3g} {unit}"]
     note = f"grey: no depth ({100 * no_depth.mean():.1f}%)" if no_depth.any() else ""
+    if not finite.any() and np.isposinf(depth).any():  # every answer at infinity: no range to show
+        note = "all at infinity" + (f"; grey: no depth ({100 * no_depth.mean():.1f}%)" if no_depth.any() else "")
     if labels and width(labels[0]) + width(labels[1]) + 12 > w:
         labels = labels[:1] if width(labels[0]) + 6 <= w else []  # too narrow for both: the near end, or nothing
     if note and sum(width(t) for t in labels) + width(note) + 18 > w:

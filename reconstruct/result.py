@@ -123,8 +123,8 @@ def png16_millimetres(depth_m: np.ndarray) -> tuple[np.ndarray, int, int]:
     finite = np.isfinite(depth_m)
     mm = np.rint(np.where(finite, depth_m, 0.0) / PNG16_SCALE_M)
     beyond = np.isinf(depth_m) | (mm > 65535)
-    below = finite & (mm < 1)
-    return np.where(beyond | below, 0, mm).astype(np.uint16), int(beyond.sum()), int(below.sum())
+    below = finite & (mm < 1) & (depth_m >= 0)  # a negative depth is no depth, as before (not counted)
+    return np.where(beyond | below | (mm < 0), 0, mm).astype(np.uint16), int(beyond.sum()), int(below.sum())
 
 
 def check_replaceable(final: Path, *, overwrite: bool) -> None:

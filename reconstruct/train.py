@@ -157,9 +157,10 @@ def load_train_config(path: Path) -> TrainConfig:
 
 
 #: what a --resume may change: how long and where it runs, not what it trains (the model card
-#: describes one run); data.rgbd_root, tuning_scenes and val_width have their own check
+#: describes one run); data.rgbd_root, tuning_scenes and val_width have their own check, and
+#: init_weights is read at the start only (the checkpoint keeps what it was)
 RESUMABLE_CHANGES = frozenset({"max_minutes", "optim.steps", "threads", "device", "out_dir", "data.render_workers",
-                               "data.rgbd_root", "data.tuning_scenes", "data.val_width"})
+                               "init_weights", "data.rgbd_root", "data.tuning_scenes", "data.val_width"})
 
 
 def flat_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -185,11 +186,12 @@ def check_resumed_config(was: dict[str, Any] | None, cfg: TrainConfig, *, config
         logger.warning("%s: the checkpoint in %s does not record its config (older code): changes to it cannot be checked", config_path, out)
         return
     now = flat_config(cfg)
-    changed = [k for k in sorted(set(was) | set(now)) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
+    # keys the checkpoint recorded: a field added to the config later (with its default) is not a change
+    changed = [k for k in sorted(was) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
     if changed:
         shown = "; ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ConfigError(f"{config_path}: {changed[0]}: the run in {out} was trained with other settings ({shown}); "
-                          f"a resume may change only {', '.join(sorted(RESUMABLE_CHANGES - {'data.rgbd_root', 'data.tuning_scenes', 'data.val_width'}))}: "
+                          f"a resume may change only {', '.join(sorted(RESUMABLE_CHANGES - {'data.rgbd_root', 'data.tuning_scenes', 'data.val_width', 'init_weights'}))}: "
                           "restore them, or start a new out_dir")
 
 
@@ -367,7 +369,7 @@ def model_card(*, cfg: TrainConfig, model: DualFocusNet, weights: Path, weights_
             "loss": cfg.loss.model_dump(),
             "optimiser": {"name": "AdamW", **cfg.optim.model_dump(), "schedule": "linear warm-up, cosine decay"},
         },
-        "initialised_from": None if cfg.init_weights is None else {**_init_record(cfg.init_weights), "tuning_metrics": state.get("init_metrics")},
+        "initialised_from": _initialised_from(cfg, state),
         "validation": {"split": "tuning", "metrics": metrics, "best_step": state.get("best_step")},
         "config": json.loads(cfg.model_dump_json()),
     }
@@ -463,6 +465,13 @@ def init_from_weights(model: DualFocusNet, path: Path) -> None:
     # the configs differ at most by the added upsampler, so its tensors are the only ones missing
     missing, _ = model.load_state_dict(src.state_dict(), strict=not adds_upsampler)
     logger.info("initialised from %s%s", path, f"; the convex upsampler starts fresh ({len(missing)} tensors)" if adds_upsampler else "")
+
+
+def _initialised_from(cfg: TrainConfig, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The card's ``initialised_from``: the record the run took at its start (checkpoints from
+    2026-11-28 on), else the config's ``init_weights`` file as it is now (older checkpoints)."""
+    record = state["init_record"] if "init_record" in state else _init_record(cfg.init_weights)
+    return None if record is None else {**record, "tuning_metrics": state.get("init_metrics")}
 
 
 def _init_record(path: Path | None) -> dict[str, Any] | None:
@@ -617,6 +626,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         except RigError as exc:  # the loader names the file: say which config and field asked for it
             text = str(exc).removeprefix("init_weights: ")
             raise ConfigError(f"{config_path}: init_weights: {text}") from exc
+        # what the run started from, kept in the checkpoint: a resume never reads init_weights again,
+        # so the card must not describe whatever file that path names later (or null)
+        state["init_record"] = _init_record(cfg.init_weights)
     rng = np.random.default_rng([cfg.seed, rank, 0])
     # what the best checkpoint is chosen on: a resumed run must validate as the run it continues
     # the data, not how they are reached: a resolved path (a symlink, the same folder), the scenes as a set
@@ -630,6 +642,8 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
             changed = ", ".join(f"{k} {was.get(k)!r} -> {validation[k]!r}" for k in validation if was.get(k) != validation[k])
             raise ConfigError(f"{config_path}: data: the run in {out} was validated on other data ({changed}): its best checkpoint "
                               "would be chosen across two validations; restore those settings, or start a new out_dir")
+        # before anything is written (repair_best below writes the card from this config)
+        check_resumed_config(state.get("config"), cfg, config_path=config_path, out=out)
         saved = state.get("rng") or {}
         if saved.get("world_size") == world and len(saved.get("ranks", ())) == world:
             _rng_restore(saved["ranks"][rank], rng, device)
@@ -640,7 +654,6 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
                                "differ from those of an uninterrupted run", world)
         if main_proc:
             repair_best(out, name, cfg=cfg, model=model, state=state, train_scenes=train_scenes, config_path=config_path)
-        check_resumed_config(state.get("config"), cfg, config_path=config_path, out=out)
     elif main_proc:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -691,8 +704,9 @@ def train(cfg: TrainConfig, *, config_path: Path, resume: bool, show_progress: b
         if not torch.isfinite(grad_norm) or (not distributed and not torch.isfinite(loss)):
             raise ConfigError(
                 f"{config_path}: training diverged at step {step + 1}: the loss is {float(loss.detach()):g}, the gradient norm {float(grad_norm):g} "
-                f"(optim.lr {cfg.optim.lr:g}); nothing of this step was applied, and {last} keeps the last checkpoint: "
-                "lower optim.lr, or check the data"
+                f"(optim.lr {cfg.optim.lr:g}); nothing of this step was applied, "
+                + (f"and {last} keeps the last checkpoint: " if last.is_file() else "and no checkpoint was written yet: ")
+                + "lower optim.lr, or check the data"
             )
         optimizer.step()
         state["step"] = step + 1

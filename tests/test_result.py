@@ -177,3 +177,13 @@ def test_the_preview_says_when_the_colours_are_clipped(monkeypatch) -> None:
     drawn.clear()
     preview.depth_preview(np.where(depth < 1.0, 0.6, 1.8).astype(np.float32))  # two values: nothing beyond them
     assert not drawn[0].startswith("<") and not drawn[1].startswith(">")
+
+
+def test_the_preview_of_a_depth_all_at_infinity_shows_no_invented_range(monkeypatch) -> None:
+    from reconstruct import preview
+
+    drawn: list[str] = []
+    real = preview.cv2.putText
+    monkeypatch.setattr(preview.cv2, "putText", lambda img, text, *a, **k: (drawn.append(text), real(img, text, *a, **k))[1])
+    preview.depth_preview(np.full((40, 300), np.inf, np.float32))
+    assert drawn == ["all at infinity"]

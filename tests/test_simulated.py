@@ -290,10 +290,18 @@ def test_layers_follow_the_optics() -> None:
     scene = procedural_scene(64, 80, near_m=0.4, far_m=2.0, seed=1)
     small_pixels = ThinLens(focal_length_mm=25.0, f_number=2.0, pixel_pitch_um=3.45)
     cam = SimulatedCamera(scene=scene, lens=small_pixels, focus_dpt_at=lambda t: 1.0)
+    from capture.simulated import MAX_LAYERS, MAX_OCCLUSION_MARGIN_PX
+
     k = small_pixels.blur_px_per_dpt
     layered = cam._layered_scene()
     span = 1 / scene.depth_m.min() - 1 / scene.depth_m.max()
-    assert layered.occlusion_margin_px >= k * span / 2 > 16
-    assert np.diff(layered.layer_dpt).max() <= 0.6 / k + 1e-6
+    assert layered.occlusion_margin_px == min(MAX_OCCLUSION_MARGIN_PX, int(np.ceil(k * span / 2)) + 2) > 16
+    spacing = np.diff(layered.layer_dpt).max()
+    assert spacing <= max(0.6 / k, span / (MAX_LAYERS - 1)) + 1e-6 and spacing < 0.05  # finer than the default
+    assert len(layered.layer_dpt) <= MAX_LAYERS + 1  # bounded: rendering time grows with the layers
+    moderate = ThinLens(focal_length_mm=12.0, f_number=2.0, pixel_pitch_um=3.45)  # 21 px/dpt: no bound reached
+    mid = SimulatedCamera(scene=scene, lens=moderate, focus_dpt_at=lambda t: 1.0)._layered_scene()
+    assert np.diff(mid.layer_dpt).max() <= 0.6 / moderate.blur_px_per_dpt + 1e-6
+    assert mid.occlusion_margin_px >= moderate.blur_px_per_dpt * span / 2
     default_like = _camera(scene)._layered_scene()  # the default optics keep the defaults
     assert default_like.occlusion_margin_px == 16 and np.diff(default_like.layer_dpt).max() <= 0.05 + 1e-6

@@ -577,3 +577,14 @@ def test_slice_stream_writer_writes_a_stack_one_slice_at_a_time(tmp_path: Path) 
             other.add(np.zeros((4, 4), np.uint8), {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
+
+
+def test_a_temporary_folder_is_made_even_if_its_parent_just_went_away(tmp_path: Path) -> None:
+    """Two runs under a new batch/ folder: one's writability probe removes the empty batch/ it
+    thinks it made, just after the other made sure it exists; the other then found no parent."""
+    from capture.atomic import make_sibling, probe_writable
+
+    probe_writable(tmp_path / "batch" / "a")
+    assert not (tmp_path / "batch").exists()  # the probe leaves nothing behind
+    tmp = make_sibling(tmp_path / "batch" / "b", "tmp")  # its parent is gone: made again
+    assert tmp.is_dir() and tmp.parent == tmp_path / "batch"

@@ -533,3 +533,48 @@ def test_unusable_init_weights_name_the_config_and_field(tmp_path: Path) -> None
     config = _config(tmp_path / "a.yaml", tmp_path / "out", steps=2, init_weights=str(bad))
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'a.yaml'}: init_weights: {bad}"):
         _train(config)
+
+
+def test_a_refused_resume_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between the checkpoint and the card's rename, then resumed with another learning
+    rate: the refusal came after the card repair, which had written the refused settings into it."""
+    config = _config(tmp_path / "r.yaml", tmp_path / "out", steps=4)
+    out = tmp_path / "out"
+    real_replace = os.replace
+    calls = itertools.count(1)
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst) == out / f"{NAME}.yaml" and next(calls) == 2:
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        _train(config)
+    monkeypatch.setattr(os, "replace", real_replace)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    raw = yaml.safe_load(config.read_text())
+    raw["optim"]["lr"] = 0.5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"optim.lr 0.001 -> 0.5"):
+        _train(changed, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_resume_need_not_find_the_starting_weights_again(tmp_path: Path) -> None:
+    """init_weights is read at the start only: renamed or set to null afterwards, the resume goes
+    on, and the card still names (and hashes) what the run started from."""
+    start = tmp_path / "start.safetensors"
+    C.save_weights(build_model(NAME), start, name=NAME)
+    start_sha = sha256_of(start)
+    config = _config(tmp_path / "ft.yaml", tmp_path / "out", steps=2, init_weights=str(start))
+    _train(config)
+    start.rename(tmp_path / "start_v1.safetensors")
+    raw = yaml.safe_load(config.read_text())
+    raw["init_weights"] = None
+    raw["optim"]["steps"] = 4
+    config.write_text(yaml.safe_dump(raw))
+    assert _train(config, resume=True)["step"] == 4
+    card = yaml.safe_load((tmp_path / "out" / f"{NAME}.yaml").read_text())
+    assert card["initialised_from"]["weights_sha256"] == start_sha
