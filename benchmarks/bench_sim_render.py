@@ -39,6 +39,9 @@ def sweep_compute_s(camera: SimulatedCamera, focus_dpt: np.ndarray, rng: np.rand
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help describes, never runs
     scene = procedural_scene(512, 384)
     lens = ThinLens(focal_length_mm=12.0, f_number=2.0, pixel_pitch_um=7.0)
     focus = np.linspace(0.5, 2.5, 10)

@@ -95,7 +95,7 @@ def _warn_odd_files(folder: Path, images: list[Path], others: list[Path]) -> Non
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """The image files to import: the arguments as given, or one folder's images sorted by name.
+    """The image files to import: the arguments as given, or one folder's images sorted by the numbers in their names.
 
     Raises :class:`InputError` naming the path for a missing file, a folder mixed with files,
     an unsupported suffix, or fewer than two images.
@@ -291,7 +291,7 @@ def _parser() -> _Parser:
         description="Import a focus bracket of images (PNG/TIFF/JPEG) as a focal-stack folder.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files in focus order, or one folder (its images sorted by name)")
+                        help="image files in focus order, or one folder (its images sorted by the numbers in their names)")
     parser.add_argument("--out", required=True, metavar="STACK_DIR", help="stack folder to write")
     parser.add_argument("--order", choices=ORDERS, default=None,
                         help="focus order of the given images (default: far-to-near: first is farthest)")

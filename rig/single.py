@@ -63,6 +63,10 @@ def save_incomplete(err: SweepInterrupted, folder: Path) -> Path:
 def run_single(config: RigConfig, *, show_progress: bool = True) -> SingleRun:
     """Capture one stack on the configured rig, reconstruct it, and write the run folder."""
     seconds: dict[str, float] = {}
+    ignored = [key for key in ("point_cloud", "ome_tiff") if getattr(config.output, key)] + (["every_nth"] if config.output.every_nth != 1 else [])
+    if ignored:
+        logger.warning("output.%s: continuous mode only; a single run writes the stack folder and the depth outputs",
+                       ", output.".join(ignored))
     check_reconstruction(config)  # before any capture
     check_focus_map(config)  # a calibration file or nominal model that cannot serve: before the run folder
     run_dir = create_run_folder(config.output.dir, config.name, min_free_gb=config.output.min_free_gb)

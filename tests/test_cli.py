@@ -756,3 +756,13 @@ def test_a_calibration_file_in_another_unit_is_refused_before_the_run_folder(tmp
     line = proc.stderr.strip().splitlines()[-1]
     assert f"{cal}: focus_model is in mA, but focus.driver optotune in focus.mode focal_power moves in dpt" in line
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_rig_single_mode_says_which_output_keys_it_ignores(tmp_path: Path) -> None:
+    """output.point_cloud and output.ome_tiff are continuous-mode sinks: a single run wrote
+    neither and said nothing."""
+    config = _fast_config(tmp_path, output={"dir": str(tmp_path / "runs"), "point_cloud": True, "ome_tiff": True},
+                          reconstruct={"method": "classical"})
+    proc = rig("--config", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "output.point_cloud, output.ome_tiff: continuous mode only" in proc.stderr
