@@ -72,6 +72,23 @@ def _card_matches_weights(out: Path) -> tuple[bool, int, str]:
     return card["weights_sha256"] == sha256_of(out / f"{NAME}.safetensors"), card["trained"]["steps"], wstep
 
 
+def _train_killed_at_the_second_card_rename(config: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train ``config`` and 'kill' it as it renames its second card into place (step 4's, after
+    step 2's): the checkpoint and weights of step 4 are written, the card still says step 2."""
+    real_replace = os.replace
+    card_renames = itertools.count(1)
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst) == out / f"{NAME}.yaml" and next(card_renames) == 2:
+            raise Killed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        _train(config)
+    monkeypatch.setattr(os, "replace", real_replace)
+
+
 def _main_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     capsys.readouterr()
     rc = T.main([*argv, "--no-progress"])
@@ -241,19 +258,8 @@ def test_resume_repairs_a_card_left_behind_between_the_renames(tmp_path: Path, m
     """Killed in the one window left, after the new weights are renamed into place and before
     their card is: --resume writes the pair again from the checkpoint (which holds them)."""
     config = _config(tmp_path / "r.yaml", tmp_path / "out", steps=4)
-    real_replace = os.replace
     out = tmp_path / "out"
-    card_renames = itertools.count(1)
-
-    def replace(src: Any, dst: Any) -> None:
-        if Path(dst) == out / f"{NAME}.yaml" and next(card_renames) == 2:  # step 2's card, then step 4's
-            raise Killed
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(Killed):
-        _train(config)
-    monkeypatch.setattr(os, "replace", real_replace)
+    _train_killed_at_the_second_card_rename(config, out, monkeypatch)
     assert _card_matches_weights(out)[0] is False  # the window: step 4's weights, step 2's card
     state = _train(config, resume=True)  # already at step 4: only the repair runs
     assert state["step"] == 4
@@ -540,18 +546,7 @@ def test_a_refused_resume_writes_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     rate: the refusal came after the card repair, which had written the refused settings into it."""
     config = _config(tmp_path / "r.yaml", tmp_path / "out", steps=4)
     out = tmp_path / "out"
-    real_replace = os.replace
-    calls = itertools.count(1)
-
-    def replace(src: Any, dst: Any) -> None:
-        if Path(dst) == out / f"{NAME}.yaml" and next(calls) == 2:
-            raise Killed
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(Killed):
-        _train(config)
-    monkeypatch.setattr(os, "replace", real_replace)
+    _train_killed_at_the_second_card_rename(config, out, monkeypatch)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     raw = yaml.safe_load(config.read_text())
     raw["optim"]["lr"] = 0.5
