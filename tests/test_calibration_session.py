@@ -155,6 +155,7 @@ def test_too_few_distances_are_refused_when_the_config_loads(tmp_path: Path, deg
         parse_config(_config_dict(tmp_path, degree=degree, distances_m=distances), source="few")
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_calibrated_stack_beats_the_uncalibrated_one(calibrated: dict, tmp_path: Path) -> None:
     """Same simulated rig (breathing on), default scene: the calibration (true focus map +
     breathing alignment) lowers the classical depth error."""
@@ -186,6 +187,7 @@ def test_calibrated_stack_beats_the_uncalibrated_one(calibrated: dict, tmp_path:
     assert errors["with", "dualfocus"] < errors["without", "dualfocus"], errors
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_an_interrupted_session_resumes(tmp_path: Path) -> None:
     doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
     config = parse_config(doc, source="resume")
@@ -393,6 +395,7 @@ def test_a_session_resumes_only_with_the_same_plan(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*_sim"))) == 1
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_a_failed_fit_re_measures_the_bad_step(tmp_path: Path) -> None:
     from calibration.focus_fit import NonMonotonicPeaks
     from rig import calibrate as cal_mod
@@ -427,6 +430,7 @@ def test_a_failed_fit_re_measures_the_bad_step(tmp_path: Path) -> None:
 # ---- using and replacing a calibration file --------------------------------------------------------
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_recalibrating_with_a_calibration_file_set(calibrated: dict, tmp_path: Path) -> None:
     doc = _config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[2.0, 1.2, 0.8, 0.6, 0.4])
     doc["calibration"]["file"] = str(calibrated["run"].calibration_path)  # its range: 0.4-2 m
@@ -495,6 +499,7 @@ def test_a_session_waits_for_a_slow_actuator_as_long_as_its_own_move_limit(tmp_p
     assert len(scores) == 3 and all(math.isfinite(s) for s in scores)
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_a_full_disk_at_the_end_keeps_the_session_and_a_rerun_writes_it_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The session was marked complete before calibration.yaml was written: a failed write was a
     traceback (exit 1), and the next run started a new session, every measurement lost."""
@@ -532,6 +537,7 @@ def test_a_full_disk_at_the_end_keeps_the_session_and_a_rerun_writes_it_out(tmp_
     assert not run_calibration(config, interactive=False, show_progress=False).resumed
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_board_views_that_fail_are_set_aside_and_taken_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Intrinsics that failed (the board not found in enough views) refitted the same stored
     views on every rerun and failed the same way: the session could never finish."""
@@ -551,6 +557,7 @@ def test_board_views_that_fail_are_set_aside_and_taken_again(tmp_path: Path, mon
     assert second.resumed and "intrinsics" in second.document
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_board_views_taken_with_a_wrong_board_size_are_kept_and_fitted_after_the_fix(tmp_path: Path) -> None:
     """Board settings that count squares instead of inner corners: the views are good, so the
     session keeps them and names the size that fits; the rerun with it fits them without new views."""
@@ -599,6 +606,7 @@ def test_a_session_state_that_cannot_be_saved_is_one_line(tmp_path: Path, monkey
         run_calibration(config, interactive=False, show_progress=False)
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_board_views_without_a_known_distance_are_taken_in_focus_mid_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A person at the bench holds the board where the placer cannot say (place_board returns
     None): focus stayed wherever the last sweep left it, at one end of the range, so the board
@@ -679,6 +687,7 @@ def test_a_nominal_model_that_does_not_fit_the_focus_mode_is_refused_by_calibrat
 # ---- sessions that could not go on: a target never moved, nothing measured, another image size -------
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_a_target_that_never_moves_is_refused_and_measured_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Peaks that stay put while the targets (should) go from 2 m to 0.4 m: the session wrote a
     calibration with a slope of -20 dpt/mA (the lens's is +0.017) and exited 0."""
@@ -702,6 +711,7 @@ def test_a_target_that_never_moves_is_refused_and_measured_anew(tmp_path: Path, 
     assert again.resumed and again.document["focus_model"]["fit"]["rms_dpt"] < 0.01
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_a_session_that_measured_nothing_takes_the_new_plan(tmp_path: Path) -> None:
     first = parse_config(_config_dict(tmp_path, breathing=False, intrinsics=False, distances_m=[80.0, 120.0, 160.0]), source="cm")
     _interrupt_after(first, 0)  # stopped before its first measurement (as a session that failed at its first target)
@@ -787,6 +797,7 @@ def test_a_run_records_which_calibration_made_its_distances(calibrated: dict, tm
     assert summary["calibration"] == {"file": str(path), "sha256": sha}
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_a_nominal_model_with_the_wrong_sign_keeps_good_measurements(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A focus.nominal whose direction is reversed (a sign slip, likely on a stage) covers the
     same span: the peaks, measured right, were refused and dropped on every run."""

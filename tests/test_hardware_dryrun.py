@@ -220,6 +220,7 @@ def _stage_config(tmp_path: Path, **focus_extra) -> RigConfig:
     return parse_config(doc, source="stage")
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_a_stage_without_a_nominal_model_calibrates_over_its_whole_travel(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A first calibration of a stage has no focus.nominal (that is what it measures): the
     session warned that it would sweep the whole travel, then refused to open the rig for want

@@ -315,6 +315,7 @@ def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 @needs_quantiser
 def test_export_cli_int8(tmp_path: Path, isolated_cache: Path) -> None:
     out = tmp_path / "s_int8.onnx"
@@ -329,6 +330,7 @@ def test_export_cli_int8(tmp_path: Path, isolated_cache: Path) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 @needs_quantiser
 def test_bench_backends_sweep_writes_a_row_per_shape(tmp_path: Path, isolated_cache: Path) -> None:
     env = {**os.environ, export_mod.CACHE_ENV: str(isolated_cache), "DUALFOCUS_BENCH_RESULTS": str(tmp_path)}
@@ -354,6 +356,7 @@ def test_calibration_shape_caps_the_pixels() -> None:
     assert abs(w / h - 1440 / 1088) < 0.02
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 @needs_quantiser
 def test_large_stacks_are_calibrated_at_the_smaller_shape(isolated_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quantize, "CALIBRATION_MAX_PIXELS", 32 * 48)
@@ -418,6 +421,7 @@ def test_int8_is_refused_before_any_capture_where_the_quantiser_is_too_old(monke
             check_ready("dualfocus", backend=backend, precision="int8")
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 @needs_quantiser
 def test_int8_export_survives_a_cache_limit_smaller_than_its_graphs(isolated_cache: Path, monkeypatch) -> None:
     """A stack above the calibration size exports two fp32 graphs (the base and a smaller one to

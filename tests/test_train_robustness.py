@@ -199,6 +199,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # CI's 10-minute budget on the slower 2-core VMs; run with: pytest -m slow
 def test_ddp_max_minutes_stops_every_process_at_the_same_step(tmp_path: Path) -> None:
     """Two gloo processes whose clocks disagree: when one's max_minutes are spent both stop after
     the same step and rank 0 writes the checkpoint (before: the other trained on and both hung
