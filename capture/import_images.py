@@ -162,8 +162,9 @@ def _read_tiff(path: Path) -> tuple[list[np.ndarray], dict[str, list] | None]:
     plane_axes = axes[1:]
     if len(axes) >= 3 and axes[0] in "ZIQT" and plane_axes in ("YX", "YXS") and (plane_axes == "YX" or data.shape[-1] in (3, 4)):
         pages = [np.ascontiguousarray(page) for page in data]
-        if own is not None and len(next(iter(own.values()))) != len(pages):
-            logger.warning("%s: its focus annotation lists %d values for %d planes; ignored", path, len(next(iter(own.values()))), len(pages))
+        listed = len(next(iter(own.values()))) if own is not None else len(pages)
+        if listed != len(pages):
+            logger.warning("%s: its focus annotation lists %d values for %d planes; ignored", path, listed, len(pages))
             own = None
         return pages, own
     raise InputError(f"{path}: a TIFF with axes {axes} {list(data.shape)}; a focal stack takes one plane per focus "
@@ -216,19 +217,16 @@ def build_stack(
     if order not in ORDERS:
         raise InputError(f"--order: must be one of {', '.join(ORDERS)}, got {order!r}")
     pages: list[np.ndarray] | None = None
-    own: dict[str, list] | None = None
     own_index: list[int] | None = None
+    from_file = False  # the focus values come from our own OME-TIFF's annotation
     if len(paths) == 1:  # one multi-page TIFF: its planes are the slices
         pages, own = _read_tiff(paths[0])
         if len(pages) < 2:
             raise InputError(f"{paths[0]}: a single image; a focal stack needs at least 2 (images, or a multi-page TIFF's planes)")
         if own is not None and focus_distances_m is None:
-            key, values = next(iter(own.items()))
-            logger.info("%s: focus values from its own annotation (%s, written by DualFocus Rig); --order is not needed", paths[0], key)
-            if key == "focus_distance_m":
-                focus_distances_m = values
-            else:
-                own_index = values
+            logger.info("%s: focus values from its own annotation (%s, written by DualFocus Rig); --order is not needed", paths[0], *own)
+            from_file = True
+            focus_distances_m, own_index = own.get("focus_distance_m"), own.get("focus_index")
     n = len(paths) if pages is None else len(pages)
     if focus_distances_m is not None:
         if len(focus_distances_m) != n:
@@ -249,7 +247,7 @@ def build_stack(
             "imported_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
     }
-    if own is not None and (own_index is not None or focus_distances_m is own.get("focus_distance_m")):
+    if from_file:
         meta["capture"]["focus_values_from"] = "the file's own annotation (DualFocus Rig OME-TIFF)"
     if focus_distances_m is not None:
         return FocalStack(images, focus_distance_m=list(focus_distances_m), meta=meta)

@@ -159,8 +159,8 @@ def load_train_config(path: Path) -> TrainConfig:
 #: what a --resume may change: how long and where it runs, not what it trains (the model card
 #: describes one run); data.rgbd_root, tuning_scenes and val_width have their own check, and
 #: init_weights is read at the start only (the checkpoint keeps what it was)
-RESUMABLE_CHANGES = frozenset({"max_minutes", "optim.steps", "threads", "device", "out_dir", "data.render_workers",
-                               "init_weights", "data.rgbd_root", "data.tuning_scenes", "data.val_width"})
+RESUMABLE_SETTINGS = frozenset({"max_minutes", "optim.steps", "threads", "device", "out_dir", "data.render_workers"})
+_NOT_COMPARED = RESUMABLE_SETTINGS | {"init_weights", "data.rgbd_root", "data.tuning_scenes", "data.val_width"}
 
 
 def flat_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -187,11 +187,11 @@ def check_resumed_config(was: dict[str, Any] | None, cfg: TrainConfig, *, config
         return
     now = flat_config(cfg)
     # keys the checkpoint recorded: a field added to the config later (with its default) is not a change
-    changed = [k for k in sorted(was) if k not in RESUMABLE_CHANGES and was.get(k) != now.get(k)]
+    changed = [k for k in sorted(was) if k not in _NOT_COMPARED and was.get(k) != now.get(k)]
     if changed:
         shown = "; ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed[:4]) + (f"; {len(changed) - 4} more" if len(changed) > 4 else "")
         raise ConfigError(f"{config_path}: {changed[0]}: the run in {out} was trained with other settings ({shown}); "
-                          f"a resume may change only {', '.join(sorted(RESUMABLE_CHANGES - {'data.rgbd_root', 'data.tuning_scenes', 'data.val_width', 'init_weights'}))}: "
+                          f"a resume may change only {', '.join(sorted(RESUMABLE_SETTINGS))}: "
                           "restore them, or start a new out_dir")
 
 
